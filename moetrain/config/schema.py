@@ -1,0 +1,172 @@
+"""Typed configuration schema: one dataclass per concern, mirrored by the YAML groups in configs/.
+
+Hydra merges the YAML files onto these dataclasses, so a misspelt key or a value of the wrong
+type is refused while the config is composed; `moetrain.config.validate` then checks the values
+and the relations between them before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class LBLConfig:
+    # micro: f_i and p_i over the tokens of one micro-batch; global: f_i from counts summed over
+    # the data-parallel ranks and the micro-batches of the step so far; seq: per sequence.
+    scope: str = "micro"
+    coeff: float = 0.01
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    # Hidden width of one routed expert (fine-grained experts use a small width and many experts).
+    expert_hidden: int = 256
+    # The first `first_dense_layers` blocks use a dense SwiGLU MLP instead of an MoE layer.
+    first_dense_layers: int = 0
+    num_shared_experts: int = 0
+    # Width of each shared expert; null means expert_hidden.
+    shared_expert_hidden: Optional[int] = None
+    score_func: str = "softmax"  # softmax | sigmoid
+    # Renormalise the selected top-k weights to sum to one.
+    norm_topk_prob: bool = True
+    # Tokens per expert capped at ceil(capacity_factor * tokens * top_k / num_experts);
+    # null = dropless.
+    capacity_factor: Optional[float] = None
+    # With a capacity: pad every expert's buffer to the capacity (static shapes).
+    pad_to_capacity: bool = False
+    lbl: LBLConfig = field(default_factory=LBLConfig)
+    z_loss_coeff: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    # Per-head width; null means d_model // n_heads.
+    head_dim: Optional[int] = None
+    # Hidden width of the dense SwiGLU MLP used by the first dense layers.
+    ffn_hidden: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class FSDPConfig:
+    # true: FSDP2 (ZeRO-3 with reshard_after_forward, ZeRO-2 without); false: replicated DP.
+    enabled: bool = True
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe | zero_bubble
+    cp_comm: str = "allgather"  # allgather | ring
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+
+
+@dataclass
+class DataConfig:
+    # A text file or a folder of .txt files; the default is the corpus shipped in the repo.
+    corpus: str = "${moetrain_root:}/data/corpus"
+    # Where the tokenizer and the token shards go; null = ~/.cache/moetrain (or $MOETRAIN_CACHE)
+    # under a fingerprint of corpus and vocabulary size.
+    prepared_dir: Optional[str] = None
+    seq_len: int = 128
+    # Fraction of the token stream held out for validation.
+    val_fraction: float = 0.02
+    # Prepare (train tokenizer, tokenize, pack) automatically when the prepared data is missing.
+    auto_prepare: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    decay: str = "cosine"  # cosine | linear | constant
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seed: int = 1234
+    # Bit-reproducible runs on CPU (deterministic algorithms, fixed thread count).
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    log_every: int = 1
+    # Abort after this many consecutive steps whose loss was NaN/inf (such steps are skipped).
+    max_bad_steps: int = 5
+    # Evaluate on the validation split every `eval_every` steps (0 = never) over `eval_batches`.
+    eval_every: int = 0
+    eval_batches: int = 4
+    # Wall-clock budget in seconds; null = unlimited.
+    max_time: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every `every` optimizer steps (0 = only never); the final step is saved when every > 0.
+    every: int = 0
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    # Keep the newest `keep_last` checkpoints (null = keep all); `latest` is never deleted.
+    keep_last: Optional[int] = None
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "moetrain"
+    mode: str = "offline"  # offline | online | disabled
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    # Live progress line on the console (rank 0).
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    # The run directory shared by every rank; null = outputs/<name>-<timestamp> (chosen on rank 0).
+    dir: Optional[str] = None
+    name: str = "run"
+
+
+@dataclass
+class MoetrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

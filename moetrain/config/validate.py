@@ -1,0 +1,128 @@
+"""Value checks run before training starts: every failure names the key and what would be valid.
+
+Unknown keys and wrong types are already refused by Hydra against the dataclass schema; this
+module checks ranges, choices and the relations between keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from moetrain.config.schema import MoetrainConfig
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the valid values."""
+
+
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def _positive(key: str, value: Any) -> None:
+    _require(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    _require(isinstance(value, (int, float)) and value >= 0, key, value, "must be >= 0")
+
+
+def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    _require(value in choices, key, value, "must be one of " + ", ".join(choices))
+
+
+def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
+    """Check every value of `cfg` for a run on `world_size` ranks; raise ConfigError on the first bad one."""
+    m, moe = cfg.model, cfg.model.moe
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        _positive(f"model.{key}", getattr(m, key))
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+             f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
+    if m.head_dim is None:
+        _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
+                 f"must be divisible by model.n_heads={m.n_heads} when model.head_dim is null")
+    else:
+        _positive("model.head_dim", m.head_dim)
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    _require(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even (rotary embeddings)")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    _require(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
+    _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+
+    _positive("model.moe.num_experts", moe.num_experts)
+    _require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
+             f"must be in [1, model.moe.num_experts={moe.num_experts}]")
+    _positive("model.moe.expert_hidden", moe.expert_hidden)
+    _require(0 <= moe.first_dense_layers <= m.n_layers, "model.moe.first_dense_layers",
+             moe.first_dense_layers, f"must be in [0, model.n_layers={m.n_layers}]")
+    _non_negative("model.moe.num_shared_experts", moe.num_shared_experts)
+    if moe.shared_expert_hidden is not None:
+        _positive("model.moe.shared_expert_hidden", moe.shared_expert_hidden)
+    _choice("model.moe.score_func", moe.score_func, ("softmax", "sigmoid"))
+    if moe.capacity_factor is not None:
+        _require(moe.capacity_factor > 0, "model.moe.capacity_factor", moe.capacity_factor,
+                 "must be > 0, or null for dropless routing")
+    _require(not moe.pad_to_capacity or moe.capacity_factor is not None,
+             "model.moe.pad_to_capacity", moe.pad_to_capacity,
+             "needs model.moe.capacity_factor to be set (padding is to the capacity)")
+    _choice("model.moe.lbl.scope", moe.lbl.scope, ("micro", "global", "seq"))
+    _non_negative("model.moe.lbl.coeff", moe.lbl.coeff)
+    _non_negative("model.moe.z_loss_coeff", moe.z_loss_coeff)
+
+    p = cfg.parallel
+    for key in ("tp", "cp", "pp", "ep", "etp", "vpp"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved", "gpipe", "zero_bubble"))
+    _choice("parallel.cp_comm", p.cp_comm, ("allgather", "ring"))
+
+    d = cfg.data
+    _require(bool(d.corpus), "data.corpus", d.corpus, "must name a text file or a folder of .txt files")
+    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be an integer >= 2")
+    _require(0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
+
+    o = cfg.optim
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _non_negative("optim.weight_decay", o.weight_decay)
+    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _non_negative("optim.warmup_steps", o.warmup_steps)
+    _choice("optim.decay", o.decay, ("cosine", "linear", "constant"))
+    _non_negative("optim.grad_clip", o.grad_clip)
+
+    t = cfg.train
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.global_batch_size", t.global_batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
+    _positive("train.log_every", t.log_every)
+    _positive("train.max_bad_steps", t.max_bad_steps)
+    _non_negative("train.eval_every", t.eval_every)
+    _positive("train.eval_batches", t.eval_batches)
+    if t.max_time is not None:
+        _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
+
+    c = cfg.checkpoint
+    _non_negative("checkpoint.every", c.every)
+    _require(bool(c.resume), "checkpoint.resume", c.resume, "must be auto, never or a checkpoint path")
+    if c.keep_last is not None:
+        _positive("checkpoint.keep_last", c.keep_last)
+
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("offline", "online", "disabled"))
+
+    _validate_layout(cfg, world_size)
+
+
+def _validate_layout(cfg: MoetrainConfig, world_size: int) -> None:
+    """The parallel layout and the shapes it must divide (DESIGN.md §2)."""
+    from moetrain.parallel.dims import LayoutError, validate_layout
+
+    try:
+        validate_layout(cfg, world_size)
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
