@@ -1,0 +1,117 @@
+"""DeviceMesh views of the five-dimensional layout: one dense mesh, one MoE mesh, same ranks.
+
+    dense = ("pp", "dp", "cp", "tp")      shape dims.dense_shape   (tp fastest-varying)
+    moe   = ("pp", "edp", "ep", "etp")    shape dims.moe_shape     (etp fastest-varying)
+    dp_cp = dense["dp", "cp"] flattened   (the dense gradient-reduction group)
+
+Both views are unflattened from one 1-D world mesh (`DeviceMesh._unflatten`, torch >= 2.9), so
+they share a root and DTensor / FSDP2 accept either. Where `_unflatten` is missing, each view is
+built from an explicit rank tensor laid out by `ParallelDims` (same ranks, separate roots).
+Every group is checked against the pure-Python `ParallelDims.groups()` at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moetrain.parallel.dims import GROUP_KINDS, ParallelDims
+
+DENSE_DIMS = ("pp", "dp", "cp", "tp")
+MOE_DIMS = ("pp", "edp", "ep", "etp")
+
+
+@dataclass
+class Meshes:
+    """The meshes of one rank; `mesh(name)` / `group(name)` for every name in GROUP_KINDS."""
+
+    dims: ParallelDims
+    dense: DeviceMesh
+    moe: DeviceMesh
+    dp_cp: DeviceMesh
+    _views: dict[str, DeviceMesh] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        views = {name: self.dense[name] for name in DENSE_DIMS}
+        views.update({name: self.moe[name] for name in ("edp", "ep", "etp")})
+        views["dp_cp"] = self.dp_cp  # "pp" comes from the dense view; the MoE one has its ranks
+        self._views = views
+
+    def mesh(self, name: str) -> DeviceMesh:
+        """The 1-D mesh of this rank's group of kind `name` (one of GROUP_KINDS)."""
+        try:
+            return self._views[name]
+        except KeyError:
+            raise KeyError(f"unknown mesh {name!r}; known: {', '.join(GROUP_KINDS)}") from None
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        """The process group of this rank's group of kind `name`."""
+        return self.mesh(name).get_group()
+
+    def ranks(self, name: str) -> list[int]:
+        """Global ranks of this rank's group of kind `name`, in group-rank order."""
+        return self.mesh(name).mesh.tolist()
+
+    def local_rank(self, name: str) -> int:
+        """This rank's index inside its group of kind `name`."""
+        return self.mesh(name).get_local_rank()
+
+
+def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto") -> Meshes:
+    """Build the dense, MoE and dp_cp meshes over the initialised default process group.
+
+    Collective: every rank must call it, in the same order relative to other group creation.
+    `strategy`: "unflatten" (one world mesh, `_unflatten` + `_flatten`), "explicit" (meshes
+    from rank tensors), or "auto" (unflatten where this torch has it). On CUDA, set the current
+    device before calling.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_meshes needs an initialised default process group")
+    world = dist.get_world_size()
+    if world != dims.world_size:
+        raise ValueError(
+            f"the layout is for world size {dims.world_size}, the process group has {world}"
+        )
+    if strategy == "auto":
+        strategy = "unflatten" if hasattr(DeviceMesh, "_unflatten") else "explicit"
+    if strategy == "unflatten":
+        root = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
+        dense = root._unflatten(0, dims.dense_shape, DENSE_DIMS)
+        moe = root._unflatten(0, dims.moe_shape, MOE_DIMS)
+        dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+    elif strategy == "explicit":
+        ranks = torch.arange(dims.world_size, dtype=torch.int)
+        dense = DeviceMesh(device_type, ranks.view(dims.dense_shape), mesh_dim_names=DENSE_DIMS)
+        moe = DeviceMesh(device_type, ranks.view(dims.moe_shape), mesh_dim_names=MOE_DIMS)
+        if hasattr(DeviceMesh, "_flatten"):
+            dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+        else:  # a third mesh whose middle dim is dp x cp (dp outer, cp inner, as flattened)
+            shape = (dims.pp, dims.dp_cp, dims.tp)
+            dp_cp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp", "tp"))
+            dp_cp = dp_cp["dp_cp"]
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; use auto, unflatten or explicit")
+    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dp_cp)
+    _check_against_layout(meshes, dist.get_rank())
+    return meshes
+
+
+def _check_against_layout(meshes: Meshes, rank: int) -> None:
+    """Assert that every mesh dim holds the ranks `ParallelDims` computes (no communication)."""
+    dims = meshes.dims
+    for view, shape in ((meshes.dense, dims.dense_shape), (meshes.moe, dims.moe_shape)):
+        expected = torch.arange(dims.world_size).view(shape)
+        if tuple(view.mesh.shape) != shape or not torch.equal(view.mesh.cpu().long(), expected):
+            raise AssertionError(f"mesh {view.mesh_dim_names} is {view.mesh.tolist()}")
+    for name in GROUP_KINDS:
+        want = dims.group_of(name, rank)
+        got_mesh = meshes.ranks(name)
+        got_group = dist.get_process_group_ranks(meshes.group(name))
+        if got_mesh != want or got_group != want:
+            raise AssertionError(
+                f"rank {rank}: {name} mesh ranks {got_mesh}, process group ranks {got_group}, "
+                f"layout says {want} ({dims})"
+            )

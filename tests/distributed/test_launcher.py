@@ -1,0 +1,80 @@
+"""The fork launcher: results come back by rank; failures, crashes and hangs fail fast."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed.launcher import DistributedTestError, run_distributed
+
+
+def _sum_of_ranks(rank, world_size, scale):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return (rank, world_size, torch.get_num_threads(), t.item() * scale, os.environ["RANK"])
+
+
+def test_results_by_rank_and_one_thread_per_rank():
+    results = run_distributed(_sum_of_ranks, 4, 2.0, timeout=30)
+    assert results == [(r, 4, 1, 12.0, str(r)) for r in range(4)]
+
+
+def _rank1_raises(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on purpose")
+    dist.barrier()  # the others block here until they are killed or the group times out
+
+
+def test_exception_carries_rank_and_traceback_and_kills_the_rest():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_rank1_raises, 3, timeout=30, pg_timeout=30)
+    message = str(info.value)
+    assert message.startswith("rank 1 of 3 failed")
+    assert "ValueError: boom on purpose" in message and "_rank1_raises" in message
+    assert time.monotonic() - start < 10  # the blocked ranks were killed, not waited for
+
+
+def _rank0_crashes(rank, world_size):
+    if rank == 0:
+        os._exit(3)
+    return rank
+
+
+def test_silent_crash_fails():
+    with pytest.raises(DistributedTestError, match="rank 0 of 2 failed:\nexited with code 3"):
+        run_distributed(_rank0_crashes, 2, timeout=30)
+
+
+def _hangs(rank, world_size):
+    time.sleep(600)
+
+
+def test_timeout_kills_all_ranks():
+    start = time.monotonic()
+    expected = r"timed out after 2 s waiting for ranks \[0, 1\]"
+    with pytest.raises(DistributedTestError, match=expected):
+        run_distributed(_hangs, 2, timeout=2)
+    assert time.monotonic() - start < 8
+
+
+def test_unpicklable_result_is_an_error():
+    with pytest.raises(DistributedTestError, match="pickle|Pickl"):
+        run_distributed(lambda rank, world_size: (lambda: None), 2, timeout=30)
+
+
+def _exits_nonzero_after_reporting(rank, world_size):
+    def broken_teardown():
+        raise RuntimeError("teardown fails on purpose")
+
+    dist.destroy_process_group = broken_teardown  # only in this forked child
+    return rank
+
+
+def test_nonzero_exit_after_reporting_fails():
+    with pytest.raises(DistributedTestError, match="reported a result but then exited with code 1"):
+        run_distributed(_exits_nonzero_after_reporting, 2, timeout=30)
