@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from moetrain.data import DataError, PackedTokenDataset, load_index
+
+
+def _raw_stream(d, split):
+    index = load_index(d)
+    return np.concatenate([np.fromfile(d / s["file"], dtype=index["dtype"])
+                           for s in index["splits"][split]["shards"]]).astype(np.int64)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("seq_len", [1, 7, 64, 1000])
+def test_items_are_shifted_windows_of_the_stream(tiny_prepared, split, seq_len):
+    stream = _raw_stream(tiny_prepared, split)
+    ds = PackedTokenDataset(tiny_prepared, split, seq_len)
+    assert ds.num_tokens == stream.size and len(ds) == (stream.size - 1) // seq_len
+    spans_shards = False
+    bounds = np.cumsum([s["tokens"] for s in load_index(tiny_prepared)["splits"][split]["shards"]])
+    for i in list(range(min(len(ds), 50))) + [len(ds) - 1]:
+        item = ds[i]
+        assert item.dtype == torch.long and item.shape == (seq_len + 1,)
+        want = stream[i * seq_len : i * seq_len + seq_len + 1]
+        np.testing.assert_array_equal(item.numpy(), want)
+        inputs, targets = item[:-1], item[1:]
+        np.testing.assert_array_equal(targets.numpy(), stream[i * seq_len + 1 : (i + 1) * seq_len + 1])
+        np.testing.assert_array_equal(inputs.numpy(), stream[i * seq_len : (i + 1) * seq_len])
+        spans_shards |= bool(((bounds > i * seq_len) & (bounds < i * seq_len + seq_len + 1)).any())
+    if split == "train" and seq_len == 1000:
+        assert spans_shards, "the test should cover windows across a shard boundary"
+    idx = [len(ds) - 1, 0, 3 % len(ds), 0]
+    batch = ds.get_batch(idx)
+    assert batch.shape == (4, seq_len + 1) and batch.dtype == torch.long
+    assert torch.equal(batch, torch.stack([ds[i] for i in idx]))
+
+
+def test_every_token_is_a_target_once(tiny_prepared):
+    ds = PackedTokenDataset(tiny_prepared, "train", 37)
+    targets = torch.cat([ds[i][1:] for i in range(len(ds))])
+    stream = _raw_stream(tiny_prepared, "train")
+    np.testing.assert_array_equal(targets.numpy(), stream[1 : 1 + len(ds) * 37])
+
+
+def test_bounds_and_errors(tiny_prepared):
+    ds = PackedTokenDataset(tiny_prepared, "train", 64)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    with pytest.raises(IndexError):
+        ds.get_batch([0, -1])
+    with pytest.raises(DataError, match="split 'test'"):
+        PackedTokenDataset(tiny_prepared, "test", 64)
+    with pytest.raises(DataError, match="seq_len"):
+        PackedTokenDataset(tiny_prepared, "train", 0)
+    huge = PackedTokenDataset(tiny_prepared, "val", 10**7)
+    assert len(huge) == 0
+    assert ds.vocab_size == 384 and int(torch.cat([ds[i] for i in range(len(ds))]).max()) < 384
