@@ -1,0 +1,16 @@
+"""Plain PyTorch model modules, no process groups: moetrain.parallel applies parallelism."""
+
+from moetrain.model.attention import Attention, causal_attention
+from moetrain.model.mlp import FeedForward
+from moetrain.model.moe import (
+    MoELayer, MoEStats, collect_moe_stats, moe_layers, reset_lbl_accumulators, set_aux_loss_scale,
+)
+from moetrain.model.norm import RMSNorm
+from moetrain.model.rope import apply_rope, rope_cos_sin
+from moetrain.model.transformer import Transformer, TransformerBlock, count_params
+
+__all__ = [
+    "Attention", "FeedForward", "MoELayer", "MoEStats", "RMSNorm", "Transformer",
+    "TransformerBlock", "apply_rope", "causal_attention", "collect_moe_stats", "count_params",
+    "moe_layers", "reset_lbl_accumulators", "rope_cos_sin", "set_aux_loss_scale",
+]

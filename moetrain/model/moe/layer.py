@@ -1,0 +1,126 @@
+"""The MoE layer: Router -> capacity (optional) -> dispatch -> GroupedExperts -> combine,
+plus optional shared experts, with the aux losses injected into the backward pass.
+
+    y = combine(experts(dispatch(x))) + shared_experts(x)
+    aux = lbl.coeff * LBL + z_loss_coeff * z           (see moe/losses.py)
+
+The aux losses never appear in the forward's outputs: `AttachAuxLoss` ties `aux` to y so that
+backpropagating anything through y also backpropagates `aux_loss_scale * aux`. The trainer sets
+`aux_loss_scale` (via `set_aux_loss_scale`) to the factor it applies to the LM loss of a
+micro-batch (e.g. 1 / number of micro-batches), so the aux losses are scaled like the LM loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moetrain.config.schema import MoEConfig
+from moetrain.model.mlp import FeedForward
+from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
+from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.experts import GroupedExperts
+from moetrain.model.moe.losses import (
+    AttachAuxLoss, LoadBalancingLoss, in_backward, score_distribution, z_loss,
+)
+from moetrain.model.moe.router import Router
+
+
+@dataclass
+class MoEStats:
+    """Detached statistics of a layer's last forward (tensors, so reading them is the only sync)."""
+
+    lbl: torch.Tensor  # LBL value (without coefficient)
+    z_loss: torch.Tensor  # z-loss value (without coefficient)
+    tokens_per_expert: torch.Tensor  # [E] int64, local, before capacity dropping
+    dropped: torch.Tensor  # int64 scalar: dropped assignments
+    assignments: int  # T * k
+    router_entropy: torch.Tensor  # mean over tokens of the entropy of the score distribution
+
+
+class MoELayer(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        E = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.score_func = cfg.score_func
+        self.capacity_factor = cfg.capacity_factor
+        self.lbl_coeff = cfg.lbl.coeff
+        self.z_loss_coeff = cfg.z_loss_coeff
+        self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob)
+        self.experts = GroupedExperts(E, dim, cfg.expert_hidden)
+        self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity)
+        self.lbl = LoadBalancingLoss(E, cfg.lbl.scope)
+        self.shared_experts: Optional[FeedForward] = None
+        if cfg.num_shared_experts > 0:
+            width = cfg.shared_expert_hidden or cfg.expert_hidden
+            # n shared experts that every token uses == one SwiGLU of n times the width.
+            self.shared_experts = FeedForward(dim, cfg.num_shared_experts * width)
+        self.aux_loss_scale = 1.0
+        self.last_stats: Optional[MoEStats] = None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        routing = self.router(x_TD)
+        E = self.router.num_experts
+        if self.capacity_factor is not None:
+            C = expert_capacity(x_TD.shape[0], self.top_k, E, self.capacity_factor)
+            priority_TK = routing.scores_TE.gather(1, routing.topk_idx_TK)
+            keep_TK = capacity_keep_mask(routing.topk_idx_TK, priority_TK, E, C)
+            routing = dataclasses.replace(routing, keep_TK=keep_TK, capacity=C)
+
+        x_ND, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing)
+        y_ND = self.experts(x_ND, tokens_per_expert)
+        y_TD = self.dispatcher.combine(y_ND, handle)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        y_BSD = y_TD.view(B, S, D)
+
+        probs_TE = score_distribution(routing.scores_TE, self.score_func)
+        lbl, counts_E = self.lbl(probs_TE, routing.topk_idx_TK, B)
+        z = z_loss(routing.logits_TE)
+        if not in_backward():  # an activation-checkpoint recompute repeats the same forward
+            self._record_stats(routing, probs_TE, lbl, z, counts_E)
+        if torch.is_grad_enabled() and (self.lbl_coeff or self.z_loss_coeff):
+            aux = self.lbl_coeff * lbl + self.z_loss_coeff * z
+            if aux.requires_grad:
+                y_BSD = AttachAuxLoss.apply(y_BSD, aux, self.aux_loss_scale)
+        return y_BSD
+
+    @torch.no_grad()
+    def _record_stats(self, routing, probs_TE, lbl, z, counts_E) -> None:
+        T, K = routing.topk_idx_TK.shape
+        if routing.keep_TK is None:
+            dropped = torch.zeros((), dtype=torch.int64, device=counts_E.device)
+        else:
+            dropped = (~routing.keep_TK).sum()
+        entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1)
+        entropy = entropy_T.mean() if T else entropy_T.sum()
+        self.last_stats = MoEStats(lbl.detach(), z.detach(), counts_E.detach(), dropped, T * K,
+                                   entropy)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Gradient each MoE layer's aux loss gets in backward (the LM loss's micro-batch factor)."""
+    for layer in moe_layers(model):
+        layer.aux_loss_scale = float(scale)
+
+
+def collect_moe_stats(model: nn.Module) -> list[Optional[MoEStats]]:
+    """The last forward's statistics of every MoE layer, in module order."""
+    return [layer.last_stats for layer in moe_layers(model)]
+
+
+def reset_lbl_accumulators(model: nn.Module) -> None:
+    """Clear the global-scope LBL step counts; call once at the start of every optimizer step."""
+    for layer in moe_layers(model):
+        layer.lbl.reset()

@@ -1,0 +1,124 @@
+"""Decoder-only MoE transformer: pre-norm blocks of attention and a dense or MoE feed-forward."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moetrain.config.schema import ModelConfig
+from moetrain.model.attention import Attention
+from moetrain.model.mlp import FeedForward
+from moetrain.model.moe.experts import GroupedExperts
+from moetrain.model.moe.layer import MoELayer
+from moetrain.model.norm import RMSNorm
+
+# Wrappers (activation checkpointing, torch.compile, FSDP1) insert these into parameter names;
+# they are dropped so a parameter's initial value depends only on its model-level name.
+_WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim,
+                                   cfg.rope_theta)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        dense = layer_id < cfg.moe.first_dense_layers
+        self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden) if dense else None
+        self.moe = None if dense else MoELayer(cfg.d_model, cfg.moe)
+
+    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), positions)
+        ffn = self.moe if self.moe is not None else self.mlp
+        return h_BSD + ffn(self.ffn_norm(h_BSD))
+
+
+class Transformer(nn.Module):
+    """tokens [B, S] (or hidden states [B, S, D] on a later pipeline stage) -> logits [B, S, V].
+
+    `tok_embeddings`, `norm` and `output` may be set to None (pipeline stages), and entries of
+    the `layers` ModuleDict (keys "0".."n_layers-1", kept when others are deleted) removed.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output: Optional[nn.Linear] = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """positions: [S] or [B, S] integer positions; default 0..S-1."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        for layer in self.layers.values():
+            h = layer(h, positions)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Norms to one, every other weight ~ N(0, init_std); projections that write into the
+        residual stream (wo, w2) ~ N(0, init_std / sqrt(2 n_layers)).
+
+        Each parameter is drawn from its own generator seeded by (seed, parameter name), so its
+        value does not depend on which other layers exist (pipeline stages) or on the order of
+        initialisation. seed=None draws the seed from the global torch RNG, so
+        `torch.manual_seed(s); Transformer(cfg)` is reproducible. Call it on unsharded
+        parameters (before FSDP/EP sharding); meta tensors are skipped.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        seen: set[int] = set()
+        for mod_name, module in self.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                if id(p) in seen or p.is_meta:
+                    continue
+                seen.add(id(p))
+                if isinstance(module, RMSNorm):
+                    p.fill_(1.0)
+                    continue
+                name = _canonical_name(f"{mod_name}.{p_name}")
+                writes_residual = name.endswith(("wo.weight", "w2.weight")) or (
+                    isinstance(module, GroupedExperts) and p_name == "w2")
+                _normal_(p, residual_std if writes_residual else std, seed, name)
+
+
+def _canonical_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
+def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
+    gen = torch.Generator(device=p.device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    sample = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    p.copy_(sample.normal_(0.0, std, generator=gen))
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total parameters, parameters used per token: top_k of each layer's routed experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            E = m.router.num_experts
+            routed = sum(p.numel() for p in m.experts.parameters())
+            inactive += routed * (E - m.top_k) // E
+    return total, total - inactive
+
+
+__all__ = ["Transformer", "TransformerBlock", "count_params"]

@@ -1,0 +1,109 @@
+import torch
+
+from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.router import RouterOutput
+
+
+def routing(idx, weight, keep=None, capacity=None):
+    T, E = idx.shape[0], 8
+    dummy = torch.zeros(T, E)
+    return RouterOutput(dummy, dummy, weight, idx, keep, capacity)
+
+
+def test_permute_groups_rows_by_expert_in_token_order():
+    x = torch.arange(4.0).unsqueeze(1).repeat(1, 3)  # row t holds t
+    idx = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
+    w = torch.ones(4, 2)
+    x_ND, counts, handle = LocalDispatcher(4).dispatch(x, routing(idx, w))
+    assert counts.tolist() == [3, 2, 2, 1]
+    assert x_ND[:, 0].tolist() == [0, 1, 3, 1, 2, 0, 2, 3]
+    assert counts.dtype == torch.int64
+
+
+def test_combine_weights_and_drops():
+    x = torch.randn(4, 3)
+    idx = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
+    w = torch.rand(4, 2)
+    keep = torch.tensor([[True, False], [True, True], [False, False], [True, True]])
+    disp = LocalDispatcher(4)
+    x_ND, counts, handle = disp.dispatch(x, routing(idx, w, keep))
+    assert counts.tolist() == [2, 1, 1, 1]  # dropped assignments are not dispatched
+    scale = torch.tensor([10.0, 20.0, 30.0, 40.0])  # "expert e multiplies by scale[e]"
+    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
+    y = disp.combine(x_ND * scale[expert_of_row].unsqueeze(1), handle)
+    expected = torch.zeros(4, 3)
+    for t in range(4):
+        for j in range(2):
+            if keep[t, j]:
+                expected[t] += w[t, j] * scale[idx[t, j]] * x[t]
+    torch.testing.assert_close(y, expected)
+    assert torch.equal(y[2], torch.zeros(3))  # fully dropped token contributes nothing
+
+
+def test_pad_to_capacity_gives_static_shapes():
+    x = torch.randn(4, 3)
+    idx = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
+    w = torch.rand(4, 2)
+    keep = torch.ones(4, 2, dtype=torch.bool)
+    keep[3, 1] = False
+    disp = LocalDispatcher(4, pad_to_capacity=True)
+    x_ND, counts, handle = disp.dispatch(x, routing(idx, w, keep, capacity=2))
+    assert x_ND.shape == (8, 3) and counts.tolist() == [2, 2, 2, 2]
+    assert torch.equal(x_ND[0], x[0]) and torch.equal(x_ND[1], x[1])  # expert 0: tokens 0, 1
+    assert torch.equal(x_ND[7], torch.zeros(3))  # expert 3 holds one token + one pad row
+    y = disp.combine(x_ND, handle)
+    unpadded = LocalDispatcher(4)
+    x2, _, h2 = unpadded.dispatch(x, routing(idx, w, keep))
+    torch.testing.assert_close(y, unpadded.combine(x2, h2))
+
+
+def test_empty_experts_and_no_tokens():
+    disp = LocalDispatcher(5)
+    x = torch.randn(3, 2)
+    idx = torch.tensor([[1], [1], [4]])
+    x_ND, counts, handle = disp.dispatch(x, routing(idx, torch.ones(3, 1)))
+    assert counts.tolist() == [0, 2, 0, 0, 1]
+    torch.testing.assert_close(disp.combine(x_ND, handle), x)
+    empty = torch.zeros(0, 2)
+    x_ND, counts, handle = disp.dispatch(
+        empty, routing(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)))
+    assert x_ND.shape == (0, 2) and counts.tolist() == [0] * 5
+    assert disp.combine(x_ND, handle).shape == (0, 2)
+
+
+def test_gradients_flow_through_dispatch_and_combine():
+    x = torch.randn(5, 3, requires_grad=True)
+    w = torch.rand(5, 2, requires_grad=True)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3], [3, 1]])
+    disp = LocalDispatcher(4)
+    x_ND, _, handle = disp.dispatch(x, routing(idx, w))
+    y = disp.combine(x_ND * 3.0, handle)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 3.0 * w.detach().sum(1, keepdim=True).expand(5, 3))
+    torch.testing.assert_close(w.grad, 3.0 * x.detach().sum(1, keepdim=True).expand(5, 2))
+
+
+class _RecordingDispatcher(LocalDispatcher):
+    """What an expert-parallel dispatcher overrides: the exchange between permute and experts."""
+
+    def __init__(self, num_experts):
+        super().__init__(num_experts)
+        self.calls = []
+
+    def exchange(self, x_ND, counts):
+        self.calls.append("exchange")
+        return x_ND * 2, counts, "state"
+
+    def exchange_back(self, y_ND, state):
+        self.calls.append(("exchange_back", state))
+        return y_ND / 2
+
+
+def test_exchange_hooks_sit_between_permute_and_unpermute():
+    disp = _RecordingDispatcher(3)
+    x = torch.randn(4, 2)
+    idx = torch.tensor([[0], [2], [1], [2]])
+    x_ND, _, handle = disp.dispatch(x, routing(idx, torch.ones(4, 1)))
+    y = disp.combine(x_ND, handle)
+    assert disp.calls == ["exchange", ("exchange_back", "state")]
+    torch.testing.assert_close(y, x)
