@@ -1,0 +1,245 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP) and an atomically replaced `latest`.
+
+Layout under `${run.dir}/checkpoints/`:
+    step_<N>/      DCP files (.metadata + one shard file per rank) and `meta.json`
+    latest         one line naming the newest *complete* checkpoint directory
+
+A checkpoint is written into `step_<N>.partial/`, renamed to `step_<N>/` once every rank has
+finished, and only then is `latest` replaced (write a temp file, `os.replace`). A crash at any
+point therefore leaves `latest` naming the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+FORMAT_VERSION = 1
+_STEP_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message names the path."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a bit-exact resume needs."""
+
+    step: int = 0
+    consumed_tokens: int = 0
+    bad_steps_total: int = 0
+    sampler: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None  # schedule positions, router state, ...
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep_last: int | None) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ paths
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"{_STEP_PREFIX}{step}"
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        name = pointer.read_text().strip()
+        path = self.root / name
+        if not (path / ".metadata").exists():
+            raise CheckpointError(
+                f"{pointer} names {name!r}, but {path / '.metadata'} is missing: the checkpoint "
+                "is incomplete or was deleted; pass checkpoint.resume=PATH or checkpoint.resume=never"
+            )
+        return path
+
+    # ------------------------------------------------------------------ save
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+             meta: dict[str, Any]) -> Path:
+        final = self.step_dir(state.step)
+        partial = final.with_name(final.name + ".partial")
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        dcp.save(self._state_dict(model, optimizer, state), checkpoint_id=str(partial))
+        _barrier()
+        if _rank() == 0:
+            (partial / "meta.json").write_text(json.dumps(
+                {"format_version": FORMAT_VERSION, "step": state.step,
+                 "consumed_tokens": state.consumed_tokens, **meta}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._point_latest(final)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _state_dict(self, model, optimizer, state: TrainState) -> dict[str, Any]:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        train = {
+            "step": state.step,
+            "consumed_tokens": state.consumed_tokens,
+            "bad_steps_total": state.bad_steps_total,
+            "sampler": state.sampler,
+            "extra": state.extra,
+            "world_size": world,
+        }
+        return {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+            # One opaque leaf: DCP flattens nested dicts, and a resume must get all of it or fail.
+            "train": json.dumps(train),
+            # Each rank's RNG under its own key, so a resume at the same layout restores all of them.
+            f"rng_rank{_rank()}": rng_state(),
+        }
+
+    def _point_latest(self, path: Path) -> None:
+        tmp = self.root / "latest.tmp"
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, self.root / "latest")
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last is None:
+            return
+        steps = sorted(
+            (p for p in self.root.glob(f"{_STEP_PREFIX}*") if p.is_dir() and p.suffix != ".partial"),
+            key=lambda p: int(p.name[len(_STEP_PREFIX):]),
+        )
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def resolve(self, resume: str) -> Path | None:
+        """Which checkpoint `checkpoint.resume` asks for: None means start fresh."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if (path / "latest").exists():  # a checkpoints/ folder
+            return CheckpointManager(path.parent, None).latest()
+        if (path / "checkpoints" / "latest").exists():  # a run directory
+            return CheckpointManager(path, None).latest()
+        if not (path / ".metadata").exists():
+            raise CheckpointError(
+                f"checkpoint.resume={resume!r}: no checkpoint there ({path / '.metadata'} is missing); "
+                "valid: auto, never, a step_<N> directory, a checkpoints/ folder or a run directory"
+            )
+        return path
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+        """Load model, optimizer and train state; RNG states too when the world size is unchanged."""
+        model_sd = get_model_state_dict(model)
+        saved_keys = _check_shapes(path, model_sd)
+        full: dict[str, Any] = {
+            "model": model_sd,
+            "optim": get_optimizer_state_dict(model, optimizer),
+            "train": "",
+        }
+        rng_key = f"rng_rank{_rank()}"
+        if any(k.startswith(rng_key + ".") or k == rng_key for k in saved_keys):
+            full[rng_key] = rng_state()
+        try:
+            dcp.load(full, checkpoint_id=str(path))
+        except Exception as err:  # DCP raises several types; name the checkpoint in every case
+            raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(err)}") from err
+        set_model_state_dict(model, full["model"])
+        set_optimizer_state_dict(model, optimizer, full["optim"])
+        train = json.loads(full["train"])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if rng_key in full and train["world_size"] == world:
+            set_rng_state(full[rng_key])
+        return TrainState(step=train["step"], consumed_tokens=train["consumed_tokens"],
+                          bad_steps_total=train["bad_steps_total"], sampler=train["sampler"],
+                          extra=train["extra"])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _check_shapes(path: Path, model_sd: dict[str, Any]) -> set[str]:
+    """Refuse a checkpoint of another model shape, naming the first differing key.
+
+    Returns the keys the checkpoint holds."""
+    meta_file = path / ".metadata"
+    if not meta_file.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {meta_file} is missing")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: cannot read {meta_file}: {_first_line(err)}") from err
+    saved = metadata.state_dict_metadata
+    for key, value in model_sd.items():
+        fqn = f"model.{key}"
+        if fqn not in saved:
+            raise CheckpointError(f"checkpoint {path} has no entry {fqn!r}: it was saved from a different model")
+        want = tuple(value.shape)
+        have = tuple(getattr(saved[fqn], "size", want))
+        if have != want:
+            raise CheckpointError(
+                f"checkpoint {path}: {fqn!r} has shape {list(have)} but the model expects {list(want)} "
+                "(incompatible model config)"
+            )
+    _check_files(path, metadata)
+    return set(saved)
+
+
+def _check_files(path: Path, metadata: Any) -> None:
+    """Every shard file the metadata points at must exist and be long enough."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            needed[rel] = max(needed.get(rel, 0), info.offset + info.length)
+    for rel, size in needed.items():
+        f = path / rel
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path} is incomplete: shard file {f} is missing")
+        if f.stat().st_size < size:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: shard file {f} has {f.stat().st_size} bytes, "
+                f"expected at least {size}"
+            )

@@ -1,0 +1,86 @@
+"""Routing statistics of one optimizer step: per-layer expert load, balance, drops, entropy."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+class RoutingAccumulator:
+    """Sums the per-layer statistics of every micro-batch of a step, then reduces them once.
+
+    `add` takes what `moetrain.model.collect_moe_stats` returns for one micro-batch (one entry per
+    MoE layer). Counts are summed; the loss values are averaged over micro-batches, which is the
+    weight they carry in the total loss.
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[torch.Tensor] | None = None  # per layer [E] int64
+        self.sums: torch.Tensor | None = None  # per layer [lbl, z, dropped, assignments, entropy, 1]
+        self.micro_batches = 0
+
+    def add(self, layer_stats: Sequence[Any]) -> None:
+        if not layer_stats:
+            return
+        counts = [s.tokens_per_expert.detach().to(torch.float64).cpu() for s in layer_stats]
+        sums = torch.tensor(
+            # Every micro-batch holds the same number of tokens, so the mean of the per-micro-batch
+            # entropies (the last column counts them) is the mean over all tokens.
+            [[float(s.lbl), float(s.z_loss), float(s.dropped), float(s.assignments),
+              float(s.router_entropy), 1.0] for s in layer_stats],
+            dtype=torch.float64,
+        )
+        if self.counts is None:
+            self.counts, self.sums = counts, sums
+        else:
+            self.counts = [a + b for a, b in zip(self.counts, counts)]
+            self.sums = self.sums + sums
+        self.micro_batches += 1
+
+    def summarize(
+        self,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        micro_batches_global: int | None = None,
+        lbl_coeff: float = 1.0,
+        z_coeff: float = 1.0,
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Global statistics: `all_reduce` sums a tensor over the ranks holding different tokens.
+
+        Returns the scalars for metrics.jsonl (`aux_loss` and `z_loss` weighted by their
+        coefficients: what they add to the total loss) and the per-layer record for routing.jsonl.
+        """
+        if self.counts is None:
+            empty = {"aux_loss": 0.0, "z_loss": 0.0, "dropped_frac": 0.0, "load_cv": 0.0,
+                     "max_load_ratio": 0.0, "router_entropy": 0.0}
+            return empty, {"layers": []}
+        packed = torch.cat([torch.stack(self.counts).flatten(), self.sums.flatten()])
+        packed = all_reduce(packed)
+        n_layers, n_experts = len(self.counts), self.counts[0].numel()
+        counts = packed[: n_layers * n_experts].view(n_layers, n_experts)
+        sums = packed[n_layers * n_experts:].view(n_layers, -1)
+        mb = micro_batches_global or self.micro_batches
+        mean = counts.mean(dim=1)
+        # Population std over experts: the CV of a perfectly balanced layer is exactly 0.
+        cv = counts.std(dim=1, unbiased=False) / mean.clamp_min(1e-12)
+        max_ratio = counts.max(dim=1).values / mean.clamp_min(1e-12)
+        dropped_frac = sums[:, 2] / sums[:, 3].clamp_min(1)
+        entropy = sums[:, 4] / sums[:, 5].clamp_min(1)
+        scalars = {
+            "aux_loss": lbl_coeff * float(sums[:, 0].sum() / mb),
+            "z_loss": z_coeff * float(sums[:, 1].sum() / mb),
+            "dropped_frac": float(sums[:, 2].sum() / sums[:, 3].sum().clamp_min(1)),
+            "load_cv": float(cv.mean()),
+            "max_load_ratio": float(max_ratio.mean()),
+            "router_entropy": float(entropy.mean()),
+        }
+        record = {
+            "layers": [
+                {"tokens_per_expert": [int(c) for c in counts[i].tolist()],
+                 "load_cv": float(cv[i]), "max_load_ratio": float(max_ratio[i]),
+                 "dropped_frac": float(dropped_frac[i]), "entropy": float(entropy[i]),
+                 "lbl": float(sums[i, 0] / mb)}
+                for i in range(n_layers)
+            ]
+        }
+        return scalars, record

@@ -1,0 +1,215 @@
+"""The training loop: micro-batches, losses, optimizer step, metrics, checkpoints.
+
+Read top to bottom: `Trainer.__init__` builds data, model, optimizer and resumes; `fit` runs
+optimizer steps; `train_step` is one step over this rank's micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from moetrain.checkpoint import CheckpointManager, TrainState
+from moetrain.config.schema import MoetrainConfig
+from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
+from moetrain.metrics import MetricsLogger, RoutingAccumulator
+from moetrain.model import Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale
+from moetrain.optim import build_optimizer, lr_at, set_lr
+from moetrain.parallel import ParallelDims, build_parallel_context
+from moetrain.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class Trainer:
+    def __init__(self, cfg: MoetrainConfig, rt: Runtime, run_dir: Path) -> None:
+        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+        self.start_time = time.monotonic()
+        t = cfg.train
+        dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
+        self.par = build_parallel_context(dims, rt.device.type)
+
+        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        self.train_data = PackedTokenDataset(prepared, "train", cfg.data.seq_len)
+        self.val_data = (
+            PackedTokenDataset(prepared, "val", cfg.data.seq_len) if t.eval_every > 0 else None
+        )
+        self.sampler = GlobalBatchSampler(
+            num_samples=len(self.train_data), global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
+            dp_size=self.par.dp_size, seed=t.seed,
+        )
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.micro_batches_per_step = t.global_batch_size // t.micro_batch_size
+
+        # Every rank builds the full model from the same seed, so any layout starts from the
+        # same weights; the parallel context then shards/replicates it.
+        torch.manual_seed(t.seed)
+        model = Transformer(cfg.model)
+        self.model = self.par.parallelize(model.to(rt.device), cfg)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+
+        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+        self.state = TrainState()
+        self._resume()
+        self.metrics = None
+        if rt.is_main:
+            self.metrics = MetricsLogger(
+                run_dir, cfg.logging, t.max_steps,
+                resume_step=self.state.step if self.resumed_from else None,
+                config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+            )
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        self.resumed_from = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if self.resumed_from is None:
+            return
+        self.state = self.ckpt.load(self.resumed_from, self.model, self.optimizer)
+        if self.state.sampler is not None:
+            self.sampler.load_state_dict(self.state.sampler)
+        if self.rt.is_main:
+            log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+
+    def save_checkpoint(self) -> Path:
+        self.state.sampler = self.sampler.state_dict()
+        meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
+                "world_size": self.rt.world_size}
+        path = self.ckpt.save(self.model, self.optimizer, self.state, meta)
+        if self.rt.is_main:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        bad_in_row = 0
+        try:
+            while self.state.step < t.max_steps:
+                step = self.state.step
+                lr = lr_at(step, self.cfg.optim, t.max_steps)
+                set_lr(self.optimizer, lr)
+                start = time.monotonic()
+                record, routing = self.train_step(self.sampler.next_step())
+                elapsed = time.monotonic() - start
+
+                self.state.step += 1
+                self.state.consumed_tokens += self.tokens_per_step
+                if record["skipped"]:
+                    bad_in_row += 1
+                    self.state.bad_steps_total += 1
+                    if bad_in_row >= t.max_bad_steps:
+                        raise TrainingError(
+                            f"loss or gradient was NaN/inf for {bad_in_row} steps in a row "
+                            f"(train.max_bad_steps={t.max_bad_steps}); stopping at step {self.state.step}"
+                        )
+                else:
+                    bad_in_row = 0
+
+                record = {"step": self.state.step, **record}
+                record.update(
+                    lr=lr, tokens=self.state.consumed_tokens,
+                    tokens_per_s=self.tokens_per_step / max(elapsed, 1e-9),
+                    top_k=self.cfg.model.moe.top_k, bad_steps_total=self.state.bad_steps_total,
+                    step_time_s=elapsed,
+                )
+                if t.eval_every and self.state.step % t.eval_every == 0:
+                    record["val_loss"] = self.evaluate()
+                if self.metrics is not None and (
+                    self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+                ):
+                    self.metrics.log(record, {"step": self.state.step, **routing})
+
+                out_of_time = t.max_time is not None and self._elapsed_everywhere() > t.max_time
+                due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
+                # Out of time: save whatever checkpoint.every says, so a requeued job resumes here.
+                if due or out_of_time:
+                    self.save_checkpoint()
+                if out_of_time:
+                    if self.rt.is_main:
+                        log.info("train.max_time=%ss reached at step %d", t.max_time, self.state.step)
+                    break
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _elapsed_everywhere(self) -> float:
+        # Every rank must take the same stop decision, so rank 0's clock decides.
+        return float(self.par.broadcast_scalar(time.monotonic() - self.start_time))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        model, rt = self.model, self.rt
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Scales are chosen so that summing gradients over all micro-batches of all ranks gives
+        # the gradient of (mean LM loss over the global batch + mean aux loss per micro-batch).
+        set_aux_loss_scale(model, 1.0 / self.micro_batches_per_step)
+        reset_lbl_accumulators(model)
+        routing = RoutingAccumulator()
+        lm_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+        for i, indices in enumerate(micro_batches):
+            batch = self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            with self.par.grad_sync(model, last=i == len(micro_batches) - 1), rt.autocast():
+                logits = model(inputs)
+                loss_sum = F.cross_entropy(
+                    logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
+                )
+                (loss_sum / self.tokens_per_step).backward()
+            lm_sum += loss_sum.detach().to(torch.float64)
+            routing.add(collect_moe_stats(model))
+
+        lm_loss = float(self.par.all_reduce_tokens(lm_sum)) / self.tokens_per_step
+        moe = self.cfg.model.moe
+        scalars, routing_record = routing.summarize(
+            self.par.all_reduce_tokens, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff
+        )
+        grad_norm = self.par.clip_grad_norm(model, self.cfg.optim.grad_clip)
+        skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        record = {
+            "loss": lm_loss,
+            "lm_loss": lm_loss,
+            **scalars,
+            "total_loss": lm_loss + scalars["aux_loss"] + scalars["z_loss"],
+            "grad_norm": grad_norm,
+            "skipped": skipped,
+        }
+        return record, routing_record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
+        assert self.val_data is not None
+        model, t = self.model, self.cfg.train
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        steps = val_steps(len(self.val_data), t.eval_batches, t.global_batch_size,
+                          t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
+        for micro_batches in steps:
+            for indices in micro_batches:
+                batch = self.val_data.get_batch(indices).to(self.rt.device)
+                with self.rt.autocast():
+                    logits = model(batch[:, :-1])
+                total += F.cross_entropy(
+                    logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+                ).to(torch.float64)
+                count += batch[:, 1:].numel()
+        model.train()
+        return float(self.par.all_reduce_tokens(total) / self.par.all_reduce_tokens(count))

@@ -1,0 +1,113 @@
+"""The command line end to end: `python -m moetrain.train +experiment=tiny ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Small and fast, still the tiny experiment's model and data.
+FAST = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
+        "train.eval_every=0", "logging.progress=false", "train.deterministic=true"]
+
+CONTRACT_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens",
+                 "tokens_per_s", "top_k", "dropped_frac", "load_cv"}
+
+
+def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetrain.train", *FAST, *overrides],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_the_run_directory_contract(tmp_path):
+    run = tmp_path / "run"
+    train(f"run.dir={run}", "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1")
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert CONTRACT_KEYS <= r.keys(), CONTRACT_KEYS - r.keys()
+        assert r["loss"] == r["lm_loss"] and 5 < r["loss"] < 10  # ln(8192) = 9.01 at the start
+        assert r["tokens"] == r["step"] * 4 * 128 and r["top_k"] == 2
+        assert r["aux_loss"] > 0 and r["z_loss"] > 0 and r["dropped_frac"] == 0.0
+    routing = [json.loads(line) for line in (run / "routing.jsonl").read_text().splitlines()]
+    assert len(routing) == 4 and len(routing[0]["layers"]) == 3  # 4 layers, the first dense
+    counts = routing[0]["layers"][0]["tokens_per_expert"]
+    assert len(counts) == 8 and sum(counts) == 4 * 128 * 2  # every token routed to top-2
+    config = (run / "config.yaml").read_text()
+    assert "max_steps: 4" in config and "${" not in config  # resolved
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_4"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_4"]  # keep_last=1 pruned step_2
+    assert (ckpts / "step_4" / ".metadata").exists()
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(f"run.dir={full}", "train.max_steps=6")
+    # The wall-clock budget stops the first run after its first step with a checkpoint.
+    train(f"run.dir={split}", "train.max_steps=6", "train.max_time=0.001")
+    first = metrics(split)
+    assert len(first) < 6 and (split / "checkpoints" / "latest").exists()
+    train(f"run.dir={split}", "train.max_steps=6", "checkpoint.resume=auto")
+    a, b = metrics(full), metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "lr", "load_cv"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.moe.top_k=9", "model.moe.top_k"),
+        ("optim.decay=exponential", "optim.decay"),
+        ("train.global_batch_size=3", "train.global_batch_size"),
+        ("parallel.tp=2", "parallel.tp"),
+        ("model.moe.lbl.scope=batch", "model.moe.lbl.scope"),
+    ],
+)
+def test_bad_values_are_refused_before_training(tmp_path, override, needle):
+    run = tmp_path / "run"
+    proc = train(f"run.dir={run}", override, check=False)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and needle in last
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    proc = train(f"run.dir={tmp_path / 'run'}", "train.max_step=3", check=False)
+    assert proc.returncode != 0 and "train.max_step" in proc.stderr
+
+
+def test_a_truncated_checkpoint_is_refused_not_restarted(tmp_path):
+    run = tmp_path / "run"
+    train(f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2")
+    shard = next((run / "checkpoints" / "step_2").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = train(f"run.dir={run}", "train.max_steps=4", check=False)
+    assert proc.returncode == 2 and shard.name in proc.stderr, proc.stderr
+    assert [r["step"] for r in metrics(run)] == [1, 2]  # nothing was trained or logged
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2")
+    proc = train(f"run.dir={run}", "train.max_steps=4", "model.moe.expert_hidden=96", check=False)
+    assert proc.returncode == 2 and "experts.w1" in proc.stderr, proc.stderr
