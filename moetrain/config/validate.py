@@ -6,6 +6,7 @@ module checks ranges, choices and the relations between keys.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Iterable
 
@@ -32,6 +33,10 @@ def _non_negative(key: str, value: Any) -> None:
 def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
     choices = list(choices)
     _require(value in choices, key, value, "must be one of " + ", ".join(choices))
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
@@ -71,6 +76,10 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _choice("model.moe.lbl.scope", moe.lbl.scope, ("micro", "global", "seq"))
     _non_negative("model.moe.lbl.coeff", moe.lbl.coeff)
     _non_negative("model.moe.z_loss_coeff", moe.z_loss_coeff)
+    _validate_schedule("model.moe.schedule.top_k", moe.schedule.top_k, moe.top_k,
+                       _top_k_range(moe.num_experts))
+    _validate_schedule("model.moe.schedule.capacity_factor", moe.schedule.capacity_factor,
+                       moe.capacity_factor, _capacity_range)
 
     p = cfg.parallel
     for key in ("tp", "cp", "pp", "ep", "etp", "vpp"):
@@ -114,8 +123,64 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
         _positive("checkpoint.keep_last", c.keep_last)
 
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("offline", "online", "disabled"))
+    if cfg.logging.wandb.enabled:
+        _require(_importable("wandb"), "logging.wandb.enabled", True,
+                 "wandb is not installed: pip install 'moetrain[wandb]', or set it to false")
+    if cfg.logging.tensorboard:
+        _require(_importable("tensorboard"), "logging.tensorboard", True,
+                 "tensorboard is not installed: pip install 'moetrain[tensorboard]', or set it to false")
 
     _validate_layout(cfg, world_size)
+
+
+def _top_k_range(num_experts: int):
+    def check(key: str, value: Any) -> None:
+        ok = _is_number(value) and float(value).is_integer() and 1 <= value <= num_experts
+        _require(ok, key, value, f"must be an integer in [1, model.moe.num_experts={num_experts}]")
+    return check
+
+
+def _capacity_range(key: str, value: Any) -> None:
+    _require(_is_number(value) and value > 0, key, value, "must be a number > 0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_schedule(key: str, sched: Any, default: Any, check_value) -> None:
+    """A `ValueSchedule`: kind, steps, milestones, and every value it can take via check_value."""
+    from moetrain.model.moe.schedule import SCHEDULE_KINDS
+
+    _choice(f"{key}.kind", sched.kind, SCHEDULE_KINDS)
+    for name in ("start_step", "end_step"):
+        value = getattr(sched, name)
+        _require(isinstance(value, int) and value >= 0, f"{key}.{name}", value,
+                 "must be an integer >= 0")
+    for name in ("start", "end"):
+        if getattr(sched, name) is not None:
+            check_value(f"{key}.{name}", getattr(sched, name))
+    if sched.kind in ("linear", "cosine"):
+        _require(sched.end_step > sched.start_step, f"{key}.end_step", sched.end_step,
+                 f"must be > {key}.start_step={sched.start_step} for a {sched.kind} schedule")
+        for name in ("start", "end"):
+            _require(getattr(sched, name) is not None or default is not None, f"{key}.{name}",
+                     None, f"must be set for a {sched.kind} schedule when the static value is null")
+    if sched.kind == "step":
+        milestones = list(sched.milestones)
+        _require(len(milestones) > 0, f"{key}.milestones", milestones,
+                 "must list at least one [step, value] pair for a step schedule")
+        previous = -1
+        for i, m in enumerate(milestones):
+            pair = None if isinstance(m, (str, bytes)) or not hasattr(m, "__len__") else list(m)
+            _require(pair is not None and len(pair) == 2, f"{key}.milestones[{i}]", m,
+                     "must be a [step, value] pair")
+            m_step, m_value = pair
+            _require(isinstance(m_step, int) and not isinstance(m_step, bool) and m_step > previous,
+                     f"{key}.milestones[{i}]", pair,
+                     "the step must be an integer >= 0, greater than the previous milestone's")
+            check_value(f"{key}.milestones[{i}]", m_value)
+            previous = m_step
 
 
 def _validate_layout(cfg: MoetrainConfig, world_size: int) -> None:

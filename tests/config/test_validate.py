@@ -1,0 +1,65 @@
+import importlib.util
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from moetrain.config import ConfigError, compose, to_object, validate
+
+
+def config(*overrides):
+    return to_object(compose(["+experiment=tiny", *overrides]))
+
+
+@pytest.mark.parametrize("experiment", ["tiny", "mixtral_8x7b", "olmoe_1b_7b", "qwen3_30b_a3b",
+                                        "deepseek_v2_lite"])
+def test_every_shipped_experiment_is_valid(experiment):
+    cfg = to_object(compose([f"+experiment={experiment}"]))
+    validate(cfg)
+    assert cfg.run.name == experiment
+
+
+@pytest.mark.parametrize("world, layout", [
+    (8, ["parallel.tp=4", "parallel.ep=4"]), (8, ["parallel.cp=4", "parallel.ep=2"]),
+    (8, ["parallel.pp=4", "parallel.tp=2"]), (8, ["parallel.pp=2", "parallel.vpp=2"]),
+    (4, ["parallel.tp=2", "parallel.cp=2", "parallel.ep=4"]), (8, ["parallel.ep=8"]) ,
+])
+def test_the_tiny_experiment_fits_every_small_layout(world, layout):
+    validate(config(*layout), world_size=world)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_kv_heads=3", "model.n_kv_heads"),
+    ("model.moe.top_k=0", "model.moe.top_k"),
+    ("model.moe.capacity_factor=-1", "model.moe.capacity_factor"),
+    ("model.moe.pad_to_capacity=true", "model.moe.pad_to_capacity"),
+    ("model.moe.score_func=relu", "model.moe.score_func"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.beta2=1.5", "optim.beta2"),
+    ("train.dtype=fp8", "train.dtype"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("data.val_fraction=0.7", "data.val_fraction"),
+    ("parallel.cp=2", "parallel.cp"),
+    ("parallel.pp_schedule=magic", "parallel.pp_schedule"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(config(override))
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_layout_errors_name_the_keys_for_the_world_size():
+    with pytest.raises(ConfigError, match="model.moe.num_experts.*parallel.ep"):
+        validate(config("parallel.ep=3"), world_size=3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_enabled_without_wandb_installed_is_refused():
+    with pytest.raises(ConfigError, match="logging.wandb.enabled"):
+        validate(config("logging.wandb.enabled=true"))
+
+
+@pytest.mark.parametrize("override", ["train.max_step=3", "model.moe.topk=1", "train.max_steps=many"])
+def test_unknown_keys_and_wrong_types_are_refused_while_composing(override):
+    with pytest.raises(ConfigCompositionException):
+        config(override)

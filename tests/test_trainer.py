@@ -1,0 +1,69 @@
+"""The training loop in-process (one rank): non-finite steps, evaluation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moetrain.config import compose, to_object, validate
+from moetrain.runtime import init_runtime
+from moetrain.trainer import Trainer, TrainingError
+
+
+def build(tmp_path, *overrides):
+    cfg = to_object(compose(["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
+                             "logging.progress=false", "checkpoint.every=0", f"run.dir={tmp_path}",
+                             *overrides]))
+    validate(cfg)
+    return Trainer(cfg, init_runtime(cfg), tmp_path)
+
+
+def poison(trainer, steps):
+    """Make the model's logits NaN during the given (1-based) optimizer steps."""
+    forward = trainer.model.forward
+
+    def maybe_nan(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return out * math.nan if trainer.state.step + 1 in steps else out
+
+    trainer.model.forward = maybe_nan
+
+
+def test_a_nan_step_is_skipped_counted_and_training_goes_on(tmp_path):
+    trainer = build(tmp_path, "train.max_steps=3", "train.eval_every=0")
+    poison(trainer, {2})
+    before = {}
+    step = trainer.train_step
+
+    def spy(batches):  # snapshot the parameters around the poisoned step
+        if trainer.state.step == 1:
+            before.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+        record, routing = step(batches)
+        if trainer.state.step == 1:
+            assert record["skipped"]
+            for n, p in trainer.model.named_parameters():
+                assert torch.equal(p, before[n]), n
+        return record, routing
+
+    trainer.train_step = spy
+    trainer.fit()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in recs] == [False, True, False]
+    assert [r["bad_steps_total"] for r in recs] == [0, 1, 1]
+    assert math.isnan(recs[1]["loss"]) and math.isfinite(recs[2]["loss"])
+
+
+def test_too_many_bad_steps_in_a_row_abort_with_a_clear_message(tmp_path):
+    trainer = build(tmp_path, "train.max_steps=10", "train.max_bad_steps=3", "train.eval_every=0")
+    poison(trainer, {2, 3, 4, 5})
+    with pytest.raises(TrainingError, match="3 steps in a row.*train.max_bad_steps=3"):
+        trainer.fit()
+    assert trainer.state.step == 4
+
+
+def test_evaluation_logs_a_validation_loss(tmp_path):
+    trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=2")
+    trainer.fit()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "val_loss" not in recs[0] and 5 < recs[1]["val_loss"] < 10
