@@ -23,6 +23,7 @@ from moetrain.metrics import MetricsLogger, RoutingAccumulator
 from moetrain.model import Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims, build_parallel_context
+from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from moetrain.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
         bad_in_row = 0
+        self.preemption = PreemptionWatcher()
+        if self.rt.is_main:
+            clear_preempted(self.run_dir)
         try:
             while self.state.step < t.max_steps:
                 step = self.state.step
@@ -131,22 +135,30 @@ class Trainer:
                 ):
                     self.metrics.log(record, {"step": self.state.step, **routing})
 
-                out_of_time = t.max_time is not None and self._elapsed_everywhere() > t.max_time
+                stop_reason = self._stop_reason()
                 due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
-                # Out of time: save whatever checkpoint.every says, so a requeued job resumes here.
-                if due or out_of_time:
+                # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
+                if due or stop_reason:
                     self.save_checkpoint()
-                if out_of_time:
+                if stop_reason:
                     if self.rt.is_main:
-                        log.info("train.max_time=%ss reached at step %d", t.max_time, self.state.step)
+                        mark_preempted(self.run_dir, self.state.step, stop_reason)
+                        log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
                     break
         finally:
+            self.preemption.close()
             if self.metrics is not None:
                 self.metrics.close()
 
-    def _elapsed_everywhere(self) -> float:
-        # Every rank must take the same stop decision, so rank 0's clock decides.
-        return float(self.par.broadcast_scalar(time.monotonic() - self.start_time))
+    def _stop_reason(self) -> str | None:
+        """Why to stop before max_steps (a signal, or train.max_time), agreed by every rank."""
+        t = self.cfg.train
+        out_of_time = t.max_time is not None and time.monotonic() - self.start_time > t.max_time
+        if not self.par.any_rank(self.preemption.requested or out_of_time):
+            return None
+        if self.preemption.requested:
+            return f"received {self.preemption.signal_name}"
+        return f"train.max_time={t.max_time}s reached" if out_of_time else "another rank was signalled"
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], dict[str, Any]]:

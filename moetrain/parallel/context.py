@@ -37,8 +37,9 @@ class ParallelContext:
         """Sum over the ranks that hold different tokens (DP x CP); the identity on one process."""
         return tensor
 
-    def broadcast_scalar(self, value: float) -> float:
-        return value
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (stop decisions must agree)."""
+        return flag
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Global L2 norm of all gradients before clipping; clip to `max_norm` when it is > 0."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,25 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
     train(f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2")
     proc = train(f"run.dir={run}", "train.max_steps=4", "model.moe.expert_hidden=96", check=False)
     assert proc.returncode == 2 and "experts.w1" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    last = metrics(run)[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
+    assert (run / "preempted").read_text().startswith(f"step {last}: received {sig.name}")
+    train(f"run.dir={run}", f"train.max_steps={last + 1}")  # a requeued job goes on from there
+    assert metrics(run)[-1]["step"] == last + 1 and not (run / "preempted").exists()

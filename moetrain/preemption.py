@@ -1,0 +1,44 @@
+"""Stop cleanly when the scheduler asks: SIGTERM, or SIGUSR1 (SLURM's advance warning).
+
+The handler only sets a flag; the trainer checks it after each optimizer step, agrees with the
+other ranks (any rank signalled = all stop), saves a checkpoint and exits 0 so the job can be
+requeued. Doing the work inside the handler would interrupt a collective half-way.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MARKER = "preempted"  # written into the run dir so launch scripts know to requeue
+
+
+class PreemptionWatcher:
+    def __init__(self, signals=STOP_SIGNALS) -> None:
+        self.signal_name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def mark_preempted(run_dir: Path, step: int, reason: str) -> None:
+    (run_dir / MARKER).write_text(f"step {step}: {reason}\n")
+
+
+def clear_preempted(run_dir: Path) -> None:
+    (run_dir / MARKER).unlink(missing_ok=True)
