@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 # One process without a process group is a supported way to run, not something to warn about.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
 
 FORMAT_VERSION = 1
 _STEP_PREFIX = "step_"

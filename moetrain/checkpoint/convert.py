@@ -1,0 +1,180 @@
+"""Read a sharded checkpoint without a process group; inspect it; convert it for use elsewhere.
+
+Hugging Face layout (Qwen2/3-MoE-style names, per-expert `nn.Linear` weights `[out, in]`):
+
+    tok_embeddings.weight               -> model.embed_tokens.weight
+    layers.N.attention_norm.weight      -> model.layers.N.input_layernorm.weight
+    layers.N.attention.w{q,k,v,o}       -> model.layers.N.self_attn.{q,k,v,o}_proj.weight
+    layers.N.ffn_norm.weight            -> model.layers.N.post_attention_layernorm.weight
+    layers.N.mlp.w{1,3,2}               -> model.layers.N.mlp.{gate,up,down}_proj.weight
+    layers.N.moe.router.weight          -> model.layers.N.mlp.gate.weight
+    layers.N.moe.experts.w1[e] (D,F)    -> model.layers.N.mlp.experts.e.gate_proj.weight (F,D)
+    layers.N.moe.experts.w3[e] (D,F)    -> model.layers.N.mlp.experts.e.up_proj.weight   (F,D)
+    layers.N.moe.experts.w2[e] (F,D)    -> model.layers.N.mlp.experts.e.down_proj.weight (D,F)
+    layers.N.moe.shared_experts.w{1,3,2}-> model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight
+    norm.weight / output.weight         -> model.norm.weight / lm_head.weight
+
+Every source tensor must be consumed by exactly one rule and every expert of every layer must
+come out (converters that silently drop expert weights are a known failure elsewhere); anything
+unmatched is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+# The one DCP entry point that loads chosen keys into full tensors without a process group or
+# a model to load into; it is private but stable since torch 2.4 and used by torch's own tools.
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+from moetrain.checkpoint.manager import CheckpointError
+
+_PLAIN = [
+    (r"tok_embeddings\.weight", "model.embed_tokens.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"layers\.(\d+)\.attention_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.attention\.w([qkvo])\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"layers\.(\d+)\.mlp\.w1\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"layers\.(\d+)\.mlp\.w3\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"layers\.(\d+)\.mlp\.w2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"layers\.(\d+)\.moe\.router\.weight", r"model.layers.\1.mlp.gate.weight"),
+    (r"layers\.(\d+)\.moe\.shared_experts\.w1\.weight", r"model.layers.\1.mlp.shared_expert.gate_proj.weight"),
+    (r"layers\.(\d+)\.moe\.shared_experts\.w3\.weight", r"model.layers.\1.mlp.shared_expert.up_proj.weight"),
+    (r"layers\.(\d+)\.moe\.shared_experts\.w2\.weight", r"model.layers.\1.mlp.shared_expert.down_proj.weight"),
+]
+_EXPERTS = re.compile(r"layers\.(\d+)\.moe\.experts\.(w[132])")
+_EXPERT_HF = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
+
+
+def _metadata(path: Path):
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"{path} is not a checkpoint: {path / '.metadata'} is missing")
+    return FileSystemReader(str(path)).read_metadata()
+
+
+def load_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) tensors from a DCP checkpoint, keys without the `model.` prefix."""
+    path = Path(path)
+    keys = {k for k in _metadata(path).state_dict_metadata if k.startswith("model.")}
+    try:
+        loaded = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    return {k[len("model."):]: v for k, v in _flatten(loaded).items()}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    """Step, layout, tensors (shape, dtype) and file sizes of a checkpoint, without loading tensors."""
+    path = Path(path)
+    md = _metadata(path)
+    meta_file = path / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    tensors = {
+        k[len("model."):]: {"shape": list(v.size), "dtype": str(v.properties.dtype).replace("torch.", "")}
+        for k, v in sorted(md.state_dict_metadata.items())
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
+    experts = [t["shape"][0] for k, t in tensors.items() if _EXPERTS.fullmatch(k) and k.endswith("w1")]
+    return {
+        "path": str(path),
+        "step": meta.get("step"),
+        "consumed_tokens": meta.get("consumed_tokens"),
+        "world_size": meta.get("world_size"),
+        "parallel": meta.get("parallel"),
+        "model_parameters": sum(_numel(t["shape"]) for t in tensors.values()),
+        "moe_layers": len(experts),
+        "experts_per_layer": sorted(set(experts)),
+        "tensors": tensors,
+        "files": files,
+        "total_bytes": sum(files.values()),
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """moetrain names -> Hugging Face names, experts unstacked into per-expert Linear weights."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _EXPERTS.fullmatch(key)
+        if m:
+            layer, which = m.groups()
+            for e in range(tensor.shape[0]):
+                name = f"model.layers.{layer}.mlp.experts.{e}.{_PROJ[which]}_proj.weight"
+                out[name] = tensor[e].t().contiguous()
+            continue
+        for pattern, repl in _PLAIN:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, repl, key)] = tensor
+                break
+        else:
+            raise CheckpointError(f"no Hugging Face name for checkpoint tensor {key!r}")
+    return out
+
+
+def from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf`: per-expert weights are stacked back; a missing expert is an error."""
+    inverse = [(re.compile(_replacement_regex(p, r)), p) for p, r in _PLAIN]
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        m = _EXPERT_HF.fullmatch(name)
+        if m:
+            layer, e, proj = m.groups()
+            which = {v: k for k, v in _PROJ.items()}[proj]
+            experts.setdefault((layer, which), {})[int(e)] = tensor.t()
+            continue
+        for regex, pattern in inverse:
+            mm = regex.fullmatch(name)
+            if mm:
+                out[_fill(pattern, mm.groups())] = tensor
+                break
+        else:
+            raise CheckpointError(f"unknown Hugging Face tensor {name!r}")
+    for (layer, which), by_index in sorted(experts.items()):
+        n = max(by_index) + 1
+        missing = sorted(set(range(n)) - set(by_index))
+        if missing:
+            raise CheckpointError(f"layer {layer}: {_PROJ[which]}_proj of experts {missing} is missing")
+        out[f"layers.{layer}.moe.experts.{which}"] = torch.stack([by_index[e] for e in range(n)]).contiguous()
+    return out
+
+
+def _replacement_regex(pattern: str, repl: str) -> str:
+    """Turn a replacement like r'model.layers.\\1.self_attn.\\2_proj.weight' into a regex."""
+    groups = re.findall(r"\([^)]*\)", pattern)
+    regex = re.escape(repl)
+    for i, group in enumerate(groups, start=1):
+        regex = regex.replace(re.escape(f"\\{i}"), group)
+    return regex
+
+
+def _fill(pattern: str, groups: tuple[str, ...]) -> str:
+    """Write the moetrain name for `pattern` with its capture groups filled in."""
+    out, it = pattern, iter(groups)
+    out = re.sub(r"\([^)]*\)", lambda _: next(it), out)
+    return out.replace("\\.", ".")
