@@ -8,7 +8,7 @@ and the relations between them before any process group or model exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -17,6 +17,35 @@ class LBLConfig:
     # the data-parallel ranks and the micro-batches of the step so far; seq: per sequence.
     scope: str = "micro"
     coeff: float = 0.01
+
+
+#: The kinds of `ValueSchedule` (formulas in moetrain.model.moe.schedule).
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+
+
+@dataclass
+class ValueSchedule:
+    """A value over optimizer steps (moetrain.model.moe.schedule has the formulas).
+
+    kind: constant | linear | cosine | step. linear/cosine go from `start` at `start_step` to
+    `end` at `end_step`; step uses `milestones`, a list of [step, value] pairs (value from that
+    step on; `start` before the first). start/end null = the static config value.
+    """
+
+    kind: str = "constant"
+    start: Optional[float] = None
+    end: Optional[float] = None
+    start_step: int = 0
+    end_step: int = 0
+    # [[step, value], ...]; List[Any] because OmegaConf refuses ints in a List[List[float]].
+    milestones: List[Any] = field(default_factory=list)
+
+
+@dataclass
+class SparsitySchedule:
+    # top_k is rounded to the nearest integer (halves up) and clamped to [1, num_experts].
+    top_k: ValueSchedule = field(default_factory=ValueSchedule)
+    capacity_factor: ValueSchedule = field(default_factory=ValueSchedule)
 
 
 @dataclass
@@ -40,6 +69,8 @@ class MoEConfig:
     pad_to_capacity: bool = False
     lbl: LBLConfig = field(default_factory=LBLConfig)
     z_loss_coeff: float = 0.0
+    # Progressive sparsification: top_k and capacity_factor as functions of the step.
+    schedule: SparsitySchedule = field(default_factory=SparsitySchedule)
 
 
 @dataclass
@@ -135,6 +166,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | never | a checkpoint directory
     # Keep the newest `keep_last` checkpoints (null = keep all); `latest` is never deleted.
     keep_last: Optional[int] = None
+    # Write checkpoints in the background while training goes on (`checkpoint.async=true` on the
+    # command line is accepted as an alias: `async` is a Python keyword, so not a field name).
+    async_save: bool = False
 
 
 @dataclass

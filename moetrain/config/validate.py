@@ -10,7 +10,7 @@ import importlib.util
 import math
 from typing import Any, Iterable
 
-from moetrain.config.schema import MoetrainConfig
+from moetrain.config.schema import SCHEDULE_KINDS, MoetrainConfig
 
 
 class ConfigError(ValueError):
@@ -150,8 +150,6 @@ def _is_number(value: Any) -> bool:
 
 def _validate_schedule(key: str, sched: Any, default: Any, check_value) -> None:
     """A `ValueSchedule`: kind, steps, milestones, and every value it can take via check_value."""
-    from moetrain.model.moe.schedule import SCHEDULE_KINDS
-
     _choice(f"{key}.kind", sched.kind, SCHEDULE_KINDS)
     for name in ("start_step", "end_step"):
         value = getattr(sched, name)
