@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,11 @@ def run(cfg: DictConfig) -> int:
 register_configs()
 
 
+def _alias_async_key(argv: list[str]) -> list[str]:
+    """Accept `checkpoint.async=...` for the schema's `checkpoint.async_save` (a keyword can't be a field)."""
+    return [re.sub(r"^(\+?)checkpoint\.async=", r"\1checkpoint.async_save=", a) for a in argv]
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     code = run(cfg)
@@ -71,4 +77,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = _alias_async_key(sys.argv)
     main()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moetrain.checkpoint import CheckpointManager, TrainState
@@ -83,13 +82,13 @@ class Trainer:
         if self.rt.is_main:
             log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
         meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
                 "world_size": self.rt.world_size}
-        path = self.ckpt.save(self.model, self.optimizer, self.state, meta)
+        path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
         if self.rt.is_main:
-            log.info("saved checkpoint %s", path)
+            log.info("%s checkpoint %s", "saving" if background else "saved", path)
         return path
 
     # ------------------------------------------------------------------ loop
@@ -138,14 +137,18 @@ class Trainer:
                 stop_reason = self._stop_reason()
                 due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
                 # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
+                self.ckpt.poll()
                 if due or stop_reason:
-                    self.save_checkpoint()
+                    # The last checkpoint of a run is written in the foreground: the job ends next.
+                    last = stop_reason is not None or self.state.step == t.max_steps
+                    self.save_checkpoint(background=c.async_save and not last)
                 if stop_reason:
                     if self.rt.is_main:
                         mark_preempted(self.run_dir, self.state.step, stop_reason)
                         log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
                     break
         finally:
+            self.ckpt.wait()
             self.preemption.close()
             if self.metrics is not None:
                 self.metrics.close()
@@ -174,11 +177,10 @@ class Trainer:
         for i, indices in enumerate(micro_batches):
             batch = self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            with self.par.grad_sync(model, last=i == len(micro_batches) - 1), rt.autocast():
+            last = i == len(micro_batches) - 1
+            with self.par.grad_sync(model, last), self.par.loss_context(), rt.autocast():
                 logits = model(inputs)
-                loss_sum = F.cross_entropy(
-                    logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
-                )
+                loss_sum = self.par.cross_entropy_sum(logits, targets)
                 (loss_sum / self.tokens_per_step).backward()
             lm_sum += loss_sum.detach().to(torch.float64)
             routing.add(collect_moe_stats(model))
@@ -186,7 +188,7 @@ class Trainer:
         lm_loss = float(self.par.all_reduce_tokens(lm_sum)) / self.tokens_per_step
         moe = self.cfg.model.moe
         scalars, routing_record = routing.summarize(
-            self.par.all_reduce_tokens, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff
+            self.par.all_reduce_routing, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff
         )
         grad_norm = self.par.clip_grad_norm(model, self.cfg.optim.grad_clip)
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
@@ -217,11 +219,9 @@ class Trainer:
         for micro_batches in steps:
             for indices in micro_batches:
                 batch = self.val_data.get_batch(indices).to(self.rt.device)
-                with self.rt.autocast():
+                with self.par.loss_context(), self.rt.autocast():
                     logits = model(batch[:, :-1])
-                total += F.cross_entropy(
-                    logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                ).to(torch.float64)
+                    total += self.par.cross_entropy_sum(logits, batch[:, 1:]).to(torch.float64)
                 count += batch[:, 1:].numel()
         model.train()
         return float(self.par.all_reduce_tokens(total) / self.par.all_reduce_tokens(count))

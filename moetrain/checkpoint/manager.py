@@ -78,6 +78,8 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int | None) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self._pending = None  # (future, partial dir, final dir, meta) of a background save
+        self._group = None
 
     # ------------------------------------------------------------------ paths
     def step_dir(self, step: int) -> Path:
@@ -98,25 +100,63 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-             meta: dict[str, Any]) -> Path:
+             meta: dict[str, Any], async_save: bool = False) -> Path:
+        """Write `step_<N>/`; with `async_save` the files are written in the background and the
+        checkpoint is committed (renamed, `latest` replaced) by a later `poll()` or `wait()`."""
+        self.wait()  # one checkpoint in flight at a time
         final = self.step_dir(state.step)
         partial = final.with_name(final.name + ".partial")
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
-        dcp.save(self._state_dict(model, optimizer, state), checkpoint_id=str(partial))
+        meta = {"format_version": FORMAT_VERSION, "step": state.step,
+                "consumed_tokens": state.consumed_tokens, **meta}
+        state_dict = self._state_dict(model, optimizer, state)
+        if async_save:
+            # Staged to CPU memory before returning, so training may change the weights at once;
+            # a separate gloo group keeps the background collectives apart from training's.
+            future = dcp.async_save(state_dict, checkpoint_id=str(partial),
+                                    process_group=self._async_group())
+            self._pending = (future, partial, final, meta)
+            return final
+        dcp.save(state_dict, checkpoint_id=str(partial))
         _barrier()
-        if _rank() == 0:
-            (partial / "meta.json").write_text(json.dumps(
-                {"format_version": FORMAT_VERSION, "step": state.step,
-                 "consumed_tokens": state.consumed_tokens, **meta}, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            self._point_latest(final)
-            self._prune(keep=final)
+        self._commit(partial, final, meta)
         _barrier()
         return final
+
+    def poll(self) -> None:
+        """Commit a finished background save (call once per step; cheap when nothing is pending)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until a background save finished, then commit it."""
+        if self._pending is None:
+            return
+        future, partial, final, meta = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed save: `latest` then still names the previous one
+        # DCP's coordinator (rank 0) writes .metadata only after every rank's shards are written,
+        # so rank 0 may commit without a barrier once its own future is done.
+        self._commit(partial, final, meta)
+
+    def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
+        if _rank() != 0:
+            return
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        self._point_latest(final)
+        self._prune(keep=final)
+
+    def _async_group(self):
+        if not dist.is_initialized():
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def _state_dict(self, model, optimizer, state: TrainState) -> dict[str, Any]:
         world = dist.get_world_size() if dist.is_initialized() else 1

@@ -135,3 +135,16 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
     assert (run / "preempted").read_text().startswith(f"step {last}: received {sig.name}")
     train(f"run.dir={run}", f"train.max_steps={last + 1}")  # a requeued job goes on from there
     assert metrics(run)[-1]["step"] == last + 1 and not (run / "preempted").exists()
+
+
+def test_async_checkpoints_resume_like_synchronous_ones(tmp_path):
+    sync, background = tmp_path / "sync", tmp_path / "async"
+    train(f"run.dir={sync}", "train.max_steps=4", "checkpoint.every=2")
+    train(f"run.dir={background}", "train.max_steps=4", "checkpoint.every=2", "checkpoint.async=true",
+          "checkpoint.keep_last=5")
+    names = sorted(p.name for p in (background / "checkpoints").iterdir())
+    assert names == ["latest", "step_2", "step_4"]  # the background step_2 was committed too
+    assert (background / "checkpoints" / "latest").read_text().strip() == "step_4"
+    train(f"run.dir={background}", "train.max_steps=6", "checkpoint.resume=" + str(background / "checkpoints" / "step_2"))
+    train(f"run.dir={sync}", "train.max_steps=6", "checkpoint.resume=" + str(sync / "checkpoints" / "step_2"))
+    assert [r["loss"] for r in metrics(background)] == [r["loss"] for r in metrics(sync)]
