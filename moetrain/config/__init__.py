@@ -12,7 +12,9 @@ from moetrain.config.schema import (
     OptimConfig,
     ParallelConfig,
     RunConfig,
+    SparsitySchedule,
     TrainConfig,
+    ValueSchedule,
 )
 from moetrain.config.validate import ConfigError, validate
 
@@ -29,7 +31,9 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "RunConfig",
+    "SparsitySchedule",
     "TrainConfig",
+    "ValueSchedule",
     "compose",
     "register_configs",
     "to_object",

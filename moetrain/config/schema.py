@@ -49,6 +49,28 @@ class SparsitySchedule:
 
 
 @dataclass
+class RoutingConfig:
+    """How the router picks experts beyond plain top-k (all off by default)."""
+
+    # Threshold routing ("Harder Tasks Need More Experts"): a token takes experts in score order
+    # until their cumulative probability reaches top_p, at least `min_k` and at most model.moe.top_k.
+    top_p: Optional[float] = None
+    min_k: int = 1
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection
+    # only, moved by +-bias_rate each step towards the mean load (0 disables it).
+    bias_rate: float = 0.0
+    # Group-limited routing over num_groups equal groups of experts: `limited` keeps the
+    # topk_groups best groups (DeepSeek node-limited), `balanced` picks top_k / num_groups experts
+    # in every group (Pangu MoGE). `none` ignores the groups.
+    group_mode: str = "none"  # none | limited | balanced
+    num_groups: int = 1
+    topk_groups: int = 1
+    # Null experts (AdaMoE): zero-compute slots a token may pick instead of a real expert; they
+    # count in the load-balancing loss like experts, so their average use is controlled.
+    num_null_experts: int = 0
+
+
+@dataclass
 class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
@@ -71,6 +93,7 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     # Progressive sparsification: top_k and capacity_factor as functions of the step.
     schedule: SparsitySchedule = field(default_factory=SparsitySchedule)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
 @dataclass

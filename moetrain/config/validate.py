@@ -80,6 +80,7 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
                        _top_k_range(moe.num_experts))
     _validate_schedule("model.moe.schedule.capacity_factor", moe.schedule.capacity_factor,
                        moe.capacity_factor, _capacity_range)
+    _validate_routing(moe)
 
     p = cfg.parallel
     for key in ("tp", "cp", "pp", "ep", "etp", "vpp"):
@@ -131,6 +132,34 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
                  "tensorboard is not installed: pip install 'moetrain[tensorboard]', or set it to false")
 
     _validate_layout(cfg, world_size)
+
+
+def _validate_routing(moe: Any) -> None:
+    r, key = moe.routing, "model.moe.routing"
+    if r.top_p is not None:
+        _require(0 < r.top_p <= 1, f"{key}.top_p", r.top_p, "must be in (0, 1], or null for plain top-k")
+        _require(1 <= r.min_k <= moe.top_k, f"{key}.min_k", r.min_k,
+                 f"must be in [1, model.moe.top_k={moe.top_k}]")
+    _non_negative(f"{key}.bias_rate", r.bias_rate)
+    _non_negative(f"{key}.num_null_experts", r.num_null_experts)
+    _require(isinstance(r.num_null_experts, int), f"{key}.num_null_experts", r.num_null_experts,
+             "must be an integer >= 0")
+    _choice(f"{key}.group_mode", r.group_mode, ("none", "limited", "balanced"))
+    if r.group_mode != "none":
+        _require(r.num_null_experts == 0, f"{key}.group_mode", r.group_mode,
+                 f"cannot be combined with {key}.num_null_experts > 0")
+        _positive(f"{key}.num_groups", r.num_groups)
+        _require(moe.num_experts % r.num_groups == 0, f"{key}.num_groups", r.num_groups,
+                 f"must divide model.moe.num_experts={moe.num_experts}")
+    if r.group_mode == "balanced":
+        _require(moe.top_k % r.num_groups == 0, f"{key}.num_groups", r.num_groups,
+                 f"must divide model.moe.top_k={moe.top_k} (equal picks per group)")
+    if r.group_mode == "limited":
+        _require(1 <= r.topk_groups <= r.num_groups, f"{key}.topk_groups", r.topk_groups,
+                 f"must be in [1, {key}.num_groups={r.num_groups}]")
+        group_size = moe.num_experts // r.num_groups
+        _require(moe.top_k <= r.topk_groups * group_size, f"{key}.topk_groups", r.topk_groups,
+                 f"keeps {r.topk_groups * group_size} experts, fewer than model.moe.top_k={moe.top_k}")
 
 
 def _top_k_range(num_experts: int):

@@ -41,6 +41,10 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("data.val_fraction=0.7", "data.val_fraction"),
     ("parallel.cp=2", "parallel.cp"),
     ("parallel.pp_schedule=magic", "parallel.pp_schedule"),
+    ("model.moe.routing.top_p=1.5", "model.moe.routing.top_p"),
+    ("model.moe.routing.num_null_experts=-1", "model.moe.routing.num_null_experts"),
+    ("model.moe.routing.group_mode=clustered", "model.moe.routing.group_mode"),
+    ("model.moe.routing.bias_rate=-1", "model.moe.routing.bias_rate"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -63,3 +67,8 @@ def test_wandb_enabled_without_wandb_installed_is_refused():
 def test_unknown_keys_and_wrong_types_are_refused_while_composing(override):
     with pytest.raises(ConfigCompositionException):
         config(override)
+
+
+def test_balanced_groups_must_divide_top_k():
+    with pytest.raises(ConfigError, match="model.moe.routing.num_groups.*model.moe.top_k=2"):
+        validate(config("model.moe.routing.group_mode=balanced", "model.moe.routing.num_groups=4"))

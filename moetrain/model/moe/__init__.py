@@ -5,6 +5,7 @@ from moetrain.model.moe.dispatcher import DispatchHandle, LocalDispatcher, Permu
 from moetrain.model.moe.experts import GroupedExperts, experts_grouped, experts_loop
 from moetrain.model.moe.layer import (
     MoELayer, MoEStats, collect_moe_stats, moe_layers, reset_lbl_accumulators, set_aux_loss_scale,
+    set_capacity_factor, set_top_k, update_expert_bias,
 )
 from moetrain.model.moe.losses import AttachAuxLoss, LoadBalancingLoss, score_distribution, z_loss
 from moetrain.model.moe.router import Router, RouterOutput
@@ -13,5 +14,6 @@ __all__ = [
     "AttachAuxLoss", "DispatchHandle", "GroupedExperts", "LoadBalancingLoss", "LocalDispatcher",
     "MoELayer", "MoEStats", "PermuteHandle", "Router", "RouterOutput", "capacity_keep_mask",
     "collect_moe_stats", "expert_capacity", "experts_grouped", "experts_loop", "moe_layers",
-    "reset_lbl_accumulators", "score_distribution", "set_aux_loss_scale", "z_loss",
+    "reset_lbl_accumulators", "score_distribution", "set_aux_loss_scale",
+    "set_capacity_factor", "set_top_k", "update_expert_bias", "z_loss",
 ]

@@ -34,45 +34,61 @@ from moetrain.model.moe.router import Router
 class MoEStats:
     """Detached statistics of a layer's last forward (tensors, so reading them is the only sync)."""
 
-    lbl: torch.Tensor  # LBL value (without coefficient)
-    z_loss: torch.Tensor  # z-loss value (without coefficient)
+    lbl: torch.Tensor  # LBL value (without coefficient; this rank's share, see token_shards)
+    z_loss: torch.Tensor  # z-loss value (without coefficient; likewise a share)
     tokens_per_expert: torch.Tensor  # [E] int64, local, before capacity dropping
     dropped: torch.Tensor  # int64 scalar: dropped assignments
-    assignments: int  # T * k
+    assignments: int | torch.Tensor  # assignments to real experts (T * k without top-p/null)
     router_entropy: torch.Tensor  # mean over tokens of the entropy of the score distribution
+    tokens: int = 0  # T: assignments / tokens = real experts per token
 
 
 class MoELayer(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         E = cfg.num_experts
-        self.top_k = cfg.top_k
         self.score_func = cfg.score_func
         self.capacity_factor = cfg.capacity_factor
         self.lbl_coeff = cfg.lbl.coeff
         self.z_loss_coeff = cfg.z_loss_coeff
-        self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob)
+        self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob, cfg.routing)
         self.experts = GroupedExperts(E, dim, cfg.expert_hidden)
         self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity)
-        self.lbl = LoadBalancingLoss(E, cfg.lbl.scope)
+        # Null experts are routing slots: they share the load-balancing loss with real experts.
+        self.lbl = LoadBalancingLoss(self.router.num_experts, cfg.lbl.scope)
         self.shared_experts: Optional[FeedForward] = None
         if cfg.num_shared_experts > 0:
             width = cfg.shared_expert_hidden or cfg.expert_hidden
             # n shared experts that every token uses == one SwiGLU of n times the width.
             self.shared_experts = FeedForward(dim, cfg.num_shared_experts * width)
         self.aux_loss_scale = 1.0
+        # Ranks that split every micro-batch's tokens between them (TP with sequence
+        # parallelism, CP); set by the parallel code. Each rank's aux losses (and their
+        # statistics) are divided by it, so they are this rank's share: the shares of a
+        # micro-batch SUM to its loss, like the gradients the data-parallel code sums.
+        self.token_shards = 1
         self.last_stats: Optional[MoEStats] = None
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         routing = self.router(x_TD)
-        E = self.router.num_experts
+        E = self.router.num_real_experts
+        keep_TK = routing.active_TK
         if self.capacity_factor is not None:
-            C = expert_capacity(x_TD.shape[0], self.top_k, E, self.capacity_factor)
+            C = expert_capacity(x_TD.shape[0], self.router.top_k, E, self.capacity_factor)
             priority_TK = routing.scores_TE.gather(1, routing.topk_idx_TK)
-            keep_TK = capacity_keep_mask(routing.topk_idx_TK, priority_TK, E, C)
-            routing = dataclasses.replace(routing, keep_TK=keep_TK, capacity=C)
+            idx_TK = routing.topk_idx_TK
+            if keep_TK is not None:  # inactive assignments go to a bucket past the experts
+                idx_TK = idx_TK.masked_fill(~keep_TK, E)
+            fits_TK = capacity_keep_mask(idx_TK, priority_TK, E + 1, C)
+            keep_TK = fits_TK if keep_TK is None else fits_TK & keep_TK
+            routing = dataclasses.replace(routing, capacity=C)
+        routing = dataclasses.replace(routing, keep_TK=keep_TK)
 
         x_ND, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, tokens_per_expert)
@@ -82,8 +98,10 @@ class MoELayer(nn.Module):
         y_BSD = y_TD.view(B, S, D)
 
         probs_TE = score_distribution(routing.scores_TE, self.score_func)
-        lbl, counts_E = self.lbl(probs_TE, routing.topk_idx_TK, B)
+        lbl, counts_E = self.lbl(probs_TE, routing.topk_idx_TK, B, routing.selected_TK)
         z = z_loss(routing.logits_TE)
+        if self.token_shards > 1:  # local means over T/token_shards tokens -> shares
+            lbl, z = lbl / self.token_shards, z / self.token_shards
         if not in_backward():  # an activation-checkpoint recompute repeats the same forward
             self._record_stats(routing, probs_TE, lbl, z, counts_E)
         if torch.is_grad_enabled() and (self.lbl_coeff or self.z_loss_coeff):
@@ -95,14 +113,18 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def _record_stats(self, routing, probs_TE, lbl, z, counts_E) -> None:
         T, K = routing.topk_idx_TK.shape
+        # Assignments that need compute (real experts, within a top-p threshold); capacity
+        # drops are counted among those.
+        active = T * K if routing.active_TK is None else routing.active_TK.sum()
         if routing.keep_TK is None:
             dropped = torch.zeros((), dtype=torch.int64, device=counts_E.device)
         else:
-            dropped = (~routing.keep_TK).sum()
+            dropped = active - routing.keep_TK.sum()
         entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1)
         entropy = entropy_T.mean() if T else entropy_T.sum()
-        self.last_stats = MoEStats(lbl.detach(), z.detach(), counts_E.detach(), dropped, T * K,
-                                   entropy)
+        E = self.router.num_real_experts
+        self.last_stats = MoEStats(lbl.detach(), z.detach(), counts_E[:E].detach(), dropped,
+                                   active, entropy, T)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -124,3 +146,27 @@ def reset_lbl_accumulators(model: nn.Module) -> None:
     """Clear the global-scope LBL step counts; call once at the start of every optimizer step."""
     for layer in moe_layers(model):
         layer.lbl.reset()
+
+
+def set_top_k(model: nn.Module, top_k: int) -> None:
+    """Experts per token from the next forward on (progressive sparsification schedules)."""
+    for layer in moe_layers(model):
+        slots = layer.router.num_experts
+        if not 1 <= top_k <= slots:
+            raise ValueError(f"top_k={top_k} must lie in [1, {slots}] (model.moe.schedule.top_k)")
+        layer.router.top_k = int(top_k)
+
+
+def set_capacity_factor(model: nn.Module, capacity_factor: Optional[float]) -> None:
+    """Capacity factor from the next forward on (None = dropless)."""
+    for layer in moe_layers(model):
+        layer.capacity_factor = capacity_factor
+
+
+def update_expert_bias(model: nn.Module, tokens_per_expert: list[torch.Tensor]) -> None:
+    """Aux-loss-free balancing step: the global [E] load of each MoE layer, in module order."""
+    layers = moe_layers(model)
+    if len(layers) != len(tokens_per_expert):
+        raise ValueError(f"{len(tokens_per_expert)} loads for {len(layers)} MoE layers")
+    for layer, load in zip(layers, tokens_per_expert):
+        layer.router.update_bias(load)

@@ -21,9 +21,12 @@ f_i carries no gradient; p_i does. Scopes (`model.moe.lbl.scope`):
 
 `reduce_counts` (default identity) is applied to the local counts in every scope ([E], or
 [B, E] for seq): the parallel code points it at a sum over the ranks holding other tokens of
-the same unit (CP ranks for micro/seq, DP x CP for global). p_i is always the LOCAL mean, so
-each rank's loss is a full-size estimate and the mean over those ranks equals the loss of the
-whole unit (equal token counts per rank) - average, do not sum, these losses across ranks.
+the same unit (the TP ranks under sequence parallelism and the CP ranks for micro/seq; every
+rank of the pipeline stage, DP x CP x TP, for global). p_i is always the LOCAL mean, so each
+rank's loss is a full-size estimate and the mean over the n ranks sharing a unit equals the
+loss of the whole unit (equal token counts per rank). `MoELayer` divides it by n
+(`MoELayer.token_shards`), which turns the estimates into shares that SUM to the unit's loss
+and its gradient - the same sum the data-parallel code applies to the router's gradients.
 
 Router z-loss (ST-MoE; Megatron-Core `z_loss_func` without the coefficient):
 
@@ -35,7 +38,7 @@ accumulates counts nor calls `reduce_counts`, and backward uses the f of the ori
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -104,21 +107,27 @@ class LoadBalancingLoss(nn.Module):
         self.step_counts_E.zero_()
 
     def forward(
-        self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch_size: int = 1
+        self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch_size: int = 1,
+        selected_TK: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (LBL, local pre-drop counts [E] int64)."""
+        """Returns (LBL, local pre-drop counts [E] int64).
+
+        `selected_TK` (threshold routing) marks the assignments a token really took; only those
+        count in f_i. None = all k assignments of every token."""
         T, K = topk_idx_TK.shape
         E = self.num_experts
+        ones_TK = (torch.ones_like(topk_idx_TK) if selected_TK is None
+                   else selected_TK.to(topk_idx_TK.dtype))
         if self.scope == "seq":
             B = batch_size
             counts_BE = torch.zeros(B, E, dtype=torch.int64, device=topk_idx_TK.device)
-            counts_BE.scatter_add_(1, topk_idx_TK.reshape(B, -1),
-                                   torch.ones_like(topk_idx_TK).reshape(B, -1))
+            counts_BE.scatter_add_(1, topk_idx_TK.reshape(B, -1), ones_TK.reshape(B, -1))
             f_BE = self._frequencies(counts_BE)
             p_BE = probs_TE.reshape(B, -1, E).sum(1) / max(T // max(B, 1), 1)
             lbl = E * _FrozenWeightSum.apply(p_BE, f_BE / max(B, 1))
             return lbl, counts_BE.sum(0)
-        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E)
+        taken_A = topk_idx_TK.reshape(-1) if selected_TK is None else topk_idx_TK[selected_TK]
+        counts_E = torch.bincount(taken_A, minlength=E)
         f_E = self._frequencies(counts_E)
         p_E = probs_TE.sum(0) / max(T, 1)
         return E * _FrozenWeightSum.apply(p_E, f_E), counts_E

@@ -1,15 +1,24 @@
-"""Top-k router: fp32 logits, softmax or sigmoid scores, optional top-k renormalisation.
+"""Router: fp32 logits, softmax or sigmoid scores, expert selection, combine weights.
 
     logits[t, e]  = x[t] . W[e]                       (fp32, autocast off)
     scores[t, e]  = softmax_e(logits[t])  |  sigmoid(logits[t, e])
-    topk_idx[t]   = the k experts with the largest scores[t]   (descending)
-    topk_weight[t, j] = scores[t, topk_idx[t, j]]
-                        / sum_j' scores[t, topk_idx[t, j']]     if norm_topk_prob
+    select[t, e]  = scores[t, e] + bias[e]            (bias: aux-loss-free balancing, else 0)
+                    restricted to the allowed groups  (group-limited routing, else all experts)
+    topk_idx[t]   = the k experts with the largest select[t]   (descending)
+    topk_weight[t, j] = scores[t, topk_idx[t, j]]                (unbiased)
+                        / sum over active j' of scores[t, topk_idx[t, j']]   if norm_topk_prob
 
 `norm_topk_prob` means the same thing for both score functions (one flag, one meaning); its
 default (True) gives DeepSeek-V3's sigmoid routing and Mixtral/Qwen-MoE's softmax routing. With
 top_k = 1 and norm_topk_prob the combine weight is constantly 1, so the router gets no gradient
 from the LM loss (only from the aux losses) - Switch-style top-1 routing wants norm_topk_prob off.
+
+Not every selected assignment has to be computed (`active_TK`):
+- threshold routing (`top_p`): assignment j of token t is active while the probabilities of the
+  assignments before it sum to less than top_p, and always for j < min_k;
+- null experts (ids >= num_experts): selected like experts, they count in the load-balancing
+  loss, but compute nothing, so the token's output is the weighted sum of its real experts only.
+The top-k itself is taken with the current `top_k` (a schedule may change it between steps).
 """
 
 from __future__ import annotations
@@ -20,17 +29,25 @@ from typing import Optional
 import torch
 from torch import nn
 
+from moetrain.config.schema import RoutingConfig
+
 
 @dataclass
 class RouterOutput:
-    logits_TE: torch.Tensor  # fp32
+    logits_TE: torch.Tensor  # fp32, over real and null experts
     scores_TE: torch.Tensor  # fp32, softmax or sigmoid of the logits
     topk_weight_TK: torch.Tensor  # fp32 combine weights
-    topk_idx_TK: torch.Tensor  # int64 expert ids, by descending score
+    topk_idx_TK: torch.Tensor  # int64 expert ids, by descending selection score
     # Set by capacity dropping: which assignments survive (None = all, dropless) and the
     # per-expert capacity they were cut to.
     keep_TK: Optional[torch.Tensor] = None
     capacity: Optional[int] = None
+    # Assignments that need compute (None = all): False for null experts and for assignments
+    # beyond a token's top-p threshold. Dropping by capacity applies to active ones only.
+    active_TK: Optional[torch.Tensor] = None
+    # Assignments the token took (None = all k): False only beyond a top-p threshold. Null
+    # experts are selected (they count in the load-balancing loss) but not active.
+    selected_TK: Optional[torch.Tensor] = None
 
 
 class Router(nn.Module):
@@ -41,19 +58,27 @@ class Router(nn.Module):
         top_k: int,
         score_func: str = "softmax",
         norm_topk_prob: bool = True,
+        routing: Optional[RoutingConfig] = None,
     ):
         super().__init__()
+        routing = routing or RoutingConfig()
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"model.moe.score_func must be softmax or sigmoid, got {score_func!r}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"model.moe.top_k={top_k} must lie in [1, num_experts={num_experts}]")
+        slots = num_experts + routing.num_null_experts
+        if not 1 <= top_k <= slots:
+            raise ValueError(f"model.moe.top_k={top_k} must lie in [1, num_experts={slots}]")
         self.top_k = top_k
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.routing = routing
+        self.num_real_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(slots, dim))
+        # A buffer, not a parameter: no gradient, but saved in checkpoints with the model.
+        self.register_buffer("expert_bias", torch.zeros(slots), persistent=True)
 
     @property
     def num_experts(self) -> int:
+        """Routing slots: real experts plus null experts."""
         return self.weight.shape[0]
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
@@ -64,8 +89,69 @@ class Router(nn.Module):
             scores_TE = torch.softmax(logits_TE, dim=-1)
         else:
             scores_TE = torch.sigmoid(logits_TE)
-        topk_score_TK, topk_idx_TK = torch.topk(scores_TE, self.top_k, dim=-1)
+        topk_idx_TK = self.select(scores_TE.detach())
+        topk_score_TK = scores_TE.gather(1, topk_idx_TK)
+        within_TK = self._within_threshold(topk_score_TK.detach(), scores_TE.detach())
+        active_TK = within_TK
+        if self.num_experts > self.num_real_experts:  # null experts compute nothing
+            real_TK = topk_idx_TK < self.num_real_experts
+            active_TK = real_TK if active_TK is None else active_TK & real_TK
         weight_TK = topk_score_TK
         if self.norm_topk_prob:
-            weight_TK = topk_score_TK / topk_score_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        return RouterOutput(logits_TE, scores_TE, weight_TK, topk_idx_TK)
+            # Null experts keep their share of the weight (their output is zero): choosing one
+            # scales the token's expert output down, as in AdaMoE.
+            counted_TK = topk_score_TK if within_TK is None else topk_score_TK * within_TK
+            weight_TK = topk_score_TK / counted_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        return RouterOutput(logits_TE, scores_TE, weight_TK, topk_idx_TK, active_TK=active_TK,
+                            selected_TK=within_TK)
+
+    @torch.no_grad()
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, k] by descending selection score (bias and groups applied)."""
+        r, k = self.routing, self.top_k
+        select_TE = scores_TE + self.expert_bias if r.bias_rate > 0 else scores_TE
+        if r.group_mode == "none" or r.num_groups == 1:
+            return torch.topk(select_TE, k, dim=-1).indices
+        T, E = select_TE.shape
+        G = r.num_groups
+        grouped_TGM = select_TE.view(T, G, E // G)
+        if r.group_mode == "balanced":
+            # Equal picks per group: load across groups (devices) is balanced by construction.
+            per_group = k // G
+            local_TGP = torch.topk(grouped_TGM, per_group, dim=-1).indices
+            idx_TK = (local_TGP + torch.arange(G, device=local_TGP.device).view(1, G, 1) * (E // G)).view(T, k)
+            order = torch.argsort(select_TE.gather(1, idx_TK), dim=-1, descending=True, stable=True)
+            return idx_TK.gather(1, order)
+        # limited: a group's score is the sum of its two best experts (one if groups are single).
+        best = min(2, E // G)
+        group_score_TG = torch.topk(grouped_TGM, best, dim=-1).values.sum(-1)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(
+            1, torch.topk(group_score_TG, r.topk_groups, dim=-1).indices, True)
+        masked_TE = select_TE.masked_fill(~keep_TG.repeat_interleave(E // G, dim=1), float("-inf"))
+        return torch.topk(masked_TE, k, dim=-1).indices
+
+    def _within_threshold(self, topk_score_TK, scores_TE) -> Optional[torch.Tensor]:
+        """Top-p: assignment j is taken while the probabilities before it sum to < top_p."""
+        r = self.routing
+        if r.top_p is None:
+            return None
+        probs_TK = topk_score_TK
+        if self.score_func == "sigmoid":  # sigmoid scores are not a distribution
+            probs_TK = probs_TK / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        before_TK = torch.cumsum(probs_TK, dim=-1) - probs_TK
+        position_K = torch.arange(probs_TK.shape[1], device=probs_TK.device)
+        return (before_TK < r.top_p) | (position_K < r.min_k)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: torch.Tensor, num_balanced: Optional[int] = None) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+        `tokens_per_expert_E` is the global load of the last step (the same on every rank, so
+        every replica of the bias moves identically); only the first `num_balanced` slots (the
+        real experts) are balanced."""
+        rate = self.routing.bias_rate
+        if rate <= 0:
+            return
+        n = self.num_real_experts if num_balanced is None else num_balanced
+        load = tokens_per_expert_E[:n].to(self.expert_bias)
+        self.expert_bias[:n] += rate * torch.sign(load.mean() - load)
