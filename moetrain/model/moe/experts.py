@@ -94,6 +94,33 @@ class GroupedExperts(nn.Module):
         # None = grouped GEMM when usable, else the loop; True/False force one (True raises
         # inside grouped_mm where it does not run).
         self.use_grouped_mm = use_grouped_mm
+        # Which part of the model's experts these weights hold: experts [expert_offset,
+        # expert_offset + num_local_experts) of num_global_experts, hidden columns
+        # [hidden_offset, hidden_offset + local width) of global_hidden. The forward reads only
+        # the shapes; checkpoints and parameter counts need the offsets. Set by `shard_`.
+        self.num_global_experts = num_experts
+        self.expert_offset = 0
+        self.global_hidden = hidden
+        self.hidden_offset = 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    @torch.no_grad()
+    def shard_(self, experts: slice, hidden: slice) -> None:
+        """Keep only the given experts and hidden columns (expert / expert-tensor parallelism).
+
+        w1, w3 keep columns `hidden` of their F dim, w2 the same rows; the slices are copied so
+        the full weights are freed. Replaces the parameters: build optimizers afterwards.
+        """
+        for name, index in (("w1", (experts, slice(None), hidden)),
+                            ("w3", (experts, slice(None), hidden)),
+                            ("w2", (experts, hidden, slice(None)))):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(old[index].clone(), requires_grad=old.requires_grad))
+        self.expert_offset += experts.start or 0
+        self.hidden_offset += hidden.start or 0
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         device_type = x_ND.device.type

@@ -1,0 +1,208 @@
+"""Expert parallelism (EP) and expert tensor parallelism (ETP) for the MoE layers.
+
+    apply_expert_parallel(model, ep_group, etp_group=None)
+
+keeps this rank's experts in every `MoELayer` and installs an `AllToAllDispatcher`. With
+E experts, EP size ep and ETP size etp, EP rank r holds the contiguous block of L = E / ep
+experts [r L, (r+1) L); ETP rank s holds hidden columns [s F/etp, (s+1) F/etp) of each of them
+(w1, w3 column shards, w2 row shards). The dispatcher's data flow (docs/expert_parallel.md):
+
+    permute         x_TD -> x_ND, counts_E          rows sorted by global expert (local op)
+    count exchange  all_to_all(counts_E) -> counts_SL     rows source rank S sends per local expert
+    all-to-all      x_ND -> x_RD (R = rows received, source-major: by source rank, then expert)
+    [ETP gather]    x_RD -> x_GD, all ETP ranks' received rows (an all-gather, done as an
+                    all-to-all because gloo has no uneven all-gather)
+    regroup         -> expert-major rows for one grouped GEMM over the L local experts
+    experts         GroupedExperts (local weights; partial outputs under ETP)
+    reverse         inverse regroup, [ETP reduce-scatter], reverse all-to-all
+    unpermute       weighted sum of each token's k rows (local op, LocalDispatcher's)
+
+Capacity (token dropping) is decided before the exchange, by `MoELayer` on the rank's own tokens:
+capacity = ceil(cf * T_local * k / E) per (source rank, expert), as in Megatron-Core. So a
+token's drop decision depends only on the tokens of its own rank: a rank that holds the same
+tokens as a single-process layer makes exactly its decisions, and the dropped assignments are
+never sent. An expert receives at most ep * etp * capacity rows (per EDP replica).
+
+Process groups come from the parallel code (`Meshes.group("ep")`, `Meshes.group("etp")`);
+nothing here creates one. The ETP ranks must hold different tokens (they do when the ETP group
+lies inside the dense data-, context- or sequence-parallel dims; identical tokens would make the
+expert weight gradients etp times too large). Expert gradients are summed over the EDP group
+(ranks with the same expert shard and other tokens) by the data-parallel code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.layer import moe_layers
+
+GroupLike = Union[dist.ProcessGroup, DeviceMesh]
+
+
+def all_to_all_rows(
+    x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Send rows input_splits[i] (in order) to group rank i; receive output_splits[i] from it.
+
+    Autograd-aware: the backward is the reverse exchange. Every row the expert path moves between
+    ranks goes through this one function (the byte-count test wraps it).
+    """
+    return funcol.all_to_all_single_autograd(
+        x_ND.contiguous(), list(output_splits), list(input_splits), group
+    )
+
+
+@dataclass
+class ExchangeState:
+    """What `exchange_back` needs to undo `exchange`."""
+
+    send_splits: list[int]  # rows this rank sent to each EP rank
+    recv_splits: list[int]  # rows it received from each EP rank
+    etp_splits: Optional[list[int]]  # rows each ETP rank contributed to the gather; None = no ETP
+    order_N: Optional[torch.Tensor]  # received row feeding expert-major row n; None = identity
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    """Dispatch to the experts of the EP group's ranks by all-to-all; drop-in for LocalDispatcher.
+
+    `dispatch` returns the rows of this rank's L = E / ep local experts, expert-major, with
+    tokens_per_expert [L]; `combine` returns this rank's own tokens. Dropless unless the routing
+    carries a keep mask (capacity, decided per source rank before the exchange; see the module
+    docstring); with `pad_to_capacity` the padded rows are exchanged too (static shapes).
+    Experts and ranks with zero rows are fine (zero-size exchanges and GEMMs).
+
+    `last_send_splits` / `last_recv_splits`: the rows the last dispatch sent to / received from
+    each EP rank (host ints; for byte accounting and tests).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        ep_group: dist.ProcessGroup,
+        etp_group: Optional[dist.ProcessGroup] = None,
+        pad_to_capacity: bool = False,
+    ):
+        super().__init__(num_experts, pad_to_capacity)
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        if num_experts % self.ep_size:
+            raise ValueError(
+                f"model.moe.num_experts = {num_experts} is not divisible by parallel.ep = "
+                f"{self.ep_size}"
+            )
+        self.num_local_experts = num_experts // self.ep_size
+        self.etp_group = etp_group
+        self.etp_size = 1 if etp_group is None else dist.get_world_size(etp_group)
+        self.etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
+        self.last_send_splits: list[int] = []
+        self.last_recv_splits: list[int] = []
+
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor):
+        ep, L, etp = self.ep_size, self.num_local_experts, self.etp_size
+        # Rows are sorted by global expert, and EP rank j owns experts [j L, (j+1) L), so the
+        # rows for rank j are one contiguous block: an all-to-all with uneven splits moves them.
+        recv_counts = torch.empty_like(tokens_per_expert_E)
+        dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=self.ep_group)
+        counts_SL = recv_counts.view(ep, L)  # [source EP rank, local expert]
+        if etp > 1:
+            gathered = recv_counts.new_empty(etp * ep * L)
+            dist.all_gather_into_tensor(gathered, recv_counts, group=self.etp_group)
+            counts_SL = gathered.view(etp * ep, L)  # sources: (ETP rank, EP rank), ETP outer
+        # One host sync for every split size.
+        host = torch.cat([tokens_per_expert_E.view(ep, L).sum(1), counts_SL.sum(1)]).tolist()
+        send_splits, rows_S = host[:ep], host[ep:]
+        recv_splits = rows_S[self.etp_rank * ep:(self.etp_rank + 1) * ep]
+        self.last_send_splits, self.last_recv_splits = send_splits, recv_splits
+
+        x_RD = all_to_all_rows(x_ND, recv_splits, send_splits, self.ep_group)
+        etp_splits = None
+        if etp > 1:
+            # All-gather over ETP (every ETP rank then computes its hidden shard of every row).
+            etp_splits = [sum(rows_S[j * ep:(j + 1) * ep]) for j in range(etp)]
+            x_RD = all_to_all_rows(x_RD.repeat(etp, 1), etp_splits, [x_RD.shape[0]] * etp,
+                                   self.etp_group)
+        order_N = _expert_major_order(counts_SL, sum(rows_S))
+        if order_N is not None:
+            x_RD = x_RD.index_select(0, order_N)
+        state = ExchangeState(send_splits, recv_splits, etp_splits, order_N)
+        return x_RD, counts_SL.sum(0), state
+
+    def exchange_back(self, y_ND: torch.Tensor, state: ExchangeState) -> torch.Tensor:
+        if state.order_N is not None:  # expert-major -> the order the rows arrived in
+            y_ND = torch.zeros_like(y_ND).index_copy(0, state.order_N, y_ND)
+        if state.etp_splits is not None:
+            # Reduce-scatter over ETP: each rank gets every ETP rank's partial output of its own
+            # received rows and sums them (fixed order, fp32), i.e. the full hidden width.
+            etp, n = self.etp_size, sum(state.recv_splits)
+            parts = all_to_all_rows(y_ND, [n] * etp, state.etp_splits, self.etp_group)
+            y_ND = parts.view(etp, n, -1).sum(0, dtype=torch.float32).to(y_ND.dtype)
+        return all_to_all_rows(y_ND, state.send_splits, state.recv_splits, self.ep_group)
+
+
+def _expert_major_order(counts_SL: torch.Tensor, total: int) -> Optional[torch.Tensor]:
+    """Row order that turns rows grouped (source, local expert) into (local expert, source).
+
+    Rows arrive as S source blocks, each holding L expert chunks of counts_SL[s, l] rows; a
+    stable sort on the local expert of each row keeps the source order within an expert.
+    """
+    S, L = counts_SL.shape
+    if S == 1 or L == 1:
+        return None
+    expert_of_chunk = torch.arange(L, device=counts_SL.device).repeat(S)
+    expert_of_row = torch.repeat_interleave(expert_of_chunk, counts_SL.reshape(-1),
+                                            output_size=total)
+    return torch.argsort(expert_of_row, stable=True)
+
+
+def _process_group(group: GroupLike) -> dist.ProcessGroup:
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"expected a 1-D mesh, got {group}")
+        return group.get_group()
+    return group
+
+
+def apply_expert_parallel(
+    model: nn.Module, ep_group: GroupLike, etp_group: Optional[GroupLike] = None
+) -> nn.Module:
+    """Shard every MoE layer's experts over EP (and ETP) and install the all-to-all dispatcher.
+
+    Call on every rank with the same full model, after `init_weights` (the shards are sliced
+    from the full weights) and before FSDP / optimizer construction (the expert parameters are
+    replaced). Groups: this rank's EP group and, for ETP > 1, its ETP group (process groups or
+    1-D device meshes). Returns the model, modified in place.
+    """
+    ep_group = _process_group(ep_group)
+    etp_group = None if etp_group is None else _process_group(etp_group)
+    ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    etp_size = 1 if etp_group is None else dist.get_world_size(etp_group)
+    etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
+    for layer in moe_layers(model):
+        experts = layer.experts
+        # Real experts only: null-expert routing slots (if any) never reach the dispatcher.
+        E, F = experts.num_global_experts, experts.w1.shape[-1]
+        if experts.num_local_experts != E or F != experts.global_hidden:
+            raise RuntimeError("apply_expert_parallel: this model's experts are already sharded")
+        if E % ep_size:
+            raise ValueError(
+                f"model.moe.num_experts = {E} is not divisible by parallel.ep = {ep_size}")
+        if F % etp_size:
+            raise ValueError(
+                f"model.moe.expert_hidden = {F} is not divisible by parallel.etp = {etp_size}")
+        L, F_local = E // ep_size, F // etp_size
+        experts.shard_(slice(ep_rank * L, (ep_rank + 1) * L),
+                       slice(etp_rank * F_local, (etp_rank + 1) * F_local))
+        layer.dispatcher = AllToAllDispatcher(
+            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity)
+    return model
+
+
+__all__ = ["AllToAllDispatcher", "ExchangeState", "all_to_all_rows", "apply_expert_parallel"]
