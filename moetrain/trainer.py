@@ -19,7 +19,11 @@ from moetrain.checkpoint import CheckpointManager, TrainState
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
 from moetrain.metrics import MetricsLogger, RoutingAccumulator
-from moetrain.model import Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale
+from moetrain.model import (
+    Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale, set_capacity_factor,
+    set_top_k, update_expert_bias,
+)
+from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims, build_parallel_context
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
@@ -103,6 +107,7 @@ class Trainer:
                 step = self.state.step
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
+                top_k = self._apply_sparsity_schedule(step)
                 start = time.monotonic()
                 record, routing = self.train_step(self.sampler.next_step())
                 elapsed = time.monotonic() - start
@@ -124,7 +129,7 @@ class Trainer:
                 record.update(
                     lr=lr, tokens=self.state.consumed_tokens,
                     tokens_per_s=self.tokens_per_step / max(elapsed, 1e-9),
-                    top_k=self.cfg.model.moe.top_k, bad_steps_total=self.state.bad_steps_total,
+                    top_k=top_k, bad_steps_total=self.state.bad_steps_total,
                     step_time_s=elapsed,
                 )
                 if t.eval_every and self.state.step % t.eval_every == 0:
@@ -152,6 +157,14 @@ class Trainer:
             self.preemption.close()
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _apply_sparsity_schedule(self, step: int) -> int:
+        """Set this step's top_k and capacity factor on every MoE layer (pure functions of the step)."""
+        moe = self.cfg.model.moe
+        top_k = top_k_at(moe, step)
+        set_top_k(self.model, top_k)
+        set_capacity_factor(self.model, capacity_factor_at(moe, step))
+        return top_k
 
     def _stop_reason(self) -> str | None:
         """Why to stop before max_steps (a signal, or train.max_time), agreed by every rank."""
@@ -196,6 +209,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+            if moe.routing.bias_rate > 0:  # aux-loss-free balancing from this step's global load
+                update_expert_bias(model, [torch.tensor(layer["tokens_per_expert"])
+                                           for layer in routing_record["layers"]])
         record = {
             "loss": lm_loss,
             "lm_loss": lm_loss,

@@ -67,3 +67,29 @@ def test_evaluation_logs_a_validation_loss(tmp_path):
     trainer.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "val_loss" not in recs[0] and 5 < recs[1]["val_loss"] < 10
+
+
+def test_dense_to_sparse_schedule_is_followed_and_logged(tmp_path):
+    trainer = build(tmp_path, "train.max_steps=6", "train.eval_every=0",
+                    "model.moe.schedule.top_k.kind=linear", "model.moe.schedule.top_k.start=8",
+                    "model.moe.schedule.top_k.end=2", "model.moe.schedule.top_k.end_step=4")
+    trainer.fit()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["top_k"] for r in recs] == [8, 7, 5, 4, 2, 2]
+    assert [r["experts_per_token"] for r in recs] == [8.0, 7.0, 5.0, 4.0, 2.0, 2.0]
+    routing = [json.loads(x) for x in (tmp_path / "routing.jsonl").read_text().splitlines()]
+    assert sum(routing[0]["layers"][0]["tokens_per_expert"]) == 4 * 128 * 8  # dense: every expert
+
+
+def test_aux_loss_free_bias_moves_and_is_checkpointed(tmp_path):
+    trainer = build(tmp_path, "train.max_steps=3", "train.eval_every=0", "checkpoint.every=3",
+                    "model.moe.routing.bias_rate=0.001", "model.moe.lbl.coeff=0")
+    trainer.fit()
+    bias = trainer.model.layers["1"].moe.router.expert_bias
+    steps_moved = bias.abs() / 0.001  # three updates of +-0.001 each: |bias| in {1, 3} x 0.001
+    assert bias.abs().sum() > 0
+    torch.testing.assert_close(steps_moved, steps_moved.round())
+    assert set(steps_moved.round().tolist()) <= {1.0, 3.0}
+    resumed = build(tmp_path, "train.max_steps=3", "train.eval_every=0",
+                    "model.moe.routing.bias_rate=0.001", "model.moe.lbl.coeff=0")
+    assert torch.equal(resumed.model.layers["1"].moe.router.expert_bias, bias)

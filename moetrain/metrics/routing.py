@@ -17,7 +17,8 @@ class RoutingAccumulator:
 
     def __init__(self) -> None:
         self.counts: list[torch.Tensor] | None = None  # per layer [E] int64
-        self.sums: torch.Tensor | None = None  # per layer [lbl, z, dropped, assignments, entropy, 1]
+        # per layer [lbl, z, dropped, assignments, entropy, 1, tokens]
+        self.sums: torch.Tensor | None = None
         self.micro_batches = 0
 
     def add(self, layer_stats: Sequence[Any]) -> None:
@@ -28,7 +29,7 @@ class RoutingAccumulator:
             # Every micro-batch holds the same number of tokens, so the mean of the per-micro-batch
             # entropies (the last column counts them) is the mean over all tokens.
             [[float(s.lbl), float(s.z_loss), float(s.dropped), float(s.assignments),
-              float(s.router_entropy), 1.0] for s in layer_stats],
+              float(s.router_entropy), 1.0, float(s.tokens)] for s in layer_stats],
             dtype=torch.float64,
         )
         if self.counts is None:
@@ -52,7 +53,7 @@ class RoutingAccumulator:
         """
         if self.counts is None:
             empty = {"aux_loss": 0.0, "z_loss": 0.0, "dropped_frac": 0.0, "load_cv": 0.0,
-                     "max_load_ratio": 0.0, "router_entropy": 0.0}
+                     "max_load_ratio": 0.0, "router_entropy": 0.0, "experts_per_token": 0.0}
             return empty, {"layers": []}
         packed = torch.cat([torch.stack(self.counts).flatten(), self.sums.flatten()])
         packed = all_reduce(packed)
@@ -73,6 +74,9 @@ class RoutingAccumulator:
             "load_cv": float(cv.mean()),
             "max_load_ratio": float(max_ratio.mean()),
             "router_entropy": float(entropy.mean()),
+            # Real experts a token is routed to (before capacity drops); below top_k with
+            # threshold routing or null experts.
+            "experts_per_token": float((sums[:, 3] / sums[:, 6].clamp_min(1)).mean()),
         }
         record = {
             "layers": [

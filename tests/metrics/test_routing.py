@@ -10,7 +10,7 @@ def stats(counts, lbl=1.0, z=0.5, dropped=0, entropy=1.0):
     counts = torch.tensor(counts)
     return SimpleNamespace(tokens_per_expert=counts, lbl=torch.tensor(lbl), z_loss=torch.tensor(z),
                            dropped=torch.tensor(dropped), assignments=int(counts.sum()),
-                           router_entropy=torch.tensor(entropy))
+                           router_entropy=torch.tensor(entropy), tokens=int(counts.sum()) // 2)
 
 
 def test_step_statistics_sum_counts_and_average_losses_over_micro_batches():
@@ -25,6 +25,7 @@ def test_step_statistics_sum_counts_and_average_losses_over_micro_batches():
     assert scalars["z_loss"] == pytest.approx(0.01 * 0.5)
     assert scalars["dropped_frac"] == pytest.approx(4 / 16)
     assert scalars["router_entropy"] == pytest.approx(1.5)
+    assert scalars["experts_per_token"] == pytest.approx(2.0)  # top-2 routing
 
 
 def test_load_cv_is_the_population_coefficient_of_variation():
