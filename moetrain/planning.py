@@ -1,0 +1,453 @@
+"""Sizing a config before running it: parameters, FLOPs per token, sparsity, memory per rank.
+
+Pure arithmetic over the config (no model is built), shared by `python -m moetrain.plan` and
+tests. The definitions (docs/planning.md has the derivations):
+
+Parameters, exactly as `moetrain.model.Transformer` builds them (bias-free linears, RMSNorm
+weights, untied output unless model.tie_embeddings):
+    embedding        V d
+    attention        d (H + 2 Hkv) h + H h d              per layer (h = head_dim)
+    dense MLP        3 d F_dense                          per dense layer (SwiGLU)
+    routed experts   3 d F_e E                            per MoE layer
+    shared experts   3 d F_s n_s                          per MoE layer
+    router           E d                                  per MoE layer
+    norms            2 d per layer + d (final)
+    output           V d  (0 when tied)
+Active parameters: the same with k of the E routed experts per MoE layer (3 d F_e k).
+
+FLOPs per token (training), the PaLM/Megatron convention:
+    forward = 2 N_mm + 4 L S H h,   train = 3 forward   (backward = 2 forward)
+N_mm is the active parameters that multiply a token's activations: everything active except
+the input embedding (a lookup) and the norm weights (elementwise); the output projection and
+the router count. 4 L S H h is QK^T and AV over the whole sequence with no causal discount
+(as in the PaLM MFU formula); a causal kernel does about half of it (`causal=True`).
+
+Activation ratio: active / total parameters. Granularity G = model.ffn_hidden / expert_hidden:
+how many experts of this width make one FFN of the dense width the config declares (the
+fine-grained-MoE definition, Krajewski et al. "Scaling Laws for Fine-Grained MoE", with their
+d_ff taken as the config's dense width). Mixtral G=1, OLMoE and Qwen3-A3B G=8.
+
+Memory per rank: see `memory_per_rank`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from moetrain.parallel.dims import ParallelDims
+
+#: Bytes per parameter: bf16 weights for compute, fp32 gradients (reduced and accumulated in
+#: fp32), AdamW in fp32: master weights + exp_avg + exp_avg_sq. 18 in all (Megatron's figure).
+WEIGHT_BYTES = 2
+GRAD_BYTES = 4
+OPTIM_BYTES = 12
+ACT_BYTES = 2  # bf16 activations
+
+COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
+              "norms", "output")
+
+
+@dataclass
+class ParamCounts:
+    """Parameters by component; `total` and `active` (k of E routed experts) per component."""
+
+    total: dict[str, int]
+    active: dict[str, int]
+
+    @property
+    def n_total(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def n_active(self) -> int:
+        return sum(self.active.values())
+
+    @property
+    def n_active_matmul(self) -> int:
+        """Active parameters that take part in a matrix multiply (N_mm of the FLOPs formula)."""
+        a = self.active
+        output = a["output"] or a["embedding"]  # tied: the embedding matrix is the output matmul
+        return a["attention"] + a["dense_mlp"] + a["routed_experts"] + a["shared_experts"] + \
+            a["router"] + output
+
+
+def head_dim(model: Any) -> int:
+    return model.head_dim or model.d_model // model.n_heads
+
+
+def layer_params(model: Any, layer: int) -> dict[str, int]:
+    """Parameters of transformer block `layer` by component (all routed experts)."""
+    d, moe = model.d_model, model.moe
+    h = head_dim(model)
+    out = dict.fromkeys(COMPONENTS, 0)
+    out["attention"] = d * (model.n_heads + 2 * model.n_kv_heads) * h + model.n_heads * h * d
+    out["norms"] = 2 * d
+    if layer < moe.first_dense_layers:
+        out["dense_mlp"] = 3 * d * model.ffn_hidden
+    else:
+        out["routed_experts"] = 3 * d * moe.expert_hidden * moe.num_experts
+        out["shared_experts"] = 3 * d * shared_hidden(model)
+        out["router"] = moe.num_experts * d
+    return out
+
+
+def shared_hidden(model: Any) -> int:
+    """Total width of the shared experts (n_s experts of width F_s act as one SwiGLU of n_s F_s)."""
+    moe = model.moe
+    return moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
+
+
+def count_parameters(model: Any, top_k: Optional[int] = None) -> ParamCounts:
+    """Total and active parameters of a `ModelConfig`; `top_k` overrides model.moe.top_k."""
+    moe = model.moe
+    k = moe.top_k if top_k is None else top_k
+    total = dict.fromkeys(COMPONENTS, 0)
+    for layer in range(model.n_layers):
+        for name, n in layer_params(model, layer).items():
+            total[name] += n
+    total["embedding"] = model.vocab_size * model.d_model
+    total["norms"] += model.d_model
+    total["output"] = 0 if model.tie_embeddings else model.vocab_size * model.d_model
+    active = dict(total)
+    # Exact integer: every routed expert has 3 d F_e parameters.
+    moe_layers = model.n_layers - moe.first_dense_layers
+    active["routed_experts"] = moe_layers * k * 3 * model.d_model * moe.expert_hidden
+    return ParamCounts(total, active)
+
+
+@dataclass
+class Flops:
+    """FLOPs per token: forward matmuls (2 N_mm), attention scores/values, fwd+bwd = 3x."""
+
+    matmul_forward: float
+    attention_forward: float
+
+    @property
+    def forward(self) -> float:
+        return self.matmul_forward + self.attention_forward
+
+    @property
+    def train(self) -> float:
+        return 3.0 * self.forward
+
+
+def flops_per_token(model: Any, seq_len: int, top_k: Optional[int] = None,
+                    causal: bool = False) -> Flops:
+    """Training FLOPs per token of a `ModelConfig` at sequence length `seq_len` (module docstring)."""
+    n_mm = count_parameters(model, top_k).n_active_matmul
+    attention = 4.0 * model.n_layers * seq_len * model.n_heads * head_dim(model)
+    return Flops(2.0 * n_mm, attention / 2 if causal else attention)
+
+
+def granularity(model: Any) -> float:
+    """G = model.ffn_hidden / model.moe.expert_hidden (module docstring)."""
+    return model.ffn_hidden / model.moe.expert_hidden
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def stage_layers(n_layers: int, pp: int) -> list[range]:
+    """The layers of each pipeline stage: contiguous, equal (validation requires pp | n_layers)."""
+    per = n_layers // pp
+    return [range(s * per, (s + 1) * per) for s in range(pp)]
+
+
+def in_flight_micro_batches(stage: int, dims: ParallelDims, n_micro: int, schedule: str) -> float:
+    """Micro-batches whose activations a stage holds at its peak.
+
+    No PP: 1 (gradient accumulation frees each before the next). GPipe: all of them. 1F1B and
+    zero-bubble: stage s warms up with pp - s forwards. Interleaved 1F1B: Megatron's estimate for
+    the first stage, pp (1 + (pp - 1) / (pp vpp)) layers-worth, scaled for later stages.
+    """
+    pp = dims.pp
+    if pp == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(n_micro)
+    warm = float(min(pp - stage, n_micro))
+    if schedule == "interleaved":
+        warm *= 1.0 + (pp - 1) / (pp * dims.vpp)
+    return warm
+
+
+def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: ParallelDims,
+                           top_k: int) -> float:
+    """Bytes one rank keeps for backward of block `layer` for one micro-batch (bf16, no recompute).
+
+    `tokens` = micro_batch * seq_len / cp (the tokens of the rank's sequence chunk). Per token,
+    in elements, with SP (TP > 1 splits the token dimension of norms and residuals over tp, and
+    the head / hidden dimension of the rest, so every term divides by tp):
+        attention:  2 d (norm in, qkv in) + 2 q (q, attention out) + 2 kv (k, v)
+        ffn input:  2 d (norm in, mlp/router in)
+        dense MLP:  3 F (w1 out, w3 out, their SwiGLU product = w2 in)
+        MoE:        k etp (2 d + 3 F_e / etp)  (permuted input, expert output for the combine-
+                    weight gradient, w1/w3 out, product; ETP gathers its group's tokens and
+                    splits F_e), + 3 F_s shared, + 2 E router logits/probs in fp32 (x2 bytes)
+    The attention kernel is a fused (flash) one: no S x S scores are kept, only its output and
+    a per-head fp32 logsumexp (2 H elements).
+    """
+    d, moe = model.d_model, model.moe
+    h = head_dim(model)
+    q, kv = model.n_heads * h, model.n_kv_heads * h
+    per_token = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
+    if layer < moe.first_dense_layers:
+        per_token += 3 * model.ffn_hidden
+    else:
+        per_token += top_k * dims.etp * (2 * d + 3 * moe.expert_hidden / dims.etp)
+        per_token += 3 * shared_hidden(model) + 2 * 2 * moe.num_experts
+    return ACT_BYTES * per_token * tokens / dims.tp
+
+
+def _tp_sharded(component: str) -> bool:
+    # Norm weights and the router are replicated over TP; everything else is split (vocab-parallel
+    # embedding and output, colwise/rowwise attention and MLPs).
+    return component not in ("norms", "router")
+
+
+@dataclass
+class StageMemory:
+    """Bytes per rank of one pipeline stage (the rank's share under the layout)."""
+
+    stage: int
+    dense_params: float  # parameters held per rank (after TP, PP and FSDP sharding)
+    expert_params: float
+    weights: float
+    grads: float
+    optimizer: float
+    fsdp_buffers: float  # transient unsharded bf16 parameters of two layers (current + prefetch)
+    activations: float
+    logits: float  # last stage: bf16 logits + fp32 softmax of one micro-batch
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.grads + self.optimizer + self.fsdp_buffers + self.activations
+                + self.logits)
+
+
+def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -> list[StageMemory]:
+    """Memory of one rank of each pipeline stage for a `MoetrainConfig` under `dims`.
+
+    Dense parameters (embedding, attention, dense MLP, shared experts, router, norms, output) are
+    split over tp (except norms and router) and, with FSDP, over dp_cp; routed experts over
+    ep * etp and, with FSDP, over edp; layers over pp (stage 0 holds the embedding, the last
+    stage the final norm and output). Without FSDP the data-parallel ranks are replicas.
+    Bytes per parameter: WEIGHT_BYTES + GRAD_BYTES + OPTIM_BYTES (2 + 4 + 12).
+    """
+    model, moe, par = cfg.model, cfg.model.moe, cfg.parallel
+    k = moe.top_k if top_k is None else top_k
+    fsdp = par.fsdp.enabled
+    micro, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    n_micro = max(1, cfg.train.global_batch_size // (micro * dims.dp))
+    tokens = micro * seq / dims.cp
+    stages = []
+    for s, layers in enumerate(stage_layers(model.n_layers, dims.pp)):
+        dense = expert = 0.0
+        largest_layer = 0.0
+        for layer in layers:
+            parts = layer_params(model, layer)
+            layer_dense = sum(n / (dims.tp if _tp_sharded(c) else 1)
+                              for c, n in parts.items() if c != "routed_experts")
+            layer_expert = parts["routed_experts"] / (dims.ep * dims.etp)
+            largest_layer = max(largest_layer, layer_dense + layer_expert)
+            dense += layer_dense
+            expert += layer_expert
+        vd = model.vocab_size * model.d_model / dims.tp
+        if s == 0:
+            dense += vd
+        if s == dims.pp - 1:
+            dense += model.d_model + (vd if not model.tie_embeddings or dims.pp > 1 else 0)
+        # `dense`/`expert` are per rank after TP/EP; FSDP shards them further.
+        dense_rank = dense / (dims.dp_cp if fsdp else 1)
+        expert_rank = expert / (dims.edp if fsdp else 1)
+        n = dense_rank + expert_rank
+        gathered = fsdp and (dims.dp_cp > 1 or dims.edp > 1)
+        act = sum(layer_activation_bytes(model, layer, tokens, dims, k) for layer in layers)
+        act *= in_flight_micro_batches(s, dims, n_micro, par.pp_schedule)
+        logits = 0.0
+        if s == dims.pp - 1:
+            logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp
+        stages.append(StageMemory(
+            stage=s, dense_params=dense_rank, expert_params=expert_rank,
+            weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n, optimizer=OPTIM_BYTES * n,
+            fsdp_buffers=2 * WEIGHT_BYTES * largest_layer if gathered else 0.0,
+            activations=act, logits=logits,
+        ))
+    return stages
+
+
+# -- the whole plan -----------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    name: str
+    world_size: int
+    layout: dict[str, int]
+    seq_len: int
+    micro_batch_size: int
+    global_batch_size: int
+    top_k: int
+    num_experts: int
+    params: ParamCounts
+    flops: Flops
+    granularity: float
+    memory: list[StageMemory] = field(default_factory=list)
+    # (min, max) of top_k over the run under model.moe.schedule.top_k.
+    top_k_range: tuple[int, int] = (0, 0)
+
+    @property
+    def activation_ratio(self) -> float:
+        return self.params.n_active / self.params.n_total
+
+    @property
+    def worst_stage(self) -> StageMemory:
+        return max(self.memory, key=lambda m: m.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = self.worst_stage
+        return {
+            "name": self.name,
+            "world_size": self.world_size,
+            "layout": self.layout,
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "top_k": self.top_k,
+            "top_k_range": list(self.top_k_range),
+            "num_experts": self.num_experts,
+            "params": {
+                "total": self.params.n_total,
+                "active": self.params.n_active,
+                "active_matmul": self.params.n_active_matmul,
+                "by_component": {c: {"total": self.params.total[c], "active": self.params.active[c]}
+                                 for c in COMPONENTS},
+            },
+            "activation_ratio": self.activation_ratio,
+            "granularity": self.granularity,
+            "flops_per_token": {
+                "train": self.flops.train,
+                "forward": self.flops.forward,
+                "matmul_forward": self.flops.matmul_forward,
+                "attention_forward": self.flops.attention_forward,
+            },
+            "memory_bytes": {
+                "worst_stage": worst.stage,
+                "per_rank": {**asdict(worst), "total": worst.total},
+                "stages": [{**asdict(m), "total": m.total} for m in self.memory],
+            },
+        }
+
+
+def scheduled_top_k_range(cfg: Any) -> tuple[int, int]:
+    """(min, max) of top_k over steps 0..train.max_steps-1 under model.moe.schedule.top_k.
+
+    Every kind is monotone between its breakpoints, so the breakpoints bound it exactly.
+    """
+    from moetrain.model.moe.schedule import top_k_at
+
+    sched = cfg.model.moe.schedule.top_k
+    last = max(0, cfg.train.max_steps - 1)
+    points = {0, last, sched.start_step, sched.end_step, *(int(m[0]) for m in sched.milestones)}
+    ks = [top_k_at(cfg.model.moe, s) for s in points if 0 <= s <= last]
+    return min(ks), max(ks)
+
+
+def make_plan(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -> Plan:
+    """Everything the planner reports for a `MoetrainConfig` on the layout `dims`.
+
+    `top_k` defaults to the largest k the top_k schedule reaches during the run (the static
+    model.moe.top_k without a schedule): the peak FLOPs and memory.
+    """
+    model = cfg.model
+    k_range = scheduled_top_k_range(cfg)
+    k = k_range[1] if top_k is None else top_k
+    return Plan(
+        name=cfg.run.name,
+        world_size=dims.world_size,
+        layout={"tp": dims.tp, "cp": dims.cp, "pp": dims.pp, "dp": dims.dp, "ep": dims.ep,
+                "etp": dims.etp, "edp": dims.edp, "vpp": dims.vpp},
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        global_batch_size=cfg.train.global_batch_size,
+        top_k=k,
+        num_experts=model.moe.num_experts,
+        params=count_parameters(model, k),
+        flops=flops_per_token(model, cfg.data.seq_len, k),
+        granularity=granularity(model),
+        memory=memory_per_rank(cfg, dims, k),
+        top_k_range=k_range,
+    )
+
+
+def min_world_size(parallel: Any) -> int:
+    """The smallest world size both views divide: lcm(tp cp pp, etp ep pp)."""
+    return math.lcm(parallel.tp * parallel.cp * parallel.pp, parallel.etp * parallel.ep * parallel.pp)
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def human(n: float, unit: str = "") -> str:
+    """1.23 B, 4.56 M...; with a unit SI prefixes (P, T, G) instead of the count's B for billion."""
+    big = "G" if unit else "B"
+    scales = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, big), (1e6, "M"), (1e3, "K"))
+    for scale, suffix in scales:
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB, or MiB below 1 GiB (a tiny model would read 0.00 GiB)."""
+    if n == 0:
+        return "0"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(plan: Plan) -> str:
+    p = plan.params
+    lay = plan.layout
+    lines = [
+        f"plan: {plan.name}  (seq_len {plan.seq_len}, micro-batch {plan.micro_batch_size}, "
+        f"global batch {plan.global_batch_size}, top-{plan.top_k} of {plan.num_experts} experts)",
+    ]
+    lo, hi = plan.top_k_range
+    if lo != hi:
+        lines.append(f"  top_k is scheduled between {lo} and {hi} over the run; the numbers below "
+                     f"use top_k={plan.top_k}")
+    lines += ["", f"  {'parameters':<16}{'total':>12}{'active':>12}"]
+    for c in COMPONENTS:
+        if p.total[c]:
+            lines.append(f"  {c:<16}{human(p.total[c]):>12}{human(p.active[c]):>12}")
+    embed = p.total["embedding"] + p.total["output"]
+    lines += [
+        f"  {'all':<16}{human(p.n_total):>12}{human(p.n_active):>12}",
+        f"  {'non-embedding':<16}{human(p.n_total - embed):>12}{human(p.n_active - embed):>12}",
+        "",
+        f"  activation ratio (active / total)        {plan.activation_ratio:.3f}",
+        f"  granularity (ffn_hidden / expert_hidden) {plan.granularity:.2f}",
+        f"  train FLOPs per token (3 x forward)      {human(plan.flops.train, 'FLOP')}",
+        f"    forward: matmuls 2 x {human(p.n_active_matmul)} = "
+        f"{human(plan.flops.matmul_forward, 'FLOP')}, attention {human(plan.flops.attention_forward, 'FLOP')}",
+        f"  train FLOPs per step                     "
+        f"{human(plan.flops.train * plan.seq_len * plan.global_batch_size, 'FLOP')}",
+        "",
+        f"memory per rank, world {plan.world_size}: dense tp{lay['tp']} cp{lay['cp']} dp{lay['dp']} "
+        f"pp{lay['pp']}, MoE ep{lay['ep']} etp{lay['etp']} edp{lay['edp']}",
+        f"  {'stage':<7}{'params':>10}{'weights':>12}{'grads':>12}{'optimizer':>12}"
+        f"{'fsdp buf':>12}{'activations':>13}{'logits':>12}{'total':>12}",
+    ]
+    worst = plan.worst_stage.stage
+    for m in plan.memory:
+        mark = " <- peak" if m.stage == worst and len(plan.memory) > 1 else ""
+        lines.append(
+            f"  {m.stage:<7}{human(m.dense_params + m.expert_params):>10}{gib(m.weights):>12}"
+            f"{gib(m.grads):>12}{gib(m.optimizer):>12}{gib(m.fsdp_buffers):>12}"
+            f"{gib(m.activations):>13}{gib(m.logits):>12}{gib(m.total):>12}{mark}"
+        )
+    lines.append("  (bf16 weights 2 B + fp32 grads 4 B + AdamW fp32 master/m/v 12 B per parameter; "
+                 "bf16 activations, no recompute)")
+    return "\n".join(lines)
