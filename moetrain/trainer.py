@@ -21,7 +21,7 @@ from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepare
 from moetrain.metrics import MetricsLogger, RoutingAccumulator
 from moetrain.model import (
     Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale, set_capacity_factor,
-    set_top_k, update_expert_bias,
+    set_recompute, set_top_k, update_expert_bias,
 )
 from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
 from moetrain.optim import build_optimizer, lr_at, set_lr
@@ -61,6 +61,7 @@ class Trainer:
         # same weights; the parallel context then shards/replicates it.
         torch.manual_seed(t.seed)
         model = Transformer(cfg.model)
+        set_recompute(model, t.recompute)
         self.model = self.par.parallelize(model.to(rt.device), cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 

@@ -180,6 +180,8 @@ class TrainConfig:
     eval_batches: int = 4
     # Wall-clock budget in seconds; null = unlimited.
     max_time: Optional[float] = None
+    # Activation recomputation in backward: none | moe (the MoE layers) | full (whole blocks).
+    recompute: str = "none"
 
 
 @dataclass

@@ -110,6 +110,7 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _positive("train.micro_batch_size", t.micro_batch_size)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
+    _choice("train.recompute", t.recompute, ("none", "moe", "full"))
     _positive("train.log_every", t.log_every)
     _positive("train.max_bad_steps", t.max_bad_steps)
     _non_negative("train.eval_every", t.eval_every)

@@ -8,11 +8,13 @@ from moetrain.model.moe import (
 )
 from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import apply_rope, rope_cos_sin
-from moetrain.model.transformer import Transformer, TransformerBlock, count_params
+from moetrain.model.transformer import (
+    RECOMPUTE_MODES, Transformer, TransformerBlock, count_params, set_recompute,
+)
 
 __all__ = [
     "Attention", "FeedForward", "MoELayer", "MoEStats", "RMSNorm", "Transformer",
     "TransformerBlock", "apply_rope", "causal_attention", "collect_moe_stats", "count_params",
-    "moe_layers", "reset_lbl_accumulators", "rope_cos_sin", "set_aux_loss_scale",
+    "moe_layers", "set_recompute", "RECOMPUTE_MODES", "reset_lbl_accumulators", "rope_cos_sin", "set_aux_loss_scale",
     "set_capacity_factor", "set_top_k", "update_expert_bias",
 ]

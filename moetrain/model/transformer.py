@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import ModelConfig
 from moetrain.model.attention import Attention
@@ -32,11 +33,25 @@ class TransformerBlock(nn.Module):
         dense = layer_id < cfg.moe.first_dense_layers
         self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden) if dense else None
         self.moe = None if dense else MoELayer(cfg.d_model, cfg.moe)
+        # Activation recomputation: "none", "moe" (the MoE layer) or "full" (the whole block);
+        # set by `set_recompute` (train.recompute).
+        self.recompute = "none"
 
     def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BSD, positions, use_reentrant=False)
+        return self._forward(x_BSD, positions)
+
+    def _forward(self, x_BSD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), positions)
-        ffn = self.moe if self.moe is not None else self.mlp
-        return h_BSD + ffn(self.ffn_norm(h_BSD))
+        ffn_in_BSD = self.ffn_norm(h_BSD)
+        if self.moe is None:
+            return h_BSD + self.mlp(ffn_in_BSD)
+        if self.recompute == "moe" and torch.is_grad_enabled():
+            # The routed experts' intermediates (k x tokens x expert_hidden) dominate activation
+            # memory in MoE blocks; recomputing just the MoE layer frees them for one extra pass.
+            return h_BSD + checkpoint(self.moe, ffn_in_BSD, use_reentrant=False)
+        return h_BSD + self.moe(ffn_in_BSD)
 
 
 class Transformer(nn.Module):
@@ -109,6 +124,18 @@ def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
     p.copy_(sample.normal_(0.0, std, generator=gen))
 
 
+RECOMPUTE_MODES = ("none", "moe", "full")
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """Recompute activations in backward instead of keeping them (`train.recompute`)."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"train.recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.recompute = mode
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total parameters, parameters used per token: top_k of each layer's routed experts)."""
     total = sum(p.numel() for p in model.parameters())
@@ -121,4 +148,4 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, total - inactive
 
 
-__all__ = ["Transformer", "TransformerBlock", "count_params"]
+__all__ = ["RECOMPUTE_MODES", "Transformer", "TransformerBlock", "count_params", "set_recompute"]

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -102,3 +103,23 @@ def test_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("mode", ["moe", "full"])
+def test_recompute_gives_the_same_loss_and_gradients(mode):
+    from moetrain.model import set_recompute
+
+    cfg = make_cfg(moe=dict(first_dense_layers=1), lbl=dict(coeff=0.1), n_layers=3)
+    cfg.moe.z_loss_coeff = 0.01
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    again = copy.deepcopy(plain)
+    set_recompute(again, mode)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    grads = []
+    for model in (plain, again):
+        model(tokens).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(b.recompute == mode for b in again.layers.values())
