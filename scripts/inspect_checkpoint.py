@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     print(f"checkpoint   {info['path']}")
     print(f"step         {info['step']}   consumed tokens {info['consumed_tokens']}")
     print(f"saved by     {info['world_size']} rank(s), parallel {info['parallel']}")
-    print(f"parameters   {info['model_parameters']:,}   MoE layers {info['moe_layers']}, "
+    print(f"model numel  {info['model_numel']:,}   MoE layers {info['moe_layers']}, "
           f"experts per layer {info['experts_per_layer']}")
     print(f"files        {len(info['files'])}, {info['total_bytes'] / 2**20:.1f} MiB")
     width = max(len(k) for k in info["tensors"])

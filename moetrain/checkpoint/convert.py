@@ -8,6 +8,7 @@ Hugging Face layout (Qwen2/3-MoE-style names, per-expert `nn.Linear` weights `[o
     layers.N.ffn_norm.weight            -> model.layers.N.post_attention_layernorm.weight
     layers.N.mlp.w{1,3,2}               -> model.layers.N.mlp.{gate,up,down}_proj.weight
     layers.N.moe.router.weight          -> model.layers.N.mlp.gate.weight
+    layers.N.moe.router.expert_bias     -> model.layers.N.mlp.gate.e_score_correction_bias
     layers.N.moe.experts.w1[e] (D,F)    -> model.layers.N.mlp.experts.e.gate_proj.weight (F,D)
     layers.N.moe.experts.w3[e] (D,F)    -> model.layers.N.mlp.experts.e.up_proj.weight   (F,D)
     layers.N.moe.experts.w2[e] (F,D)    -> model.layers.N.mlp.experts.e.down_proj.weight (D,F)
@@ -46,6 +47,8 @@ _PLAIN = [
     (r"layers\.(\d+)\.mlp\.w3\.weight", r"model.layers.\1.mlp.up_proj.weight"),
     (r"layers\.(\d+)\.mlp\.w2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
     (r"layers\.(\d+)\.moe\.router\.weight", r"model.layers.\1.mlp.gate.weight"),
+    # aux-loss-free balancing bias, under DeepSeek-V3's Hugging Face name
+    (r"layers\.(\d+)\.moe\.router\.expert_bias", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
     (r"layers\.(\d+)\.moe\.shared_experts\.w1\.weight", r"model.layers.\1.mlp.shared_expert.gate_proj.weight"),
     (r"layers\.(\d+)\.moe\.shared_experts\.w3\.weight", r"model.layers.\1.mlp.shared_expert.up_proj.weight"),
     (r"layers\.(\d+)\.moe\.shared_experts\.w2\.weight", r"model.layers.\1.mlp.shared_expert.down_proj.weight"),
@@ -100,7 +103,8 @@ def inspect(path: Path) -> dict[str, Any]:
         "consumed_tokens": meta.get("consumed_tokens"),
         "world_size": meta.get("world_size"),
         "parallel": meta.get("parallel"),
-        "model_parameters": sum(_numel(t["shape"]) for t in tensors.values()),
+        # parameters and persistent buffers (e.g. the routers' expert biases)
+        "model_numel": sum(_numel(t["shape"]) for t in tensors.values()),
         "moe_layers": len(experts),
         "experts_per_layer": sorted(set(experts)),
         "tensors": tensors,

@@ -32,9 +32,10 @@ def test_inspect_reports_step_shapes_and_experts(saved):
     model, path, cfg = saved
     info = inspect(path)
     assert info["step"] == 7 and info["moe_layers"] == 3 and info["experts_per_layer"] == [8]
-    assert info["model_parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["model_numel"] == sum(t.numel() for t in model.state_dict().values())
     assert info["tensors"]["layers.1.moe.experts.w1"] == {"shape": [8, 128, 192], "dtype": "float32"}
-    assert info["total_bytes"] > info["model_parameters"] * 4  # model + optimizer state
+    assert info["tensors"]["layers.1.moe.router.expert_bias"] == {"shape": [8], "dtype": "float32"}
+    assert info["total_bytes"] > info["model_numel"] * 4  # model + optimizer state
 
 
 def test_hf_round_trip_keeps_every_expert_bit_exact(saved):
@@ -45,6 +46,7 @@ def test_hf_round_trip_keeps_every_expert_bit_exact(saved):
     experts = [k for k in hf if ".mlp.experts." in k]
     assert len(experts) == 3 * 8 * 3  # MoE layers x experts x (gate, up, down)
     assert hf["model.layers.2.mlp.experts.5.down_proj.weight"].shape == (128, 192)
+    assert hf["model.layers.2.mlp.gate.e_score_correction_bias"].shape == (8,)
     assert torch.equal(hf["model.layers.2.mlp.experts.5.gate_proj.weight"],
                        model.layers["2"].moe.experts.w1[5].t())
     back = from_hf(hf)
