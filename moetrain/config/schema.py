@@ -89,6 +89,10 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     # With a capacity: pad every expert's buffer to the capacity (static shapes).
     pad_to_capacity: bool = False
+    # Token rounding to the grouped-GEMM tile (rows): after capacity, each expert keeps a
+    # multiple of the tile (dropping its lowest-score remainder when that is < tile / 2) or all
+    # of its tokens; null = off. Policy in moetrain/model/moe/capacity.py.
+    token_rounding: Optional[int] = None
     lbl: LBLConfig = field(default_factory=LBLConfig)
     z_loss_coeff: float = 0.0
     # Progressive sparsification: top_k and capacity_factor as functions of the step.

@@ -73,6 +73,10 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _require(not moe.pad_to_capacity or moe.capacity_factor is not None,
              "model.moe.pad_to_capacity", moe.pad_to_capacity,
              "needs model.moe.capacity_factor to be set (padding is to the capacity)")
+    if moe.token_rounding is not None:
+        _require(isinstance(moe.token_rounding, int) and not isinstance(moe.token_rounding, bool)
+                 and moe.token_rounding >= 1, "model.moe.token_rounding", moe.token_rounding,
+                 "must be a positive integer (the GEMM tile, e.g. 128) or null")
     _choice("model.moe.lbl.scope", moe.lbl.scope, ("micro", "global", "seq"))
     _non_negative("model.moe.lbl.coeff", moe.lbl.coeff)
     _non_negative("model.moe.z_loss_coeff", moe.z_loss_coeff)

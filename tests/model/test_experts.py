@@ -89,3 +89,16 @@ def test_shard_keeps_a_block_of_experts_and_hidden_columns():
     x = torch.randn(5, 16)
     expected = experts_loop(x, torch.tensor([0, 0, 3, 2]), full.w1, full.w3, full.w2)
     torch.testing.assert_close(part(x, counts) + rest(x, counts), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_first_forward_inside_activation_checkpointing(monkeypatch):
+    """The grouped_mm probe runs on the first forward; inside a checkpointed region it must not
+    change what the forward saves (the recompute finds the probe cached)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(experts_mod, "_probe_results", {})  # a fresh process: nothing probed
+    ex = make_experts()
+    counts = torch.tensor([5, 0, 7, 3])
+    x = torch.randn(15, 16, requires_grad=True)
+    checkpoint(ex, x, counts, use_reentrant=False).square().sum().backward()
+    assert x.grad is not None and ex.w1.grad is not None

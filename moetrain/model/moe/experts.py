@@ -55,8 +55,11 @@ def grouped_mm_usable(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    # The first call can come from inside an activation-checkpointed forward: the identity
+    # saved-tensor hooks keep the probe's own tensors out of the checkpoint's bookkeeping
+    # (else the recompute, which finds the probe cached, saves fewer tensors and fails).
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             x = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
             w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([8, 16], device=device, dtype=torch.int32)

@@ -21,7 +21,9 @@ from torch import nn
 
 from moetrain.config.schema import MoEConfig
 from moetrain.model.mlp import FeedForward
-from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
+from moetrain.model.moe.capacity import (
+    capacity_keep_mask, expert_capacity, token_rounding_keep_mask,
+)
 from moetrain.model.moe.dispatcher import LocalDispatcher
 from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.losses import (
@@ -49,6 +51,8 @@ class MoELayer(nn.Module):
         E = cfg.num_experts
         self.score_func = cfg.score_func
         self.capacity_factor = cfg.capacity_factor
+        # Round each expert's kept count to a multiple of this GEMM tile (moe/capacity.py).
+        self.token_rounding = cfg.token_rounding
         self.lbl_coeff = cfg.lbl.coeff
         self.z_loss_coeff = cfg.z_loss_coeff
         self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob, cfg.routing)
@@ -88,6 +92,13 @@ class MoELayer(nn.Module):
             fits_TK = capacity_keep_mask(idx_TK, priority_TK, E + 1, C)
             keep_TK = fits_TK if keep_TK is None else fits_TK & keep_TK
             routing = dataclasses.replace(routing, capacity=C)
+        if self.token_rounding is not None:
+            priority_TK = routing.scores_TE.gather(1, routing.topk_idx_TK)
+            idx_TK = routing.topk_idx_TK
+            if keep_TK is not None:  # dropped / inactive assignments go past the experts
+                idx_TK = idx_TK.masked_fill(~keep_TK, E)
+            whole_TK = token_rounding_keep_mask(idx_TK, priority_TK, E + 1, self.token_rounding)
+            keep_TK = whole_TK if keep_TK is None else whole_TK & keep_TK
         routing = dataclasses.replace(routing, keep_TK=keep_TK)
 
         x_ND, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing)
