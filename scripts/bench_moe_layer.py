@@ -1,0 +1,454 @@
+"""Benchmark moetrain's MoE layer against an independent baseline: agreement, speed, memory.
+
+    python scripts/bench_moe_layer.py                                  (the three issue shapes)
+    python scripts/bench_moe_layer.py --shapes olmoe,qwen3 --json out.json
+    python scripts/bench_moe_layer.py --shape 64,128,8,2,256 --dtype fp32 --device cpu
+
+A shape is d,f,E,k,tokens (model dim, expert hidden width, experts, experts per token, tokens).
+For each shape, both implementations get the same weights and inputs:
+
+  baseline  written here, independently of moetrain: fp32 softmax routing and top-k, sort-based
+            dispatch (argsort + index_select), the three expert GEMMs through torch's grouped
+            GEMM (a per-expert loop where it does not run) with SwiGLU, weighted index_add
+            combine in the activation dtype;
+  moetrain  moetrain.model.moe.MoELayer (aux-loss coefficients 0, dropless).
+
+Agreement (fresh random data every run; the seed is printed): the output and the gradients of
+the input, the router weight and w1, w3, w2 of both implementations are compared with the same
+computation in fp32 (the baseline on fp32 copies of the same bf16-rounded values) by relative
+error |a - ref| / |ref| (Frobenius norms), over the whole tensor and per slice of its first
+dimension (a token's row, an expert's weight gradient): the worst slice catches a wrong row or
+expert that the whole-tensor norm averages away. moetrain passes when, for every tensor,
+    whole-tensor error <= max(tol, 1.5 x the baseline's)    tol   1e-4 fp32, 1e-2 bf16
+    worst-slice error  <= max(stol, 2 x the baseline's)     stol  1e-3 fp32, 3e-2 bf16
+(bf16 noise depends on the shape; the baseline's own error measures it: ~5e-3 whole-tensor,
+~1e-2 worst row at small shapes on the CPU), and no output or gradient is all zeros or
+non-finite. A failed check exits with status 1 after the table.
+
+Timing: fwd+bwd (a random output gradient) of each implementation, `--warmup` untimed then
+`--iters` timed iterations in each of two rounds (baseline, moetrain, baseline, moetrain);
+median milliseconds, and the spread between the two rounds' medians. TFLOP/s counts the expert
+GEMMs only, 18 T k d f (6 T k d f forward, twice that backward); routing and dispatch are work
+but not FLOPs. "% ceil" is over a large dense matmul measured in the same process and dtype.
+Memory (CUDA): with weights, their gradients and the input allocated, `act` is what the
+forward leaves allocated for backward (activations) and `peak` the highest allocation during
+fwd+bwd, both above that base; CPU reports n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.benchmark import (
+    DTYPES, device_name, matmul_ceiling, median, pick_device, synchronize, time_iterations,
+)
+from moetrain.config.schema import LBLConfig, MoEConfig
+from moetrain.model.moe import MoELayer
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d: int
+    f: int
+    experts: int
+    top_k: int
+    tokens: int
+    norm_topk_prob: bool = True
+    issue_baseline_tflops: Optional[float] = None  # one H100, bf16 (the issue's numbers)
+
+    @property
+    def flops(self) -> float:
+        return 18.0 * self.tokens * self.top_k * self.d * self.f
+
+
+SHAPES = {
+    "mixtral": Shape("mixtral", 4096, 14336, 8, 2, 8192, True, 531.0),
+    "olmoe": Shape("olmoe", 2048, 1024, 64, 8, 8192, False, 248.0),
+    "qwen3": Shape("qwen3", 2048, 768, 128, 8, 16384, True, 226.0),
+}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # whole tensor
+SLICE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # worst row / expert
+TENSORS = ("out", "grad_x", "grad_router", "grad_w1", "grad_w3", "grad_w2")
+
+
+def parse_shape(text: str) -> Shape:
+    try:
+        d, f, e, k, t = (int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"error: --shape {text!r} must be five integers d,f,E,k,tokens") from None
+    if min(d, f, e, k, t) < 1 or k > e:
+        raise SystemExit(f"error: --shape {text!r}: all positive and k <= E")
+    return Shape(f"{d},{f},{e},{k},{t}", d, f, e, k, t)
+
+
+# -- the baseline ---------------------------------------------------------------------------------
+
+_torch_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_gemm(x_ND: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    return _torch_grouped_mm(x_ND, w_EIO, offs=offsets_E)
+
+
+def loop_gemm(x_ND: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    parts = [x_nD @ w_EIO[e] for e, x_nD in enumerate(torch.split(x_ND, counts_E.tolist()))]
+    return torch.cat(parts) if parts else x_ND.new_zeros(0, w_EIO.shape[-1])
+
+
+def pick_gemm(device: torch.device, dtype: torch.dtype) -> Callable:
+    """torch's grouped GEMM where it runs forward and backward for this device and dtype."""
+    if _torch_grouped_mm is None:
+        return loop_gemm
+    try:
+        x = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        counts = torch.tensor([10, 22], device=device)
+        grouped_gemm(x, w, counts).square().sum().backward()
+        return grouped_gemm
+    except (RuntimeError, NotImplementedError, TypeError):
+        return loop_gemm
+
+
+class BaselineMoE(nn.Module):
+    """Dropless top-k MoE with SwiGLU experts; the straightforward PyTorch formulation."""
+
+    def __init__(self, d: int, f: int, experts: int, top_k: int, norm_topk_prob: bool,
+                 gemm: Callable):
+        super().__init__()
+        self.router = nn.Parameter(torch.empty(experts, d))
+        self.w1 = nn.Parameter(torch.empty(experts, d, f))
+        self.w3 = nn.Parameter(torch.empty(experts, d, f))
+        self.w2 = nn.Parameter(torch.empty(experts, f, d))
+        self.top_k, self.norm_topk_prob, self.gemm = top_k, norm_topk_prob, gemm
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        E, k = self.router.shape[0], self.top_k
+        probs_TE = torch.softmax(x_TD.float() @ self.router.float().t(), dim=-1)
+        weight_TK, expert_TK = torch.topk(probs_TE, k, dim=-1)
+        if self.norm_topk_prob:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        expert_A = expert_TK.reshape(-1)
+        order_A = torch.argsort(expert_A, stable=True)  # assignments grouped by expert
+        token_A = torch.div(order_A, k, rounding_mode="floor")
+        counts_E = torch.bincount(expert_A, minlength=E)
+        x_AD = x_TD.index_select(0, token_A)
+        h_AF = F.silu(self.gemm(x_AD, self.w1, counts_E)) * self.gemm(x_AD, self.w3, counts_E)
+        y_AD = self.gemm(h_AF, self.w2, counts_E)
+        y_AD = y_AD * weight_TK.reshape(-1)[order_A].unsqueeze(1).to(y_AD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+
+
+# -- building both with the same weights --------------------------------------------------------
+
+
+def random_weights(shape: Shape, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """fp32 weights scaled so that logits and expert outputs are O(1) for unit-variance inputs."""
+    E, d, f = shape.experts, shape.d, shape.f
+
+    def normal(*size, std):
+        return torch.randn(*size, device=device, generator=gen) * std
+
+    return {"router": normal(E, d, std=d ** -0.5), "w1": normal(E, d, f, std=d ** -0.5),
+            "w3": normal(E, d, f, std=d ** -0.5), "w2": normal(E, f, d, std=f ** -0.5)}
+
+
+def build_baseline(shape: Shape, weights, dtype, gemm) -> BaselineMoE:
+    layer = BaselineMoE(shape.d, shape.f, shape.experts, shape.top_k, shape.norm_topk_prob, gemm)
+    layer.to(device=weights["w1"].device, dtype=dtype)
+    with torch.no_grad():
+        for name, w in weights.items():
+            getattr(layer, name).copy_(w)
+    return layer
+
+
+def build_moetrain(shape: Shape, weights, dtype, perturb: float = 0.0) -> MoELayer:
+    cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, expert_hidden=shape.f,
+                    norm_topk_prob=shape.norm_topk_prob, capacity_factor=None,
+                    lbl=LBLConfig(coeff=0.0), z_loss_coeff=0.0)
+    layer = MoELayer(shape.d, cfg).to(device=weights["w1"].device, dtype=dtype)
+    with torch.no_grad():
+        layer.router.weight.copy_(weights["router"])
+        for name in ("w1", "w3", "w2"):
+            getattr(layer.experts, name).copy_(weights[name])
+        if perturb:  # for testing the check: a wrong expert must be caught
+            layer.experts.w2[0].mul_(1.0 + perturb)
+    return layer
+
+
+def moetrain_params(layer: MoELayer) -> list[torch.Tensor]:
+    return [layer.router.weight, layer.experts.w1, layer.experts.w3, layer.experts.w2]
+
+
+def baseline_params(layer: BaselineMoE) -> list[torch.Tensor]:
+    return [layer.router, layer.w1, layer.w3, layer.w2]
+
+
+def run_layer(layer: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, MoELayer):
+        return layer(x_TD.unsqueeze(0)).squeeze(0)
+    return layer(x_TD)
+
+
+def forward_backward(layer, params, x_TD, grad_TD) -> list[torch.Tensor]:
+    """[out, grad_x, grad_router, grad_w1, grad_w3, grad_w2] of one fwd+bwd (detached)."""
+    x = x_TD.detach().requires_grad_(True)
+    for p in params:
+        p.grad = None
+    out = run_layer(layer, x)
+    out.backward(grad_TD)
+    return [out.detach(), x.grad] + [p.grad for p in params]
+
+
+# -- agreement ----------------------------------------------------------------------------------
+
+
+def rel_error(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(whole-tensor, worst slice along dim 0) relative error in Frobenius norms."""
+    diff = (a.float() - ref.float()).flatten(1)
+    ref2 = ref.float().flatten(1)
+    whole = torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(ref2)
+    diff_S = torch.linalg.vector_norm(diff, dim=1)
+    ref_S = torch.linalg.vector_norm(ref2, dim=1)
+    # A slice that is zero in the reference (an expert without tokens) must be zero here too.
+    per_slice = torch.where(ref_S > 0, diff_S / ref_S.clamp_min(1e-30),
+                            torch.where(diff_S > 0, math.inf, 0.0))
+    return whole.nan_to_num(math.inf).item(), per_slice.max().item()
+
+
+@dataclass
+class Agreement:
+    ok: bool
+    moetrain_err: dict[str, float]  # whole-tensor relative error vs fp32
+    baseline_err: dict[str, float]
+    moetrain_slice_err: dict[str, float]  # worst slice
+    baseline_slice_err: dict[str, float]
+    problems: list[str] = field(default_factory=list)
+
+
+def check_agreement(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int,
+                    perturb: float = 0.0, tol: Optional[float] = None,
+                    slice_tol: Optional[float] = None) -> Agreement:
+    """Compare moetrain and the baseline in `dtype` with the fp32 computation (module docstring)."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    slice_tol = SLICE_TOLERANCE[dtype] if slice_tol is None else slice_tol
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = random_weights(shape, device, gen)
+    x32 = torch.randn(shape.tokens, shape.d, device=device, generator=gen)
+    g32 = torch.randn(shape.tokens, shape.d, device=device, generator=gen)
+    # The reference sees the same (rounded) values as the low-precision runs.
+    weights = {n: w.to(dtype).float() for n, w in weights.items()}
+    x32, g32 = x32.to(dtype).float(), g32.to(dtype).float()
+
+    ref_layer = build_baseline(shape, weights, torch.float32, pick_gemm(device, torch.float32))
+    ref = forward_backward(ref_layer, baseline_params(ref_layer), x32, g32)
+    del ref_layer
+    gemm = pick_gemm(device, dtype)
+    problems = []
+    errs = {impl: {} for impl in ("baseline", "moetrain")}
+    slice_errs = {impl: {} for impl in ("baseline", "moetrain")}
+    for impl in ("baseline", "moetrain"):
+        if impl == "baseline":
+            layer = build_baseline(shape, weights, dtype, gemm)
+            params = baseline_params(layer)
+        else:
+            layer = build_moetrain(shape, weights, dtype, perturb)
+            params = moetrain_params(layer)
+        got = forward_backward(layer, params, x32.to(dtype), g32.to(dtype))
+        del layer, params
+        for name, t, r in zip(TENSORS, got, ref):
+            if t is None or t.shape != r.shape:
+                problems.append(f"{impl} {name}: missing or shape {None if t is None else tuple(t.shape)}")
+                errs[impl][name] = slice_errs[impl][name] = math.inf
+                continue
+            if not torch.isfinite(t).all():
+                problems.append(f"{impl} {name}: not finite")
+            if not t.any():
+                problems.append(f"{impl} {name}: all zeros")
+            errs[impl][name], slice_errs[impl][name] = rel_error(t, r)
+        del got
+    for name in TENSORS:
+        m, b = errs["moetrain"][name], errs["baseline"][name]
+        if not m <= max(tol, 1.5 * b):
+            problems.append(f"moetrain {name}: rel. error {m:.2e} > max(tol {tol:.0e}, "
+                            f"1.5 x baseline {b:.2e})")
+        m, b = slice_errs["moetrain"][name], slice_errs["baseline"][name]
+        if not m <= max(slice_tol, 2.0 * b):
+            problems.append(f"moetrain {name}: worst-slice rel. error {m:.2e} > max(tol "
+                            f"{slice_tol:.0e}, 2 x baseline {b:.2e})")
+    return Agreement(not problems, errs["moetrain"], errs["baseline"], slice_errs["moetrain"],
+                     slice_errs["baseline"], problems)
+
+
+# -- timing and memory ----------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    ms: float
+    spread: float  # |median round 1 - median round 2| / ms
+    act_bytes: Optional[int]
+    peak_bytes: Optional[int]
+
+
+def measure(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int, iters: int,
+            warmup: int) -> dict[str, Timing]:
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    weights = random_weights(shape, device, gen)
+    x = torch.randn(shape.tokens, shape.d, device=device, generator=gen).to(dtype)
+    grad = torch.randn(shape.tokens, shape.d, device=device, generator=gen).to(dtype)
+    del gen
+    layers = {
+        "baseline": (lambda: build_baseline(shape, weights, dtype, pick_gemm(device, dtype)), baseline_params),
+        "moetrain": (lambda: build_moetrain(shape, weights, dtype), moetrain_params),
+    }
+    times: dict[str, list[list[float]]] = {impl: [] for impl in layers}
+    memory: dict[str, tuple[Optional[int], Optional[int]]] = {}
+    for _round in range(2):
+        for impl, (build, get_params) in layers.items():
+            layer = build()  # one implementation's weights on the device at a time
+            params = get_params(layer)
+            x_leaf = x.detach().requires_grad_(True)
+
+            def step():
+                run_layer(layer, x_leaf).backward(grad)
+
+            def zero():
+                x_leaf.grad = None
+                for p in params:
+                    p.grad = None
+
+            times[impl].append(time_iterations(step, device, iters, warmup, before=zero))
+            if impl not in memory:
+                memory[impl] = memory_of(layer, x_leaf, grad, device)
+            del layer, params, x_leaf, step, zero
+    out = {}
+    for impl, rounds in times.items():
+        ms = median([t for r in rounds for t in r])
+        spread = abs(median(rounds[0]) - median(rounds[1])) / ms
+        out[impl] = Timing(ms, spread, *memory[impl])
+    return out
+
+
+def memory_of(layer: nn.Module, x_leaf: torch.Tensor, grad: torch.Tensor,
+              device: torch.device) -> tuple[Optional[int], Optional[int]]:
+    """(bytes the forward leaves for backward, peak bytes during fwd+bwd), CUDA only; both above
+    a base of weights, their gradients (allocated by a first step and kept) and the input."""
+    if device.type != "cuda":
+        return None, None
+    run_layer(layer, x_leaf).backward(grad)
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = run_layer(layer, x_leaf)
+    act = torch.cuda.memory_allocated(device) - base
+    out.backward(grad)
+    del out
+    synchronize(device)
+    return act, torch.cuda.max_memory_allocated(device) - base
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def mib(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=None, help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--shape", action="append", default=[], help="d,f,E,k,tokens (repeatable)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=None, help="default: fresh from os.urandom")
+    p.add_argument("--tol", type=float, default=None, help="override the whole-tensor tolerance")
+    p.add_argument("--slice-tol", type=float, default=None, help="override the worst-slice tolerance")
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="testing only: scale moetrain's expert 0 w2 by 1+PERTURB (check must fail)")
+    p.add_argument("--skip-timing", action="store_true", help="agreement check only")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    args = p.parse_args(argv)
+
+    device, dtype = pick_device(args.device), DTYPES[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
+    shapes = [parse_shape(s) for s in args.shape]
+    if args.shapes or not shapes:
+        for name in (args.shapes or ",".join(SHAPES)).split(","):
+            if name not in SHAPES:
+                raise SystemExit(f"error: unknown shape {name!r}; known: {', '.join(SHAPES)}")
+            shapes.append(SHAPES[name])
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    ceiling = None if args.skip_timing else matmul_ceiling(device, dtype)
+    header = (f"device: {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
+              f"seed {seed}; date {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(header)
+    if ceiling is not None:
+        print(f"matmul ceiling ({args.dtype}): {ceiling:.4g} TFLOP/s")
+
+    records, failed = [], False
+    for shape in shapes:
+        agree = check_agreement(shape, device, dtype, seed, args.perturb, args.tol, args.slice_tol)
+        failed |= not agree.ok
+        for line in agree.problems:
+            print(f"FAIL {shape.name}: {line}")
+        timing = None if args.skip_timing else measure(shape, device, dtype, seed, args.iters, args.warmup)
+        records.append((shape, agree, timing))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print()
+    print("| shape | T | d | f | E | k | impl | ms | TFLOP/s | % ceil | spread | act MiB | peak MiB "
+          "| speed vs base | act vs base | max rel err | check |")
+    print("|" + "---|" * 17)
+    out_json = {"header": header, "device": device_name(device), "torch": torch.__version__,
+                "dtype": args.dtype, "seed": seed, "ceiling_tflops": ceiling, "shapes": []}
+    for shape, agree, timing in records:
+        entry = {"shape": asdict(shape), "flops": shape.flops, "agree": agree.ok,
+                 "problems": agree.problems, "moetrain_err": agree.moetrain_err,
+                 "baseline_err": agree.baseline_err,
+                 "moetrain_slice_err": agree.moetrain_slice_err,
+                 "baseline_slice_err": agree.baseline_slice_err}
+        for impl in ("baseline", "moetrain"):
+            errs = agree.moetrain_err if impl == "moetrain" else agree.baseline_err
+            cells = [shape.name, shape.tokens, shape.d, shape.f, shape.experts, shape.top_k, impl]
+            if timing is None:
+                cells += ["-"] * 8
+            else:
+                t, base = timing[impl], timing["baseline"]
+                tflops = shape.flops / (t.ms * 1e-3) / 1e12
+                act_ratio = (f"{t.act_bytes / base.act_bytes:.2f}"
+                             if t.act_bytes and base.act_bytes else "n/a")
+                cells += [f"{t.ms:.4g}", f"{tflops:.4g}", f"{100 * tflops / ceiling:.3g}",
+                          f"{100 * t.spread:.1f}%", mib(t.act_bytes), mib(t.peak_bytes),
+                          f"{base.ms / t.ms:.2f}", act_ratio]
+                entry[impl] = {**asdict(t), "tflops": tflops, "pct_ceiling": 100 * tflops / ceiling}
+            cells += [f"{max(errs.values()):.1e}", ("ok" if agree.ok else "FAIL") if impl == "moetrain" else "ref"]
+            print("| " + " | ".join(str(c) for c in cells) + " |")
+        out_json["shapes"].append(entry)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out_json, fh, indent=2)
+    if failed:
+        print("agreement check FAILED", file=sys.stderr)
+        return 1
+    print("\nagreement check passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Training throughput and MFU of a moetrain model on one device, from random tokens.
+
+    python scripts/bench_train.py model.n_layers=4 --steps 20            (OLMoE-1B-7B-like, 4 layers)
+    python scripts/bench_train.py +experiment=tiny data.seq_len=64 --steps 3 --warmup 1   (CPU)
+    python scripts/bench_train.py model.n_layers=4 train.recompute=moe --json out.json
+
+Arguments without dashes are Hydra overrides, composed like `moetrain.train` does (default
+experiment: `+experiment=olmoe_1b_7b`, used when no `+experiment=` is given). No dataset is
+read: every step draws random tokens [train.micro_batch_size, data.seq_len + 1]. One optimizer
+step per micro-batch: forward under the run's precision (`train.dtype`: bf16 autocast on GPU
+by default), LM cross-entropy plus the MoE aux losses, backward, gradient clipping, AdamW
+(`moetrain.optim.build_optimizer`). `train.recompute` is applied with `set_recompute`.
+
+Reported, over the `--steps` timed steps after `--warmup` untimed ones (median step time):
+    tokens/s = micro_batch * seq_len / step time
+    MFU      = flops_per_token(model, seq_len).train * tokens/s / matmul ceiling
+with moetrain.planning's training FLOPs per token (6 N_mm + 12 L S H h: attention without
+causal discount, the PaLM convention; the causal-discounted MFU is printed beside it) and the
+ceiling measured in the same process: a large dense matmul in the run's compute dtype.
+The full OLMoE-1B-7B-like model (6.9B parameters; fp32 weights, gradients and AdamW states:
+16 bytes each, 110 GB) does not fit one 80 GB GPU: use fewer layers (model.n_layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from moetrain.benchmark import device_name, matmul_ceiling, median, synchronize, time_iterations
+from moetrain.config import compose, to_object, validate
+from moetrain.model import Transformer, reset_lbl_accumulators, set_aux_loss_scale, set_recompute
+from moetrain.optim import build_optimizer
+from moetrain.planning import count_parameters, flops_per_token
+from moetrain.runtime import init_runtime
+
+DEFAULT_EXPERIMENT = "+experiment=olmoe_1b_7b"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layers=4")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("+experiment=") for o in overrides):
+        overrides.insert(0, DEFAULT_EXPERIMENT)
+    cfg = to_object(compose(overrides))
+    validate(cfg, world_size=1)
+    rt = init_runtime(cfg)
+    device = rt.device
+    compute_dtype = rt.autocast_dtype or torch.float32
+
+    with torch.device(device):  # initialise on the device (a GPU draws the weights much faster)
+        model = Transformer(cfg.model)
+    set_recompute(model, cfg.train.recompute)
+    set_aux_loss_scale(model, 1.0)
+    optimizer = build_optimizer(model, cfg.optim)
+    B, S, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    batches = [torch.randint(0, V, (B, S + 1), device=device, generator=gen) for _ in range(4)]
+    losses: list[torch.Tensor] = []
+    step_no = [0]
+
+    def train_step() -> None:
+        tokens = batches[step_no[0] % len(batches)]
+        step_no[0] += 1
+        reset_lbl_accumulators(model)
+        optimizer.zero_grad(set_to_none=True)
+        with rt.autocast():
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        losses.append(loss.detach())
+
+    ceiling = matmul_ceiling(device, compute_dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_iterations(train_step, device, args.steps, args.warmup)
+    synchronize(device)
+    loss_values = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in loss_values):
+        print(f"error: non-finite loss {loss_values}", file=sys.stderr)
+        return 1
+
+    params = count_parameters(cfg.model)
+    flops = flops_per_token(cfg.model, S)
+    flops_causal = flops_per_token(cfg.model, S, causal=True)
+    step_ms = median(times)
+    tokens_per_s = B * S / (step_ms * 1e-3)
+    mfu = flops.train * tokens_per_s / (ceiling * 1e12)
+    mfu_causal = flops_causal.train * tokens_per_s / (ceiling * 1e12)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device), "torch": torch.__version__,
+        "overrides": overrides, "dtype": str(compute_dtype).removeprefix("torch."),
+        "recompute": cfg.train.recompute, "micro_batch": B, "seq_len": S,
+        "n_layers": cfg.model.n_layers, "params_total": params.n_total,
+        "params_active": params.n_active, "train_flops_per_token": flops.train,
+        "steps": args.steps, "warmup": args.warmup, "step_ms": step_ms,
+        "tokens_per_s": tokens_per_s, "ceiling_tflops": ceiling,
+        "model_tflops": flops.train * tokens_per_s / 1e12, "mfu": mfu, "mfu_causal": mfu_causal,
+        "peak_memory_bytes": peak, "first_loss": loss_values[0], "last_loss": loss_values[-1],
+    }
+    print(f"device: {result['device']}; torch {result['torch']}; {result['date']}")
+    print(f"config: {' '.join(overrides)}")
+    print(f"model: {params.n_total / 1e9:.3f}B params, {params.n_active / 1e9:.3f}B active; "
+          f"{cfg.model.n_layers} layers; recompute={cfg.train.recompute}; dtype {result['dtype']}")
+    print(f"matmul ceiling: {ceiling:.4g} TFLOP/s; training FLOPs/token {flops.train:.4g}")
+    print()
+    print("| tokens/step | step ms | tokens/s | model TFLOP/s | MFU | MFU (causal attn) | peak GiB | loss first -> last |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {B * S} | {step_ms:.4g} | {tokens_per_s:.4g} | {result['model_tflops']:.4g} | "
+          f"{100 * mfu:.3g}% | {100 * mfu_causal:.3g}% | "
+          f"{'n/a' if peak is None else f'{peak / 2**30:.1f}'} | "
+          f"{loss_values[0]:.3f} -> {loss_values[-1]:.3f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

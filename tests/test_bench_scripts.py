@@ -1,0 +1,123 @@
+"""scripts/bench_moe_layer.py and scripts/bench_train.py on the CPU at tiny shapes."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load("bench_moe_layer")
+
+
+def run_script(*args, timeout=120):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_moe_layer_bench_runs_checks_and_prints_the_table(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(SCRIPTS / "bench_moe_layer.py", "--shape", "64,128,8,2,256", "--dtype", "fp32",
+                      "--device", "cpu", "--iters", "2", "--warmup", "1", "--json", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "agreement check passed" in proc.stdout and "FAIL" not in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 64,128,8,2,256 |")]
+    assert [r.split("|")[7].strip() for r in rows] == ["baseline", "moetrain"]
+    assert rows[1].split("|")[-2].strip() == "ok"
+    result = json.loads(out.read_text())
+    (entry,) = result["shapes"]
+    assert entry["agree"] and entry["flops"] == 18 * 256 * 2 * 64 * 128
+    assert entry["moetrain"]["tflops"] > 0 and entry["baseline"]["ms"] > 0
+    assert entry["moetrain"]["peak_bytes"] is None  # CPU: n/a
+    assert max(entry["moetrain_err"].values()) < 1e-4 and result["ceiling_tflops"] > 0
+
+
+@pytest.mark.parametrize("dtype, perturb", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])
+def test_agreement_check_passes_and_catches_a_wrong_expert(bench, dtype, perturb):
+    shape = bench.parse_shape("32,64,8,2,128")
+    cpu = torch.device("cpu")
+    good = bench.check_agreement(shape, cpu, dtype, seed=1)
+    assert good.ok, good.problems
+    bad = bench.check_agreement(shape, cpu, dtype, seed=1, perturb=perturb)
+    assert not bad.ok
+    assert any(p.startswith("moetrain out:") for p in bad.problems)
+    # w2's own gradient does not depend on w2: the perturbation shows everywhere else
+    assert not any("grad_w2" in p for p in bad.problems)
+
+
+def test_failed_check_exits_non_zero(bench, capsys):
+    assert bench.main(["--shape", "32,64,4,2,64", "--dtype", "fp32", "--device", "cpu",
+                       "--skip-timing", "--perturb", "0.01"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_all_zero_outputs_are_refused(bench, monkeypatch):
+    monkeypatch.setattr(bench.MoELayer, "forward", lambda self, x: x * 0)
+    result = bench.check_agreement(bench.parse_shape("32,64,4,2,64"), torch.device("cpu"),
+                                   torch.float32, seed=2)
+    assert not result.ok and any("all zeros" in p for p in result.problems)
+
+
+def test_baseline_grouped_gemm_equals_the_loop(bench):
+    x = torch.randn(40, 16)
+    w = torch.randn(4, 16, 8)
+    counts = torch.tensor([7, 0, 20, 13])
+    torch.testing.assert_close(bench.grouped_gemm(x, w, counts), bench.loop_gemm(x, w, counts))
+
+
+def test_issue_shapes_and_flops(bench):
+    assert set(bench.SHAPES) == {"mixtral", "olmoe", "qwen3"}
+    olmoe = bench.SHAPES["olmoe"]
+    assert (olmoe.d, olmoe.f, olmoe.experts, olmoe.top_k, olmoe.tokens) == (2048, 1024, 64, 8, 8192)
+    assert olmoe.flops == 18 * 8192 * 8 * 2048 * 1024
+
+
+def test_train_bench_reports_throughput_and_mfu(tmp_path):
+    out = tmp_path / "train.json"
+    proc = run_script(SCRIPTS / "bench_train.py", "+experiment=tiny", "model.vocab_size=512",
+                      "model.n_layers=2", "data.seq_len=32", "train.micro_batch_size=2",
+                      "train.recompute=moe", "--steps", "2", "--warmup", "1", "--json", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| tokens/step |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["recompute"] == "moe" and result["n_layers"] == 2 and result["seq_len"] == 32
+    assert result["tokens_per_s"] > 0 and result["mfu"] > 0  # no upper bound: a busy CI CPU
+    # MFU is the planner's training FLOPs per token times tokens/s over the measured ceiling
+    expected = result["train_flops_per_token"] * result["tokens_per_s"] / (result["ceiling_tflops"] * 1e12)
+    assert result["mfu"] == pytest.approx(expected)
+
+
+def test_worst_slice_error_sees_one_wrong_row(bench):
+    ref = torch.randn(1000, 64)
+    got = ref.clone()
+    got[123] *= 1.1
+    whole, worst = bench.rel_error(got, ref)
+    assert whole < 5e-3 and worst == pytest.approx(0.1, rel=1e-4)
+    ref[7] = 0  # an expert without tokens: zero gradient in both is exact, anything else is not
+    got[7] = 0
+    assert bench.rel_error(got, ref)[1] == pytest.approx(0.1, rel=1e-4)
+    got[7, 0] = 1e-3
+    assert bench.rel_error(got, ref)[1] == float("inf")
+
+
+def test_experts_without_tokens_pass(bench):
+    # 4 tokens x 2 of 64 experts: most experts get nothing (zero weight-gradient slices)
+    result = bench.check_agreement(bench.parse_shape("32,64,64,2,4"), torch.device("cpu"),
+                                   torch.float32, seed=3)
+    assert result.ok, result.problems
