@@ -1,9 +1,9 @@
 """What the training loop needs to know about the layout, behind one small object.
 
 The trainer never touches process groups itself: it asks the `ParallelContext` for this rank's
-data-parallel slice, to parallelize the plain model, to sum token statistics over the ranks that
-hold different tokens, to clip the global gradient norm, and whether to sync gradients on this
-micro-batch.
+data-parallel slice, to parallelize the plain model, for the LM loss of (possibly vocab-sharded)
+logits, to sum token and routing statistics over the ranks that hold different tokens, to clip
+the global gradient norm, and whether to sync gradients on this micro-batch.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.schema import MoetrainConfig
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.grad_norm import clip_grad_norm_
 
 
 class ParallelContext:
@@ -31,10 +33,26 @@ class ParallelContext:
         return model
 
     def grad_sync(self, model: nn.Module, last: bool):
+        """Around one micro-batch's forward and backward: reduce gradients only when `last`."""
         return nullcontext()
 
+    def loss_context(self):
+        """Around forward, `cross_entropy_sum` and backward (vocab-parallel loss under TP)."""
+        return nullcontext()
+
+    def cross_entropy_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed LM cross-entropy of logits [B, S, V] against targets [B, S], a plain fp32
+        scalar (under TP the same on every TP rank); call inside `loss_context()`."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
     def all_reduce_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks that hold different tokens (DP x CP); the identity on one process."""
+        """Sum a statistic of the LM loss over the ranks that compute it for different tokens
+        (DP x CP; TP ranks share the loss of their micro-batch); the identity on one process."""
+        return tensor
+
+    def all_reduce_routing(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum MoE routing statistics over every rank routing different tokens (DP x CP, and TP
+        under sequence parallelism); the identity on one process."""
         return tensor
 
     def any_rank(self, flag: bool) -> bool:
@@ -43,15 +61,7 @@ class ParallelContext:
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Global L2 norm of all gradients before clipping; clip to `max_norm` when it is > 0."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for p in model.parameters() if p.grad is not None], max_norm, norm, foreach=False
-            )
-        return float(norm)
+        return clip_grad_norm_(model.parameters(), max_norm)
 
 
 def build_parallel_context(dims: ParallelDims, device_type: str) -> ParallelContext:

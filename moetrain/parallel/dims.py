@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 #: Every group kind `ParallelDims.groups()` returns, in a fixed order.
-GROUP_KINDS = ("tp", "cp", "dp", "pp", "dp_cp", "ep", "etp", "edp")
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "dp_cp", "dp_cp_tp", "ep", "etp", "edp")
 
 # Each group kind: (view, the view's dims it spans). A view lists its dims fastest-varying first.
 _DENSE_VIEW = ("tp", "cp", "dp", "pp")
@@ -31,6 +31,9 @@ _GROUP_SPANS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pp": (_DENSE_VIEW, ("pp",)),
     # Dense gradients are reduced over DP x CP; cp varies fastest inside the group.
     "dp_cp": (_DENSE_VIEW, ("cp", "dp")),
+    # Every rank of a pipeline stage: with sequence parallelism each holds different tokens, so
+    # router statistics and router / shared-expert gradients are summed over this group.
+    "dp_cp_tp": (_DENSE_VIEW, ("tp", "cp", "dp")),
     "ep": (_MOE_VIEW, ("ep",)),
     "etp": (_MOE_VIEW, ("etp",)),
     "edp": (_MOE_VIEW, ("edp",)),
@@ -114,6 +117,11 @@ class ParallelDims:
     def dp_cp(self) -> int:
         """Size of the dense gradient-reduction group (DP x CP)."""
         return self.dp * self.cp
+
+    @property
+    def dp_cp_tp(self) -> int:
+        """Size of the group of all ranks of a pipeline stage (DP x CP x TP)."""
+        return self.dp * self.cp * self.tp
 
     def size(self, kind: str) -> int:
         """Size of a group of the given kind (one of GROUP_KINDS)."""
@@ -299,6 +307,15 @@ def validate_model_fit(
         raise LayoutError(
             f"model.ffn_hidden = {model.ffn_hidden} is not divisible by parallel.tp = {dims.tp}",
             ("model.ffn_hidden", "parallel.tp"),
+        )
+    # Sequence parallelism splits each sequence evenly over the TP ranks (and the MoE layers'
+    # aux-loss shares assume equal shards).
+    if dims.tp > 1 and seq_len % (dims.cp * dims.tp):
+        raise LayoutError(
+            f"data.seq_len = {seq_len} is not divisible by parallel.cp*parallel.tp = "
+            f"{dims.cp}*{dims.tp} (sequence parallelism splits every CP rank's part of a "
+            "sequence over the TP ranks)",
+            ("data.seq_len", "parallel.tp", "parallel.cp"),
         )
     # Load-balanced CP splits each sequence into 2*cp chunks (rank i holds chunks i, 2cp-1-i).
     if dims.cp > 1 and seq_len % (2 * dims.cp):

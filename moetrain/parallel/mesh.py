@@ -3,6 +3,8 @@
     dense = ("pp", "dp", "cp", "tp")      shape dims.dense_shape   (tp fastest-varying)
     moe   = ("pp", "edp", "ep", "etp")    shape dims.moe_shape     (etp fastest-varying)
     dp_cp = dense["dp", "cp"] flattened   (the dense gradient-reduction group)
+    dp_cp_tp = dense["dp", "cp", "tp"] flattened   (every rank of a pipeline stage: with
+               sequence parallelism the ranks holding different tokens of the MoE layers)
 
 Both views are unflattened from one 1-D world mesh (`DeviceMesh._unflatten`, torch >= 2.9), so
 they share a root and DTensor / FSDP2 accept either. Where `_unflatten` is missing, each view is
@@ -32,12 +34,14 @@ class Meshes:
     dense: DeviceMesh
     moe: DeviceMesh
     dp_cp: DeviceMesh
+    dp_cp_tp: DeviceMesh
     _views: dict[str, DeviceMesh] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         views = {name: self.dense[name] for name in DENSE_DIMS}
         views.update({name: self.moe[name] for name in ("edp", "ep", "etp")})
         views["dp_cp"] = self.dp_cp  # "pp" comes from the dense view; the MoE one has its ranks
+        views["dp_cp_tp"] = self.dp_cp_tp
         self._views = views
 
     def mesh(self, name: str) -> DeviceMesh:
@@ -61,7 +65,7 @@ class Meshes:
 
 
 def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto") -> Meshes:
-    """Build the dense, MoE and dp_cp meshes over the initialised default process group.
+    """Build the dense, MoE, dp_cp and dp_cp_tp meshes over the initialised default process group.
 
     Collective: every rank must call it, in the same order relative to other group creation.
     `strategy`: "unflatten" (one world mesh, `_unflatten` + `_flatten`), "explicit" (meshes
@@ -82,19 +86,24 @@ def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto"
         dense = root._unflatten(0, dims.dense_shape, DENSE_DIMS)
         moe = root._unflatten(0, dims.moe_shape, MOE_DIMS)
         dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+        dp_cp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
     elif strategy == "explicit":
         ranks = torch.arange(dims.world_size, dtype=torch.int)
         dense = DeviceMesh(device_type, ranks.view(dims.dense_shape), mesh_dim_names=DENSE_DIMS)
         moe = DeviceMesh(device_type, ranks.view(dims.moe_shape), mesh_dim_names=MOE_DIMS)
         if hasattr(DeviceMesh, "_flatten"):
             dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+            dp_cp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
         else:  # a third mesh whose middle dim is dp x cp (dp outer, cp inner, as flattened)
             shape = (dims.pp, dims.dp_cp, dims.tp)
             dp_cp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp", "tp"))
             dp_cp = dp_cp["dp_cp"]
+            shape = (dims.pp, dims.dp_cp_tp)
+            dp_cp_tp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp_tp"))
+            dp_cp_tp = dp_cp_tp["dp_cp_tp"]
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use auto, unflatten or explicit")
-    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dp_cp)
+    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dp_cp, dp_cp_tp=dp_cp_tp)
     _check_against_layout(meshes, dist.get_rank())
     return meshes
 

@@ -88,6 +88,8 @@ def test_groups_partition_the_world_and_match_coordinates(world_size):
             assert dims.group_of("dp", rank).index(rank) == d.dp
             assert dims.group_of("pp", rank).index(rank) == d.pp
             assert dims.group_of("dp_cp", rank).index(rank) == d.dp * dims.cp + d.cp
+            assert dims.group_of("dp_cp_tp", rank).index(rank) == (
+                (d.dp * dims.cp + d.cp) * dims.tp + d.tp)
             assert dims.group_of("etp", rank).index(rank) == m.etp
             assert dims.group_of("ep", rank).index(rank) == m.ep
             assert dims.group_of("edp", rank).index(rank) == m.edp
@@ -143,6 +145,8 @@ def _model(**kw):
          "model.ffn_hidden = 511"),
         (dict(cp=2), {}, {}, 130, "data.seq_len",
          "data.seq_len = 130 is not divisible by 2*parallel.cp = 4"),
+        (dict(tp=2), {}, {}, 127, "data.seq_len",
+         "data.seq_len = 127 is not divisible by parallel.cp*parallel.tp = 1*2"),
         (dict(pp=2, vpp=3), dict(n_layers=4), {}, 128, "model.n_layers",
          "model.n_layers = 4 is not divisible by parallel.pp*parallel.vpp = 2*3 = 6"),
         (dict(tp=2), {}, dict(global_batch_size=16, micro_batch_size=8), 128,
@@ -189,7 +193,9 @@ def test_cli_table_lists_groups_and_ranks():
     out = _layout_cli("--world-size", "8", "parallel.tp=2", "parallel.cp=2", "parallel.ep=4")
     assert out.returncode == 0, out.stderr
     assert "[0,1] [2,3] [4,5] [6,7]" in out.stdout  # tp groups
-    assert "dp_cp  4 x 2: [0,2,4,6] [1,3,5,7]" in out.stdout
+    table = " ".join(out.stdout.split())  # column widths follow the longest group name
+    assert "dp_cp 4 x 2: [0,2,4,6] [1,3,5,7]" in table
+    assert "dp_cp_tp 8 x 1: [0,1,2,3,4,5,6,7]" in table
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("7 ")]
     assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0"]]
 
@@ -257,6 +263,7 @@ def megatron_groups():
             "dp": dense.get_ranks("dp"),
             "pp": dense.get_ranks("pp"),
             "dp_cp": dense.get_ranks("dp-cp"),
+            "dp_cp_tp": dense.get_ranks("tp-dp-cp"),
             "ep": expert.get_ranks("ep"),
             "etp": expert.get_ranks("tp"),
             "edp": expert.get_ranks("dp"),

@@ -1,0 +1,137 @@
+"""The equivalence harness: the real `Trainer` on forked gloo ranks against one process (DESIGN §4).
+
+    layouts = {"tp2": ["parallel.tp=2"], "dp2-replicated": ["parallel.fsdp.enabled=false"]}
+    runs = run_layouts(2, layouts, tmp_path)      # runs.records = {name: [record of step 1..K]}
+    reference = run_layouts(1, {"single": []}, tmp_path).records["single"]
+    compare(runs.records["tp2"], reference)
+
+Every layout runs K optimizer steps of the tiny experiment in fp32 with deterministic
+algorithms, dropless routing and the micro-batch LBL scope, and returns rank 0's records as
+the trainer logs them (metrics.jsonl / routing.jsonl) - so the numbers compared are the ones a
+user sees. Several layouts of one world size run one after the other in a single launch (a
+launch of the tiny model costs a few seconds of process and group start-up on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Imported in the parent so the forked ranks inherit them (see launcher.py).
+import torch.distributed.fsdp  # noqa: F401
+import torch.distributed.tensor.parallel  # noqa: F401
+from moetrain.config import compose, to_object, validate
+from moetrain.config.schema import MoetrainConfig
+from moetrain.data import ensure_prepared
+from moetrain.parallel import distributed  # noqa: F401
+from moetrain.runtime import init_runtime
+from moetrain.trainer import Trainer
+from tests.distributed.launcher import run_distributed
+
+STEPS = 3
+# The tiny experiment's model and data; a smaller global batch (4 micro-batches of 2).
+BASE = [
+    "+experiment=tiny",
+    f"train.max_steps={STEPS}",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.eval_every=0",
+    "train.deterministic=true",
+    "train.dtype=fp32",
+    "train.device=cpu",
+    "checkpoint.every=0",
+    "checkpoint.resume=never",
+    "logging.progress=false",
+    "model.moe.capacity_factor=null",
+    "model.moe.lbl.scope=micro",
+]
+KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
+RTOL = 1e-5
+
+
+def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
+    """The typed, validated config of a layout (composed like the command line does)."""
+    cfg = to_object(compose(BASE + list(overrides)))
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]]):
+    """In every rank: train each job; returns (rank 0's records by job, this rank's
+    (dp_rank, first step's micro-batches) by job)."""
+    torch.set_num_threads(1)  # the launcher did already; also for a direct call
+    records: dict[str, list[dict[str, Any]]] = {}
+    samples: dict[str, tuple[int, list[list[int]]]] = {}
+    for name, cfg, run_dir in jobs:
+        rt = init_runtime(cfg)
+        trainer = Trainer(cfg, rt, run_dir)
+        state = trainer.sampler.state_dict()
+        samples[name] = (trainer.par.dp_rank, trainer.sampler.next_step())
+        trainer.sampler.load_state_dict(state)
+        trainer.fit()
+        if rank == 0:
+            records[name] = _records(run_dir)
+    return records, samples
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
+    records = []
+    for m, r in zip(metrics, routing):
+        rec = {key: m[key] for key in ("step", *KEYS)}
+        rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
+        records.append(rec)
+    return records
+
+
+@dataclass
+class LayoutRuns:
+    records: dict[str, list[dict[str, Any]]]  # layout -> rank 0's record of every step
+    # layout -> per rank: (dp_rank, the micro-batches (sample indices) of its first step)
+    samples: dict[str, list[tuple[int, list[list[int]]]]]
+
+
+def run_layouts(
+    world_size: int, layouts: dict[str, list[str]], tmp_dir: Path, timeout: float = 300
+) -> LayoutRuns:
+    """Train every layout (name -> overrides) on `world_size` forked ranks, one after another in
+    one launch."""
+    jobs = []
+    for name, overrides in layouts.items():
+        cfg = layout_config(world_size, overrides)
+        run_dir = Path(tmp_dir) / f"w{world_size}-{name}"
+        run_dir.mkdir(parents=True)
+        jobs.append((name, cfg, run_dir))
+    # Tokenizer and shards once, in the parent, before any rank looks for them.
+    ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
+    results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
+    samples = {name: [per_rank[name] for _, per_rank in results] for name in layouts}
+    return LayoutRuns(records=results[0][0], samples=samples)
+
+
+def rel_err(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
+    """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses
+    and load CV to rel. RTOL, expert token counts exactly. Returns the largest rel. error per key."""
+    assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    worst = {key: 0.0 for key in KEYS}
+    bad = []
+    for got, want in zip(records, reference):
+        for key in KEYS:
+            err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
+            if not err < RTOL:
+                bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")
+            worst[key] = max(worst[key], err)
+        if got["tokens_per_expert"] != want["tokens_per_expert"]:
+            bad.append(f"step {got['step']} tokens_per_expert differ")
+    assert not bad, "not equal to the single-process run:\n" + "\n".join(bad)
+    return worst

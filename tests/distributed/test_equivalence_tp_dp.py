@@ -1,0 +1,126 @@
+"""Tensor (+ sequence) and data parallelism against one process: the real Trainer, K steps.
+
+Each layout trains the tiny experiment for K=3 optimizer steps on forked gloo ranks (fp32,
+deterministic, dropless, micro-batch LBL); rank 0's logged loss, grad norm, aux and z losses and
+load CV must equal the single-process run's to rel. 1e-5, the expert token counts exactly
+(DESIGN §4). The losses alone could not catch a wrong gradient scale (AdamW is invariant to
+it), which is what the grad norm is for. Layouts of one world size share one launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.equivalence import STEPS, compare, rel_err, run_layouts
+
+# A second model: shared experts (reduced like the router), tied embeddings (one DTensor for the
+# vocab-parallel embedding and output head) and the global LBL scope (counts summed over
+# dp x cp x tp; without DP its running counts see the micro-batches in the single process's
+# order, so it is exactly comparable under TP).
+VARIANT = ["model.moe.lbl.scope=global", "model.moe.num_shared_experts=1",
+           "model.tie_embeddings=true"]
+
+TWO_RANKS = {
+    "dp2": [],
+    "dp2-replicated": ["parallel.fsdp.enabled=false"],
+    "dp2-zero2": ["parallel.fsdp.reshard_after_forward=false"],
+    "tp2": ["parallel.tp=2"],
+    "tp2-global-shared-tied": ["parallel.tp=2", *VARIANT],
+}
+FOUR_RANKS = {
+    "dp4": [],
+    "tp2-dp2": ["parallel.tp=2"],
+    "tp2-dp2-replicated": ["parallel.tp=2", "parallel.fsdp.enabled=false"],
+    "tp4": ["parallel.tp=4"],
+}
+# Which single-process run each layout is compared with.
+REFERENCE_OF = {"tp2-global-shared-tied": "variant"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process runs, once per session (one forked rank: the test process keeps its
+    global torch settings, the rank runs with one thread like the others)."""
+    runs = run_layouts(1, {"single": [], "variant": VARIANT},
+                       tmp_path_factory.mktemp("single"))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_layouts(2, TWO_RANKS, tmp_path_factory.mktemp("two_ranks"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_layouts(4, FOUR_RANKS, tmp_path_factory.mktemp("four_ranks"))
+
+
+def _check(runs, name, reference):
+    ref_name = REFERENCE_OF.get(name, "single")
+    worst = compare(runs.records[name], reference.records[ref_name])
+    print(f"{name}: max rel. error " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    _check_samples(runs.samples[name], reference.samples[ref_name][0][1])
+
+
+def _check_samples(per_rank, single_micro_batches):
+    """TP ranks of a DP replica get the same micro-batches; the DP ranks' slices, in dp order,
+    are the single process's global batch."""
+    by_dp: dict[int, list[list[int]]] = {}
+    for dp_rank, micro_batches in per_rank:
+        assert by_dp.setdefault(dp_rank, micro_batches) == micro_batches, dp_rank
+    assert sorted(by_dp) == list(range(len(by_dp)))
+    flat = [i for dp in sorted(by_dp) for mb in by_dp[dp] for i in mb]
+    assert flat == [i for mb in single_micro_batches for i in mb]
+
+
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_two_rank_layout_equals_one_process(name, two_ranks, reference):
+    _check(two_ranks, name, reference)
+
+
+@pytest.mark.parametrize("name", FOUR_RANKS)
+def test_four_rank_layout_equals_one_process(name, four_ranks, reference):
+    _check(four_ranks, name, reference)
+
+
+def test_reference_is_a_real_run(reference):
+    recs = reference.records["single"]
+    assert len(recs) == STEPS and 5 < recs[0]["loss"] < 10
+    assert recs[-1]["loss"] < recs[0]["loss"]  # it trains
+    assert all(r["aux_loss"] > 0 and r["z_loss"] > 0 and r["grad_norm"] > 0 for r in recs)
+
+
+# -- the command line under torchrun ---------------------------------------------------------
+
+CLI = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
+       "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
+       "train.max_steps=2"]
+
+
+def _cli(run_dir: Path, *launcher: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, *launcher, "-m", "moetrain.train", *CLI, f"run.dir={run_dir}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_trains_like_one_process(tmp_path):
+    single = _cli(tmp_path / "single")
+    tp2 = _cli(tmp_path / "tp2", "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", extra=("parallel.tp=2",))
+    # Written once (by rank 0), one record per step.
+    assert [r["step"] for r in tp2] == [r["step"] for r in single] == [1, 2]
+    for a, b in zip(tp2, single):
+        for key in ("loss", "grad_norm", "aux_loss"):
+            assert rel_err(a[key], b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    assert sorted(p.name for p in (tmp_path / "tp2" / "logs").iterdir()) == ["rank0.log", "rank1.log"]
