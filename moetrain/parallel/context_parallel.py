@@ -1,0 +1,397 @@
+"""Context parallelism (CP): every sequence split over the CP group, attention over all of it.
+
+    tokens_BS  = shard_sequence(tokens_BS, cp_rank, cp_size)      # same for targets
+    positions  = shard_positions(seq_len, cp_rank, cp_size)        # true positions, for RoPE
+    apply_context_parallel(model, meshes.group("cp"), cfg.parallel.cp_comm)
+    logits     = model(tokens_BS, positions)                       # this rank's positions only
+
+Load balancing (zig-zag). Each sequence of S tokens is cut into 2*cp chunks of c = S/(2 cp);
+CP rank r holds chunks r and 2cp-1-r, in that order. Under a causal mask chunk i attends to
+i+1 chunks, so every rank does the same work: (r+1) + (2cp-r) = 2cp+1 chunk pairs.
+
+Masking. Which chunk pairs are fully visible, fully masked or on the diagonal follows from the
+zig-zag layout alone (no host sync); the diagonal blocks, which are always this rank's own
+queries against its own keys, are masked with q_pos >= k_pos from the `positions` the model
+passes in. So the local `positions` must be what `shard_positions` returns (any constant offset
+is fine): true positions that increase strictly along the unsharded sequence. Packed-document
+masks (positions restarting inside a sequence) are not supported; neither are sequence lengths
+not divisible by 2*cp (no padding; `validate_model_fit` rejects them).
+
+Two ways to see the other ranks' keys and values (`parallel.cp_comm`):
+
+- ``allgather``: all-gather K and V over the CP group (one collective per layer; its backward
+  reduce-scatters dK/dV to their owners), put them in sequence order, and run SDPA for each of
+  the two local query chunks against the key prefix it can see (chunk i: keys [0, (i+1) c)),
+  with a boolean mask only on the diagonal chunk. Exact; memory O(S) per rank for K/V.
+- ``ring``: K/V blocks travel around the ring with `batch_isend_irecv`; the next exchange is
+  posted before the current block is computed, so communication overlaps compute. Blocks are
+  combined with the log-sum-exp trick in fp32. Fully masked chunk pairs are skipped: at ring
+  step s > 0 a rank needs only half of the incoming block (the other rank's lower chunk, or
+  its own upper query chunk against both chunks), so each step costs half of step 0.
+
+Why the ring is one explicit `autograd.Function` (recomputing each block's probabilities in
+backward, FlashAttention-2 style) and not differentiable ops over autograd-aware send/recv:
+autograd orders the backward of independent branches as it likes, and a rank whose autograd
+engine runs a p2p backward out of step with its neighbour deadlocks; one Function fixes the
+order of every send and receive on every rank, does not keep each block's S x S probabilities
+alive until backward, and keeps dK/dV accumulation in fp32 while they travel back home.
+
+Why hand-written rather than `torch.distributed.tensor.experimental.context_parallel`: that
+fails on CPU (no sharding strategy for the CPU SDPA op, DESIGN §2) and works by patching SDPA
+globally; this is a plain `Attention.attention_fn` swap that also composes with TP (each TP
+rank runs CP over its own heads) and is tested on gloo.
+
+Block math in the ring path is plain matmul/softmax in fp32 (materialises a [Sq, Sk] score
+block per head); a fused kernel returning the log-sum-exp (flash / efficient SDPA internals)
+would cut memory on GPU but those ops are private and their signatures change between torch
+releases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.model.attention import Attention
+
+CP_COMMS = ("allgather", "ring")
+
+# torch 2.13 renamed it (the old name warns); the GPU image's torch 2.11 has only the old one.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or getattr(
+    funcol, "all_gather_tensor_autograd"
+)
+
+
+# ---------------------------------------------------------------------------- sharding
+
+
+def _zigzag_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def shard_sequence(x: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> torch.Tensor:
+    """This CP rank's tokens of `x` along `dim`: chunks r and 2cp-1-r of 2*cp equal chunks."""
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank {cp_rank} is outside a CP group of size {cp_size}")
+    if cp_size == 1:
+        return x
+    S = x.shape[dim]
+    if S % (2 * cp_size):
+        raise ValueError(
+            f"sequence length {S} is not divisible by 2*cp = {2 * cp_size} (zig-zag CP sharding)"
+        )
+    c = S // (2 * cp_size)
+    lo, hi = _zigzag_chunks(cp_rank, cp_size)
+    return torch.cat([x.narrow(dim, lo * c, c), x.narrow(dim, hi * c, c)], dim=dim)
+
+
+def shard_positions(
+    seq_len: int, cp_rank: int, cp_size: int, device: Optional[torch.device | str] = None
+) -> torch.Tensor:
+    """The true positions [seq_len / cp] (int64) of this CP rank's tokens, for RoPE and masks."""
+    return shard_sequence(torch.arange(seq_len, device=device), cp_rank, cp_size, dim=0)
+
+
+def _sequence_order(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate every CP rank's local tensor (parts[r], zig-zag) in true sequence order."""
+    cp = len(parts)
+    halves = [p.chunk(2, dim) for p in parts]
+    chunks = [halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))]
+    return torch.cat(chunks, dim=dim)
+
+
+def unshard(x_local: torch.Tensor, cp_group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """Inverse of `shard_sequence` over the CP group: all-gather and reorder (autograd-aware:
+    the backward reduce-scatters, i.e. sums every rank's gradient for this rank's tokens).
+    Every rank of the group must call it."""
+    cp = dist.get_world_size(cp_group)
+    if cp == 1:
+        return x_local
+    gathered = _all_gather_autograd(x_local.unsqueeze(0).contiguous(), 0, cp_group)
+    return _sequence_order(list(gathered.unbind(0)), dim)
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (True = attend) from positions [Sq]/[B, Sq] and [Sk]/[B, Sk]:
+    [Sq, Sk] or [B, 1, Sq, Sk] (broadcast over heads)."""
+    mask = q_pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)
+    return mask if mask.dim() == 2 else mask.unsqueeze(1)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+    if q.shape[2] % 2:
+        raise ValueError(f"a CP rank's sequence length must be even (2 chunks), got {q.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if positions.shape[-1] != q.shape[2]:
+        raise ValueError(
+            f"positions {tuple(positions.shape)} do not match the local sequence length "
+            f"{q.shape[2]} (pass shard_positions(...) to the model)"
+        )
+
+
+# ---------------------------------------------------------------------------- allgather
+
+
+def allgather_attention(
+    q_BHSd: torch.Tensor,
+    k_BKSd: torch.Tensor,
+    v_BKSd: torch.Tensor,
+    positions: torch.Tensor,
+    cp_group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Causal attention of local queries over the whole sequence, K/V all-gathered."""
+    _check_shapes(q_BHSd, k_BKSd, positions)
+    cp = dist.get_world_size(cp_group)
+    r = dist.get_rank(cp_group)
+    gqa = q_BHSd.shape[1] != k_BKSd.shape[1]
+    kv_2BKSd = torch.stack([k_BKSd, v_BKSd])  # one collective for both
+    gathered = _all_gather_autograd(kv_2BKSd.unsqueeze(0), 0, cp_group)  # [cp, 2, B, K, S/cp, d]
+    k_full, v_full = _sequence_order(list(gathered.unbind(0)), dim=3).unbind(0)
+
+    c = q_BHSd.shape[2] // 2
+    outs = []
+    for half, chunk in enumerate(_zigzag_chunks(r, cp)):
+        rows = slice(half * c, (half + 1) * c)
+        # Keys of earlier chunks are all visible; the diagonal chunk is this rank's own half.
+        diag = _causal_mask(positions[..., rows], positions[..., rows])
+        visible = diag.new_ones(diag.shape[:-1] + (chunk * c,))
+        mask = torch.cat([visible, diag], dim=-1)
+        n = (chunk + 1) * c
+        outs.append(F.scaled_dot_product_attention(
+            q_BHSd[:, :, rows], k_full[:, :, :n], v_full[:, :, :n], attn_mask=mask,
+            enable_gqa=gqa,
+        ))
+    return torch.cat(outs, dim=2)
+
+
+# ---------------------------------------------------------------------------- ring
+
+
+def _block_forward(q5, k5, v5, mask, scale):
+    """Partial attention of q5 [B, K, G, Sq, d] over k5/v5 [B, K, 1, Sk, d] (fp32).
+
+    Returns (out [B, K, G, Sq, d], lse [B, K, G, Sq]); out is normalised within the block."""
+    s = torch.matmul(q5, k5.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v5), lse
+
+
+def _block_backward(q5, k5, v5, mask, scale, dout5, lse, delta):
+    """Gradients of one block given the FINAL lse and delta = rowsum(dout * out)."""
+    s = torch.matmul(q5, k5.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    dv5 = torch.matmul(p.transpose(-1, -2), dout5).sum(2, keepdim=True)
+    ds = p * (torch.matmul(dout5, v5.transpose(-1, -2)) - delta.unsqueeze(-1))
+    dq5 = torch.matmul(ds, k5) * scale
+    dk5 = torch.matmul(ds.transpose(-1, -2), q5).sum(2, keepdim=True) * scale
+    return dq5, dk5, dv5
+
+
+def _mask5(positions: torch.Tensor) -> torch.Tensor:
+    """The local diagonal mask, broadcastable to [B, K, G, S, S]."""
+    mask = positions.unsqueeze(-1) >= positions.unsqueeze(-2)
+    return mask if mask.dim() == 2 else mask[:, None, None]
+
+
+def _ring_plan(step: int, r: int, cp: int, c: int):
+    """(query rows, key rows, use the local mask) of ring step `step` on CP rank r.
+
+    At step s the rank holds the K/V of rank src = r - s. s = 0: the own block, causal mask.
+    src < r: both local query chunks (r, 2cp-1-r) see src's lower chunk and neither sees its
+    upper chunk 2cp-1-src. src > r: only the upper query chunk sees anything, and all of it."""
+    src = (r - step) % cp
+    if step == 0:
+        return slice(None), slice(None), True
+    if src < r:
+        return slice(None), slice(0, c), False
+    return slice(c, None), slice(None), False
+
+
+class _Ring:
+    """The two ring neighbours of this rank, as global ranks."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor) -> list:
+        """Post send-to-next and receive-from-prev; returns the requests to wait on."""
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group),
+        ]
+        return dist.batch_isend_irecv(ops)
+
+
+def _wait(reqs: Optional[list]) -> None:
+    for req in reqs or ():
+        req.wait()
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, positions, group):
+        ring = _Ring(group)
+        B, H, S, d = q.shape
+        K = k.shape[1]
+        c = S // 2
+        scale = 1.0 / math.sqrt(d)
+        q5 = q.float().unflatten(1, (K, H // K))
+        mask = _mask5(positions)
+        kv = torch.stack([k, v])  # travels in the input dtype; [2, B, K, S, d]
+        out = torch.zeros_like(q5)
+        lse = torch.full(q5.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        for step in range(ring.size):
+            reqs, incoming = None, None
+            if step + 1 < ring.size:  # next block's transfer overlaps this block's compute
+                incoming = torch.empty_like(kv)
+                reqs = ring.exchange(kv, incoming)
+            rows, cols, masked = _ring_plan(step, ring.rank, ring.size, c)
+            k5 = kv[0, :, :, cols].float().unsqueeze(2)
+            v5 = kv[1, :, :, cols].float().unsqueeze(2)
+            o_b, l_b = _block_forward(q5[..., rows, :], k5, v5, mask if masked else None, scale)
+            l_old = lse[..., rows]
+            l_new = torch.logaddexp(l_old, l_b)
+            out[..., rows, :] = (out[..., rows, :] * torch.exp(l_old - l_new).unsqueeze(-1)
+                                 + o_b * torch.exp(l_b - l_new).unsqueeze(-1))
+            lse[..., rows] = l_new
+            _wait(reqs)
+            if incoming is not None:
+                kv = incoming
+        ctx.group = group
+        ctx.save_for_backward(q, k, v, positions, out, lse)
+        return out.flatten(1, 2).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, positions, out, lse = ctx.saved_tensors
+        ring = _Ring(ctx.group)
+        B, H, S, d = q.shape
+        K = k.shape[1]
+        c = S // 2
+        scale = 1.0 / math.sqrt(d)
+        q5 = q.float().unflatten(1, (K, H // K))
+        dout5 = dout.float().unflatten(1, (K, H // K))
+        delta = (dout5 * out).sum(-1)
+        mask = _mask5(positions)
+        dq5 = torch.zeros_like(q5)
+        kv = torch.stack([k, v])
+        # dK/dV of the block a rank holds travel with it (fp32) and reach the owner after
+        # the last step's extra hop: at step s rank r holds src r-s's block and the partial
+        # dK/dV that ranks r-s .. r-1 added to it.
+        dkv_reqs, dkv_in = None, None
+        for step in range(ring.size):
+            reqs, incoming = None, None
+            if step + 1 < ring.size:
+                incoming = torch.empty_like(kv)
+                reqs = ring.exchange(kv, incoming)
+            rows, cols, masked = _ring_plan(step, ring.rank, ring.size, c)
+            k5 = kv[0, :, :, cols].float().unsqueeze(2)
+            v5 = kv[1, :, :, cols].float().unsqueeze(2)
+            dq_b, dk_b, dv_b = _block_backward(
+                q5[..., rows, :], k5, v5, mask if masked else None, scale,
+                dout5[..., rows, :], lse[..., rows], delta[..., rows],
+            )
+            dq5[..., rows, :] += dq_b
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            dkv[0, :, :, cols] = dk_b.squeeze(2)
+            dkv[1, :, :, cols] = dv_b.squeeze(2)
+            _wait(dkv_reqs)
+            if dkv_in is not None:
+                dkv += dkv_in
+            if ring.size > 1:  # after the last step this is the hop home
+                dkv_in = torch.empty_like(dkv)
+                dkv_reqs = ring.exchange(dkv, dkv_in)
+            else:
+                dkv_in = dkv
+            _wait(reqs)
+            if incoming is not None:
+                kv = incoming
+        _wait(dkv_reqs)
+        dq = dq5.flatten(1, 2).to(q.dtype)
+        return dq, dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None
+
+
+def ring_attention(
+    q_BHSd: torch.Tensor,
+    k_BKSd: torch.Tensor,
+    v_BKSd: torch.Tensor,
+    positions: torch.Tensor,
+    cp_group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Causal attention of local queries over the whole sequence, K/V passed around the ring."""
+    _check_shapes(q_BHSd, k_BKSd, positions)
+    return _RingAttention.apply(q_BHSd, k_BKSd, v_BKSd, positions, cp_group)
+
+
+# ---------------------------------------------------------------------------- installation
+
+
+class ContextParallelAttention:
+    """An `Attention.attention_fn`: (q [B, Hq, S/cp, d], k, v [B, Hkv, S/cp, d], positions)
+    -> [B, Hq, S/cp, d], attending over the CP group's whole sequence."""
+
+    def __init__(self, cp_group: dist.ProcessGroup, cp_comm: str = "allgather"):
+        if cp_comm not in CP_COMMS:
+            raise ValueError(f"parallel.cp_comm must be one of {CP_COMMS}, got {cp_comm!r}")
+        self.cp_group = cp_group
+        self.cp_comm = cp_comm
+        self._fn = allgather_attention if cp_comm == "allgather" else ring_attention
+
+    def __call__(self, q_BHSd, k_BKSd, v_BKSd, positions):
+        return self._fn(q_BHSd, k_BKSd, v_BKSd, positions, self.cp_group)
+
+    def __repr__(self) -> str:
+        return (f"ContextParallelAttention(cp={dist.get_world_size(self.cp_group)}, "
+                f"comm={self.cp_comm})")
+
+
+def apply_context_parallel(
+    model: nn.Module, cp_group: dist.ProcessGroup, cp_comm: str = "allgather"
+) -> nn.Module:
+    """Make every `Attention` of `model` attend over the CP group's whole sequence, in place.
+
+    Works on the plain model and after tensor parallelism (each TP rank's attention sees its
+    local heads as plain tensors). The caller feeds each rank `shard_sequence`'d tokens and
+    `shard_positions` (see the module docstring). A CP group of size 1 leaves the model as is.
+    """
+    if dist.get_world_size(cp_group) == 1:
+        return model
+    fn = ContextParallelAttention(cp_group, cp_comm)
+    found = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attention_fn = fn
+            found += 1
+    if not found:
+        raise ValueError("apply_context_parallel found no moetrain Attention module in the model")
+    return model
+
+
+__all__ = [
+    "CP_COMMS",
+    "ContextParallelAttention",
+    "allgather_attention",
+    "apply_context_parallel",
+    "ring_attention",
+    "shard_positions",
+    "shard_sequence",
+    "unshard",
+]
