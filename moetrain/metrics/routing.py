@@ -20,6 +20,7 @@ class RoutingAccumulator:
         # per layer [lbl, z, dropped, assignments, entropy, 1, tokens]
         self.sums: torch.Tensor | None = None
         self.micro_batches = 0
+        self.slots: list[torch.Tensor] = []  # per layer [slot counts | score sums], 2 x slots
 
     def add(self, layer_stats: Sequence[Any]) -> None:
         if not layer_stats:
@@ -32,11 +33,16 @@ class RoutingAccumulator:
               float(s.router_entropy), 1.0, float(s.tokens)] for s in layer_stats],
             dtype=torch.float64,
         )
+        # Slot counts and score sums give the step-level LBL (global scope); absent in old stats.
+        slots = [torch.cat([s.slot_counts.detach().to(torch.float64).cpu(),
+                            s.prob_sum.detach().to(torch.float64).cpu()])
+                 for s in layer_stats if getattr(s, "slot_counts", None) is not None]
         if self.counts is None:
-            self.counts, self.sums = counts, sums
+            self.counts, self.sums, self.slots = counts, sums, slots
         else:
             self.counts = [a + b for a, b in zip(self.counts, counts)]
             self.sums = self.sums + sums
+            self.slots = [a + b for a, b in zip(self.slots, slots)]
         self.micro_batches += 1
 
     def summarize(
@@ -45,21 +51,29 @@ class RoutingAccumulator:
         micro_batches_global: int | None = None,
         lbl_coeff: float = 1.0,
         z_coeff: float = 1.0,
+        lbl_scope: str = "micro",
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """Global statistics: `all_reduce` sums a tensor over the ranks holding different tokens.
 
         Returns the scalars for metrics.jsonl (`aux_loss` and `z_loss` weighted by their
         coefficients: what they add to the total loss) and the per-layer record for routing.jsonl.
+        For the `global` LBL scope, `aux_loss` is the LBL of the whole step, E * sum_i f_i p_i
+        with f and p over every token of the step (the per-micro-batch values the gradient used
+        only saw the counts accumulated so far); otherwise the mean over micro-batches.
         """
         if self.counts is None:
             empty = {"aux_loss": 0.0, "z_loss": 0.0, "dropped_frac": 0.0, "load_cv": 0.0,
                      "max_load_ratio": 0.0, "router_entropy": 0.0, "experts_per_token": 0.0}
             return empty, {"layers": []}
-        packed = torch.cat([torch.stack(self.counts).flatten(), self.sums.flatten()])
-        packed = all_reduce(packed)
         n_layers, n_experts = len(self.counts), self.counts[0].numel()
+        parts = [torch.stack(self.counts).flatten(), self.sums.flatten()]
+        if self.slots:
+            parts.append(torch.stack(self.slots).flatten())
+        packed = all_reduce(torch.cat(parts))
         counts = packed[: n_layers * n_experts].view(n_layers, n_experts)
-        sums = packed[n_layers * n_experts:].view(n_layers, -1)
+        n_sums = self.sums.numel()
+        sums = packed[n_layers * n_experts: n_layers * n_experts + n_sums].view(n_layers, -1)
+        slots = packed[n_layers * n_experts + n_sums:].view(n_layers, 2, -1) if self.slots else None
         mb = micro_batches_global or self.micro_batches
         mean = counts.mean(dim=1)
         # Population std over experts: the CV of a perfectly balanced layer is exactly 0.
@@ -68,7 +82,8 @@ class RoutingAccumulator:
         dropped_frac = sums[:, 2] / sums[:, 3].clamp_min(1)
         entropy = sums[:, 4] / sums[:, 5].clamp_min(1)
         scalars = {
-            "aux_loss": lbl_coeff * float(sums[:, 0].sum() / mb),
+            "aux_loss": lbl_coeff * (float(sums[:, 0].sum() / mb) if lbl_scope != "global"
+                                     or slots is None else _step_lbl(slots, sums[:, 6])),
             "z_loss": z_coeff * float(sums[:, 1].sum() / mb),
             "dropped_frac": float(sums[:, 2].sum() / sums[:, 3].sum().clamp_min(1)),
             "load_cv": float(cv.mean()),
@@ -88,3 +103,11 @@ class RoutingAccumulator:
             ]
         }
         return scalars, record
+
+
+def _step_lbl(slots: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Sum over layers of E * sum_i f_i * p_i over all tokens of the step (slots: [L, 2, E])."""
+    counts, prob_sum = slots[:, 0], slots[:, 1]
+    f = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    p = prob_sum / tokens.clamp_min(1).unsqueeze(-1)
+    return float((counts.shape[-1] * (f * p).sum(-1)).sum())

@@ -46,3 +46,19 @@ def test_summaries_are_reduced_over_ranks_before_ratios():
     mirror = lambda t: t + torch.cat([t[:2].flip(0), t[2:]])  # noqa: E731
     _, record = acc.summarize(mirror)
     assert record["layers"][0]["tokens_per_expert"] == [2, 2] and record["layers"][0]["load_cv"] == 0.0
+
+
+def test_global_scope_logs_the_lbl_of_the_whole_step():
+    def micro(counts, prob_sum, tokens):
+        s = stats(counts, lbl=9.0)  # the per-micro-batch value must not be what is logged
+        s.slot_counts, s.prob_sum, s.tokens = torch.tensor(counts), torch.tensor(prob_sum), tokens
+        return s
+
+    acc = RoutingAccumulator()
+    acc.add([micro([4, 0], [1.5, 0.5], 2)])
+    acc.add([micro([0, 4], [0.5, 1.5], 2)])
+    scalars, _ = acc.summarize(lbl_coeff=0.5, lbl_scope="global")
+    # step: f = [4, 4] / 8, p = [2, 2] / 4 -> LBL = 2 * (0.5 * 0.5 + 0.5 * 0.5) = 1
+    assert scalars["aux_loss"] == pytest.approx(0.5 * 1.0)
+    micro_scalars, _ = acc.summarize(lbl_coeff=0.5, lbl_scope="micro")
+    assert micro_scalars["aux_loss"] == pytest.approx(0.5 * 9.0)

@@ -43,6 +43,10 @@ class MoEStats:
     assignments: int | torch.Tensor  # assignments to real experts (T * k without top-p/null)
     router_entropy: torch.Tensor  # mean over tokens of the entropy of the score distribution
     tokens: int = 0  # T: assignments / tokens = real experts per token
+    # For the step-level LBL of the global scope: per routing slot (real and null experts),
+    # local pre-drop counts and the local sum over tokens of the score distribution.
+    slot_counts: Optional[torch.Tensor] = None
+    prob_sum: Optional[torch.Tensor] = None
 
 
 class MoELayer(nn.Module):
@@ -135,7 +139,7 @@ class MoELayer(nn.Module):
         entropy = entropy_T.mean() if T else entropy_T.sum()
         E = self.router.num_real_experts
         self.last_stats = MoEStats(lbl.detach(), z.detach(), counts_E[:E].detach(), dropped,
-                                   active, entropy, T)
+                                   active, entropy, T, counts_E.detach(), probs_TE.sum(0))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
