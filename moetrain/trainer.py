@@ -202,7 +202,8 @@ class Trainer:
         lm_loss = float(self.par.all_reduce_tokens(lm_sum)) / self.tokens_per_step
         moe = self.cfg.model.moe
         scalars, routing_record = routing.summarize(
-            self.par.all_reduce_routing, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff
+            self.par.all_reduce_routing, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff,
+            moe.lbl.scope,
         )
         grad_norm = self.par.clip_grad_norm(model, self.cfg.optim.grad_clip)
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
