@@ -16,6 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from moetrain.checkpoint import CheckpointManager, TrainState
+from moetrain.checkpoint.convert import load_model_state
+from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
 from moetrain.metrics import MetricsLogger, RoutingAccumulator
@@ -24,6 +26,7 @@ from moetrain.model import (
     set_recompute, set_top_k, update_expert_bias,
 )
 from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
+from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims, build_parallel_context
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
@@ -62,10 +65,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = Transformer(cfg.model)
         set_recompute(model, t.recompute)
+        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+        if cfg.model.init.upcycle_from and self.ckpt.resolve(cfg.checkpoint.resume) is None:
+            self._upcycle(model)
         self.model = self.par.parallelize(model.to(rt.device), cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
-        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         self.state = TrainState()
         self._resume()
         self.metrics = None
@@ -75,6 +80,17 @@ class Trainer:
                 resume_step=self.state.step if self.resumed_from else None,
                 config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
             )
+
+    def _upcycle(self, model: torch.nn.Module) -> None:
+        """Start from a dense checkpoint (model.init.upcycle_from); not when resuming."""
+        init = self.cfg.model.init
+        source = CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
+        try:
+            upcycle_(model, load_model_state(source), init.upcycle_granularity)
+        except UpcycleError as err:
+            raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: {err}") from None
+        if self.rt.is_main:
+            log.info("upcycled the MoE model from the dense checkpoint %s", source)
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:

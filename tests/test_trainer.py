@@ -16,6 +16,7 @@ def build(tmp_path, *overrides):
                              "logging.progress=false", "checkpoint.every=0", f"run.dir={tmp_path}",
                              *overrides]))
     validate(cfg)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, init_runtime(cfg), tmp_path)
 
 
@@ -93,3 +94,15 @@ def test_aux_loss_free_bias_moves_and_is_checkpointed(tmp_path):
     resumed = build(tmp_path, "train.max_steps=3", "train.eval_every=0",
                     "model.moe.routing.bias_rate=0.001", "model.moe.lbl.coeff=0")
     assert torch.equal(resumed.model.layers["1"].moe.router.expert_bias, bias)
+
+
+def test_upcycling_starts_the_moe_run_from_a_dense_run(tmp_path):
+    dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
+    dense = build(dense_dir, "train.max_steps=2", "train.eval_every=0", "checkpoint.every=2",
+                  "model.moe.first_dense_layers=4", "model.ffn_hidden=192")
+    dense.fit()
+    moe = build(moe_dir, "train.max_steps=1", "train.eval_every=0",
+                f"model.init.upcycle_from={dense_dir}", "model.ffn_hidden=192",
+                "model.moe.lbl.coeff=0", "model.moe.z_loss_coeff=0")
+    tokens = torch.randint(0, 8192, (2, 16))
+    torch.testing.assert_close(moe.model(tokens), dense.model(tokens), rtol=1e-5, atol=1e-5)

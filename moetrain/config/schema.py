@@ -101,6 +101,15 @@ class MoEConfig:
 
 
 @dataclass
+class InitConfig:
+    # Upcycling (BAM / sparse upcycling): initialise from a dense moetrain checkpoint of the same
+    # trunk - attention, norms, embeddings copied; every expert a copy of the dense MLP (or, with
+    # granularity m, of one of its m hidden slices, output scaled by m); routers fresh.
+    upcycle_from: Optional[str] = None
+    upcycle_granularity: int = 1
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 128
@@ -115,6 +124,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
+    init: InitConfig = field(default_factory=InitConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 from moetrain.config.schema import SCHEDULE_KINDS, MoetrainConfig
@@ -56,6 +57,10 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    _positive("model.init.upcycle_granularity", m.init.upcycle_granularity)
+    if m.init.upcycle_from is not None:
+        _require(Path(m.init.upcycle_from).exists(), "model.init.upcycle_from", m.init.upcycle_from,
+                 "must name a dense moetrain checkpoint (a step_<N> folder or a run directory)")
 
     _positive("model.moe.num_experts", moe.num_experts)
     _require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
