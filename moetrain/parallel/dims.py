@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 #: Every group kind `ParallelDims.groups()` returns, in a fixed order.
-GROUP_KINDS = ("tp", "cp", "dp", "pp", "dp_cp", "dp_cp_tp", "ep", "etp", "edp")
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "dp_cp", "cp_tp", "dp_cp_tp", "ep", "etp", "edp")
 
 # Each group kind: (view, the view's dims it spans). A view lists its dims fastest-varying first.
 _DENSE_VIEW = ("tp", "cp", "dp", "pp")
@@ -31,6 +31,9 @@ _GROUP_SPANS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pp": (_DENSE_VIEW, ("pp",)),
     # Dense gradients are reduced over DP x CP; cp varies fastest inside the group.
     "dp_cp": (_DENSE_VIEW, ("cp", "dp")),
+    # The ranks sharing one micro-batch (CP splits its sequences, TP's sequence parallelism
+    # splits them further): micro/seq-scope load-balancing counts are summed over this group.
+    "cp_tp": (_DENSE_VIEW, ("tp", "cp")),
     # Every rank of a pipeline stage: with sequence parallelism each holds different tokens, so
     # router statistics and router / shared-expert gradients are summed over this group.
     "dp_cp_tp": (_DENSE_VIEW, ("tp", "cp", "dp")),
@@ -117,6 +120,11 @@ class ParallelDims:
     def dp_cp(self) -> int:
         """Size of the dense gradient-reduction group (DP x CP)."""
         return self.dp * self.cp
+
+    @property
+    def cp_tp(self) -> int:
+        """Size of the group of ranks sharing one micro-batch (CP x TP)."""
+        return self.cp * self.tp
 
     @property
     def dp_cp_tp(self) -> int:
@@ -270,12 +278,15 @@ def validate_model_fit(
     seq_len: int,
     *,
     replicate_kv_heads: bool = False,
+    pp_schedule: str | None = None,
 ) -> None:
     """Check that a model and batch shape split over `dims`; raise LayoutError on the first misfit.
 
     `model` is a `ModelConfig`, `train` a `TrainConfig` (anything with the same attributes);
     `seq_len` is `data.seq_len`. With `replicate_kv_heads`, n_kv_heads < tp is accepted when
-    tp % n_kv_heads == 0 (each KV head is replicated over tp / n_kv_heads TP ranks).
+    tp % n_kv_heads == 0 (each KV head is replicated over tp / n_kv_heads TP ranks). With
+    `pp_schedule` (`parallel.pp_schedule`), the pipeline schedule is checked too
+    (`validate_pipeline`).
     """
     moe = model.moe
     if moe.num_experts % dims.ep:
@@ -338,6 +349,50 @@ def validate_model_fit(
             f"(dp = world size {dims.world_size} / (parallel.tp*parallel.cp*parallel.pp))",
             ("train.global_batch_size", "train.micro_batch_size"),
         )
+    if pp_schedule is not None:
+        validate_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step,
+                          tie_embeddings=bool(getattr(model, "tie_embeddings", False)))
+
+
+#: parallel.pp_schedule -> whether the schedule runs several (virtual) stages per rank.
+PP_SCHEDULES = {"gpipe": False, "1f1b": False, "interleaved": True, "zero_bubble": True}
+
+
+def validate_pipeline(
+    schedule: str, pp: int, vpp: int, n_microbatches: int, *, tie_embeddings: bool = False
+) -> None:
+    """Check a pipeline schedule against pp, vpp and the micro-batches per data-parallel rank
+    and step (train.global_batch_size / (train.micro_batch_size * dp)); LayoutError naming the
+    keys. Everything passes for pp = 1. `moetrain.parallel.pipeline.build_pipeline` runs the
+    same checks."""
+    if schedule not in PP_SCHEDULES:
+        raise LayoutError(
+            f"parallel.pp_schedule = {schedule!r}; use one of {', '.join(PP_SCHEDULES)}",
+            ("parallel.pp_schedule",))
+    if pp * vpp == 1:
+        return
+    if tie_embeddings:
+        raise LayoutError(
+            "model.tie_embeddings = true is not supported with pipeline parallelism "
+            f"(parallel.pp*parallel.vpp = {pp}*{vpp}): the embedding and the output head sit "
+            "on different stages; untie them", ("model.tie_embeddings", "parallel.pp"))
+    if not PP_SCHEDULES[schedule] and vpp != 1:
+        raise LayoutError(
+            f"parallel.pp_schedule = {schedule} runs one stage per rank, but parallel.vpp = {vpp}; "
+            "use interleaved or zero_bubble", ("parallel.pp_schedule", "parallel.vpp"))
+    if schedule == "1f1b" and n_microbatches < pp:
+        raise LayoutError(
+            f"parallel.pp_schedule = 1f1b needs at least parallel.pp = {pp} micro-batches "
+            f"per data-parallel rank, got {n_microbatches} (train.global_batch_size / "
+            "(train.micro_batch_size * dp))",
+            ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
+    rounds = max(1, n_microbatches // pp)
+    if PP_SCHEDULES[schedule] and n_microbatches % rounds:
+        raise LayoutError(
+            f"parallel.pp_schedule = {schedule} needs the micro-batches per data-parallel rank "
+            f"({n_microbatches}) to be a multiple of max(1, micro-batches // parallel.pp) = "
+            f"{rounds}",
+            ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
 
 
 def validate_layout(cfg: Any, world_size: int) -> ParallelDims:
@@ -346,5 +401,6 @@ def validate_layout(cfg: Any, world_size: int) -> ParallelDims:
     Returns the `ParallelDims`; raises LayoutError naming the keys on the first failure.
     """
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    validate_model_fit(dims, cfg.model, cfg.train, cfg.data.seq_len)
+    validate_model_fit(dims, cfg.model, cfg.train, cfg.data.seq_len,
+                       pp_schedule=cfg.parallel.pp_schedule)
     return dims

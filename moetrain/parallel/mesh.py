@@ -3,6 +3,7 @@
     dense = ("pp", "dp", "cp", "tp")      shape dims.dense_shape   (tp fastest-varying)
     moe   = ("pp", "edp", "ep", "etp")    shape dims.moe_shape     (etp fastest-varying)
     dp_cp = dense["dp", "cp"] flattened   (the dense gradient-reduction group)
+    cp_tp = dense["cp", "tp"] flattened   (the ranks sharing one micro-batch: its LBL counts)
     dp_cp_tp = dense["dp", "cp", "tp"] flattened   (every rank of a pipeline stage: with
                sequence parallelism the ranks holding different tokens of the MoE layers)
 
@@ -15,6 +16,7 @@ Every group is checked against the pure-Python `ParallelDims.groups()` at build 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,7 @@ class Meshes:
     dense: DeviceMesh
     moe: DeviceMesh
     dp_cp: DeviceMesh
+    cp_tp: DeviceMesh
     dp_cp_tp: DeviceMesh
     _views: dict[str, DeviceMesh] = field(init=False, repr=False)
 
@@ -41,8 +44,14 @@ class Meshes:
         views = {name: self.dense[name] for name in DENSE_DIMS}
         views.update({name: self.moe[name] for name in ("edp", "ep", "etp")})
         views["dp_cp"] = self.dp_cp  # "pp" comes from the dense view; the MoE one has its ranks
+        views["cp_tp"] = self.cp_tp
         views["dp_cp_tp"] = self.dp_cp_tp
         self._views = views
+
+    @cached_property
+    def experts(self) -> DeviceMesh:
+        """The MoE mesh's 2-D ("ep", "etp") view: where the expert weights are DTensors."""
+        return self.moe["ep", "etp"]
 
     def mesh(self, name: str) -> DeviceMesh:
         """The 1-D mesh of this rank's group of kind `name` (one of GROUP_KINDS)."""
@@ -65,7 +74,7 @@ class Meshes:
 
 
 def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto") -> Meshes:
-    """Build the dense, MoE, dp_cp and dp_cp_tp meshes over the initialised default process group.
+    """Build the dense, MoE, dp_cp, cp_tp and dp_cp_tp meshes over the initialised default group.
 
     Collective: every rank must call it, in the same order relative to other group creation.
     `strategy`: "unflatten" (one world mesh, `_unflatten` + `_flatten`), "explicit" (meshes
@@ -86,6 +95,7 @@ def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto"
         dense = root._unflatten(0, dims.dense_shape, DENSE_DIMS)
         moe = root._unflatten(0, dims.moe_shape, MOE_DIMS)
         dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+        cp_tp = dense["cp", "tp"]._flatten("cp_tp")
         dp_cp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
     elif strategy == "explicit":
         ranks = torch.arange(dims.world_size, dtype=torch.int)
@@ -93,17 +103,21 @@ def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto"
         moe = DeviceMesh(device_type, ranks.view(dims.moe_shape), mesh_dim_names=MOE_DIMS)
         if hasattr(DeviceMesh, "_flatten"):
             dp_cp = dense["dp", "cp"]._flatten("dp_cp")
+            cp_tp = dense["cp", "tp"]._flatten("cp_tp")
             dp_cp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
         else:  # a third mesh whose middle dim is dp x cp (dp outer, cp inner, as flattened)
             shape = (dims.pp, dims.dp_cp, dims.tp)
             dp_cp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp", "tp"))
             dp_cp = dp_cp["dp_cp"]
+            shape = (dims.pp, dims.dp, dims.cp_tp)
+            cp_tp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp", "cp_tp"))
+            cp_tp = cp_tp["cp_tp"]
             shape = (dims.pp, dims.dp_cp_tp)
             dp_cp_tp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp_tp"))
             dp_cp_tp = dp_cp_tp["dp_cp_tp"]
     else:
         raise ValueError(f"unknown strategy {strategy!r}; use auto, unflatten or explicit")
-    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dp_cp, dp_cp_tp=dp_cp_tp)
+    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dp_cp, cp_tp=cp_tp, dp_cp_tp=dp_cp_tp)
     _check_against_layout(meshes, dist.get_rank())
     return meshes
 

@@ -20,7 +20,8 @@ def test_every_shipped_experiment_is_valid(experiment):
 
 @pytest.mark.parametrize("world, layout", [
     (8, ["parallel.tp=4", "parallel.ep=4"]), (8, ["parallel.cp=4", "parallel.ep=2"]),
-    (8, ["parallel.pp=4", "parallel.tp=2"]), (8, ["parallel.pp=2", "parallel.vpp=2"]),
+    (8, ["parallel.pp=4", "parallel.tp=2"]),
+    (8, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved"]),
     (4, ["parallel.tp=2", "parallel.cp=2", "parallel.ep=4"]), (8, ["parallel.ep=8"]) ,
 ])
 def test_the_tiny_experiment_fits_every_small_layout(world, layout):

@@ -173,6 +173,46 @@ def test_model_fit_accepts_good_and_replicated_kv():
     validate_model_fit(dims, model, TrainConfig(global_batch_size=8), 128, replicate_kv_heads=True)
 
 
+@pytest.mark.parametrize(
+    "degrees, schedule, model, train, keys, text",
+    [
+        (dict(pp=2, vpp=2), "1f1b", {}, {}, ("parallel.pp_schedule", "parallel.vpp"),
+         "parallel.pp_schedule = 1f1b runs one stage per rank, but parallel.vpp = 2"),
+        (dict(pp=2, vpp=2), "gpipe", {}, {}, ("parallel.pp_schedule", "parallel.vpp"),
+         "use interleaved or zero_bubble"),
+        # dp = 2: 16 / (4 * 2) = 2 micro-batches per DP rank, 1f1b over 4 stages needs 4
+        (dict(pp=4), "1f1b", dict(n_layers=8), dict(global_batch_size=16, micro_batch_size=4),
+         ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"),
+         "needs at least parallel.pp = 4 micro-batches per data-parallel rank, got 2"),
+        # dp = 4: 40 / (2 * 4) = 5 micro-batches per DP rank, in max(1, 5 // 2) = 2 rounds
+        (dict(pp=2, vpp=2), "interleaved", {}, dict(global_batch_size=40, micro_batch_size=2),
+         ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"),
+         "(5) to be a multiple of max(1, micro-batches // parallel.pp) = 2"),
+        (dict(pp=2), "1f1b", dict(tie_embeddings=True), {}, ("model.tie_embeddings",),
+         "model.tie_embeddings = true is not supported with pipeline parallelism"),
+        (dict(pp=2), "pipedream", {}, {}, ("parallel.pp_schedule",), "use one of gpipe, 1f1b"),
+    ],
+)
+def test_pipeline_schedule_is_checked_before_any_process_group(degrees, schedule, model, train,
+                                                                keys, text):
+    dims = ParallelDims(8, **degrees)
+    train = TrainConfig(**{"global_batch_size": 32, "micro_batch_size": 2, **train})
+    with pytest.raises(LayoutError) as info:
+        validate_model_fit(dims, _model(**model), train, 128, pp_schedule=schedule)
+    assert text in str(info.value) and set(keys) <= set(info.value.keys)
+
+
+def test_pipeline_schedules_that_fit():
+    train = TrainConfig(global_batch_size=16, micro_batch_size=2)  # 8 micro-batches at dp1
+    for schedule in ("gpipe", "1f1b", "interleaved", "zero_bubble"):
+        validate_model_fit(ParallelDims(4, pp=4), ModelConfig(), train, 128, pp_schedule=schedule)
+    for schedule in ("interleaved", "zero_bubble"):
+        validate_model_fit(ParallelDims(2, pp=2, vpp=2), ModelConfig(), train, 128,
+                           pp_schedule=schedule)
+    # pp = 1: the schedule and tied embeddings do not matter
+    validate_model_fit(ParallelDims(2), _model(tie_embeddings=True), train, 128, pp_schedule="1f1b")
+
+
 # -- the layout tool -----------------------------------------------------------------------------
 
 
@@ -263,6 +303,7 @@ def megatron_groups():
             "dp": dense.get_ranks("dp"),
             "pp": dense.get_ranks("pp"),
             "dp_cp": dense.get_ranks("dp-cp"),
+            "cp_tp": dense.get_ranks("tp-cp"),
             "dp_cp_tp": dense.get_ranks("tp-dp-cp"),
             "ep": expert.get_ranks("ep"),
             "etp": expert.get_ranks("tp"),
