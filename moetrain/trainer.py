@@ -22,7 +22,7 @@ from moetrain.config.schema import MoetrainConfig
 from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
 from moetrain.metrics import MetricsLogger, RoutingAccumulator
 from moetrain.model import (
-    Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale, set_capacity_factor,
+    Transformer, reset_lbl_accumulators, set_aux_loss_scale, set_capacity_factor,
     set_recompute, set_top_k, update_expert_bias,
 )
 from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
@@ -202,18 +202,15 @@ class Trainer:
         # the gradient of (mean LM loss over the global batch + mean aux loss per micro-batch).
         set_aux_loss_scale(model, 1.0 / self.micro_batches_per_step)
         reset_lbl_accumulators(model)
+        batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
+                   for indices in micro_batches]
+        # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
+        # loss is backpropagated divided by the global batch's token count.
+        lm_sum, moe_stats = self.par.forward_backward(model, batches, self.tokens_per_step,
+                                                      rt.autocast)
         routing = RoutingAccumulator()
-        lm_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        for i, indices in enumerate(micro_batches):
-            batch = self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            last = i == len(micro_batches) - 1
-            with self.par.grad_sync(model, last), self.par.loss_context(), rt.autocast():
-                logits = model(inputs)
-                loss_sum = self.par.cross_entropy_sum(logits, targets)
-                (loss_sum / self.tokens_per_step).backward()
-            lm_sum += loss_sum.detach().to(torch.float64)
-            routing.add(collect_moe_stats(model))
+        for stats in moe_stats:
+            routing.add(stats)
 
         lm_loss = float(self.par.all_reduce_tokens(lm_sum)) / self.tokens_per_step
         moe = self.cfg.model.moe
@@ -251,11 +248,10 @@ class Trainer:
         steps = val_steps(len(self.val_data), t.eval_batches, t.global_batch_size,
                           t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
         for micro_batches in steps:
-            for indices in micro_batches:
-                batch = self.val_data.get_batch(indices).to(self.rt.device)
-                with self.par.loss_context(), self.rt.autocast():
-                    logits = model(batch[:, :-1])
-                    total += self.par.cross_entropy_sum(logits, batch[:, 1:]).to(torch.float64)
-                count += batch[:, 1:].numel()
+            batches = [self.val_data.get_batch(indices).to(self.rt.device)
+                       for indices in micro_batches]
+            loss_sum, targets = self.par.eval_sums(model, batches, self.rt.autocast)
+            total += loss_sum.to(total.device)
+            count += targets.to(count.device)
         model.train()
         return float(self.par.all_reduce_tokens(total) / self.par.all_reduce_tokens(count))

@@ -33,6 +33,8 @@ class TransformerBlock(nn.Module):
         dense = layer_id < cfg.moe.first_dense_layers
         self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden) if dense else None
         self.moe = None if dense else MoELayer(cfg.d_model, cfg.moe)
+        if self.moe is not None:  # MoE layers are the blocks from first_dense_layers on
+            self.moe.moe_index = layer_id - cfg.moe.first_dense_layers
         # Activation recomputation: "none", "moe" (the MoE layer) or "full" (the whole block);
         # set by `set_recompute` (train.recompute).
         self.recompute = "none"

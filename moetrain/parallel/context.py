@@ -1,21 +1,24 @@
 """What the training loop needs to know about the layout, behind one small object.
 
 The trainer never touches process groups itself: it asks the `ParallelContext` for this rank's
-data-parallel slice, to parallelize the plain model, for the LM loss of (possibly vocab-sharded)
-logits, to sum token and routing statistics over the ranks that hold different tokens, to clip
-the global gradient norm, and whether to sync gradients on this micro-batch.
+data-parallel slice, to parallelize the plain model, to run the forward and backward of a
+step's micro-batches (`forward_backward`: a loop over them, or a pipeline schedule), to sum
+token and routing statistics over the ranks that hold different tokens, and to clip the global
+gradient norm. `forward_backward` is built from the smaller pieces below (`shard_batch`,
+`grad_sync`, `loss_context`, `cross_entropy_sum`), which layouts override.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.schema import MoetrainConfig
+from moetrain.model.moe.layer import MoEStats, collect_moe_stats
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.grad_norm import clip_grad_norm_
 
@@ -31,6 +34,54 @@ class ParallelContext:
 
     def parallelize(self, model: nn.Module, cfg: MoetrainConfig) -> nn.Module:
         return model
+
+    # ------------------------------------------------------------------ one step
+    def forward_backward(
+        self, model: nn.Module, batches: Sequence[torch.Tensor], tokens_per_step: int,
+        autocast: Callable[[], ContextManager],
+    ) -> tuple[torch.Tensor, list[list[Optional[MoEStats]]]]:
+        """Forward and backward of this rank's micro-batches of one optimizer step.
+
+        batches: token ids [micro_batch, S + 1] each, in order. Each micro-batch's summed LM
+        loss is backpropagated divided by `tokens_per_step` (the global batch's tokens), so
+        gradients summed over micro-batches and ranks are those of the global mean. Returns the
+        fp64 LM loss sum over this rank's tokens and, per micro-batch, every MoE layer's
+        statistics (`RoutingAccumulator.add`).
+        """
+        lm_sum = torch.zeros((), dtype=torch.float64, device=batches[0].device)
+        stats = []
+        for i, batch in enumerate(batches):
+            inputs, targets, positions = self.shard_batch(batch)
+            with self.grad_sync(model, i == len(batches) - 1), self.loss_context(), autocast():
+                logits = model(inputs, positions)
+                loss_sum = self.cross_entropy_sum(logits, targets)
+                (loss_sum / tokens_per_step).backward()
+            lm_sum += loss_sum.detach().to(torch.float64)
+            stats.append(collect_moe_stats(model))
+        return lm_sum, stats
+
+    @torch.no_grad()
+    def eval_sums(
+        self, model: nn.Module, batches: Sequence[torch.Tensor],
+        autocast: Callable[[], ContextManager],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed LM loss, number of targets) of this rank's tokens of the given micro-batches
+        (model in eval mode; fp64); `all_reduce_tokens` makes both global."""
+        total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
+        count = torch.zeros((), dtype=torch.float64, device=batches[0].device)
+        for batch in batches:
+            inputs, targets, positions = self.shard_batch(batch)
+            with self.loss_context(), autocast():
+                total += self.cross_entropy_sum(model(inputs, positions), targets).double()
+            count += targets.numel()
+        return total, count
+
+    def shard_batch(
+        self, batch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(inputs, targets, positions) of this rank's part of token ids [B, S + 1]: the
+        sequences shifted by one; positions None = 0..S-1 (context parallelism overrides)."""
+        return batch[:, :-1], batch[:, 1:], None
 
     def grad_sync(self, model: nn.Module, last: bool):
         """Around one micro-batch's forward and backward: reduce gradients only when `last`."""
@@ -67,6 +118,6 @@ class ParallelContext:
 def build_parallel_context(dims: ParallelDims, device_type: str) -> ParallelContext:
     if dims.world_size == 1:
         return ParallelContext(dims, device_type)
-    from moetrain.parallel.distributed import DistributedContext
+    from moetrain.parallel.distributed import DistributedContext, PipelineContext
 
-    return DistributedContext(dims, device_type)
+    return (PipelineContext if dims.pp > 1 else DistributedContext)(dims, device_type)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from moetrain.model.moe.dispatcher import LocalDispatcher
 from moetrain.model.moe.layer import moe_layers
@@ -205,4 +206,32 @@ def apply_expert_parallel(
     return model
 
 
-__all__ = ["AllToAllDispatcher", "ExchangeState", "all_to_all_rows", "apply_expert_parallel"]
+def distribute_expert_weights(model: nn.Module, expert_mesh: DeviceMesh) -> nn.Module:
+    """Turn the expert weights `apply_expert_parallel` sliced into DTensors on `expert_mesh`,
+    the MoE mesh's 2-D ("ep", "etp") view: experts Shard(0) over ep, the hidden width F
+    Shard over etp (w1, w3 dim 2, w2 dim 1). Call right after `apply_expert_parallel`.
+
+    The sliced weights are plain [L, D, F/etp] tensors under the same names on every rank;
+    as DTensors they carry the global [E, D, F] shape and each shard's offsets, so DCP saves
+    every shard once and loads it into any other layout, the gradient norm counts each shard
+    once (DTensor reduces the norm over ep x etp), and FSDP2 over the EDP ranks shards them
+    further (2-D with the EP mesh, as TP weights are with dp_cp). The replicas on the EDP ranks
+    are not part of the mesh: their gradients are summed by the data-parallel code.
+    The forward computes with the local shards (`GroupedExperts` unwraps them).
+    """
+    if expert_mesh.ndim != 2:
+        raise ValueError(f"expected the 2-D (ep, etp) mesh, got {expert_mesh}")
+    for layer in moe_layers(model):
+        experts = layer.experts
+        for name, hidden_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+            w = getattr(experts, name)
+            if isinstance(w, DTensor):
+                raise RuntimeError("distribute_expert_weights: the weights are DTensors already")
+            shards = DTensor.from_local(w.detach(), expert_mesh, [Shard(0), Shard(hidden_dim)],
+                                        run_check=False)
+            setattr(experts, name, nn.Parameter(shards, requires_grad=w.requires_grad))
+    return model
+
+
+__all__ = ["AllToAllDispatcher", "ExchangeState", "all_to_all_rows", "apply_expert_parallel",
+           "distribute_expert_weights"]

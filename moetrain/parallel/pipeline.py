@@ -34,8 +34,10 @@ gradient from the backward of the layer's hidden output, whichever stage that is
 
 Shapes. Stages get their boundary shapes statically ([mb, S] token ids in, [mb, S, D] hidden
 states between stages, in the activation dtype), so torch runs no metadata-inference forward.
-`static_shapes=False` lets torch infer them from a first forward/backward instead (needed when
-the stage boundary carries DTensors, e.g. TP + PP); that extra pass leaves no trace in the MoE
+Under TP the boundary is each rank's plain sequence shard [mb, S/tp, D] (`sequence_shards`;
+`apply_tensor_parallel` unwraps and rewraps the residual stream at a stage's ends), so it stays
+static. `static_shapes=False` lets torch infer shapes from a first forward/backward instead
+(e.g. for stages that exchange DTensors); that extra pass leaves no trace in the MoE
 statistics, the global-LBL counts or the LM loss sum (see `_MoEAwareStage`).
 
 Tied embeddings are refused for pp * vpp > 1 (first and last stage would hold separate copies
@@ -62,7 +64,7 @@ from torch.distributed.tensor import DTensor
 
 from moetrain.model.moe.layer import MoELayer, MoEStats
 from moetrain.model.moe.losses import in_backward
-from moetrain.parallel.dims import LayoutError
+from moetrain.parallel.dims import LayoutError, validate_pipeline
 
 #: parallel.pp_schedule -> (torch schedule class, whether it runs several stages per rank).
 SCHEDULES = {
@@ -350,6 +352,7 @@ class MoEStatsRecorder:
         moe_ids = [i for i in range(model_cfg.n_layers) if i >= model_cfg.moe.first_dense_layers]
         self.num_layers = len(moe_ids)
         self.num_experts = model_cfg.moe.num_experts
+        self.num_slots = model_cfg.moe.num_experts + model_cfg.moe.routing.num_null_experts
         self.records: dict[int, list[MoEStats]] = {}
         self._handles = []
         for module in modules:
@@ -383,7 +386,9 @@ class MoEStatsRecorder:
         device = _group_device(group) if distributed else (
             first.lbl.device if first is not None else torch.device("cpu"))
         # Built where the statistics are (no host sync per value), copied to the host once.
-        packed = torch.zeros(n_microbatches, self.num_layers, 5 + self.num_experts,
+        # Per layer: 6 scalars, tokens_per_expert [E], slot_counts [N], prob_sum [N].
+        E, N = self.num_experts, self.num_slots
+        packed = torch.zeros(n_microbatches, self.num_layers, 6 + E + 2 * N,
                              dtype=torch.float64, device=device)
         for index, records in self.records.items():
             if len(records) != n_microbatches:
@@ -393,16 +398,22 @@ class MoEStatsRecorder:
                 scalars = torch.stack([s.lbl.detach().double(), s.z_loss.detach().double(),
                                        s.dropped.double(), s.lbl.new_tensor(float(s.assignments),
                                                                             dtype=torch.float64),
-                                       s.router_entropy.double()])
-                packed[mb, index, :5] = scalars.to(device)
-                packed[mb, index, 5:] = s.tokens_per_expert.double().to(device)
+                                       s.router_entropy.double(),
+                                       s.lbl.new_tensor(float(s.tokens), dtype=torch.float64)])
+                row = packed[mb, index]
+                row[:6] = scalars.to(device)
+                row[6:6 + E] = s.tokens_per_expert.double().to(device)
+                if s.slot_counts is not None:
+                    row[6 + E:6 + E + N] = s.slot_counts.double().to(device)
+                    row[6 + E + N:] = s.prob_sum.detach().double().to(device)
         if distributed:
             dist.all_reduce(packed, group=group)
         packed = packed.cpu()
         return [
-            [MoEStats(lbl=row[0], z_loss=row[1], tokens_per_expert=row[5:].round().long(),
+            [MoEStats(lbl=row[0], z_loss=row[1], tokens_per_expert=row[6:6 + E].round().long(),
                       dropped=row[2].round().long(), assignments=int(round(float(row[3]))),
-                      router_entropy=row[4])
+                      router_entropy=row[4], tokens=int(round(float(row[5]))),
+                      slot_counts=row[6 + E:6 + E + N].round().long(), prob_sum=row[6 + E + N:])
              for row in packed[mb]]
             for mb in range(n_microbatches)
         ]
@@ -495,6 +506,7 @@ def build_pipeline(
     cross_entropy_sum: Optional[CESum] = None,
     activation_dtype: Optional[torch.dtype] = None,
     static_shapes: bool = True,
+    sequence_shards: int = 1,
 ) -> Pipeline:
     """Wrap this rank's stage modules (already parallelized/sharded: FSDP2 roots are fine,
     torch's stages defer their gradient reduction to the end of the step) in PipelineStages
@@ -504,39 +516,21 @@ def build_pipeline(
     the whole global batch (the LM loss's divisor); seq_len: the tokens per sequence a stage
     sees (after CP splitting); activation_dtype: dtype of the hidden states between stages
     (default: the stage parameters' dtype); cross_entropy_sum: sum-CE of (logits, targets),
-    e.g. the parallel context's vocab-parallel one.
+    e.g. the parallel context's vocab-parallel one; sequence_shards: ranks splitting the hidden
+    states between stages along the sequence (TP's sequence parallelism: each rank sends its
+    [mb, seq_len / tp, D] shard, see `apply_tensor_parallel`).
     """
-    if schedule not in SCHEDULES:
-        raise LayoutError(f"parallel.pp_schedule = {schedule!r}; use one of {', '.join(SCHEDULES)}",
-                          ("parallel.pp_schedule",))
-    cls, multi = SCHEDULES[schedule]
     num_stages = stage_modules[0].num_stages
     pp = dist.get_world_size(group) if dist.is_initialized() else 1
-    vpp = len(stage_modules)
-    if not multi and vpp != 1:
-        raise LayoutError(
-            f"parallel.pp_schedule = {schedule} runs one stage per rank, but parallel.vpp = {vpp}; "
-            "use interleaved or zero_bubble", ("parallel.pp_schedule", "parallel.vpp"))
-    if schedule == "1f1b" and n_microbatches < num_stages:
-        raise LayoutError(
-            f"parallel.pp_schedule = 1f1b needs at least parallel.pp = {num_stages} micro-batches "
-            f"per data-parallel rank, got {n_microbatches} (train.global_batch_size / "
-            "(train.micro_batch_size * dp))",
-            ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
-    if multi and n_microbatches % max(1, n_microbatches // pp):
-        rounds = max(1, n_microbatches // pp)
-        raise LayoutError(
-            f"parallel.pp_schedule = {schedule} needs the micro-batches per data-parallel rank "
-            f"({n_microbatches}) to be a multiple of max(1, micro-batches // parallel.pp) = "
-            f"{rounds}",
-            ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
+    validate_pipeline(schedule, pp, len(stage_modules), n_microbatches)
+    cls, multi = SCHEDULES[schedule]
 
     stages = []
     for sm in stage_modules:
         kwargs = {}
         if static_shapes:
             kwargs["input_args"], kwargs["output_args"] = _boundary_examples(
-                sm, micro_batch_size, seq_len, model_cfg, activation_dtype)
+                sm, micro_batch_size, seq_len, model_cfg, activation_dtype, sequence_shards)
             if not sm.is_last:  # a wrong declaration would garble the activations sent
                 sm.module.register_forward_hook(_boundary_check(kwargs["output_args"]))
         stages.append(
@@ -550,12 +544,12 @@ def build_pipeline(
 
 
 def _boundary_examples(sm: StageModule, mb: int, seq_len: int, model_cfg,
-                       dtype: Optional[torch.dtype]):
+                       dtype: Optional[torch.dtype], sequence_shards: int = 1):
     """Meta tensors of a stage's input and output (what torch would infer by a forward)."""
     if dtype is None:
         dtype = next(sm.module.parameters()).dtype
-    hidden = torch.empty(mb, seq_len, model_cfg.d_model, dtype=dtype, device="meta",
-                         requires_grad=True)
+    hidden = torch.empty(mb, seq_len // sequence_shards, model_cfg.d_model, dtype=dtype,
+                         device="meta", requires_grad=True)
     if sm.is_first:
         inputs = torch.empty(mb, seq_len, dtype=torch.long, device="meta")
     else:
@@ -572,8 +566,9 @@ def _boundary_check(expected: torch.Tensor):
     """Forward hook: the stage's output is what its PipelineStage declared to send."""
     def check(module: nn.Module, args, output) -> None:
         if isinstance(output, DTensor):
-            raise RuntimeError("a stage returned a DTensor: build the pipeline with "
-                               "static_shapes=False (torch infers DTensor boundaries)")
+            raise RuntimeError("a stage returned a DTensor: hand the next stage the local "
+                               "shard (apply_tensor_parallel does for pipeline stages) or "
+                               "build the pipeline with static_shapes=False")
         if output.shape != expected.shape or output.dtype != expected.dtype:
             raise RuntimeError(
                 f"stage output {tuple(output.shape)} {output.dtype} is not the declared "

@@ -17,7 +17,11 @@ Layout of one block over the TP group (t ranks; B batch, S sequence, D model wid
                         expert-data-parallel ranks, so the MoE weights (router, experts, shared
                         experts) stay plain, replicated tensors whose gradients the data-parallel
                         code sums over every rank holding different tokens ("dp_cp_tp").
+                        With parallel.ep / etp > 1 the TP ranks may be EP / ETP ranks instead
+                        (the experts are sliced over the MoE mesh: expert_parallel).
     tok_embeddings      vocab-parallel (rows sharded), output reduce-scattered to Shard(1)
+    stage ends          (pipeline stages without tok_embeddings / output) take / return the
+                        residual stream as the local [B, S/t, D] shard: a plain tensor
     output              colwise over the vocabulary: input all-gathered, logits [B, S, V]
                         stay a DTensor Shard(-1); the trainer's cross-entropy runs under
                         `loss_parallel()` (max / sum-exp / target logit all-reduced over TP),
@@ -54,6 +58,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     PrepareModuleInputOutput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -87,6 +92,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         parallelize_module(model, tp_mesh, top)
     if tied:  # each style made its own DTensor; both are Shard(0) over the vocabulary
         model.output.weight = model.tok_embeddings.weight
+    # A pipeline stage without the embedding / the output head: its ends carry the residual
+    # stream as this rank's plain sequence shard [B, S/t, D] (static shapes, no DTensor in the
+    # schedule's send/recv), re-wrapped as Shard(1) inside.
+    if model.tok_embeddings is None:
+        parallelize_module(model, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),)))
+    if model.output is None:
+        parallelize_module(model, tp_mesh, PrepareModuleOutput(
+            output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),),
+            use_local_output=True))
 
     for block in model.layers.values():
         plan: dict[str, object] = {

@@ -19,25 +19,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _probe_results: dict[tuple[str, torch.dtype], bool] = {}
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
 def _gmm(x_ND: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(_grouped_mm(x_ND, w_EIO, offs=offsets_E))
+    out = _grouped_mm(x_ND, w_EIO, offs=offsets_E)
+    if out.requires_grad:
+        # grouped_mm's backward needs a contiguous incoming gradient. A tensor hook rather than
+        # an identity autograd.Function: that would make the output a view, which FSDP2 warns
+        # about when the experts are their own FSDP unit (expert parallelism).
+        out.register_hook(torch.Tensor.contiguous)
+    return out
 
 
 def grouped_mm_usable(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -67,6 +62,14 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a weight. Under expert parallelism the weights are DTensors with
+    the global [E, D, F] shape (for checkpoints and FSDP); the rows a rank receives depend on
+    the routing, which a DTensor cannot express, so the GEMMs use the local shard (as
+    torchtitan's GroupedExperts do)."""
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def experts_loop(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
@@ -108,7 +111,7 @@ class GroupedExperts(nn.Module):
 
     @property
     def num_local_experts(self) -> int:
-        return self.w1.shape[0]
+        return _local(self.w1).shape[0]
 
     @torch.no_grad()
     def shard_(self, experts: slice, hidden: slice) -> None:
@@ -129,7 +132,7 @@ class GroupedExperts(nn.Module):
         device_type = x_ND.device.type
         if torch.is_autocast_enabled(device_type):  # autocast does not reach grouped_mm
             x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
-        w1, w3, w2 = (w.to(x_ND.dtype) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (_local(w).to(x_ND.dtype) for w in (self.w1, self.w3, self.w2))
         grouped = self.use_grouped_mm
         if grouped is None:
             grouped = grouped_mm_usable(x_ND, w1, w3, w2)

@@ -75,6 +75,10 @@ class MoELayer(nn.Module):
         # statistics) are divided by it, so they are this rank's share: the shares of a
         # micro-batch SUM to its loss, like the gradients the data-parallel code sums.
         self.token_shards = 1
+        # Position among the full model's MoE layers (set by the Transformer): per-layer values
+        # of the whole model (e.g. the global loads for the expert bias) are indexed by it, so a
+        # pipeline stage holding only some layers finds its own. None: module order.
+        self.moe_index: Optional[int] = None
         self.last_stats: Optional[MoEStats] = None
 
     @property
@@ -179,9 +183,10 @@ def set_capacity_factor(model: nn.Module, capacity_factor: Optional[float]) -> N
 
 
 def update_expert_bias(model: nn.Module, tokens_per_expert: list[torch.Tensor]) -> None:
-    """Aux-loss-free balancing step: the global [E] load of each MoE layer, in module order."""
-    layers = moe_layers(model)
-    if len(layers) != len(tokens_per_expert):
-        raise ValueError(f"{len(tokens_per_expert)} loads for {len(layers)} MoE layers")
-    for layer, load in zip(layers, tokens_per_expert):
-        layer.router.update_bias(load)
+    """Aux-loss-free balancing step: the global [E] load of every MoE layer of the full model,
+    in order; a model holding only some of them (a pipeline stage) updates its own."""
+    for position, layer in enumerate(moe_layers(model)):
+        index = position if layer.moe_index is None else layer.moe_index
+        if index >= len(tokens_per_expert):
+            raise ValueError(f"{len(tokens_per_expert)} loads, but MoE layer {index} needs one")
+        layer.router.update_bias(tokens_per_expert[index])
