@@ -84,7 +84,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in ("step", *KEYS)}
+        rec = {key: m[key] for key in ("step", *KEYS, "val_loss") if key in m}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -120,18 +120,67 @@ def rel_err(a: float, b: float) -> float:
 
 
 def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
-    """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses
-    and load CV to rel. RTOL, expert token counts exactly. Returns the largest rel. error per key."""
+    """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses,
+    load CV and (where the layout evaluated) the validation loss to rel. RTOL, expert token
+    counts exactly. Returns the largest rel. error per key."""
     assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
     worst = {key: 0.0 for key in KEYS}
     bad = []
     for got, want in zip(records, reference):
-        for key in KEYS:
+        if "val_loss" in got:
+            assert "val_loss" in want, f"step {got['step']}: the reference did not evaluate"
+        for key in KEYS + (("val_loss",) if "val_loss" in got else ()):
             err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
             if not err < RTOL:
                 bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")
-            worst[key] = max(worst[key], err)
+            worst[key] = max(worst.get(key, 0.0), err)
         if got["tokens_per_expert"] != want["tokens_per_expert"]:
             bad.append(f"step {got['step']} tokens_per_expert differ")
     assert not bad, "not equal to the single-process run:\n" + "\n".join(bad)
+    return worst
+
+
+# -- references shared by the layout tests (one single-process launch per session) ------------
+
+# The layout tests use a global batch of 4 (2 micro-batches of 2): half the micro-batches of
+# BASE, the per-micro-batch overhead of 4-8 processes on 2 cores is what their time goes to.
+# Each layout names the single-process run it must equal: the same micro-batches per step
+# (micro_batch_size; with DP more sequences per step), layers and LBL scope.
+B4 = ["train.global_batch_size=4"]
+# The "b4" run (so every layout compared with it) also evaluates on one global batch of the
+# validation split after the last step.
+EVAL = ("train.eval_every=3", "train.eval_batches=1")
+# Aux-loss-free balancing: the expert biases move after every step from the global load.
+BIAS = ("model.moe.routing.bias_rate=0.01",)
+REFERENCES: dict[str, list[str]] = {
+    "b4": [*B4, *EVAL],
+    "b4-mb1": [*B4, "train.micro_batch_size=1"],
+    "b4-mb1-bias": [*B4, "train.micro_batch_size=1", *BIAS],
+    "b4-mb1-l8": [*B4, "train.micro_batch_size=1", "model.n_layers=8"],
+    "b8-mb1": ["train.micro_batch_size=1"],
+    "b4-global": [*B4, "model.moe.lbl.scope=global"],
+    "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout to train: its overrides and the name of the reference (in REFERENCES) it equals."""
+
+    overrides: tuple[str, ...]
+    reference: str = "b4"
+
+
+def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path) -> LayoutRuns:
+    """`run_layouts` for `Layout`s: the reference's overrides, then the layout's."""
+    layouts = {name: [*REFERENCES[c.reference], *c.overrides] for name, c in cases.items()}
+    return run_layouts(world_size, layouts, tmp_dir, timeout=600)
+
+
+def check_case(runs: LayoutRuns, name: str, case: Layout,
+               references: LayoutRuns) -> dict[str, float]:
+    """Assert layout `name` equals its reference (`compare`); print and return the errors."""
+    worst = compare(runs.records[name], references.records[case.reference])
+    print(f"{name} vs {case.reference}: max rel. error "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     return worst

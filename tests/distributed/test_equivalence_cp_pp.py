@@ -1,0 +1,72 @@
+"""Context and pipeline parallelism in the real Trainer against one process, and the 5-D
+layout pp2 x tp2 x cp2 x ep2 (K=3 steps, fp32, dropless, micro-batch LBL; DESIGN §4).
+
+CP: both ways of seeing the other ranks' keys and values (`parallel.cp_comm`), inputs, targets
+and positions zig-zag sharded by the context. PP: every schedule the trainer offers with one
+stage per rank and interleaved with two virtual stages per rank; the loss comes from the last
+stage, the routing statistics from every stage, the grad norm is summed over the stages.
+The layouts compared with the "b4" run also evaluate after the last step (`eval_sums`: the
+CP-local targets counted, the last stage's loss); one moves aux-loss-free expert biases (each
+stage updates its own layers from the global load).
+Rank 0's logged values must equal the single-process run's to rel. 1e-5 (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.equivalence import BIAS, Layout, check_case, run_cases
+
+PP2 = ("parallel.pp=2",)
+INTERLEAVED = ("parallel.vpp=2", "parallel.pp_schedule=interleaved")
+TWO_RANKS = {
+    "cp2": Layout(("parallel.cp=2",)),
+    "cp2-ring": Layout(("parallel.cp=2", "parallel.cp_comm=ring")),
+    "pp2-1f1b": Layout(PP2),
+    "pp2-interleaved": Layout((*PP2, *INTERLEAVED)),  # 4 virtual stages of one layer
+    "pp2-gpipe": Layout((*PP2, "parallel.pp_schedule=gpipe")),
+}
+PP4 = ("parallel.pp=4",)  # 1f1b needs 4 micro-batches: 4 of one sequence
+FOUR_RANKS = {
+    "cp4": Layout(("parallel.cp=4",)),
+    "cp4-ring": Layout(("parallel.cp=4", "parallel.cp_comm=ring")),
+    "pp4-1f1b-bias": Layout((*PP4, *BIAS), "b4-mb1-bias"),  # one MoE layer per stage
+    "pp4-interleaved": Layout((*PP4, *INTERLEAVED), "b4-mb1-l8"),  # 8 stages: 8 layers
+    "pp4-gpipe": Layout((*PP4, "parallel.pp_schedule=gpipe"), "b4-mb1"),
+    "pp2-ep2": Layout(("parallel.pp=2", "parallel.ep=2"), "b4-mb1"),  # dp2, EP over DP
+}
+# Every dimension at once: dp1, EP folded over the TP x CP ranks of each stage (edp 2).
+EIGHT_RANKS = {
+    "pp2-tp2-cp2-ep2": Layout(("parallel.pp=2", "parallel.tp=2", "parallel.cp=2",
+                               "parallel.ep=2")),
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("cp_pp_two"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_cases(4, FOUR_RANKS, tmp_path_factory.mktemp("cp_pp_four"))
+
+
+@pytest.fixture(scope="module")
+def eight_ranks(tmp_path_factory):
+    return run_cases(8, EIGHT_RANKS, tmp_path_factory.mktemp("cp_pp_eight"))
+
+
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_two_rank_layout_equals_one_process(name, two_ranks, references):
+    check_case(two_ranks, name, TWO_RANKS[name], references)
+
+
+@pytest.mark.parametrize("name", FOUR_RANKS)
+def test_four_rank_layout_equals_one_process(name, four_ranks, references):
+    check_case(four_ranks, name, FOUR_RANKS[name], references)
+
+
+def test_five_dimensional_layout_equals_one_process(eight_ranks, references):
+    name = "pp2-tp2-cp2-ep2"
+    check_case(eight_ranks, name, EIGHT_RANKS[name], references)
