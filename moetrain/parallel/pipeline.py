@@ -64,14 +64,14 @@ from torch.distributed.tensor import DTensor
 
 from moetrain.model.moe.layer import MoELayer, MoEStats
 from moetrain.model.moe.losses import in_backward
-from moetrain.parallel.dims import LayoutError, validate_pipeline
+from moetrain.parallel.dims import PP_SCHEDULES, LayoutError, validate_pipeline
 
 #: parallel.pp_schedule -> (torch schedule class, whether it runs several stages per rank).
 SCHEDULES = {
-    "gpipe": (ScheduleGPipe, False),
-    "1f1b": (Schedule1F1B, False),
-    "interleaved": (ScheduleInterleaved1F1B, True),
-    "zero_bubble": (ScheduleInterleavedZeroBubble, True),
+    name: (cls, PP_SCHEDULES[name])
+    for name, cls in (("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B),
+                      ("interleaved", ScheduleInterleaved1F1B),
+                      ("zero_bubble", ScheduleInterleavedZeroBubble))
 }
 
 
