@@ -92,9 +92,7 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _validate_routing(moe)
 
     p = cfg.parallel
-    for key in ("tp", "cp", "pp", "ep", "etp", "vpp"):
-        _positive(f"parallel.{key}", getattr(p, key))
-    _choice("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved", "gpipe", "zero_bubble"))
+    # The degrees and the pipeline schedule are checked with the layout (_validate_layout).
     _choice("parallel.cp_comm", p.cp_comm, ("allgather", "ring"))
 
     d = cfg.data
