@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
         "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
-        "train.max_steps=16", "checkpoint.every=4"]
+        "train.max_steps=18", "checkpoint.every=6"]
 
 
 def torchrun(run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
@@ -55,7 +55,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
-def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_after_the_step_6_checkpoint_then_resume_is_bit_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     finish(torchrun(full))
 
@@ -72,9 +72,9 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
             pass
     proc.communicate()
     saved = int(latest.read_text().strip().split("_")[1])
-    assert saved < 16, "the run finished before it could be killed"
+    assert saved < 18, "the run finished before it could be killed"
 
     finish(torchrun(killed, "checkpoint.resume=auto"))
     a, b = losses(full), losses(killed)
-    assert sorted(b) == list(range(1, 17))
-    assert all(a[s] == b[s] for s in range(1, 17)), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    assert sorted(b) == list(range(1, 19))
+    assert all(a[s] == b[s] for s in range(1, 19)), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
