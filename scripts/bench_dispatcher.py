@@ -180,7 +180,7 @@ def summarize(world: int, per_rank: list[dict]) -> dict:
     )
 
 
-def table(results: list[dict], opts: dict) -> str:
+def table(results: list[dict]) -> str:
     lines = [
         "| ranks (EP) | rows sent / rank | of which off-rank | KiB sent / rank | "
         "rows recv (max rank) | KiB recv (max rank) | fwd ms | fwd+bwd ms |",
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     print(f"AllToAllDispatcher dispatch+combine: {a.tokens} tokens/rank, dim {a.dim}, "
           f"{a.experts} experts, top-{a.top_k}, {a.dtype}, median of {a.iters} iters "
           f"(slowest rank); device: {dev}")
-    print(table(results, opts))
+    print(table(results))
     if a.json is not None:
         a.json.write_text(json.dumps(dict(options=opts, device=dev, results=results), indent=2))
     return 0
