@@ -25,17 +25,24 @@ class RoutingAccumulator:
     def add(self, layer_stats: Sequence[Any]) -> None:
         if not layer_stats:
             return
-        counts = [s.tokens_per_expert.detach().to(torch.float64).cpu() for s in layer_stats]
-        sums = torch.tensor(
-            # Every micro-batch holds the same number of tokens, so the mean of the per-micro-batch
-            # entropies (the last column counts them) is the mean over all tokens.
-            [[float(s.lbl), float(s.z_loss), float(s.dropped), float(s.assignments),
-              float(s.router_entropy), 1.0, float(s.tokens)] for s in layer_stats],
-            dtype=torch.float64,
-        )
+        # Kept on the statistics' device: the host reads them once per step (in `summarize`),
+        # not once per value and micro-batch, which would stall a GPU every micro-batch.
+        counts = [s.tokens_per_expert.detach().to(torch.float64) for s in layer_stats]
+        device = counts[0].device
+
+        def column(value: Any) -> torch.Tensor:
+            return torch.as_tensor(value, dtype=torch.float64, device=device)
+
+        # Every micro-batch holds the same number of tokens, so the mean of the per-micro-batch
+        # entropies (the 1 column counts them) is the mean over all tokens.
+        sums = torch.stack([
+            torch.stack([column(s.lbl), column(s.z_loss), column(s.dropped), column(s.assignments),
+                         column(s.router_entropy), column(1.0), column(s.tokens)])
+            for s in layer_stats
+        ])
         # Slot counts and score sums give the step-level LBL (global scope); absent in old stats.
-        slots = [torch.cat([s.slot_counts.detach().to(torch.float64).cpu(),
-                            s.prob_sum.detach().to(torch.float64).cpu()])
+        slots = [torch.cat([s.slot_counts.detach().to(torch.float64),
+                            s.prob_sum.detach().to(torch.float64).to(device)])
                  for s in layer_stats if getattr(s, "slot_counts", None) is not None]
         if self.counts is None:
             self.counts, self.sums, self.slots = counts, sums, slots
@@ -69,7 +76,7 @@ class RoutingAccumulator:
         parts = [torch.stack(self.counts).flatten(), self.sums.flatten()]
         if self.slots:
             parts.append(torch.stack(self.slots).flatten())
-        packed = all_reduce(torch.cat(parts))
+        packed = all_reduce(torch.cat(parts)).cpu()
         counts = packed[: n_layers * n_experts].view(n_layers, n_experts)
         n_sums = self.sums.numel()
         sums = packed[n_layers * n_experts: n_layers * n_experts + n_sums].view(n_layers, -1)
