@@ -103,7 +103,8 @@ class GroupedExperts(nn.Module):
         # Which part of the model's experts these weights hold: experts [expert_offset,
         # expert_offset + num_local_experts) of num_global_experts, hidden columns
         # [hidden_offset, hidden_offset + local width) of global_hidden. The forward reads only
-        # the shapes; checkpoints and parameter counts need the offsets. Set by `shard_`.
+        # the shapes; the offsets say where a shard sits (checkpoints use the DTensor placement
+        # that expert parallelism gives the weights). Set by `shard_`.
         self.num_global_experts = num_experts
         self.expert_offset = 0
         self.global_hidden = hidden
