@@ -16,10 +16,11 @@ import json
 import sys
 from typing import Any, Sequence
 
-from moetrain.parallel.dims import GROUP_KINDS, LayoutError, ParallelDims, validate_model_fit
+from moetrain.parallel.checks import check_model_fit
+from moetrain.parallel.dims import GROUP_KINDS, LayoutError, ParallelDims
 
 PARALLEL_KEYS = ("tp", "cp", "pp", "ep", "etp", "vpp")
-# The model, train and data keys that the layout constrains (DESIGN §2), all integers.
+# The model, train and data keys that the layout constrains (docs/design.md), all integers.
 MODEL_KEYS = (
     "model.n_layers",
     "model.n_heads",
@@ -66,7 +67,7 @@ def layout_from_overrides(world_size: int, overrides: dict[str, int]) -> Paralle
             section, _, attr = key.rpartition(".")
             if section in sections:
                 setattr(sections[section], attr, value)
-        validate_model_fit(dims, model, train, data.seq_len)
+        check_model_fit(dims, model, train, data.seq_len)
     return dims
 
 

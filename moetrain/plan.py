@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from moetrain.config import ConfigError, LoggingConfig, compose, to_object, validate
-    from moetrain.parallel.dims import LayoutError, validate_layout
+    from moetrain.parallel import LayoutError, check_layout
     from moetrain.planning import format_plan, make_plan, min_world_size
 
     try:
@@ -41,10 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     world_size = args.world_size or min_world_size(cfg.parallel)
     try:
-        dims = validate_layout(cfg, world_size)
         # Logging checks whether wandb/tensorboard are installed here, which a plan made on a
         # laptop for a GPU cluster must not depend on: validate everything else.
-        validate(dataclasses.replace(cfg, logging=LoggingConfig()), world_size)
+        validate(dataclasses.replace(cfg, logging=LoggingConfig()))
+        dims = check_layout(cfg, world_size)
     except (LayoutError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from moetrain.config.schema import head_dim_of
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.pipeline.split import rank_layers
 
 #: Bytes per parameter: bf16 weights for compute, fp32 gradients (reduced and accumulated in
 #: fp32), AdamW in fp32: master weights + exp_avg + exp_avg_sq. 18 in all (Megatron's figure).
@@ -73,14 +75,10 @@ class ParamCounts:
             a["router"] + output
 
 
-def head_dim(model: Any) -> int:
-    return model.head_dim or model.d_model // model.n_heads
-
-
 def layer_params(model: Any, layer: int) -> dict[str, int]:
     """Parameters of transformer block `layer` by component (all routed experts)."""
     d, moe = model.d_model, model.moe
-    h = head_dim(model)
+    h = head_dim_of(model)
     out = dict.fromkeys(COMPONENTS, 0)
     out["attention"] = d * (model.n_heads + 2 * model.n_kv_heads) * h + model.n_heads * h * d
     out["norms"] = 2 * d
@@ -137,7 +135,7 @@ def flops_per_token(model: Any, seq_len: int, top_k: Optional[int] = None,
                     causal: bool = False) -> Flops:
     """Training FLOPs per token of a `ModelConfig` at sequence length `seq_len` (module docstring)."""
     n_mm = count_parameters(model, top_k).n_active_matmul
-    attention = 4.0 * model.n_layers * seq_len * model.n_heads * head_dim(model)
+    attention = 4.0 * model.n_layers * seq_len * model.n_heads * head_dim_of(model)
     return Flops(2.0 * n_mm, attention / 2 if causal else attention)
 
 
@@ -147,12 +145,6 @@ def granularity(model: Any) -> float:
 
 
 # -- memory -------------------------------------------------------------------------------------
-
-
-def stage_layers(n_layers: int, pp: int) -> list[range]:
-    """The layers of each pipeline stage: contiguous, equal (validation requires pp | n_layers)."""
-    per = n_layers // pp
-    return [range(s * per, (s + 1) * per) for s in range(pp)]
 
 
 def in_flight_micro_batches(stage: int, dims: ParallelDims, n_micro: int, schedule: str) -> float:
@@ -190,7 +182,7 @@ def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: Parallel
     a per-head fp32 logsumexp (2 H elements).
     """
     d, moe = model.d_model, model.moe
-    h = head_dim(model)
+    h = head_dim_of(model)
     q, kv = model.n_heads * h, model.n_kv_heads * h
     per_token = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
     if layer < moe.first_dense_layers:
@@ -243,7 +235,8 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
     n_micro = max(1, cfg.train.global_batch_size // (micro * dims.dp))
     tokens = micro * seq / dims.cp
     stages = []
-    for s, layers in enumerate(stage_layers(model.n_layers, dims.pp)):
+    for s in range(dims.pp):  # pp rank s holds virtual stages s, s + pp, ... (looped)
+        layers = rank_layers(model.n_layers, s, dims.pp, dims.vpp, par.pp_layers)
         dense = expert = 0.0
         largest_layer = 0.0
         for layer in layers:

@@ -14,12 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, register_configs, to_object, validate
 from moetrain.data import DataError
+from moetrain.parallel import LayoutError, check_layout
 from moetrain.runtime import Runtime, init_runtime, resolve_run_dir, shutdown
 
 log = logging.getLogger("moetrain")
 
 # Failures a user can fix: reported as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError, DataError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, LayoutError)
 
 
 def _setup_logging(run_dir: Path, rt: Runtime) -> None:
@@ -44,7 +45,8 @@ def run(cfg: DictConfig) -> int:
 
     try:
         typed = to_object(cfg)
-        validate(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate(typed)
+        check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         rt = init_runtime(typed)
         run_dir = resolve_run_dir(typed, rt)
         if rt.is_main:

@@ -20,15 +20,17 @@ from moetrain.checkpoint.convert import load_model_state
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
-from moetrain.metrics import MetricsLogger, RoutingAccumulator
+from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.model import (
-    Transformer, reset_lbl_accumulators, set_aux_loss_scale, set_capacity_factor,
-    set_recompute, set_top_k, update_expert_bias,
+    Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
+    update_expert_bias,
 )
 from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
+from moetrain.model.moe.stats import StatsColumns
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
-from moetrain.parallel import ParallelDims, build_parallel_context
+from moetrain.parallel import ParallelDims
+from moetrain.parallel.context import ParallelContext
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from moetrain.runtime import Runtime
 
@@ -45,7 +47,7 @@ class Trainer:
         self.start_time = time.monotonic()
         t = cfg.train
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
-        self.par = build_parallel_context(dims, rt.device.type)
+        self.par = ParallelContext(dims, rt.device)
 
         prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
         self.train_data = PackedTokenDataset(prepared, "train", cfg.data.seq_len)
@@ -59,6 +61,8 @@ class Trainer:
         )
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.micro_batches_per_step = t.global_batch_size // t.micro_batch_size
+        self.num_moe_layers = cfg.model.n_layers - cfg.model.moe.first_dense_layers
+        self.stats_columns = StatsColumns.of(cfg.model.moe)
 
         # Every rank builds the full model from the same seed, so any layout starts from the
         # same weights; the parallel context then shards/replicates it.
@@ -195,38 +199,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        model, rt = self.model, self.rt
+        model, rt, par = self.model, self.rt, self.par
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         # Scales are chosen so that summing gradients over all micro-batches of all ranks gives
         # the gradient of (mean LM loss over the global batch + mean aux loss per micro-batch).
-        set_aux_loss_scale(model, 1.0 / self.micro_batches_per_step)
-        reset_lbl_accumulators(model)
+        start_moe_step(model, aux_loss_scale=1.0 / self.micro_batches_per_step)
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
         # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
         # loss is backpropagated divided by the global batch's token count.
-        lm_sum, moe_stats = self.par.forward_backward(model, batches, self.tokens_per_step,
-                                                      rt.autocast)
-        routing = RoutingAccumulator()
-        for stats in moe_stats:
-            routing.add(stats)
-
-        lm_loss = float(self.par.all_reduce_tokens(lm_sum)) / self.tokens_per_step
-        moe = self.cfg.model.moe
-        scalars, routing_record = routing.summarize(
-            self.par.all_reduce_routing, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff,
-            moe.lbl.scope,
-        )
-        grad_norm = self.par.clip_grad_norm(model, self.cfg.optim.grad_clip)
+        lm_sum = par.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
+        lm_loss = float(par.sum_over_tokens(lm_sum)) / self.tokens_per_step
+        stats = moe_step_stats(model, self.num_moe_layers, self.stats_columns, rt.device)
+        if stats is not None:  # every MoE layer's statistics, summed over every rank
+            stats = stats.columns.view(par.sum_moe_stats(stats.rows_LC))
+        grad_norm = par.clip_grad_norm(model, self.cfg.optim.grad_clip)
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
+        moe = self.cfg.model.moe
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
-            if moe.routing.bias_rate > 0:  # aux-loss-free balancing from this step's global load
-                update_expert_bias(model, [torch.tensor(layer["tokens_per_expert"])
-                                           for layer in routing_record["layers"]])
+            if moe.routing.bias_rate > 0 and stats is not None:
+                # Aux-loss-free balancing from this step's global load (on the device).
+                update_expert_bias(model, stats.tokens_per_expert)
+        host = None if stats is None else stats.columns.view(stats.rows_LC.cpu())
+        scalars, routing_record = summarize_routing(
+            host, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
         record = {
             "loss": lm_loss,
             "lm_loss": lm_loss,
@@ -243,15 +243,13 @@ class Trainer:
         assert self.val_data is not None
         model, t = self.model, self.cfg.train
         model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         steps = val_steps(len(self.val_data), t.eval_batches, t.global_batch_size,
                           t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
         for micro_batches in steps:
             batches = [self.val_data.get_batch(indices).to(self.rt.device)
                        for indices in micro_batches]
-            loss_sum, targets = self.par.eval_sums(model, batches, self.rt.autocast)
-            total += loss_sum.to(total.device)
-            count += targets.to(count.device)
+            sums += self.par.eval_sums(model, batches, self.rt.autocast).to(sums.device)
         model.train()
-        return float(self.par.all_reduce_tokens(total) / self.par.all_reduce_tokens(count))
+        loss_sum, targets = self.par.sum_over_tokens(sums).tolist()
+        return loss_sum / targets

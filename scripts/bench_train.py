@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from moetrain.benchmark import device_name, matmul_ceiling, median, synchronize, time_iterations
 from moetrain.config import compose, to_object, validate
-from moetrain.model import Transformer, reset_lbl_accumulators, set_aux_loss_scale, set_recompute
+from moetrain.model import Transformer, set_recompute, start_moe_step
 from moetrain.optim import build_optimizer
 from moetrain.planning import count_parameters, flops_per_token
 from moetrain.runtime import init_runtime
@@ -57,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not any(o.startswith("+experiment=") for o in overrides):
         overrides.insert(0, DEFAULT_EXPERIMENT)
     cfg = to_object(compose(overrides))
-    validate(cfg, world_size=1)
+    validate(cfg)
     rt = init_runtime(cfg)
     device = rt.device
     compute_dtype = rt.autocast_dtype or torch.float32
@@ -65,7 +65,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     with torch.device(device):  # initialise on the device (a GPU draws the weights much faster)
         model = Transformer(cfg.model)
     set_recompute(model, cfg.train.recompute)
-    set_aux_loss_scale(model, 1.0)
     optimizer = build_optimizer(model, cfg.optim)
     B, S, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -76,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def train_step() -> None:
         tokens = batches[step_no[0] % len(batches)]
         step_no[0] += 1
-        reset_lbl_accumulators(model)
+        start_moe_step(model, aux_loss_scale=1.0)
         optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             logits = model(tokens[:, :-1])

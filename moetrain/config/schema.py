@@ -1,26 +1,54 @@
 """Typed configuration schema: one dataclass per concern, mirrored by the YAML groups in configs/.
 
-Hydra merges the YAML files onto these dataclasses, so a misspelt key or a value of the wrong
-type is refused while the config is composed; `moetrain.config.validate` then checks the values
-and the relations between them before any process group or model exists.
+Hydra merges the YAML files onto these dataclasses, so a misspelt key, a value of the wrong
+type or a value outside a choice list is refused while the config is composed;
+`moetrain.config.validate` then checks ranges and the relations between keys before any process
+group or model exists. Every choice list lives here, once, as a `Choice` enum.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, List, Optional
+
+
+class Choice(str, Enum):
+    """A config value from a fixed list. A str subclass, so it compares equal to its value
+    ("global" == LBLScope("global")) and formats as it."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    # The functional form: some values are not Python names ("global", "1f1b").
+    return Choice(name, [(v, v) for v in values])  # type: ignore[return-value]
+
+
+LBLScope = _choice("LBLScope", "micro", "seq", "global")
+ScheduleKind = _choice("ScheduleKind", "constant", "linear", "cosine", "step")
+GroupMode = _choice("GroupMode", "none", "limited", "balanced")
+ScoreFunc = _choice("ScoreFunc", "softmax", "sigmoid")
+PPSchedule = _choice("PPSchedule", "1f1b", "interleaved", "gpipe", "zero_bubble")
+CPComm = _choice("CPComm", "allgather", "ring")
+LRDecay = _choice("LRDecay", "cosine", "linear", "constant")
+Device = _choice("Device", "auto", "cpu", "cuda")
+DType = _choice("DType", "auto", "fp32", "bf16")
+Recompute = _choice("Recompute", "none", "moe", "full")
+WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 
 
 @dataclass
 class LBLConfig:
-    # micro: f_i and p_i over the tokens of one micro-batch; global: f_i from counts summed over
-    # the data-parallel ranks and the micro-batches of the step so far; seq: per sequence.
-    scope: str = "micro"
+    # micro: f_i and p_i over the tokens of one micro-batch; seq: per sequence; global: f_i from
+    # the counts of every rank and of the step's micro-batches so far (docs/load_balancing.md).
+    scope: LBLScope = LBLScope("micro")
     coeff: float = 0.01
-
-
-#: The kinds of `ValueSchedule` (formulas in moetrain.model.moe.schedule).
-SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 
 
 @dataclass
@@ -32,7 +60,7 @@ class ValueSchedule:
     step on; `start` before the first). start/end null = the static config value.
     """
 
-    kind: str = "constant"
+    kind: ScheduleKind = ScheduleKind("constant")
     start: Optional[float] = None
     end: Optional[float] = None
     start_step: int = 0
@@ -62,7 +90,7 @@ class RoutingConfig:
     # Group-limited routing over num_groups equal groups of experts: `limited` keeps the
     # topk_groups best groups (DeepSeek node-limited), `balanced` picks top_k / num_groups experts
     # in every group (Pangu MoGE). `none` ignores the groups.
-    group_mode: str = "none"  # none | limited | balanced
+    group_mode: GroupMode = GroupMode("none")
     num_groups: int = 1
     topk_groups: int = 1
     # Null experts (AdaMoE): zero-compute slots a token may pick instead of a real expert; they
@@ -81,7 +109,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     # Width of each shared expert; null means expert_hidden.
     shared_expert_hidden: Optional[int] = None
-    score_func: str = "softmax"  # softmax | sigmoid
+    score_func: ScoreFunc = ScoreFunc("softmax")
     # Renormalise the selected top-k weights to sum to one.
     norm_topk_prob: bool = True
     # Tokens per expert capped at ceil(capacity_factor * tokens * top_k / num_experts);
@@ -128,6 +156,11 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
+def head_dim_of(model: Any) -> int:
+    """Per-head width of a `ModelConfig`: model.head_dim, or d_model // n_heads when null."""
+    return model.head_dim or model.d_model // model.n_heads
+
+
 @dataclass
 class FSDPConfig:
     # true: FSDP2 (ZeRO-3 with reshard_after_forward, ZeRO-2 without); false: replicated DP.
@@ -143,8 +176,11 @@ class ParallelConfig:
     ep: int = 1
     etp: int = 1
     vpp: int = 1
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe | zero_bubble
-    cp_comm: str = "allgather"  # allgather | ring
+    pp_schedule: PPSchedule = PPSchedule("1f1b")
+    # Layers per virtual pipeline stage (pp * vpp entries, summing to model.n_layers; the first
+    # and last may be 0: they hold the embedding / the output head); null = an even split.
+    pp_layers: Optional[List[int]] = None
+    cp_comm: CPComm = CPComm("allgather")
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -171,7 +207,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 10
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: LRDecay = LRDecay("cosine")
     # Clip the global gradient norm to this value; 0 disables clipping.
     grad_clip: float = 1.0
 
@@ -184,8 +220,9 @@ class TrainConfig:
     seed: int = 1234
     # Bit-reproducible runs on CPU (deterministic algorithms, fixed thread count).
     deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    device: Device = Device("auto")
+    # auto: bf16 autocast on GPU, fp32 on CPU.
+    dtype: DType = DType("auto")
     log_every: int = 1
     # Abort after this many consecutive steps whose loss was NaN/inf (such steps are skipped).
     max_bad_steps: int = 5
@@ -195,7 +232,7 @@ class TrainConfig:
     # Wall-clock budget in seconds; null = unlimited.
     max_time: Optional[float] = None
     # Activation recomputation in backward: none | moe (the MoE layers) | full (whole blocks).
-    recompute: str = "none"
+    recompute: Recompute = Recompute("none")
 
 
 @dataclass
@@ -214,7 +251,7 @@ class CheckpointConfig:
 class WandbConfig:
     enabled: bool = False
     project: str = "moetrain"
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode("offline")
     name: Optional[str] = None
 
 

@@ -1,17 +1,21 @@
 """Value checks run before training starts: every failure names the key and what would be valid.
 
-Unknown keys and wrong types are already refused by Hydra against the dataclass schema; this
-module checks ranges, choices and the relations between keys.
+Unknown keys, wrong types and values outside a choice list are already refused by Hydra against
+the dataclass schema; this module checks ranges and the relations between keys (and the choices
+again, for configs built in Python). The parallel layout is checked by
+`moetrain.parallel.checks.check_layout`, which needs the world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from moetrain.config.schema import SCHEDULE_KINDS, MoetrainConfig
+from moetrain.config.schema import Choice, MoetrainConfig, head_dim_of
 
 
 class ConfigError(ValueError):
@@ -40,8 +44,21 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
-    """Check every value of `cfg` for a run on `world_size` ranks; raise ConfigError on the first bad one."""
+def _check_choices(node: Any, prefix: str) -> None:
+    """Every `Choice`-typed field of a dataclass tree holds one of its values."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        kind = hints.get(f.name)
+        if isinstance(kind, type) and issubclass(kind, Choice):
+            _choice(key, value, kind.values())
+        elif dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".")
+
+
+def validate(cfg: MoetrainConfig) -> None:
+    """Check every value of `cfg`; raise ConfigError on the first bad one."""
+    _check_choices(cfg, "")
     m, moe = cfg.model, cfg.model.moe
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
         _positive(f"model.{key}", getattr(m, key))
@@ -52,7 +69,7 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
                  f"must be divisible by model.n_heads={m.n_heads} when model.head_dim is null")
     else:
         _positive("model.head_dim", m.head_dim)
-    head_dim = m.head_dim or m.d_model // m.n_heads
+    head_dim = head_dim_of(m)
     _require(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even (rotary embeddings)")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
@@ -71,7 +88,6 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _non_negative("model.moe.num_shared_experts", moe.num_shared_experts)
     if moe.shared_expert_hidden is not None:
         _positive("model.moe.shared_expert_hidden", moe.shared_expert_hidden)
-    _choice("model.moe.score_func", moe.score_func, ("softmax", "sigmoid"))
     if moe.capacity_factor is not None:
         _require(moe.capacity_factor > 0, "model.moe.capacity_factor", moe.capacity_factor,
                  "must be > 0, or null for dropless routing")
@@ -82,7 +98,6 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
         _require(isinstance(moe.token_rounding, int) and not isinstance(moe.token_rounding, bool)
                  and moe.token_rounding >= 1, "model.moe.token_rounding", moe.token_rounding,
                  "must be a positive integer (the GEMM tile, e.g. 128) or null")
-    _choice("model.moe.lbl.scope", moe.lbl.scope, ("micro", "global", "seq"))
     _non_negative("model.moe.lbl.coeff", moe.lbl.coeff)
     _non_negative("model.moe.z_loss_coeff", moe.z_loss_coeff)
     _validate_schedule("model.moe.schedule.top_k", moe.schedule.top_k, moe.top_k,
@@ -90,10 +105,6 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _validate_schedule("model.moe.schedule.capacity_factor", moe.schedule.capacity_factor,
                        moe.capacity_factor, _capacity_range)
     _validate_routing(moe)
-
-    p = cfg.parallel
-    # The degrees and the pipeline schedule are checked with the layout (_validate_layout).
-    _choice("parallel.cp_comm", p.cp_comm, ("allgather", "ring"))
 
     d = cfg.data
     _require(bool(d.corpus), "data.corpus", d.corpus, "must name a text file or a folder of .txt files")
@@ -108,16 +119,12 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     _non_negative("optim.warmup_steps", o.warmup_steps)
-    _choice("optim.decay", o.decay, ("cosine", "linear", "constant"))
     _non_negative("optim.grad_clip", o.grad_clip)
 
     t = cfg.train
     _positive("train.max_steps", t.max_steps)
     _positive("train.global_batch_size", t.global_batch_size)
     _positive("train.micro_batch_size", t.micro_batch_size)
-    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
-    _choice("train.recompute", t.recompute, ("none", "moe", "full"))
     _positive("train.log_every", t.log_every)
     _positive("train.max_bad_steps", t.max_bad_steps)
     _non_negative("train.eval_every", t.eval_every)
@@ -131,15 +138,12 @@ def validate(cfg: MoetrainConfig, world_size: int = 1) -> None:
     if c.keep_last is not None:
         _positive("checkpoint.keep_last", c.keep_last)
 
-    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("offline", "online", "disabled"))
     if cfg.logging.wandb.enabled:
         _require(_importable("wandb"), "logging.wandb.enabled", True,
                  "wandb is not installed: pip install 'moetrain[wandb]', or set it to false")
     if cfg.logging.tensorboard:
         _require(_importable("tensorboard"), "logging.tensorboard", True,
                  "tensorboard is not installed: pip install 'moetrain[tensorboard]', or set it to false")
-
-    _validate_layout(cfg, world_size)
 
 
 def _validate_routing(moe: Any) -> None:
@@ -152,7 +156,6 @@ def _validate_routing(moe: Any) -> None:
     _non_negative(f"{key}.num_null_experts", r.num_null_experts)
     _require(isinstance(r.num_null_experts, int), f"{key}.num_null_experts", r.num_null_experts,
              "must be an integer >= 0")
-    _choice(f"{key}.group_mode", r.group_mode, ("none", "limited", "balanced"))
     if r.group_mode != "none":
         _require(r.num_null_experts == 0, f"{key}.group_mode", r.group_mode,
                  f"cannot be combined with {key}.num_null_experts > 0")
@@ -187,7 +190,6 @@ def _is_number(value: Any) -> bool:
 
 def _validate_schedule(key: str, sched: Any, default: Any, check_value) -> None:
     """A `ValueSchedule`: kind, steps, milestones, and every value it can take via check_value."""
-    _choice(f"{key}.kind", sched.kind, SCHEDULE_KINDS)
     for name in ("start_step", "end_step"):
         value = getattr(sched, name)
         _require(isinstance(value, int) and value >= 0, f"{key}.{name}", value,
@@ -216,13 +218,3 @@ def _validate_schedule(key: str, sched: Any, default: Any, check_value) -> None:
                      "the step must be an integer >= 0, greater than the previous milestone's")
             check_value(f"{key}.milestones[{i}]", m_value)
             previous = m_step
-
-
-def _validate_layout(cfg: MoetrainConfig, world_size: int) -> None:
-    """The parallel layout and the shapes it must divide (DESIGN.md §2)."""
-    from moetrain.parallel.dims import LayoutError, validate_layout
-
-    try:
-        validate_layout(cfg, world_size)
-    except LayoutError as err:
-        raise ConfigError(str(err)) from None

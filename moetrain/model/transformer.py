@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.config.schema import ModelConfig
+from moetrain.config.schema import ModelConfig, head_dim_of
 from moetrain.model.attention import Attention
 from moetrain.model.mlp import FeedForward
 from moetrain.model.moe.experts import GroupedExperts
@@ -25,9 +25,8 @@ _WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_modu
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim,
+        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim_of(cfg),
                                    cfg.rope_theta)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         dense = layer_id < cfg.moe.first_dense_layers
@@ -126,13 +125,10 @@ def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
     p.copy_(sample.normal_(0.0, std, generator=gen))
 
 
-RECOMPUTE_MODES = ("none", "moe", "full")
-
-
 def set_recompute(model: nn.Module, mode: str) -> None:
-    """Recompute activations in backward instead of keeping them (`train.recompute`)."""
-    if mode not in RECOMPUTE_MODES:
-        raise ValueError(f"train.recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
+    """Recompute activations in backward instead of keeping them (`train.recompute`:
+    none | moe | full, the schema's Recompute)."""
+    assert mode in ("none", "moe", "full"), mode
     for module in model.modules():
         if isinstance(module, TransformerBlock):
             module.recompute = mode
@@ -150,4 +146,4 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, total - inactive
 
 
-__all__ = ["RECOMPUTE_MODES", "Transformer", "TransformerBlock", "count_params", "set_recompute"]
+__all__ = ["Transformer", "TransformerBlock", "count_params", "set_recompute"]

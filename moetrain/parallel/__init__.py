@@ -1,6 +1,10 @@
-"""Parallelism applied to the plain model by functions over device meshes (DESIGN.md §2)."""
+"""Parallelism applied to the plain model by functions over device meshes (docs/parallelism.md).
 
-from moetrain.parallel.context import ParallelContext, build_parallel_context
-from moetrain.parallel.dims import LayoutError, ParallelDims, validate_layout
+Torch-free here: the layout arithmetic (`ParallelDims`) and the config checks (`check_layout`).
+The trainer's entry is `moetrain.parallel.context.ParallelContext`.
+"""
 
-__all__ = ["LayoutError", "ParallelContext", "ParallelDims", "build_parallel_context", "validate_layout"]
+from moetrain.parallel.checks import check_layout
+from moetrain.parallel.dims import LayoutError, ParallelDims
+
+__all__ = ["LayoutError", "ParallelDims", "check_layout"]

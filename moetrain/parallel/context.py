@@ -1,123 +1,211 @@
-"""What the training loop needs to know about the layout, behind one small object.
+"""What the training loop needs to know about the layout, behind one object (any world size).
 
-The trainer never touches process groups itself: it asks the `ParallelContext` for this rank's
-data-parallel slice, to parallelize the plain model, to run the forward and backward of a
-step's micro-batches (`forward_backward`: a loop over them, or a pipeline schedule), to sum
-token and routing statistics over the ranks that hold different tokens, and to clip the global
-gradient norm. `forward_backward` is built from the smaller pieces below (`shard_batch`,
-`grad_sync`, `loss_context`, `cross_entropy_sum`), which layouts override.
+The trainer never touches a process group: it asks the `ParallelContext` for this rank's
+data-parallel slice, to parallelize the plain model (`parallelize`: which also picks the step
+runner, a micro-batch loop or a pipeline schedule, moetrain/parallel/steps.py), to run a step's
+forward and backward, to sum the step's statistics over the ranks, and to clip the global
+gradient norm. On one process every collective is the identity. docs/parallelism.md has the
+5-D picture and who reduces what.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from moetrain.config.schema import MoetrainConfig
-from moetrain.model.moe.layer import MoEStats, collect_moe_stats
+from moetrain.model.moe.layer import moe_layers
+from moetrain.parallel.context_parallel import (
+    apply_context_parallel, shard_positions, shard_sequence,
+)
+from moetrain.parallel.data_parallel import ReplicatedGradReducer, apply_fsdp
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.expert_parallel import apply_expert_parallel, distribute_expert_weights
 from moetrain.parallel.grad_norm import clip_grad_norm_
+from moetrain.parallel.mesh import Meshes, build_meshes
+from moetrain.parallel.pipeline.stages import build_stage_modules
+from moetrain.parallel.steps import MicroBatchSteps, PipelineSteps, StepRunner
+from moetrain.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def lbl_count_group(scope: str) -> str:
+    """The group kind over which a MoE layer sums its LBL counts, by `model.moe.lbl.scope`: the
+    ranks holding the other tokens of the scope's unit. A micro-batch (and each of its
+    sequences) is split over CP x TP (sequence parallelism); the global scope's unit is the
+    step, every rank of the pipeline stage. The one place that maps scopes to groups."""
+    return "dp_cp_tp" if scope == "global" else "cp_tp"
 
 
 class ParallelContext:
-    """One process: every collective is the identity."""
+    """One rank's view of the layout: meshes, its coordinates and the collectives it needs."""
 
-    def __init__(self, dims: ParallelDims, device_type: str) -> None:
-        self.dims = dims
-        self.device_type = device_type
-        self.dp_rank = 0
-        self.dp_size = 1
+    def __init__(self, dims: ParallelDims, device: torch.device) -> None:
+        self.dims, self.device = dims, device
+        self.rank = dist.get_rank() if dims.world_size > 1 else 0
+        self.meshes: Optional[Meshes] = (
+            build_meshes(dims, device.type) if dims.world_size > 1 else None)
+        coord = dims.dense_coord(self.rank)
+        self.dp_rank, self.cp_rank, self.tp_rank, self.pp_rank = (
+            coord.dp, coord.cp, coord.tp, coord.pp)
+        self.dp_size = dims.dp
+        self.steps: Optional[StepRunner] = None
+        self._fsdp_units: list = []
+        self._reducer: Optional[ReplicatedGradReducer] = None
 
+    # ------------------------------------------------------------------ model
     def parallelize(self, model: nn.Module, cfg: MoetrainConfig) -> nn.Module:
+        """Apply the layout to the plain model; returns what the trainer takes as the model
+        (under PP this rank's stages as one module with the full model's names)."""
+        dims, t = self.dims, cfg.train
+        if dims.pp == 1:
+            self._parallelize_stage(model, cfg)
+            self.steps = MicroBatchSteps(self)
+        else:
+            stage_modules = build_stage_modules(model, self.pp_rank, dims.pp, dims.vpp,
+                                                cfg.parallel.pp_layers)
+            for sm in stage_modules:
+                self._parallelize_stage(sm.module, cfg)
+            self.steps = PipelineSteps(
+                self, stage_modules, schedule=cfg.parallel.pp_schedule,
+                n_microbatches=t.global_batch_size // (t.micro_batch_size * dims.dp),
+                micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len // dims.cp,
+                model_cfg=cfg.model)
+            model = self.steps.model
+        if self.meshes is not None and not cfg.parallel.fsdp.enabled:
+            self._reducer = ReplicatedGradReducer(model, self.meshes)
         return model
+
+    def _parallelize_stage(self, module: nn.Module, cfg: MoetrainConfig) -> None:
+        """EP, TP, CP, the MoE layers' wiring, FSDP: on the full model or one pipeline stage."""
+        dims, meshes = self.dims, self.meshes
+        if meshes is None:
+            return
+        if dims.ep * dims.etp > 1:  # on the full weights, before anything wraps them
+            apply_expert_parallel(module, meshes.group("ep"),
+                                  meshes.group("etp") if dims.etp > 1 else None)
+            distribute_expert_weights(module, meshes.experts)
+        if dims.tp > 1:
+            apply_tensor_parallel(module, meshes.mesh("tp"))
+        if dims.cp > 1:
+            apply_context_parallel(module, meshes.group("cp"), cfg.parallel.cp_comm)
+        kind = lbl_count_group(cfg.model.moe.lbl.scope)
+        sum_counts = self._sum_over(kind) if dims.size(kind) > 1 else None
+        for layer in moe_layers(module):
+            layer.use_layout(token_shards=dims.cp_tp, sum_counts=sum_counts)
+        fsdp = cfg.parallel.fsdp
+        if fsdp.enabled:
+            self._fsdp_units += apply_fsdp(module, meshes, fsdp.reshard_after_forward)
 
     # ------------------------------------------------------------------ one step
     def forward_backward(
         self, model: nn.Module, batches: Sequence[torch.Tensor], tokens_per_step: int,
         autocast: Callable[[], ContextManager],
-    ) -> tuple[torch.Tensor, list[list[Optional[MoEStats]]]]:
+    ) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches of one optimizer step.
 
         batches: token ids [micro_batch, S + 1] each, in order. Each micro-batch's summed LM
         loss is backpropagated divided by `tokens_per_step` (the global batch's tokens), so
-        gradients summed over micro-batches and ranks are those of the global mean. Returns the
-        fp64 LM loss sum over this rank's tokens and, per micro-batch, every MoE layer's
-        statistics (`RoutingAccumulator.add`).
+        gradients summed over micro-batches and ranks are those of the global mean; every
+        gradient reduction has run when it returns. Returns this rank's fp64 LM loss sum
+        (zero where it computes no loss: the pipeline's other stages) for `sum_over_tokens`.
         """
-        lm_sum = torch.zeros((), dtype=torch.float64, device=batches[0].device)
-        stats = []
-        for i, batch in enumerate(batches):
-            inputs, targets, positions = self.shard_batch(batch)
-            with self.grad_sync(model, i == len(batches) - 1), self.loss_context(), autocast():
-                logits = model(inputs, positions)
-                loss_sum = self.cross_entropy_sum(logits, targets)
-                (loss_sum / tokens_per_step).backward()
-            lm_sum += loss_sum.detach().to(torch.float64)
-            stats.append(collect_moe_stats(model))
-        return lm_sum, stats
+        assert self.steps is not None, "parallelize first"
+        return self.steps.forward_backward(model, batches, tokens_per_step, autocast)
 
     @torch.no_grad()
-    def eval_sums(
-        self, model: nn.Module, batches: Sequence[torch.Tensor],
-        autocast: Callable[[], ContextManager],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed LM loss, number of targets) of this rank's tokens of the given micro-batches
-        (model in eval mode; fp64); `all_reduce_tokens` makes both global."""
-        total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
-        count = torch.zeros((), dtype=torch.float64, device=batches[0].device)
-        for batch in batches:
-            inputs, targets, positions = self.shard_batch(batch)
-            with self.loss_context(), autocast():
-                total += self.cross_entropy_sum(model(inputs, positions), targets).double()
-            count += targets.numel()
-        return total, count
+    def eval_sums(self, model: nn.Module, batches: Sequence[torch.Tensor],
+                  autocast: Callable[[], ContextManager]) -> torch.Tensor:
+        """[LM loss sum, targets] (fp64) of this rank's tokens of the given micro-batches (model
+        in eval mode), for `sum_over_tokens`."""
+        assert self.steps is not None, "parallelize first"
+        return self.steps.eval_sums(model, batches, autocast)
 
     def shard_batch(
         self, batch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(inputs, targets, positions) of this rank's part of token ids [B, S + 1]: the
-        sequences shifted by one; positions None = 0..S-1 (context parallelism overrides)."""
-        return batch[:, :-1], batch[:, 1:], None
+        sequences shifted by one and, under CP, this rank's chunks with their true positions
+        (None = 0..S-1)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        cp, r = self.dims.cp, self.cp_rank
+        if cp == 1:
+            return inputs, targets, None
+        positions = shard_positions(inputs.shape[1], r, cp, device=inputs.device)
+        return shard_sequence(inputs, r, cp), shard_sequence(targets, r, cp), positions
 
-    def grad_sync(self, model: nn.Module, last: bool):
+    @contextmanager
+    def grad_sync(self, last: bool) -> Iterator[None]:
         """Around one micro-batch's forward and backward: reduce gradients only when `last`."""
-        return nullcontext()
+        for unit in self._fsdp_units:  # FSDP accumulates unreduced gradients until `last`
+            unit.set_requires_gradient_sync(last, recurse=False)
+        yield
+        if last:
+            self.reduce_replicated_grads()
 
-    def loss_context(self):
+    def reduce_replicated_grads(self) -> None:
+        """Sum the gradients of replicated (non-FSDP) data parallelism; no-op otherwise."""
+        if self._reducer is not None:
+            self._reducer.reduce()
+
+    def loss_context(self) -> ContextManager:
         """Around forward, `cross_entropy_sum` and backward (vocab-parallel loss under TP)."""
-        return nullcontext()
+        return loss_parallel() if self.dims.tp > 1 else nullcontext()
 
-    def cross_entropy_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed LM cross-entropy of logits [B, S, V] against targets [B, S], a plain fp32
-        scalar (under TP the same on every TP rank); call inside `loss_context()`."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    @staticmethod
+    def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed LM cross-entropy of logits [B, S, V] against targets [B, S], an fp32 scalar;
+        call inside `loss_context()`. Under TP the logits are vocab-sharded and the sum is a
+        DTensor replicated over TP: its local value is the whole micro-batch's (and backward
+        through to_local gives each replica the same gradient)."""
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        return loss.to_local() if isinstance(loss, DTensor) else loss
 
-    def all_reduce_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a statistic of the LM loss over the ranks that compute it for different tokens
-        (DP x CP; TP ranks share the loss of their micro-batch); the identity on one process."""
-        return tensor
+    # ------------------------------------------------------------------ reductions
+    def all_reduce(self, tensor: torch.Tensor, kind: Optional[str] = None,
+                   op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or `op`) a tensor over this rank's group of `kind` (a GROUP_KINDS name; None =
+        every rank), on the group's device, into a new tensor on the input's device."""
+        if self.meshes is None or (kind is not None and self.dims.size(kind) == 1):
+            return tensor
+        out = tensor.to(self.device, copy=True)  # NCCL needs device tensors; never in place
+        dist.all_reduce(out, op=op, group=self.meshes.group(kind) if kind else None)
+        return out.to(tensor.device)
 
-    def all_reduce_routing(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum MoE routing statistics over every rank routing different tokens (DP x CP, and TP
-        under sequence parallelism); the identity on one process."""
-        return tensor
+    def _sum_over(self, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: self.all_reduce(t, kind)
+
+    def sum_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-token statistics of the LM loss (a loss sum, a target count) over the ranks
+        that compute them for different tokens: DP x CP. TP ranks share their micro-batch's
+        loss and pipeline stages other than the last have none, so only tp rank 0 of the last
+        stage contributes; one collective over every rank."""
+        if self.meshes is None:
+            return values
+        holds_loss = self.tp_rank == 0 and (self.steps is None or self.steps.computes_loss)
+        return self.all_reduce(values if holds_loss else torch.zeros_like(values))
+
+    def sum_moe_stats(self, rows_LC: torch.Tensor) -> torch.Tensor:
+        """Sum MoE statistics rows [L, C] over every rank: all ranks route different tokens (DP,
+        CP, and TP under sequence parallelism) or hold different layers (PP); EP and ETP move
+        tokens inside a layer without changing whose they are."""
+        return self.all_reduce(rows_LC)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any rank (stop decisions must agree)."""
-        return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX).item())
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Global L2 norm of all gradients before clipping; clip to `max_norm` when it is > 0."""
-        return clip_grad_norm_(model.parameters(), max_norm)
+        stages = self.meshes.group("pp") if self.dims.pp > 1 else None
+        return clip_grad_norm_(model.parameters(), max_norm, stage_group=stages)
 
 
-def build_parallel_context(dims: ParallelDims, device_type: str) -> ParallelContext:
-    if dims.world_size == 1:
-        return ParallelContext(dims, device_type)
-    from moetrain.parallel.distributed import DistributedContext, PipelineContext
-
-    return (PipelineContext if dims.pp > 1 else DistributedContext)(dims, device_type)
+__all__ = ["ParallelContext", "lbl_count_group"]

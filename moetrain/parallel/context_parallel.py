@@ -15,7 +15,7 @@ queries against its own keys, are masked with q_pos >= k_pos from the `positions
 passes in. So the local `positions` must be what `shard_positions` returns (any constant offset
 is fine): true positions that increase strictly along the unsharded sequence. Packed-document
 masks (positions restarting inside a sequence) are not supported; neither are sequence lengths
-not divisible by 2*cp (no padding; `validate_model_fit` rejects them).
+not divisible by 2*cp (no padding; `moetrain.parallel.checks` rejects them).
 
 Two ways to see the other ranks' keys and values (`parallel.cp_comm`):
 
@@ -59,8 +59,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.attention import Attention
-
-CP_COMMS = ("allgather", "ring")
 
 # torch 2.13 renamed it (the old name warns); the GPU image's torch 2.11 has only the old one.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or getattr(
@@ -349,8 +347,7 @@ class ContextParallelAttention:
     -> [B, Hq, S/cp, d], attending over the CP group's whole sequence."""
 
     def __init__(self, cp_group: dist.ProcessGroup, cp_comm: str = "allgather"):
-        if cp_comm not in CP_COMMS:
-            raise ValueError(f"parallel.cp_comm must be one of {CP_COMMS}, got {cp_comm!r}")
+        assert cp_comm in ("allgather", "ring"), cp_comm  # the schema's CPComm
         self.cp_group = cp_group
         self.cp_comm = cp_comm
         self._fn = allgather_attention if cp_comm == "allgather" else ring_attention
@@ -386,7 +383,6 @@ def apply_context_parallel(
 
 
 __all__ = [
-    "CP_COMMS",
     "ContextParallelAttention",
     "allgather_attention",
     "apply_context_parallel",

@@ -1,6 +1,6 @@
-"""The five-dimensional layout: degrees, validation and rank groups, without torch.distributed.
+"""The five-dimensional layout: degrees and rank groups, pure arithmetic (no torch).
 
-Every rank sits in two views of the same world (DESIGN §2):
+Every rank sits in two views of the same world (docs/design.md, "Parallel layout"):
 
 - dense (attention, embeddings, dense MLPs): W = PP x DP x CP x TP, rank order tp-cp-dp-pp;
 - MoE (routed experts):                      W = PP x EDP x EP x ETP, rank order etp-ep-edp-pp;
@@ -9,8 +9,9 @@ where the first name varies fastest, as in Megatron-Core, so that moetrain's gro
 Megatron-Core's `RankGenerator` groups for the same sizes. EP may span ranks that are DP, CP or
 TP ranks in the dense view ("MoE parallel folding"); only PP is shared by both views.
 
-Nothing here imports torch: the layout can be checked and printed (`python -m moetrain.layout`)
-before any process exists. `moetrain.parallel.mesh` turns it into `DeviceMesh` views.
+Nothing here imports torch: the layout can be printed (`python -m moetrain.layout`) before any
+process exists. `moetrain.parallel.checks` checks a config against it; `moetrain.parallel.mesh`
+turns it into `DeviceMesh` views.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class ParallelDims:
     def validate(self) -> None:
         """Check the degrees against the world size; raise LayoutError on the first failure.
 
-        Called on construction; model-dependent checks are in `validate_model_fit`.
+        Called on construction; the model and batch checks are `moetrain.parallel.checks`.
         """
         if not _positive_int(self.world_size):
             raise LayoutError(
@@ -269,138 +270,3 @@ def _decompose(rank: int, sizes: list[int]) -> list[int]:
         digits.append(rank % size)
         rank //= size
     return digits
-
-
-def validate_model_fit(
-    dims: ParallelDims,
-    model: Any,
-    train: Any,
-    seq_len: int,
-    *,
-    replicate_kv_heads: bool = False,
-    pp_schedule: str | None = None,
-) -> None:
-    """Check that a model and batch shape split over `dims`; raise LayoutError on the first misfit.
-
-    `model` is a `ModelConfig`, `train` a `TrainConfig` (anything with the same attributes);
-    `seq_len` is `data.seq_len`. With `replicate_kv_heads`, n_kv_heads < tp is accepted when
-    tp % n_kv_heads == 0 (each KV head is replicated over tp / n_kv_heads TP ranks). With
-    `pp_schedule` (`parallel.pp_schedule`), the pipeline schedule is checked too
-    (`validate_pipeline`).
-    """
-    moe = model.moe
-    if moe.num_experts % dims.ep:
-        raise LayoutError(
-            f"model.moe.num_experts = {moe.num_experts} is not divisible by "
-            f"parallel.ep = {dims.ep}",
-            ("model.moe.num_experts", "parallel.ep"),
-        )
-    if moe.expert_hidden % dims.etp:
-        raise LayoutError(
-            f"model.moe.expert_hidden = {moe.expert_hidden} is not divisible by "
-            f"parallel.etp = {dims.etp}",
-            ("model.moe.expert_hidden", "parallel.etp"),
-        )
-    if model.n_heads % dims.tp:
-        raise LayoutError(
-            f"model.n_heads = {model.n_heads} is not divisible by parallel.tp = {dims.tp}",
-            ("model.n_heads", "parallel.tp"),
-        )
-    kv_ok = model.n_kv_heads % dims.tp == 0 or (
-        replicate_kv_heads and dims.tp % model.n_kv_heads == 0
-    )
-    if not kv_ok:
-        raise LayoutError(
-            f"model.n_kv_heads = {model.n_kv_heads} is not divisible by parallel.tp = {dims.tp}",
-            ("model.n_kv_heads", "parallel.tp"),
-        )
-    if moe.first_dense_layers > 0 and model.ffn_hidden % dims.tp:
-        raise LayoutError(
-            f"model.ffn_hidden = {model.ffn_hidden} is not divisible by parallel.tp = {dims.tp}",
-            ("model.ffn_hidden", "parallel.tp"),
-        )
-    # Sequence parallelism splits each sequence evenly over the TP ranks (and the MoE layers'
-    # aux-loss shares assume equal shards).
-    if dims.tp > 1 and seq_len % (dims.cp * dims.tp):
-        raise LayoutError(
-            f"data.seq_len = {seq_len} is not divisible by parallel.cp*parallel.tp = "
-            f"{dims.cp}*{dims.tp} (sequence parallelism splits every CP rank's part of a "
-            "sequence over the TP ranks)",
-            ("data.seq_len", "parallel.tp", "parallel.cp"),
-        )
-    # Load-balanced CP splits each sequence into 2*cp chunks (rank i holds chunks i, 2cp-1-i).
-    if dims.cp > 1 and seq_len % (2 * dims.cp):
-        raise LayoutError(
-            f"data.seq_len = {seq_len} is not divisible by 2*parallel.cp = {2 * dims.cp}",
-            ("data.seq_len", "parallel.cp"),
-        )
-    stages = dims.pp * dims.vpp
-    if model.n_layers % stages:
-        raise LayoutError(
-            f"model.n_layers = {model.n_layers} is not divisible by "
-            f"parallel.pp*parallel.vpp = {dims.pp}*{dims.vpp} = {stages}",
-            ("model.n_layers", "parallel.pp", "parallel.vpp"),
-        )
-    per_step = train.micro_batch_size * dims.dp
-    if train.global_batch_size % per_step:
-        raise LayoutError(
-            f"train.global_batch_size = {train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size*dp = {train.micro_batch_size}*{dims.dp} = {per_step} "
-            f"(dp = world size {dims.world_size} / (parallel.tp*parallel.cp*parallel.pp))",
-            ("train.global_batch_size", "train.micro_batch_size"),
-        )
-    if pp_schedule is not None:
-        validate_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step,
-                          tie_embeddings=bool(getattr(model, "tie_embeddings", False)))
-
-
-#: parallel.pp_schedule -> whether the schedule runs several (virtual) stages per rank.
-PP_SCHEDULES = {"gpipe": False, "1f1b": False, "interleaved": True, "zero_bubble": True}
-
-
-def validate_pipeline(
-    schedule: str, pp: int, vpp: int, n_microbatches: int, *, tie_embeddings: bool = False
-) -> None:
-    """Check a pipeline schedule against pp, vpp and the micro-batches per data-parallel rank
-    and step (train.global_batch_size / (train.micro_batch_size * dp)); LayoutError naming the
-    keys. Everything passes for pp = 1. `moetrain.parallel.pipeline.build_pipeline` runs the
-    same checks."""
-    if schedule not in PP_SCHEDULES:
-        raise LayoutError(
-            f"parallel.pp_schedule = {schedule!r}; use one of {', '.join(PP_SCHEDULES)}",
-            ("parallel.pp_schedule",))
-    if pp * vpp == 1:
-        return
-    if tie_embeddings:
-        raise LayoutError(
-            "model.tie_embeddings = true is not supported with pipeline parallelism "
-            f"(parallel.pp*parallel.vpp = {pp}*{vpp}): the embedding and the output head sit "
-            "on different stages; untie them", ("model.tie_embeddings", "parallel.pp"))
-    if not PP_SCHEDULES[schedule] and vpp != 1:
-        raise LayoutError(
-            f"parallel.pp_schedule = {schedule} runs one stage per rank, but parallel.vpp = {vpp}; "
-            "use interleaved or zero_bubble", ("parallel.pp_schedule", "parallel.vpp"))
-    if schedule == "1f1b" and n_microbatches < pp:
-        raise LayoutError(
-            f"parallel.pp_schedule = 1f1b needs at least parallel.pp = {pp} micro-batches "
-            f"per data-parallel rank, got {n_microbatches} (train.global_batch_size / "
-            "(train.micro_batch_size * dp))",
-            ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
-    rounds = max(1, n_microbatches // pp)
-    if PP_SCHEDULES[schedule] and n_microbatches % rounds:
-        raise LayoutError(
-            f"parallel.pp_schedule = {schedule} needs the micro-batches per data-parallel rank "
-            f"({n_microbatches}) to be a multiple of max(1, micro-batches // parallel.pp) = "
-            f"{rounds}",
-            ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
-
-
-def validate_layout(cfg: Any, world_size: int) -> ParallelDims:
-    """Validate a whole `MoetrainConfig` (parallel, model, train, data) for a world size.
-
-    Returns the `ParallelDims`; raises LayoutError naming the keys on the first failure.
-    """
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    validate_model_fit(dims, cfg.model, cfg.train, cfg.data.seq_len,
-                       pp_schedule=cfg.parallel.pp_schedule)
-    return dims

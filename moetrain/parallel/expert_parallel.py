@@ -94,11 +94,7 @@ class AllToAllDispatcher(LocalDispatcher):
         super().__init__(num_experts, pad_to_capacity)
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
-        if num_experts % self.ep_size:
-            raise ValueError(
-                f"model.moe.num_experts = {num_experts} is not divisible by parallel.ep = "
-                f"{self.ep_size}"
-            )
+        assert num_experts % self.ep_size == 0  # moetrain.parallel.checks
         self.num_local_experts = num_experts // self.ep_size
         self.etp_group = etp_group
         self.etp_size = 1 if etp_group is None else dist.get_world_size(etp_group)
@@ -192,17 +188,12 @@ def apply_expert_parallel(
         E, F = experts.num_global_experts, experts.w1.shape[-1]
         if experts.num_local_experts != E or F != experts.global_hidden:
             raise RuntimeError("apply_expert_parallel: this model's experts are already sharded")
-        if E % ep_size:
-            raise ValueError(
-                f"model.moe.num_experts = {E} is not divisible by parallel.ep = {ep_size}")
-        if F % etp_size:
-            raise ValueError(
-                f"model.moe.expert_hidden = {F} is not divisible by parallel.etp = {etp_size}")
+        assert E % ep_size == 0 and F % etp_size == 0  # moetrain.parallel.checks
         L, F_local = E // ep_size, F // etp_size
         experts.shard_(slice(ep_rank * L, (ep_rank + 1) * L),
                        slice(etp_rank * F_local, (etp_rank + 1) * F_local))
-        layer.dispatcher = AllToAllDispatcher(
-            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity)
+        layer.use_layout(dispatcher=AllToAllDispatcher(
+            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity))
     return model
 
 

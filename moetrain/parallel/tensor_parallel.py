@@ -44,7 +44,7 @@ With a capacity factor each TP rank drops among its own S/t positions (the capac
 local token count, as with Megatron-Core's per-rank capacity), so runs that drop tokens are not
 token-for-token comparable with one process; dropless runs are exact.
 
-Constraints (checked by `validate_model_fit`): n_heads, n_kv_heads, the sequence length and
+Constraints (checked by `moetrain.parallel.checks`): n_heads, n_kv_heads, the sequence length and
 (with dense layers) ffn_hidden divisible by t. Equal sequence shards matter beyond shapes: the
 MoE layers' aux losses are per-rank shares of the micro-batch's loss (`MoELayer.token_shards`).
 """

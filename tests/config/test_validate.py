@@ -4,6 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from moetrain.config import ConfigError, compose, to_object, validate
+from moetrain.parallel import LayoutError, check_layout
 
 
 def config(*overrides):
@@ -25,7 +26,9 @@ def test_every_shipped_experiment_is_valid(experiment):
     (4, ["parallel.tp=2", "parallel.cp=2", "parallel.ep=4"]), (8, ["parallel.ep=8"]) ,
 ])
 def test_the_tiny_experiment_fits_every_small_layout(world, layout):
-    validate(config(*layout), world_size=world)
+    cfg = config(*layout)
+    validate(cfg)
+    check_layout(cfg, world)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -33,18 +36,13 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("model.moe.top_k=0", "model.moe.top_k"),
     ("model.moe.capacity_factor=-1", "model.moe.capacity_factor"),
     ("model.moe.pad_to_capacity=true", "model.moe.pad_to_capacity"),
-    ("model.moe.score_func=relu", "model.moe.score_func"),
     ("optim.lr=0", "optim.lr"),
     ("optim.beta2=1.5", "optim.beta2"),
-    ("train.dtype=fp8", "train.dtype"),
     ("train.max_steps=0", "train.max_steps"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ("data.val_fraction=0.7", "data.val_fraction"),
-    ("parallel.cp=2", "parallel.cp"),
-    ("parallel.pp_schedule=magic", "parallel.pp_schedule"),
     ("model.moe.routing.top_p=1.5", "model.moe.routing.top_p"),
     ("model.moe.routing.num_null_experts=-1", "model.moe.routing.num_null_experts"),
-    ("model.moe.routing.group_mode=clustered", "model.moe.routing.group_mode"),
     ("model.moe.routing.bias_rate=-1", "model.moe.routing.bias_rate"),
 ])
 def test_bad_values_name_their_key(override, key):
@@ -53,9 +51,33 @@ def test_bad_values_name_their_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override, key", [
+    ("model.moe.score_func=relu", "model.moe.score_func"),
+    ("train.dtype=fp8", "train.dtype"),
+    ("parallel.pp_schedule=magic", "parallel.pp_schedule"),
+    ("model.moe.routing.group_mode=clustered", "model.moe.routing.group_mode"),
+    ("model.moe.lbl.scope=batch", "model.moe.lbl.scope"),
+    ("train.recompute=some", "train.recompute"),
+])
+def test_values_outside_a_choice_list_are_refused_while_composing(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        config(override)
+    assert key in str(err.value.__cause__) and "expected one of" in str(err.value.__cause__)
+
+
+def test_choices_of_a_config_built_in_python_are_checked():
+    cfg = config()
+    cfg.model.moe.score_func = "relu"
+    with pytest.raises(ConfigError, match="model.moe.score_func='relu' is invalid: must be one of "
+                                          "softmax, sigmoid"):
+        validate(cfg)
+
+
 def test_layout_errors_name_the_keys_for_the_world_size():
-    with pytest.raises(ConfigError, match="model.moe.num_experts.*parallel.ep"):
-        validate(config("parallel.ep=3"), world_size=3)
+    with pytest.raises(LayoutError, match="model.moe.num_experts.*parallel.ep"):
+        check_layout(config("parallel.ep=3"), 3)
+    with pytest.raises(LayoutError, match="parallel.cp"):  # cp = 2 does not divide one rank
+        check_layout(config("parallel.cp=2"), 1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")

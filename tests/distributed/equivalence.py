@@ -1,4 +1,5 @@
-"""The equivalence harness: the real `Trainer` on forked gloo ranks against one process (DESIGN §4).
+"""The equivalence harness: the real `Trainer` on forked gloo ranks against one process
+(docs/design.md, "Numerical equivalence").
 
     layouts = {"tp2": ["parallel.tp=2"], "dp2-replicated": ["parallel.fsdp.enabled=false"]}
     runs = run_layouts(2, layouts, tmp_path)      # runs.records = {name: [record of step 1..K]}
@@ -28,7 +29,8 @@ import torch.distributed.tensor.parallel  # noqa: F401
 from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import ensure_prepared
-from moetrain.parallel import distributed  # noqa: F401
+from moetrain.parallel import check_layout
+from moetrain.parallel import context  # noqa: F401
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
 from tests.distributed.launcher import run_distributed
@@ -57,7 +59,8 @@ RTOL = 1e-5
 def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
     """The typed, validated config of a layout (composed like the command line does)."""
     cfg = to_object(compose(BASE + list(overrides)))
-    validate(cfg, world_size=world_size)
+    validate(cfg)
+    check_layout(cfg, world_size)
     return cfg
 
 
@@ -95,6 +98,7 @@ class LayoutRuns:
     records: dict[str, list[dict[str, Any]]]  # layout -> rank 0's record of every step
     # layout -> per rank: (dp_rank, the micro-batches (sample indices) of its first step)
     samples: dict[str, list[tuple[int, list[list[int]]]]]
+    run_dirs: dict[str, Path]  # layout -> its run directory
 
 
 def run_layouts(
@@ -112,7 +116,8 @@ def run_layouts(
     ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
     results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
     samples = {name: [per_rank[name] for _, per_rank in results] for name in layouts}
-    return LayoutRuns(records=results[0][0], samples=samples)
+    return LayoutRuns(records=results[0][0], samples=samples,
+                      run_dirs={name: run_dir for name, _, run_dir in jobs})
 
 
 def rel_err(a: float, b: float) -> float:
@@ -152,8 +157,19 @@ B4 = ["train.global_batch_size=4"]
 EVAL = ("train.eval_every=3", "train.eval_batches=1")
 # Aux-loss-free balancing: the expert biases move after every step from the global load.
 BIAS = ("model.moe.routing.bias_rate=0.01",)
+# A second model: shared experts (reduced like the router), tied embeddings (one DTensor for the
+# vocab-parallel embedding and output head) and the global LBL scope (counts summed over
+# dp x cp x tp; without DP its running counts see the micro-batches in the single process's
+# order, so it is exactly comparable under TP).
+VARIANT = ("model.moe.lbl.scope=global", "model.moe.num_shared_experts=1",
+           "model.tie_embeddings=true")
+# Progressive sparsification: top_k from all 8 experts (dense) down to 2 over the 3 steps.
+TOP_K_SCHEDULE = ("model.moe.schedule.top_k.kind=linear", "model.moe.schedule.top_k.start=8",
+                  "model.moe.schedule.top_k.end=2", "model.moe.schedule.top_k.end_step=2")
 REFERENCES: dict[str, list[str]] = {
     "b4": [*B4, *EVAL],
+    "b4-variant": [*B4, *VARIANT],
+    "b4-top-k-schedule": [*B4, *TOP_K_SCHEDULE],
     "b4-mb1": [*B4, "train.micro_batch_size=1"],
     "b4-mb1-bias": [*B4, "train.micro_batch_size=1", *BIAS],
     "b4-mb1-l8": [*B4, "train.micro_batch_size=1", "model.n_layers=8"],

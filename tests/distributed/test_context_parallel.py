@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moetrain.config import compose, to_object
-from moetrain.model import Transformer, collect_moe_stats, moe_layers
+from moetrain.config.schema import CPComm
+from moetrain.model import Transformer, moe_layers, moe_step_stats
 from moetrain.parallel.context_parallel import (
-    CP_COMMS,
     ContextParallelAttention,
     apply_context_parallel,
     shard_positions,
@@ -123,8 +123,7 @@ def _wire_moe(model, group: dist.ProcessGroup, shards: int) -> None:
         return out
 
     for layer in moe_layers(model):
-        layer.token_shards = shards
-        layer.lbl.reduce_counts = reduce
+        layer.use_layout(token_shards=shards, sum_counts=reduce)
 
 
 def _reference(cfg, tokens, targets):
@@ -134,8 +133,8 @@ def _reference(cfg, tokens, targets):
     logits = ref(tokens)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
     grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    counts = sum(s.tokens_per_expert for s in collect_moe_stats(ref) if s is not None)
-    lbl = sum(s.lbl for s in collect_moe_stats(ref) if s is not None)
+    stats = moe_step_stats(ref)
+    counts, lbl = stats.tokens_per_expert.sum(0), stats.scalar("lbl").sum()
     return model, logits.detach(), grads, counts, lbl
 
 
@@ -156,15 +155,15 @@ def _transformer_checks(cfg, group, comm, tokens, targets, reference) -> dict:
     loss = F.cross_entropy(logits.flatten(0, 1), shard_sequence(targets, r, cp).flatten(),
                            reduction="sum")
     loss.backward()
-    stats = [s for s in collect_moe_stats(model) if s is not None]
+    stats = moe_step_stats(model)
     errs = {
         "logits": rel_err(logits.detach(), shard_sequence(ref_logits, r, cp)),
         "loss": rel_err(_sum_over(loss.detach(), group),
                         F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten(),
                                         reduction="sum")),
-        "expert_counts": rel_err(_sum_over(sum(s.tokens_per_expert for s in stats), group)
-                                 .float(), ref_counts.float()),
-        "lbl": rel_err(_sum_over(sum(s.lbl for s in stats), group), ref_lbl),
+        "expert_counts": rel_err(_sum_over(stats.tokens_per_expert.sum(0), group).float(),
+                                 ref_counts.float()),
+        "lbl": rel_err(_sum_over(stats.scalar("lbl").sum(), group), ref_lbl),
     }
     errs["grads"] = max(
         rel_err(_sum_over(p.grad, group), ref_grads[n]) for n, p in model.named_parameters()
@@ -177,7 +176,7 @@ def _cp_rank_main(rank, world, cfg):
     results = {}
     t0 = time.perf_counter()
     for cp, group in groups.items():
-        for comm in CP_COMMS:
+        for comm in CPComm.values():
             for batch_positions in (False, True):
                 key = f"attention cp={cp} {comm}" + (" [B,S] positions" if batch_positions else "")
                 results[key] = _attention_checks(group, comm, batch_positions)
@@ -187,7 +186,7 @@ def _cp_rank_main(rank, world, cfg):
     targets = torch.randint(0, cfg.vocab_size, (B, S), generator=gen)
     reference = _reference(cfg, tokens, targets)
     for cp, group in groups.items():
-        for comm in CP_COMMS:
+        for comm in CPComm.values():
             results[f"transformer cp={cp} {comm}"] = _transformer_checks(
                 cfg, group, comm, tokens, targets, reference)
     return results, {"attention_s": t1 - t0, "transformer_s": time.perf_counter() - t1}
@@ -226,7 +225,7 @@ def _tp_cp_rank_main(rank, world, cfg):
     targets = torch.randint(0, cfg.vocab_size, (B, S), generator=gen)
     model0, ref_logits, ref_grads, _, _ = _reference(cfg, tokens, targets)
     results = {}
-    for comm in CP_COMMS:
+    for comm in CPComm.values():
         model = copy.deepcopy(model0)
         apply_tensor_parallel(model, meshes.mesh("tp"))
         apply_context_parallel(model, cp_group, comm)

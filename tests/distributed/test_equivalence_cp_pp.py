@@ -1,5 +1,5 @@
 """Context and pipeline parallelism in the real Trainer against one process, and the 5-D
-layout pp2 x tp2 x cp2 x ep2 (K=3 steps, fp32, dropless, micro-batch LBL; DESIGN §4).
+layout pp2 x tp2 x cp2 x ep2 (K=3 steps, fp32, dropless, micro-batch LBL; docs/equivalence.md).
 
 CP: both ways of seeing the other ranks' keys and values (`parallel.cp_comm`), inputs, targets
 and positions zig-zag sharded by the context. PP: every schedule the trainer offers with one
@@ -25,6 +25,8 @@ TWO_RANKS = {
     "pp2-1f1b": Layout(PP2),
     "pp2-interleaved": Layout((*PP2, *INTERLEAVED)),  # 4 virtual stages of one layer
     "pp2-gpipe": Layout((*PP2, "parallel.pp_schedule=gpipe")),
+    # parallel.pp_layers: stage 0 holds only the dense first layer (no MoE layer on rank 0)
+    "pp2-uneven": Layout((*PP2, "parallel.pp_layers=[1,3]")),
 }
 PP4 = ("parallel.pp=4",)  # 1f1b needs 4 micro-batches: 4 of one sequence
 FOUR_RANKS = {

@@ -3,8 +3,8 @@
 Each layout trains the tiny experiment for K=3 optimizer steps on forked gloo ranks (fp32,
 deterministic, dropless, micro-batch LBL); rank 0's logged loss, grad norm, aux and z losses and
 load CV must equal the single-process run's to rel. 1e-5, the expert token counts exactly
-(DESIGN §4). The losses alone could not catch a wrong gradient scale (AdamW is invariant to
-it), which is what the grad norm is for. Layouts of one world size share one launch.
+(docs/equivalence.md). The losses alone could not catch a wrong gradient scale (AdamW is
+invariant to it), which is what the grad norm is for. Layouts of one world size share a launch.
 """
 
 from __future__ import annotations
@@ -17,56 +17,37 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.equivalence import STEPS, compare, rel_err, run_layouts
-
-# A second model: shared experts (reduced like the router), tied embeddings (one DTensor for the
-# vocab-parallel embedding and output head) and the global LBL scope (counts summed over
-# dp x cp x tp; without DP its running counts see the micro-batches in the single process's
-# order, so it is exactly comparable under TP).
-VARIANT = ["model.moe.lbl.scope=global", "model.moe.num_shared_experts=1",
-           "model.tie_embeddings=true"]
+from tests.distributed.equivalence import Layout, check_case, rel_err, run_cases
 
 TWO_RANKS = {
-    "dp2": [],
-    "dp2-replicated": ["parallel.fsdp.enabled=false"],
-    "dp2-zero2": ["parallel.fsdp.reshard_after_forward=false"],
-    "tp2": ["parallel.tp=2"],
-    "tp2-global-shared-tied": ["parallel.tp=2", *VARIANT],
+    "dp2": Layout(()),
+    "dp2-replicated": Layout(("parallel.fsdp.enabled=false",)),
+    "dp2-zero2": Layout(("parallel.fsdp.reshard_after_forward=false",)),
+    "tp2": Layout(("parallel.tp=2",)),
+    # shared experts, tied embeddings and the global LBL scope under TP
+    "tp2-global-shared-tied": Layout(("parallel.tp=2",), "b4-variant"),
 }
 FOUR_RANKS = {
-    "dp4": [],
-    "tp2-dp2": ["parallel.tp=2"],
-    "tp2-dp2-replicated": ["parallel.tp=2", "parallel.fsdp.enabled=false"],
-    "tp4": ["parallel.tp=4"],
+    "dp4": Layout((), "b4-mb1"),
+    "tp2-dp2": Layout(("parallel.tp=2",)),
+    "tp2-dp2-replicated": Layout(("parallel.tp=2", "parallel.fsdp.enabled=false")),
+    "tp4": Layout(("parallel.tp=4",)),
 }
-# Which single-process run each layout is compared with.
-REFERENCE_OF = {"tp2-global-shared-tied": "variant"}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The single-process runs, once per session (one forked rank: the test process keeps its
-    global torch settings, the rank runs with one thread like the others)."""
-    runs = run_layouts(1, {"single": [], "variant": VARIANT},
-                       tmp_path_factory.mktemp("single"))
-    return runs
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_layouts(2, TWO_RANKS, tmp_path_factory.mktemp("two_ranks"))
+    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("tp_dp_two"))
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
-    return run_layouts(4, FOUR_RANKS, tmp_path_factory.mktemp("four_ranks"))
+    return run_cases(4, FOUR_RANKS, tmp_path_factory.mktemp("tp_dp_four"))
 
 
-def _check(runs, name, reference):
-    ref_name = REFERENCE_OF.get(name, "single")
-    worst = compare(runs.records[name], reference.records[ref_name])
-    print(f"{name}: max rel. error " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
-    _check_samples(runs.samples[name], reference.samples[ref_name][0][1])
+def _check(runs, name, case, references):
+    check_case(runs, name, case, references)
+    _check_samples(runs.samples[name], references.samples[case.reference][0][1])
 
 
 def _check_samples(per_rank, single_micro_batches):
@@ -81,18 +62,18 @@ def _check_samples(per_rank, single_micro_batches):
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)
-def test_two_rank_layout_equals_one_process(name, two_ranks, reference):
-    _check(two_ranks, name, reference)
+def test_two_rank_layout_equals_one_process(name, two_ranks, references):
+    _check(two_ranks, name, TWO_RANKS[name], references)
 
 
 @pytest.mark.parametrize("name", FOUR_RANKS)
-def test_four_rank_layout_equals_one_process(name, four_ranks, reference):
-    _check(four_ranks, name, reference)
+def test_four_rank_layout_equals_one_process(name, four_ranks, references):
+    _check(four_ranks, name, FOUR_RANKS[name], references)
 
 
-def test_reference_is_a_real_run(reference):
-    recs = reference.records["single"]
-    assert len(recs) == STEPS and 5 < recs[0]["loss"] < 10
+def test_reference_is_a_real_run(references):
+    recs = references.records["b4"]
+    assert len(recs) == 3 and 5 < recs[0]["loss"] < 10
     assert recs[-1]["loss"] < recs[0]["loss"]  # it trains
     assert all(r["aux_loss"] > 0 and r["z_loss"] > 0 and r["grad_norm"] > 0 for r in recs)
 

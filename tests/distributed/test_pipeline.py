@@ -4,8 +4,8 @@ One launch per world size (2, 4 ranks) runs every schedule on the tiny experimen
 (8 layers) and a fixed batch of token ids, with nonzero LBL and z-loss coefficients, and
 compares each with the full model run over the same micro-batches in the parent process: two
 steps (the schedule is re-used), an eval step between train steps for some, 1-D and 2-D
-positions, the global LBL scope, torch's dynamic shape inference, an uneven explicit split, and
-pp2 x dp2 with FSDP2 on the stages. Gradients are bit-identical to one process's except where
+positions, the global LBL scope, an uneven explicit split (parallel.pp_layers), and pp2 x dp2
+with FSDP2 on the stages. Gradients are bit-identical to one process's except where
 DP sums them (pp2 x dp2) and the grad norm (per-stage partial sums).
 """
 
@@ -20,18 +20,18 @@ import torch.distributed.fsdp  # noqa: F401 - imported in the parent for the for
 import torch.nn.functional as F
 
 from moetrain.config import compose, to_object
-from moetrain.model import (
-    Transformer, collect_moe_stats, moe_layers, reset_lbl_accumulators, set_aux_loss_scale,
-)
+from moetrain.model import Transformer, moe_layers, moe_step_stats, start_moe_step
+from moetrain.model.moe.stats import StatsColumns
+from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.data_parallel import apply_fsdp
 from moetrain.parallel.dims import LayoutError, ParallelDims
 from moetrain.parallel.grad_norm import clip_grad_norm_
 from moetrain.parallel.mesh import build_meshes
-from moetrain.parallel.pipeline import (
-    RankModel, StageCosts, build_pipeline, build_stage_modules, estimate_costs, pipeline_eval_step,
-    pipeline_train_step, reduce_over_pp, split_layers, stage_indices,
+from moetrain.parallel.pipeline.schedule import (
+    _boundary_check, build_pipeline, pipeline_eval_step, pipeline_train_step,
 )
-from moetrain.parallel.pipeline import _boundary_check
+from moetrain.parallel.pipeline.split import rank_layers, split_layers, stage_indices
+from moetrain.parallel.pipeline.stages import RankModel, build_stage_modules
 from tests.distributed.launcher import run_distributed
 
 N_MB, MB, SEQ = 4, 2, 32  # micro-batches per step and DP rank, sequences each, tokens per sequence
@@ -49,6 +49,28 @@ def _model_cfg(scope: str = "micro"):
     return cfg.model
 
 
+def _sum_over(value, group) -> torch.Tensor:
+    """A value only some ranks have (the last stage's loss sum; stage rows): summed over `group`."""
+    out = torch.zeros((), dtype=torch.float64) if value is None else value.clone()
+    torch.distributed.all_reduce(out, group=group)
+    return out
+
+
+def _stage_stats(module, model_cfg, group):
+    """Every MoE layer's step statistics, this rank's layers' rows summed with the other stages'."""
+    n = model_cfg.n_layers - model_cfg.moe.first_dense_layers
+    stats = moe_step_stats(module, n, StatsColumns.of(model_cfg.moe))
+    return stats.columns.view(_sum_over(stats.rows_LC, group))
+
+
+def _check_stats(res, got, want) -> None:
+    assert torch.equal(got.tokens_per_expert, want.tokens_per_expert)
+    for key in ("dropped", "assignments", "tokens", "forwards"):
+        assert torch.equal(got.scalar(key), want.scalar(key)), key
+    for key in ("lbl", "z_loss", "entropy"):
+        _track(res, "stats_err", _rel(got.scalar(key), want.scalar(key)))
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -61,17 +83,15 @@ def _reference(model: Transformer, tokens: torch.Tensor, aux: bool = True) -> di
     if not aux:
         for layer in moe_layers(model):
             layer.lbl_coeff = layer.z_loss_coeff = 0.0
-    set_aux_loss_scale(model, 1.0 / n_mb)
-    reset_lbl_accumulators(model)
+    start_moe_step(model, aux_loss_scale=1.0 / n_mb)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    stats = []
     for mb in range(n_mb):
         batch = tokens[mb * MB:(mb + 1) * MB]
         logits = model(batch[:, :-1])
         ce = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         (ce / tokens_per_step).backward()
         loss_sum += ce.detach().double()
-        stats.append(collect_moe_stats(model))
+    stats = moe_step_stats(model)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     norm = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
     with torch.no_grad():
@@ -89,12 +109,14 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
     for name, model_key, schedule, vpp, extra in cases:
         start = time.perf_counter()
         ref = refs[model_key]
+        cfg = models[model_key].cfg
         stage_modules = build_stage_modules(models[model_key], rank, world_size, vpp,
-                                            explicit=extra.get("explicit"))
+                                            extra.get("layers"))
         pipe = build_pipeline(
             stage_modules, schedule=schedule, group=group, device=torch.device("cpu"),
-            n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, tokens_per_step=TOKENS,
-            model_cfg=models[model_key].cfg, static_shapes=extra.get("static", True))
+            n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=cfg.d_model,
+            vocab_size=cfg.vocab_size, tokens_per_step=TOKENS,
+            cross_entropy_sum=ParallelContext.cross_entropy_sum)
         positions = {None: None, "1d": torch.arange(SEQ),
                      "2d": torch.arange(SEQ).repeat(N_MB * MB, 1)}[extra.get("positions")]
         res = {"names": [n for n, _ in pipe.named_parameters()]}
@@ -104,31 +126,22 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
                 for m in pipe.modules:
                     m.eval()
                 local = pipeline_eval_step(pipe, tokens[:, :-1], tokens[:, 1:], positions=positions)
-                loss = float(reduce_over_pp(local, pipe))
+                loss = float(_sum_over(local, group))
                 _track(res, "eval_err", abs(loss - ref["eval"]) / ref["eval"])
                 continue
             for m in pipe.modules:
                 m.train()
                 m.zero_grad(set_to_none=True)
-                set_aux_loss_scale(m, 1.0 / N_MB)
-                reset_lbl_accumulators(m)
+                start_moe_step(m, aux_loss_scale=1.0 / N_MB)
             local = pipeline_train_step(pipe, tokens[:, :-1], tokens[:, 1:], positions=positions)
             assert (local is not None) == pipe.is_last
-            loss = reduce_over_pp(local, pipe)
+            loss = _sum_over(local, group)
             _track(res, "loss_err", abs(float(loss) - float(ref["loss"])) / float(ref["loss"]))
             for n, p in pipe.named_parameters():
                 _track(res, "grad_err", _rel(p.grad, ref["grads"][n]))
             norm = clip_grad_norm_(list(pipe.parameters()), 0.0, stage_group=group)
             _track(res, "norm_err", abs(norm - ref["norm"]) / ref["norm"])
-            stats = pipe.moe_stats.gather(N_MB, group)
-            for got_mb, want_mb in zip(stats, ref["stats"], strict=True):
-                for got, want in zip(got_mb, want_mb, strict=True):
-                    assert torch.equal(got.tokens_per_expert, want.tokens_per_expert.long())
-                    assert int(got.dropped) == int(want.dropped)
-                    assert got.assignments == want.assignments
-                    for key in ("lbl", "z_loss", "router_entropy"):
-                        _track(res, "stats_err", _rel(getattr(got, key), getattr(want, key)))
-        pipe.moe_stats.remove()
+            _check_stats(res, _stage_stats(pipe.model, cfg, group), ref["stats"])
         res["seconds"] = time.perf_counter() - start
         out[name] = res
     return out
@@ -186,9 +199,7 @@ def test_pp2_schedules_equal_single_process(setup):
         ("interleaved-vpp2", "micro", "interleaved", 2, {}),
         ("zero_bubble", "micro", "zero_bubble", 1, {}),
         ("zero_bubble-vpp2", "micro", "zero_bubble", 2, {"eval": True}),
-        # torch's shape inference runs an extra forward: it must leave the global-LBL counts,
-        # the statistics and the loss sum untouched
-        ("1f1b-global-lbl-dynamic-shapes", "global", "1f1b", 1, {"static": False}),
+        ("1f1b-global-lbl", "global", "1f1b", 1, {}),
         ("interleaved-global-lbl", "global", "interleaved", 2, {}),
     ]
     results = run_distributed(_run_cases, 2, models, tokens, refs, cases, timeout=120)
@@ -199,7 +210,7 @@ def test_pp4_schedules_equal_single_process(setup):
     models, tokens, refs = setup
     cases = [
         ("gpipe", "micro", "gpipe", 1, {}),
-        ("1f1b-uneven", "micro", "1f1b", 1, {"explicit": [1, 3, 3, 1]}),
+        ("1f1b-uneven", "micro", "1f1b", 1, {"layers": [1, 3, 3, 1]}),
         ("interleaved-vpp2", "micro", "interleaved", 2, {"eval": True, "positions": "2d"}),
         ("zero_bubble-vpp2", "micro", "zero_bubble", 2, {}),
     ]
@@ -232,59 +243,47 @@ def _run_pp_fsdp(rank: int, model, tokens, ref) -> dict:
         apply_fsdp(sm.module, meshes)
     pipe = build_pipeline(
         stage_modules, schedule="interleaved", group=meshes.group("pp"), device=torch.device("cpu"),
-        n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, tokens_per_step=2 * TOKENS,
-        model_cfg=model.cfg)
+        n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=model.cfg.d_model,
+        vocab_size=model.cfg.vocab_size, tokens_per_step=2 * TOKENS,
+        cross_entropy_sum=ParallelContext.cross_entropy_sum)
     mine = tokens[dp_rank * N_MB * MB:(dp_rank + 1) * N_MB * MB]
     res = {"names": [n for n, _ in pipe.named_parameters()]}
     for _ in range(2):  # the trainer's calls, on the rank's RankModel
         pipe.model.train()
         pipe.model.zero_grad(set_to_none=True)
-        set_aux_loss_scale(pipe.model, 1.0 / (2 * N_MB))  # the global micro-batch count
-        reset_lbl_accumulators(pipe.model)
+        start_moe_step(pipe.model, aux_loss_scale=1.0 / (2 * N_MB))  # the global micro-batches
         local = pipeline_train_step(pipe, mine[:, :-1], mine[:, 1:])
-        loss = reduce_over_pp(local, pipe)
+        loss = _sum_over(local, meshes.group("pp"))
         torch.distributed.all_reduce(loss, group=meshes.group("dp_cp"))
         _track(res, "loss_err", abs(float(loss) - float(ref["loss"])) / float(ref["loss"]))
         for n, p in pipe.named_parameters():
             _track(res, "grad_err", _rel(p.grad.full_tensor(), ref["grads"][n]))
         norm = clip_grad_norm_(list(pipe.parameters()), 0.0, stage_group=meshes.group("pp"))
         _track(res, "norm_err", abs(norm - ref["norm"]) / ref["norm"])
-        stats = pipe.moe_stats.gather(N_MB, meshes.group("pp"))
-        for mb, got_mb in enumerate(stats):
-            for got, want in zip(got_mb, ref["stats"][dp_rank * N_MB + mb], strict=True):
-                assert torch.equal(got.tokens_per_expert, want.tokens_per_expert.long())
-                _track(res, "stats_err", _rel(got.lbl, want.lbl))
-    pipe.moe_stats.remove()
+        # every rank: pp for the layers, dp for the tokens
+        _check_stats(res, _stage_stats(pipe.model, model.cfg, None), ref["stats"])
     return res
 
 
 # ------------------------------------------------------------------------ split, no processes
 
-def test_split_layers_even_balanced_explicit():
+def test_split_layers_even_and_explicit():
     assert split_layers(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert split_layers(8, 2, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    # ties go to the later stages (1F1B's early stages hold more micro-batches' activations)
-    assert split_layers(10, 4) == [[0, 1], [2, 3], [4, 5, 6], [7, 8, 9]]
-    # a heavy head (cost of 2 layers) pushes layers off the last stage
-    counts = [len(s) for s in split_layers(8, 2, costs=StageCosts((1.0,) * 8, head=2.0))]
-    assert counts == [5, 3]
-    counts = [len(s) for s in split_layers(10, 4, costs=StageCosts((1.0,) * 10, 1.0, 1.0))]
-    assert counts == [2, 3, 3, 2]
-    assert split_layers(5, 2, explicit=[0, 5]) == [[], [0, 1, 2, 3, 4]]
-    # the estimate: equal layers cost the same, MoE layers more than attention alone, head > 0
-    cfg = _model_cfg()
-    est = estimate_costs(cfg, 128)
-    assert len(est.layers) == 8 and len(set(est.layers[1:])) == 1 and est.head > 0
-    # tiny: the output head (V = 8192) costs about five of its layers
-    assert [len(s) for s in split_layers(8, 4, costs=est)] == [3, 2, 2, 1]
+    assert split_layers(10, 4, layers_per_stage=[2, 3, 3, 2]) == [
+        [0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
+    assert split_layers(5, 2, layers_per_stage=[0, 5]) == [[], [0, 1, 2, 3, 4]]
     assert stage_indices(1, 4, 2) == [1, 5]
+    assert rank_layers(8, 1, 2, 2) == [2, 3, 6, 7]  # stages 1 and 3 of 4
 
 
 @pytest.mark.parametrize("kwargs, keys", [
     (dict(n_layers=3, pp=4), ("model.n_layers", "parallel.pp", "parallel.vpp")),
-    (dict(n_layers=8, pp=2, explicit=[4, 3]), ("model.n_layers",)),
-    (dict(n_layers=8, pp=2, explicit=[8]), ("parallel.pp", "parallel.vpp")),
-    (dict(n_layers=8, pp=4, explicit=[4, 0, 2, 2]), ("model.n_layers",)),
+    (dict(n_layers=10, pp=4), ("model.n_layers", "parallel.pp", "parallel.vpp")),
+    (dict(n_layers=8, pp=2, layers_per_stage=[4, 3]), ("parallel.pp_layers", "model.n_layers")),
+    (dict(n_layers=8, pp=2, layers_per_stage=[8]),
+     ("parallel.pp_layers", "parallel.pp", "parallel.vpp")),
+    (dict(n_layers=8, pp=4, layers_per_stage=[4, 0, 2, 2]), ("parallel.pp_layers",)),
 ])
 def test_split_layers_errors(kwargs, keys):
     with pytest.raises(LayoutError) as err:
@@ -292,7 +291,7 @@ def test_split_layers_errors(kwargs, keys):
     assert err.value.keys == keys
 
 
-def test_stage_modules_and_tied_embeddings_refused():
+def test_stage_modules():
     cfg = _model_cfg()
     model = Transformer(cfg)
     first, middle = build_stage_modules(model, 0, 2, 2)  # stages 0 and 2 of 4
@@ -315,7 +314,3 @@ def test_stage_modules_and_tied_embeddings_refused():
     check(None, (), torch.zeros(MB, SEQ, cfg.d_model))
     with pytest.raises(RuntimeError, match="activation_dtype"):
         check(None, (), torch.zeros(MB, SEQ, cfg.d_model, dtype=torch.bfloat16))
-    cfg.tie_embeddings = True
-    with pytest.raises(LayoutError, match="model.tie_embeddings") as err:
-        build_stage_modules(Transformer(cfg), 0, 2)
-    assert "model.tie_embeddings" in err.value.keys

@@ -95,7 +95,7 @@ def test_global_scope_accumulates_reduced_counts_over_micro_batches():
         seen.append(c.clone())
         return c + other_rank
 
-    lbl_mod.reduce_counts = all_reduce
+    lbl_mod.sum_counts = all_reduce
     running = torch.zeros(E)
     for micro in range(2):
         logits, probs, idx = random_routing(T, E, K)
@@ -139,8 +139,13 @@ def test_global_scope_does_not_accumulate_in_eval():
 
 
 def test_bad_scope_is_refused():
-    with pytest.raises(ValueError, match="model.moe.lbl.scope"):
-        LoadBalancingLoss(4, "batch")
+    from hydra.errors import ConfigCompositionException
+
+    from moetrain.config import compose
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["model.moe.lbl.scope=batch"])
+    assert "model.moe.lbl.scope" in str(info.value.__cause__)
 
 
 def test_attach_aux_loss_gradient():

@@ -5,12 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.model import (
-    Transformer, collect_moe_stats, reset_lbl_accumulators, set_aux_loss_scale,
-)
+from moetrain.model import Transformer, moe_step_stats, start_moe_step
 from moetrain.model.moe import MoELayer
 from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
-from tests.model.tiny import make_cfg
+from tests.model.tiny import layer_stats, make_cfg
 
 
 def make_layer(**moe):
@@ -56,7 +54,7 @@ def test_dropless_layer_equals_per_token_loop(moe):
     x = torch.randn(2, 5, 32)
     expected, _, _ = naive_moe(layer, x)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    stats = collect_moe_stats(layer)[0]
+    stats = layer_stats(layer)
     assert stats.dropped == 0 and stats.assignments == 10 * layer.top_k
     assert stats.tokens_per_expert.sum() == 10 * layer.top_k
 
@@ -71,7 +69,7 @@ def test_capacity_dropping_equals_loop_without_dropped(pad):
     keep = capacity_keep_mask(top_i, scores.gather(1, top_i), 4, C)
     expected, _, _ = naive_moe(layer, x, keep)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    stats = collect_moe_stats(layer)[0]
+    stats = layer_stats(layer)
     assert stats.dropped == (~keep).sum() > 0
     # per expert at most C kept; dropped fraction is dropped / (T k)
     kept_per_expert = torch.bincount(top_i[keep], minlength=4)
@@ -107,17 +105,17 @@ def test_aux_loss_injection_equals_explicit_aux_gradient():
     explicit = Transformer(cfg)
     explicit.load_state_dict(injected.state_dict())
 
-    set_aux_loss_scale(injected, s)
+    start_moe_step(injected, aux_loss_scale=s)
     injected(tokens).sum().backward()
 
-    set_aux_loss_scale(explicit, 0.0)
+    start_moe_step(explicit, aux_loss_scale=0.0)
     logits, aux = _explicit_aux(explicit, tokens, 0.1, 0.01)
     (logits.sum() + s * aux).backward()
 
     for (name, a), b in zip(injected.named_parameters(), explicit.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
     # the aux losses really moved the router gradient
-    set_aux_loss_scale(explicit, 0.0)
+    start_moe_step(explicit, aux_loss_scale=0.0)
     explicit.zero_grad()
     explicit(tokens).sum().backward()
     router = "layers.1.moe.router.weight"
@@ -129,7 +127,7 @@ def test_no_aux_attached_without_grad():
     layer = make_layer()
     with torch.no_grad():
         y = layer(torch.randn(1, 4, 32))
-    assert y.grad_fn is None and layer.last_stats is not None
+    assert y.grad_fn is None and layer_stats(layer).tokens == 4
 
 
 def test_global_lbl_through_layers_over_two_micro_batches():
@@ -137,15 +135,16 @@ def test_global_lbl_through_layers_over_two_micro_batches():
     xs = [torch.randn(2, 4, 32) for _ in range(2)]
     running = torch.zeros(4)
     for x in xs:
+        before = moe_step_stats(layer).rows_LC
         layer(x)
-        stats = layer.last_stats
+        stats = layer_stats(layer, since=before)
         running += stats.tokens_per_expert
         with torch.no_grad():
             scores = (x.reshape(-1, 32) @ layer.router.weight.T).softmax(-1)
         expected = 4 * ((running / running.sum()) * scores.mean(0)).sum()
-        torch.testing.assert_close(stats.lbl, expected)
-    reset_lbl_accumulators(layer)
-    assert layer.lbl.step_counts_E.sum() == 0
+        torch.testing.assert_close(stats.lbl.float(), expected)
+    start_moe_step(layer, aux_loss_scale=1.0)
+    assert layer.lbl.step_counts_E.sum() == 0 and layer.step_stats.abs().sum() == 0
 
 
 def test_activation_checkpointing_replays_global_lbl():
@@ -155,13 +154,14 @@ def test_activation_checkpointing_replays_global_lbl():
     for use_ckpt in (False, True):
         torch.manual_seed(5)
         layer = make_layer(lbl=dict(scope="global", coeff=1.0))
-        set_aux_loss_scale(layer, 1.0)
+        start_moe_step(layer, aux_loss_scale=1.0)
         outs = []
         for x in xs:  # two forwards, then the backwards (like a pipeline schedule)
             outs.append(checkpoint(layer, x, use_reentrant=False) if use_ckpt else layer(x))
         torch.autograd.backward([o.sum() for o in outs])
         grads.append([p.grad.clone() for p in layer.parameters()])
         assert layer.lbl.step_counts_E.sum() == 2 * 8 * 2  # recompute did not accumulate again
+        assert layer_stats(layer).tokens == 2 * 8  # nor record its statistics again
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
@@ -173,4 +173,4 @@ def test_layer_with_no_tokens(capacity_factor):
     y = layer(x)
     assert y.shape == (2, 0, 32)
     y.sum().backward()
-    assert layer.last_stats.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    assert layer_stats(layer).tokens_per_expert.tolist() == [0, 0, 0, 0]

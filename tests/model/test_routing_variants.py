@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.config.schema import RoutingConfig
-from moetrain.model import collect_moe_stats, set_capacity_factor, set_top_k, update_expert_bias
+from moetrain.model import moe_step_stats, set_capacity_factor, set_top_k, update_expert_bias
 from moetrain.model.moe import MoELayer, Router
-from tests.model.tiny import make_cfg
+from tests.model.tiny import layer_stats, make_cfg
 
 
 def router_with_logits(logits_TE, top_k, **routing):
@@ -48,7 +48,7 @@ def test_null_experts_are_selected_and_balanced_but_compute_nothing():
     null_TK = routing.topk_idx_TK >= 4
     assert null_TK.any() and (~null_TK).any()
     assert torch.equal(routing.active_TK, ~null_TK)
-    stats = collect_moe_stats(layer)[0]
+    stats = layer_stats(layer)
     assert stats.assignments == int((~null_TK).sum()) < 2 * 32  # fewer real experts per token
     assert stats.tokens_per_expert.numel() == 4 and int(stats.tokens_per_expert.sum()) == stats.assignments
     # the output is the weighted sum over the real experts only (null weight is lost)
@@ -96,7 +96,7 @@ def test_update_expert_bias_walks_every_moe_layer():
     cfg = make_cfg(moe=dict(num_experts=4, top_k=2))
     cfg.moe.routing.bias_rate = 0.5
     layer = MoELayer(cfg.d_model, cfg.moe)
-    update_expert_bias(layer, [torch.tensor([10, 2, 4, 4])])
+    update_expert_bias(layer, torch.tensor([[10, 2, 4, 4]]))
     assert layer.router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
 
 
@@ -120,13 +120,15 @@ def test_set_top_k_and_capacity_factor_change_the_next_forward():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 8, cfg.d_model)
     layer(x)
-    assert collect_moe_stats(layer)[0].assignments == 64  # dense: all four experts
+    assert layer_stats(layer).assignments == 64  # dense: all four experts
     set_top_k(layer, 1)
+    before = moe_step_stats(layer).rows_LC
     layer(x)
-    assert collect_moe_stats(layer)[0].assignments == 16
+    assert layer_stats(layer, since=before).assignments == 16
     set_capacity_factor(layer, 0.5)  # capacity ceil(0.5 * 16 * 1 / 4) = 2 per expert
+    before = moe_step_stats(layer).rows_LC
     layer(x)
-    stats = collect_moe_stats(layer)[0]
+    stats = layer_stats(layer, since=before)
     load = layer.router(x.reshape(-1, 32)).topk_idx_TK.reshape(-1).bincount(minlength=4)
     assert 0 < stats.dropped and stats.dropped == 16 - int(load.clamp(max=2).sum())
 
@@ -139,7 +141,7 @@ def test_top_p_assignments_outside_the_threshold_do_not_use_capacity():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(1, 16, cfg.d_model)
     layer(x)
-    stats = collect_moe_stats(layer)[0]
+    stats = layer_stats(layer)
     routing = layer.router(x.reshape(-1, 32))
     assert stats.assignments == int(routing.selected_TK.sum()) < 64
     per_expert = routing.topk_idx_TK[routing.selected_TK].bincount(minlength=4)

@@ -101,11 +101,18 @@ def test_valid_schedules_compose_and_validate():
     assert top_k_at(cfg.model.moe, 50) == 5 and capacity_factor_at(cfg.model.moe, 60) == 1.0
 
 
+def test_unknown_schedule_kind_is_refused_while_composing():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        config("model.moe.schedule.top_k.kind=exponential")
+    assert "model.moe.schedule.top_k.kind" in str(err.value.__cause__)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["top_k.end=9", "top_k.kind=linear", "top_k.end_step=5"], "model.moe.schedule.top_k.end="),
     (["top_k.start=0"], "model.moe.schedule.top_k.start="),
     (["top_k.start=1.5"], "model.moe.schedule.top_k.start="),
-    (["top_k.kind=exponential"], "model.moe.schedule.top_k.kind="),
     (["top_k.kind=linear", "top_k.start_step=10", "top_k.end_step=10"],
      "model.moe.schedule.top_k.end_step="),
     (["top_k.start_step=-1"], "model.moe.schedule.top_k.start_step="),

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from moetrain.config import ConfigError, compose, to_object, validate
-from moetrain.model import collect_moe_stats
 from moetrain.model.moe import rounded_counts, token_rounding_keep_mask
 from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
 from tests.model.test_moe_layer import make_layer, naive_moe
+from tests.model.tiny import layer_stats
 
 
 def test_hand_computed_example():
@@ -66,7 +66,7 @@ def test_layer_equals_naive_reference_with_the_rounding_mask(capacity_factor):
     keep = keep & rounded
     expected, _, _ = naive_moe(layer, x, keep)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    stats = collect_moe_stats(layer)[0]
+    stats = layer_stats(layer)
     assert int(stats.dropped) == int((~keep).sum())
     kept = torch.bincount(top_i[keep], minlength=4)
     before = torch.bincount(masked.view(-1), minlength=5)[:4]

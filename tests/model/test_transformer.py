@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.model import (
-    MoELayer, Transformer, collect_moe_stats, count_params, reset_lbl_accumulators,
-    set_aux_loss_scale,
+    MoELayer, Transformer, count_params, moe_step_stats, start_moe_step,
 )
 from tests.model.tiny import make_cfg
 
@@ -20,7 +19,7 @@ def test_forward_shapes_and_default_positions():
     torch.testing.assert_close(logits, model(tokens, torch.arange(7)))
     assert model.layers["0"].mlp is not None and model.layers["0"].moe is None
     assert model.layers["1"].moe is not None and model.layers["1"].mlp is None
-    assert len(collect_moe_stats(model)) == 1
+    assert moe_step_stats(model).rows_LC.shape[0] == 1
 
 
 def test_init_is_seeded_and_layer_independent():
@@ -93,10 +92,9 @@ def test_model_trains():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = torch.randint(0, cfg.vocab_size, (4, 17))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    set_aux_loss_scale(model, 1.0)
     losses = []
     for _ in range(30):
-        reset_lbl_accumulators(model)
+        start_moe_step(model, aux_loss_scale=1.0)
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         opt.zero_grad()
         loss.backward()

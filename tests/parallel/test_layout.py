@@ -13,12 +13,8 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config.schema import ModelConfig, TrainConfig
-from moetrain.parallel.dims import (
-    GROUP_KINDS,
-    LayoutError,
-    ParallelDims,
-    validate_model_fit,
-)
+from moetrain.parallel.checks import check_layout, check_model_fit
+from moetrain.parallel.dims import GROUP_KINDS, LayoutError, ParallelDims
 from moetrain.parallel.mesh import build_meshes
 from tests.distributed.launcher import run_distributed
 
@@ -156,7 +152,7 @@ def _model(**kw):
 def test_model_fit_names_keys(degrees, model, train, seq_len, key, text):
     dims = ParallelDims(8, **degrees)
     with pytest.raises(LayoutError) as info:
-        validate_model_fit(dims, _model(**model), TrainConfig(**train), seq_len)
+        check_model_fit(dims, _model(**model), TrainConfig(**train), seq_len)
     message = str(info.value)
     assert "\n" not in message and text in message and key in message
     assert key in info.value.keys
@@ -164,13 +160,13 @@ def test_model_fit_names_keys(degrees, model, train, seq_len, key, text):
 
 def test_model_fit_accepts_good_and_replicated_kv():
     dims = ParallelDims(8, tp=2, cp=2, ep=4)
-    validate_model_fit(dims, ModelConfig(), TrainConfig(global_batch_size=16, micro_batch_size=4),
+    check_model_fit(dims, ModelConfig(), TrainConfig(global_batch_size=16, micro_batch_size=4),
                        128)
     dims = ParallelDims(4, tp=4)
     model = _model(n_heads=8, n_kv_heads=2)
     with pytest.raises(LayoutError):
-        validate_model_fit(dims, model, TrainConfig(global_batch_size=8), 128)
-    validate_model_fit(dims, model, TrainConfig(global_batch_size=8), 128, replicate_kv_heads=True)
+        check_model_fit(dims, model, TrainConfig(global_batch_size=8), 128)
+    check_model_fit(dims, model, TrainConfig(global_batch_size=8), 128, replicate_kv_heads=True)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +186,6 @@ def test_model_fit_accepts_good_and_replicated_kv():
          "(5) to be a multiple of max(1, micro-batches // parallel.pp) = 2"),
         (dict(pp=2), "1f1b", dict(tie_embeddings=True), {}, ("model.tie_embeddings",),
          "model.tie_embeddings = true is not supported with pipeline parallelism"),
-        (dict(pp=2), "pipedream", {}, {}, ("parallel.pp_schedule",), "use one of gpipe, 1f1b"),
     ],
 )
 def test_pipeline_schedule_is_checked_before_any_process_group(degrees, schedule, model, train,
@@ -198,19 +193,19 @@ def test_pipeline_schedule_is_checked_before_any_process_group(degrees, schedule
     dims = ParallelDims(8, **degrees)
     train = TrainConfig(**{"global_batch_size": 32, "micro_batch_size": 2, **train})
     with pytest.raises(LayoutError) as info:
-        validate_model_fit(dims, _model(**model), train, 128, pp_schedule=schedule)
+        check_model_fit(dims, _model(**model), train, 128, pp_schedule=schedule)
     assert text in str(info.value) and set(keys) <= set(info.value.keys)
 
 
 def test_pipeline_schedules_that_fit():
     train = TrainConfig(global_batch_size=16, micro_batch_size=2)  # 8 micro-batches at dp1
     for schedule in ("gpipe", "1f1b", "interleaved", "zero_bubble"):
-        validate_model_fit(ParallelDims(4, pp=4), ModelConfig(), train, 128, pp_schedule=schedule)
+        check_model_fit(ParallelDims(4, pp=4), ModelConfig(), train, 128, pp_schedule=schedule)
     for schedule in ("interleaved", "zero_bubble"):
-        validate_model_fit(ParallelDims(2, pp=2, vpp=2), ModelConfig(), train, 128,
+        check_model_fit(ParallelDims(2, pp=2, vpp=2), ModelConfig(), train, 128,
                            pp_schedule=schedule)
     # pp = 1: the schedule and tied embeddings do not matter
-    validate_model_fit(ParallelDims(2), _model(tie_embeddings=True), train, 128, pp_schedule="1f1b")
+    check_model_fit(ParallelDims(2), _model(tie_embeddings=True), train, 128, pp_schedule="1f1b")
 
 
 # -- the layout tool -----------------------------------------------------------------------------
@@ -376,17 +371,27 @@ def test_meshes_match_groups_on_4_ranks(degrees, strategy):
         assert _as_sets(s[kind] for s in seen) == _as_sets(dims.groups_of(kind))
 
 
-def test_validate_layout_from_whole_config():
+def test_unknown_pipeline_schedule_is_refused_by_the_schema():
+    from hydra.errors import ConfigCompositionException
+
+    from moetrain.config import compose
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["parallel.pp_schedule=pipedream"])
+    text = str(info.value.__cause__)
+    assert "parallel.pp_schedule" in text and "pipedream" in text and "gpipe" in text
+
+
+def test_check_layout_from_whole_config():
     from moetrain.config.schema import MoetrainConfig
-    from moetrain.parallel.dims import validate_layout
 
     cfg = MoetrainConfig()
     cfg.parallel.tp, cfg.parallel.ep = 2, 4
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 16, 4
-    dims = validate_layout(cfg, 8)
+    dims = check_layout(cfg, 8)
     assert dims == ParallelDims(8, tp=2, ep=4) and (dims.dp, dims.edp) == (4, 2)
     cfg.data.seq_len, cfg.parallel.cp = 130, 2
     with pytest.raises(LayoutError, match="data.seq_len = 130"):
-        validate_layout(cfg, 8)
+        check_layout(cfg, 8)
     with pytest.raises(Exception):  # frozen
         dims.tp = 4

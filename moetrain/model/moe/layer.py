@@ -5,16 +5,16 @@ plus optional shared experts, with the aux losses injected into the backward pas
     aux = lbl.coeff * LBL + z_loss_coeff * z           (see moe/losses.py)
 
 The aux losses never appear in the forward's outputs: `AttachAuxLoss` ties `aux` to y so that
-backpropagating anything through y also backpropagates `aux_loss_scale * aux`. The trainer sets
-`aux_loss_scale` (via `set_aux_loss_scale`) to the factor it applies to the LM loss of a
-micro-batch (e.g. 1 / number of micro-batches), so the aux losses are scaled like the LM loss.
+backpropagating anything through y also backpropagates `aux_loss_scale * aux`, the factor the
+trainer applies to a micro-batch's LM loss (`start_step`). The parallel code reaches the layer
+through one method, `use_layout`; each training forward adds a row to the layer's step
+statistics (moe/stats.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -30,23 +30,7 @@ from moetrain.model.moe.losses import (
     AttachAuxLoss, LoadBalancingLoss, in_backward, score_distribution, z_loss,
 )
 from moetrain.model.moe.router import Router
-
-
-@dataclass
-class MoEStats:
-    """Detached statistics of a layer's last forward (tensors, so reading them is the only sync)."""
-
-    lbl: torch.Tensor  # LBL value (without coefficient; this rank's share, see token_shards)
-    z_loss: torch.Tensor  # z-loss value (without coefficient; likewise a share)
-    tokens_per_expert: torch.Tensor  # [E] int64, local, before capacity dropping
-    dropped: torch.Tensor  # int64 scalar: dropped assignments
-    assignments: int | torch.Tensor  # assignments to real experts (T * k without top-p/null)
-    router_entropy: torch.Tensor  # mean over tokens of the entropy of the score distribution
-    tokens: int = 0  # T: assignments / tokens = real experts per token
-    # For the step-level LBL of the global scope: per routing slot (real and null experts),
-    # local pre-drop counts and the local sum over tokens of the score distribution.
-    slot_counts: Optional[torch.Tensor] = None
-    prob_sum: Optional[torch.Tensor] = None
+from moetrain.model.moe.stats import MoEStepStats, StatsColumns
 
 
 class MoELayer(nn.Module):
@@ -70,16 +54,44 @@ class MoELayer(nn.Module):
             # n shared experts that every token uses == one SwiGLU of n times the width.
             self.shared_experts = FeedForward(dim, cfg.num_shared_experts * width)
         self.aux_loss_scale = 1.0
-        # Ranks that split every micro-batch's tokens between them (TP with sequence
-        # parallelism, CP); set by the parallel code. Each rank's aux losses (and their
-        # statistics) are divided by it, so they are this rank's share: the shares of a
-        # micro-batch SUM to its loss, like the gradients the data-parallel code sums.
+        # Ranks that split every micro-batch's tokens between them (`use_layout`).
         self.token_shards = 1
         # Position among the full model's MoE layers (set by the Transformer): per-layer values
-        # of the whole model (e.g. the global loads for the expert bias) are indexed by it, so a
-        # pipeline stage holding only some layers finds its own. None: module order.
+        # of the whole model (statistics rows, the loads for the expert bias) are indexed by
+        # it, so a pipeline stage holding only some layers finds its own. None: module order.
         self.moe_index: Optional[int] = None
-        self.last_stats: Optional[MoEStats] = None
+        self.stats_columns = StatsColumns.of(cfg)
+        # Sum of the rows of this optimizer step's training forwards (moe/stats.py).
+        self.register_buffer("step_stats", torch.zeros(self.stats_columns.width,
+                                                       dtype=torch.float64), persistent=False)
+
+    def use_layout(self, *, dispatcher: Optional[LocalDispatcher] = None,
+                   token_shards: Optional[int] = None,
+                   sum_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """What the layer needs from the parallel layout: the parallel code reaches the layer
+        only through this method; an argument left None keeps what the layer has.
+
+        dispatcher: moves expert rows between ranks (the all-to-all one of expert parallelism).
+        token_shards: ranks that split every micro-batch's tokens between them (CP x TP under
+        sequence parallelism); each rank's aux losses (and their statistics) are divided by it,
+        so that they are this rank's share and the shares of a micro-batch SUM to its loss, like
+        the gradients the data-parallel code sums. sum_counts: sums expert counts over the ranks
+        holding the other tokens of the LBL scope's unit (docs/load_balancing.md).
+        """
+        if dispatcher is not None:
+            self.dispatcher = dispatcher
+        if token_shards is not None:
+            self.token_shards = token_shards
+        if sum_counts is not None:
+            self.lbl.sum_counts = sum_counts
+
+    def start_step(self, aux_loss_scale: float) -> None:
+        """Before an optimizer step's first micro-batch: clear the step's statistics and the
+        global-scope LBL counts; `aux_loss_scale` is the gradient each micro-batch's aux loss
+        gets (the factor of its LM loss, e.g. 1 / micro-batches of the step)."""
+        self.step_stats.zero_()
+        self.lbl.reset()
+        self.aux_loss_scale = float(aux_loss_scale)
 
     @property
     def top_k(self) -> int:
@@ -121,7 +133,7 @@ class MoELayer(nn.Module):
         z = z_loss(routing.logits_TE)
         if self.token_shards > 1:  # local means over T/token_shards tokens -> shares
             lbl, z = lbl / self.token_shards, z / self.token_shards
-        if not in_backward():  # an activation-checkpoint recompute repeats the same forward
+        if self.training and not in_backward():  # a recompute repeats the same forward
             self._record_stats(routing, probs_TE, lbl, z, counts_E)
         if torch.is_grad_enabled() and (self.lbl_coeff or self.z_loss_coeff):
             aux = self.lbl_coeff * lbl + self.z_loss_coeff * z
@@ -141,38 +153,46 @@ class MoELayer(nn.Module):
             dropped = active - routing.keep_TK.sum()
         entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1)
         entropy = entropy_T.mean() if T else entropy_T.sum()
-        E = self.router.num_real_experts
-        self.last_stats = MoEStats(lbl.detach(), z.detach(), counts_E[:E].detach(), dropped,
-                                   active, entropy, T, counts_E.detach(), probs_TE.sum(0))
+        self.step_stats += self.stats_columns.row(
+            lbl=lbl, z_loss=z, dropped=dropped, assignments=active, entropy=entropy, tokens=T,
+            slot_counts=counts_E, prob_sum=probs_TE.sum(0))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Gradient each MoE layer's aux loss gets in backward (the LM loss's micro-batch factor)."""
+def start_moe_step(model: nn.Module, aux_loss_scale: float) -> None:
+    """`MoELayer.start_step` on every MoE layer: call once before each optimizer step."""
     for layer in moe_layers(model):
-        layer.aux_loss_scale = float(scale)
+        layer.start_step(aux_loss_scale)
 
 
-def collect_moe_stats(model: nn.Module) -> list[Optional[MoEStats]]:
-    """The last forward's statistics of every MoE layer, in module order."""
-    return [layer.last_stats for layer in moe_layers(model)]
-
-
-def reset_lbl_accumulators(model: nn.Module) -> None:
-    """Clear the global-scope LBL step counts; call once at the start of every optimizer step."""
-    for layer in moe_layers(model):
-        layer.lbl.reset()
+def moe_step_stats(model: nn.Module, num_moe_layers: Optional[int] = None,
+                   columns: Optional[StatsColumns] = None,
+                   device: Optional[torch.device] = None) -> Optional[MoEStepStats]:
+    """This step's statistics rows of the model's MoE layers, [num_moe_layers, width]: each
+    layer's row at its `moe_index` (zeros for layers this rank does not hold, e.g. on other
+    pipeline stages), so summing the rows of every rank gives the whole model's. A rank holding
+    none of the layers (a pipeline stage of dense layers) needs `columns` (`StatsColumns.of`)
+    and `num_moe_layers`; without them, None."""
+    layers = moe_layers(model)
+    if not layers and (columns is None or not num_moe_layers):
+        return None
+    columns = columns or layers[0].stats_columns
+    n = len(layers) if num_moe_layers is None else num_moe_layers
+    if device is None:
+        device = layers[0].step_stats.device if layers else torch.device("cpu")
+    rows_LC = torch.zeros(n, columns.width, dtype=torch.float64, device=device)
+    for position, layer in enumerate(layers):
+        rows_LC[position if layer.moe_index is None else layer.moe_index] = layer.step_stats
+    return columns.view(rows_LC)
 
 
 def set_top_k(model: nn.Module, top_k: int) -> None:
     """Experts per token from the next forward on (progressive sparsification schedules)."""
     for layer in moe_layers(model):
-        slots = layer.router.num_experts
-        if not 1 <= top_k <= slots:
-            raise ValueError(f"top_k={top_k} must lie in [1, {slots}] (model.moe.schedule.top_k)")
+        assert 1 <= top_k <= layer.router.num_experts, top_k  # validated schedule
         layer.router.top_k = int(top_k)
 
 
@@ -182,11 +202,11 @@ def set_capacity_factor(model: nn.Module, capacity_factor: Optional[float]) -> N
         layer.capacity_factor = capacity_factor
 
 
-def update_expert_bias(model: nn.Module, tokens_per_expert: list[torch.Tensor]) -> None:
-    """Aux-loss-free balancing step: the global [E] load of every MoE layer of the full model,
-    in order; a model holding only some of them (a pipeline stage) updates its own."""
+def update_expert_bias(model: nn.Module, tokens_per_expert_LE: torch.Tensor) -> None:
+    """Aux-loss-free balancing step: `tokens_per_expert_LE` [MoE layers of the full model,
+    real experts] integer, the step's global loads (`moe_step_stats(...).tokens_per_expert`
+    after the reduction over all ranks); a model holding only some layers (a pipeline stage)
+    updates its own."""
     for position, layer in enumerate(moe_layers(model)):
         index = position if layer.moe_index is None else layer.moe_index
-        if index >= len(tokens_per_expert):
-            raise ValueError(f"{len(tokens_per_expert)} loads, but MoE layer {index} needs one")
-        layer.router.update_bias(tokens_per_expert[index])
+        layer.router.update_bias(tokens_per_expert_LE[index])

@@ -1,39 +1,15 @@
 """Auxiliary router losses and the autograd hook that injects them into the backward pass.
 
-Notation: T local tokens (B sequences of S), E experts, k experts per token,
-c_i = number of top-k assignments to expert i counted BEFORE capacity dropping,
-s[t, :] = the router's score distribution over all experts (softmax; for sigmoid scores the
-scores normalised to sum to one, as DeepSeek-V3 and Megatron-Core do).
+    LBL = N * sum_i f_i * p_i      (Switch Transformer; Megatron-Core switch_load_balancing_loss_func)
+    z   = mean_t logsumexp(logits[t, :])^2                        (ST-MoE; Megatron-Core z_loss_func)
 
-Load-balancing loss (Switch Transformer / Megatron-Core `switch_load_balancing_loss_func`):
-
-    LBL = E * sum_i f_i * p_i,   f_i = c_i / sum_j c_j  (= c_i / (T k)),   p_i = mean_t s[t, i]
-
-f_i carries no gradient; p_i does. Scopes (`model.moe.lbl.scope`):
-
-  micro   c and p over the tokens of this micro-batch.
-  seq     per sequence b: f_bi from the counts of sequence b, p_bi = mean over its tokens;
-          LBL = mean_b E * sum_i f_bi * p_bi  (DeepSeek-V3's sequence-wise balance loss).
-  global  c = running sum, over the micro-batches of the optimizer step so far, of the counts
-          reduced by `reduce_counts` (the parallel code all-reduces them over DP x CP);
-          p_i stays the local mean with its local gradient. `reset()` (once per optimizer step)
-          clears the running sum. Equals Megatron-Core's global_aux_loss for one rank.
-
-`reduce_counts` (default identity) is applied to the local counts in every scope ([E], or
-[B, E] for seq): the parallel code points it at a sum over the ranks holding other tokens of
-the same unit (the TP ranks under sequence parallelism and the CP ranks for micro/seq; every
-rank of the pipeline stage, DP x CP x TP, for global). p_i is always the LOCAL mean, so each
-rank's loss is a full-size estimate and the mean over the n ranks sharing a unit equals the
-loss of the whole unit (equal token counts per rank). `MoELayer` divides it by n
-(`MoELayer.token_shards`), which turns the estimates into shares that SUM to the unit's loss
-and its gradient - the same sum the data-parallel code applies to the router's gradients.
-
-Router z-loss (ST-MoE; Megatron-Core `z_loss_func` without the coefficient):
-
-    z = mean_t logsumexp(logits[t, :])^2
+f_i (assignment frequencies, no gradient) and p_i (mean routing probability, local gradient) per
+scope (`model.moe.lbl.scope`: micro, seq, global), the sums over the ranks sharing a scope's unit
+(`sum_counts`, wired by the parallel code) and the per-rank shares are defined in
+docs/load_balancing.md; `global_lbl` is the step-level value logged for the global scope.
 
 Activation checkpointing: use the non-reentrant form. Its recompute (inside backward) neither
-accumulates counts nor calls `reduce_counts`, and backward uses the f of the original forward.
+accumulates counts nor calls `sum_counts`, and backward uses the f of the original forward.
 """
 
 from __future__ import annotations
@@ -42,8 +18,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-
-SCOPES = ("micro", "seq", "global")
 
 
 def in_backward() -> bool:
@@ -91,19 +65,23 @@ class _FrozenWeightSum(torch.autograd.Function):
 
 
 class LoadBalancingLoss(nn.Module):
-    """Computes LBL for one MoE layer; holds the global-scope step accumulator."""
+    """Computes LBL for one MoE layer; holds the global-scope step accumulator.
+
+    `sum_counts` sums local assignment counts ([E], or [B, E] for seq) over the ranks that hold
+    the other tokens of the scope's unit; identity on one rank. Set through `MoELayer.use_layout`.
+    """
 
     def __init__(self, num_experts: int, scope: str = "micro"):
         super().__init__()
-        if scope not in SCOPES:
-            raise ValueError(f"model.moe.lbl.scope must be one of {SCOPES}, got {scope!r}")
+        assert scope in ("micro", "seq", "global"), scope  # the schema's LBLScope refuses others
         self.num_experts = num_experts
         self.scope = scope
-        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.sum_counts: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.register_buffer("step_counts_E", torch.zeros(num_experts, dtype=torch.int64),
                              persistent=False)
 
     def reset(self) -> None:
+        """Clear the global-scope running counts (at the start of every optimizer step)."""
         self.step_counts_E.zero_()
 
     def forward(
@@ -139,11 +117,21 @@ class LoadBalancingLoss(nn.Module):
         _FrozenWeightSum), so the local counts stand in: no collective, no double accumulation.
         """
         if not in_backward():
-            counts = self.reduce_counts(counts)
+            counts = self.sum_counts(counts)
             if self.scope == "global" and self.training:
                 self.step_counts_E += counts
                 counts = self.step_counts_E.clone()
         return counts.float() / counts.sum(-1, keepdim=True).clamp_min(1).float()
+
+
+def global_lbl(slot_counts_LN: torch.Tensor, prob_sum_LN: torch.Tensor,
+               tokens_L: torch.Tensor) -> torch.Tensor:
+    """[L] LBL of a whole step per layer: N * sum_i f_i p_i with f from all the step's counts
+    and p over all its tokens (what the global scope logs; docs/load_balancing.md)."""
+    counts = slot_counts_LN.to(torch.float64)
+    f = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    p = prob_sum_LN.to(torch.float64) / tokens_L.to(torch.float64).clamp_min(1).unsqueeze(-1)
+    return counts.shape[-1] * (f * p).sum(-1)
 
 
 class AttachAuxLoss(torch.autograd.Function):

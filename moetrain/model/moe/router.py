@@ -62,11 +62,8 @@ class Router(nn.Module):
     ):
         super().__init__()
         routing = routing or RoutingConfig()
-        if score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"model.moe.score_func must be softmax or sigmoid, got {score_func!r}")
         slots = num_experts + routing.num_null_experts
-        if not 1 <= top_k <= slots:
-            raise ValueError(f"model.moe.top_k={top_k} must lie in [1, num_experts={slots}]")
+        assert score_func in ("softmax", "sigmoid") and 1 <= top_k <= slots  # validated config
         self.top_k = top_k
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
@@ -143,15 +140,18 @@ class Router(nn.Module):
         return (before_TK < r.top_p) | (position_K < r.min_k)
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert_E: torch.Tensor, num_balanced: Optional[int] = None) -> None:
-        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts by
+        bias_rate, lower over-loaded ones, leave those at the mean load.
 
-        `tokens_per_expert_E` is the global load of the last step (the same on every rank, so
-        every replica of the bias moves identically); only the first `num_balanced` slots (the
-        real experts) are balanced."""
+        `tokens_per_expert_E` [num_real_experts] integer: the step's global load (the same on
+        every rank, so every replica of the bias moves identically). The direction
+        sign(mean - load_i) is computed exactly, in integers, as sign(sum - E * load_i): a float
+        mean is inexact at real scale (loads of 2**24 and more)."""
         rate = self.routing.bias_rate
         if rate <= 0:
             return
-        n = self.num_real_experts if num_balanced is None else num_balanced
-        load = tokens_per_expert_E[:n].to(self.expert_bias)
-        self.expert_bias[:n] += rate * torch.sign(load.mean() - load)
+        load_E = tokens_per_expert_E.to(device=self.expert_bias.device, dtype=torch.int64)
+        E = self.num_real_experts
+        direction_E = torch.sign(load_E.sum() - E * load_E)
+        self.expert_bias[:E] += rate * direction_E.to(self.expert_bias.dtype)

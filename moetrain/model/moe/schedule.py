@@ -34,7 +34,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from moetrain.config.schema import SCHEDULE_KINDS
+from moetrain.config.schema import ScheduleKind
+
 
 
 def schedule_value(sched: Any, step: int, default: Optional[float]) -> Optional[float]:
@@ -55,7 +56,7 @@ def schedule_value(sched: Any, step: int, default: Optional[float]) -> Optional[
                 value = m_value
         return value
     if kind not in ("linear", "cosine"):
-        raise ValueError(f"unknown schedule kind {kind!r}; known: {', '.join(SCHEDULE_KINDS)}")
+        raise ValueError(f"unknown schedule kind {kind!r}; known: {', '.join(ScheduleKind.values())}")
     if step <= sched.start_step:
         return start
     if step >= sched.end_step:
@@ -85,4 +86,4 @@ def capacity_factor_at(moe: Any, step: int) -> Optional[float]:
     return None if value is None else float(value)
 
 
-__all__ = ["SCHEDULE_KINDS", "capacity_factor_at", "round_top_k", "schedule_value", "top_k_at"]
+__all__ = ["capacity_factor_at", "round_top_k", "schedule_value", "top_k_at"]
