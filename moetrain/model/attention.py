@@ -38,8 +38,7 @@ class Attention(nn.Module):
         self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float = 10000.0
     ):
         super().__init__()
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)  # validated config
         self.head_dim = head_dim
         self.rope_theta = rope_theta
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)

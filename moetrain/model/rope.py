@@ -18,8 +18,7 @@ def rope_cos_sin(
     Angles are formed in fp64 so that a position's rotation does not depend on its magnitude's
     fp32 rounding (long contexts) and is identical whichever shard computes it.
     """
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    assert head_dim % 2 == 0, head_dim  # validated config (model.head_dim)
     exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
     inv_freq = 1.0 / (theta**exponent)
     angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # [..., head_dim/2]

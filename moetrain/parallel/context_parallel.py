@@ -1,50 +1,11 @@
 """Context parallelism (CP): every sequence split over the CP group, attention over all of it.
 
-    tokens_BS  = shard_sequence(tokens_BS, cp_rank, cp_size)      # same for targets
-    positions  = shard_positions(seq_len, cp_rank, cp_size)        # true positions, for RoPE
-    apply_context_parallel(model, meshes.group("cp"), cfg.parallel.cp_comm)
-    logits     = model(tokens_BS, positions)                       # this rank's positions only
+    shard_sequence / shard_positions   this rank's zig-zag chunks of a sequence and their positions
+    apply_context_parallel(model, cp_group, cp_comm)   attention over the CP group's sequence
+    allgather_attention / ring_attention               the two ways to see the other ranks' K/V
 
-Load balancing (zig-zag). Each sequence of S tokens is cut into 2*cp chunks of c = S/(2 cp);
-CP rank r holds chunks r and 2cp-1-r, in that order. Under a causal mask chunk i attends to
-i+1 chunks, so every rank does the same work: (r+1) + (2cp-r) = 2cp+1 chunk pairs.
-
-Masking. Which chunk pairs are fully visible, fully masked or on the diagonal follows from the
-zig-zag layout alone (no host sync); the diagonal blocks, which are always this rank's own
-queries against its own keys, are masked with q_pos >= k_pos from the `positions` the model
-passes in. So the local `positions` must be what `shard_positions` returns (any constant offset
-is fine): true positions that increase strictly along the unsharded sequence. Packed-document
-masks (positions restarting inside a sequence) are not supported; neither are sequence lengths
-not divisible by 2*cp (no padding; `moetrain.parallel.checks` rejects them).
-
-Two ways to see the other ranks' keys and values (`parallel.cp_comm`):
-
-- ``allgather``: all-gather K and V over the CP group (one collective per layer; its backward
-  reduce-scatters dK/dV to their owners), put them in sequence order, and run SDPA for each of
-  the two local query chunks against the key prefix it can see (chunk i: keys [0, (i+1) c)),
-  with a boolean mask only on the diagonal chunk. Exact; memory O(S) per rank for K/V.
-- ``ring``: K/V blocks travel around the ring with `batch_isend_irecv`; the next exchange is
-  posted before the current block is computed, so communication overlaps compute. Blocks are
-  combined with the log-sum-exp trick in fp32. Fully masked chunk pairs are skipped: at ring
-  step s > 0 a rank needs only half of the incoming block (the other rank's lower chunk, or
-  its own upper query chunk against both chunks), so each step costs half of step 0.
-
-Why the ring is one explicit `autograd.Function` (recomputing each block's probabilities in
-backward, FlashAttention-2 style) and not differentiable ops over autograd-aware send/recv:
-autograd orders the backward of independent branches as it likes, and a rank whose autograd
-engine runs a p2p backward out of step with its neighbour deadlocks; one Function fixes the
-order of every send and receive on every rank, does not keep each block's S x S probabilities
-alive until backward, and keeps dK/dV accumulation in fp32 while they travel back home.
-
-Why hand-written rather than `torch.distributed.tensor.experimental.context_parallel`: that
-fails on CPU (no sharding strategy for the CPU SDPA op, DESIGN §2) and works by patching SDPA
-globally; this is a plain `Attention.attention_fn` swap that also composes with TP (each TP
-rank runs CP over its own heads) and is tested on gloo.
-
-Block math in the ring path is plain matmul/softmax in fp32 (materialises a [Sq, Sk] score
-block per head); a fused kernel returning the log-sum-exp (flash / efficient SDPA internals)
-would cut memory on GPU but those ops are private and their signatures change between torch
-releases.
+Zig-zag load balancing, masking from true positions, the all-gather and ring algorithms and why
+the ring is one explicit autograd.Function: docs/context_parallel.md.
 """
 
 from __future__ import annotations

@@ -1,32 +1,8 @@
 """Data parallelism: FSDP2 (default) or replicated parameters with a bucketed all-reduce.
 
-Which ranks sum which gradients (DESIGN §2): every rank's micro-batch losses are already scaled
-by the trainer (LM loss / global token count, aux losses / global micro-batch count), so the
-global gradient is the plain SUM of the ranks' gradients over the ranks holding different tokens:
-
-    dense parameters (embeddings, attention, norms, dense MLPs, output)   over dp_cp
-    routed experts                                                        over edp
-    router and shared experts                                             over dp_cp_tp
-
-Under sequence parallelism the TP ranks route different tokens, so the MoE weights (plain
-tensors, not TP-sharded) are summed over TP too; the TP-sharded dense weights are DTensors whose
-TP reductions DTensor already did in backward. With ep = etp = 1, edp and dp_cp_tp are the same
-ranks and one FSDP unit holds the whole MoE layer; units whose group equals the block's dp_cp
-group (tp = 1, ep = 1) are left to the block's unit.
-
-FSDP2 (`parallel.fsdp.enabled=true`): `fully_shard` per block (its MoE weights first, as their
-own units when their group differs), then the root (embeddings, final norm, output; not
-resharded after forward: backward needs them first). `parallel.fsdp.reshard_after_forward`:
-true frees the gathered block weights after forward (ZeRO-3-like), false keeps them until
-backward (ZeRO-2-like: sharded gradients and optimizer state, one all-gather per micro-batch).
-With TP the dense units are 2-D: the TP DTensors are sharded again over dp_cp, which shares the
-world mesh's root with tp. Reductions are plain sums: FSDP2 averages by default, and a divide
-factor of 1 alone makes it use ReduceOp.PREMUL_SUM, which gloo lacks; with
-`set_force_sum_reduction_for_comms` it sums and then divides by the factor (1). Set only on
-meshes of size > 1 (on one rank FSDP already sums without dividing).
-
-Replicated (`parallel.fsdp.enabled=false`): every rank holds all of its (TP) parameters and
-`ReplicatedGradReducer` sums the gradients once per optimizer step, after the last micro-batch.
+Every reduction is a plain SUM (the trainer scales the losses): dense parameters over dp_cp,
+routed experts over edp, router and shared experts over dp_cp_tp (`moe_units`). Why, and the
+FSDP2 details (units, ZeRO-2/3, sums on gloo without PREMUL_SUM): docs/data_parallel.md.
 """
 
 from __future__ import annotations

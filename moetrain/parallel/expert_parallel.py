@@ -1,33 +1,13 @@
 """Expert parallelism (EP) and expert tensor parallelism (ETP) for the MoE layers.
 
-    apply_expert_parallel(model, ep_group, etp_group=None)
+    apply_expert_parallel(model, ep_group, etp_group=None)   slice the experts, install the
+                                                             all-to-all dispatcher
+    distribute_expert_weights(model, expert_mesh)            the slices as DTensors (checkpoints,
+                                                             FSDP, grad norm)
 
-keeps this rank's experts in every `MoELayer` and installs an `AllToAllDispatcher`. With
-E experts, EP size ep and ETP size etp, EP rank r holds the contiguous block of L = E / ep
-experts [r L, (r+1) L); ETP rank s holds hidden columns [s F/etp, (s+1) F/etp) of each of them
-(w1, w3 column shards, w2 row shards). The dispatcher's data flow (docs/expert_parallel.md):
-
-    permute         x_TD -> x_ND, counts_E          rows sorted by global expert (local op)
-    count exchange  all_to_all(counts_E) -> counts_SL     rows source rank S sends per local expert
-    all-to-all      x_ND -> x_RD (R = rows received, source-major: by source rank, then expert)
-    [ETP gather]    x_RD -> x_GD, all ETP ranks' received rows (an all-gather, done as an
-                    all-to-all because gloo has no uneven all-gather)
-    regroup         -> expert-major rows for one grouped GEMM over the L local experts
-    experts         GroupedExperts (local weights; partial outputs under ETP)
-    reverse         inverse regroup, [ETP reduce-scatter], reverse all-to-all
-    unpermute       weighted sum of each token's k rows (local op, LocalDispatcher's)
-
-Capacity (token dropping) is decided before the exchange, by `MoELayer` on the rank's own tokens:
-capacity = ceil(cf * T_local * k / E) per (source rank, expert), as in Megatron-Core. So a
-token's drop decision depends only on the tokens of its own rank: a rank that holds the same
-tokens as a single-process layer makes exactly its decisions, and the dropped assignments are
-never sent. An expert receives at most ep * etp * capacity rows (per EDP replica).
-
-Process groups come from the parallel code (`Meshes.group("ep")`, `Meshes.group("etp")`);
-nothing here creates one. The ETP ranks must hold different tokens (they do when the ETP group
-lies inside the dense data-, context- or sequence-parallel dims; identical tokens would make the
-expert weight gradients etp times too large). Expert gradients are summed over the EDP group
-(ranks with the same expert shard and other tokens) by the data-parallel code.
+EP rank r holds experts [r E/ep, (r+1) E/ep); ETP rank s holds hidden columns
+[s F/etp, (s+1) F/etp) of each. Capacity is decided before the exchange, on each rank's own
+tokens. Layout, data flow, capacity and ETP rules: docs/expert_parallel.md.
 """
 
 from __future__ import annotations

@@ -2,51 +2,11 @@
 
     apply_tensor_parallel(model, tp_mesh)
 
-Layout of one block over the TP group (t ranks; B batch, S sequence, D model width):
-
-    residual stream     DTensor [B, S, D], Shard(1): each rank holds S/t positions (SP)
-    attention_norm,     SequenceParallel: computed on the local positions, weight replicated
-    ffn_norm, norm
-    attention           input all-gathered to Replicate; wq/wk/wv colwise (a rank owns
-                        n_heads/t query and n_kv_heads/t KV heads), wo rowwise with a
-                        reduce-scatter back to Shard(1)
-    dense mlp           input all-gathered; w1/w3 colwise, w2 rowwise -> Shard(1)
-    moe                 NOT tensor-parallel: the layer gets its local [B, S/t, D] positions as a
-                        plain tensor and routes only them; the output is wrapped back as
-                        Shard(1). This is MoE parallel folding with etp = ep = 1: the TP ranks are
-                        expert-data-parallel ranks, so the MoE weights (router, experts, shared
-                        experts) stay plain, replicated tensors whose gradients the data-parallel
-                        code sums over every rank holding different tokens ("dp_cp_tp").
-                        With parallel.ep / etp > 1 the TP ranks may be EP / ETP ranks instead
-                        (the experts are sliced over the MoE mesh: expert_parallel).
-    tok_embeddings      vocab-parallel (rows sharded), output reduce-scattered to Shard(1)
-    stage ends          (pipeline stages without tok_embeddings / output) take / return the
-                        residual stream as the local [B, S/t, D] shard: a plain tensor
-    output              colwise over the vocabulary: input all-gathered, logits [B, S, V]
-                        stay a DTensor Shard(-1); the trainer's cross-entropy runs under
-                        `loss_parallel()` (max / sum-exp / target logit all-reduced over TP),
-                        so the full [B, S, V] logits are never gathered.
-
-Why DTensor `parallelize_module` rather than hand-written autograd functions (Megatron's
-`ColumnParallelLinear` / `_GatherFromSequenceParallelRegion`): the model stays plain PyTorch and
-the plan above is the whole TP implementation; every collective and its backward (all-gather <->
-reduce-scatter, the all-reduce of the replicated norm weights' gradients) comes from DTensor's
-placement rules, which are exact and tested upstream; the parameters become DTensors that FSDP2
-(2-D with the dp_cp mesh), DCP checkpoints (resharding across TP sizes) and the gradient-norm
-code understand without extra metadata. The cost is DTensor's per-op dispatch overhead on the
-residual stream, small next to the GEMMs at real sizes.
-
-The residual stream is kept a DTensor (`use_local_output=False`), not a local tensor as in
-torchtitan: the model's code then sees global shapes (`Transformer.forward` builds its RoPE
-positions from `h.shape[1]`), so nothing in `moetrain.model` knows about TP.
-
-With a capacity factor each TP rank drops among its own S/t positions (the capacity follows the
-local token count, as with Megatron-Core's per-rank capacity), so runs that drop tokens are not
-token-for-token comparable with one process; dropless runs are exact.
-
-Constraints (checked by `moetrain.parallel.checks`): n_heads, n_kv_heads, the sequence length and
-(with dense layers) ffn_hidden divisible by t. Equal sequence shards matter beyond shapes: the
-MoE layers' aux losses are per-rank shares of the micro-batch's loss (`MoELayer.token_shards`).
+DTensor `parallelize_module` plans: attention and dense MLPs colwise/rowwise, norms and the
+residual stream sequence-sharded, vocab-parallel embedding and output (the loss runs under
+`loss_parallel`), MoE layers not TP-sharded (folded: each TP rank routes its own positions),
+plain sequence shards at pipeline stage ends. The layout, why DTensor and the constraints:
+docs/tensor_parallel.md.
 """
 
 from __future__ import annotations

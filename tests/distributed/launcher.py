@@ -1,7 +1,7 @@
 """Run a function on W gloo ranks forked from the test process (the launcher for CPU tests).
 
 Why not torchrun or `mp.spawn`: each spawned rank re-imports torch, 15-20 s for 8 ranks on the
-2-core CI machine; forking the already-imported pytest process costs ~0.3 s (DESIGN §2).
+2-core CI machine; forking the already-imported pytest process costs ~0.3 s (docs/design.md).
 
     from tests.distributed.launcher import run_distributed
 

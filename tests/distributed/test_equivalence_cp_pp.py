@@ -8,7 +8,7 @@ stage, the routing statistics from every stage, the grad norm is summed over the
 The layouts compared with the "b4" run also evaluate after the last step (`eval_sums`: the
 CP-local targets counted, the last stage's loss); one moves aux-loss-free expert biases (each
 stage updates its own layers from the global load).
-Rank 0's logged values must equal the single-process run's to rel. 1e-5 (DESIGN §4).
+Rank 0's logged values must equal the single-process run's to rel. 1e-5 (docs/equivalence.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Expert parallelism in the real Trainer against one process: EP over DP, folded over TP and
-CP, and expert tensor parallelism (K=3 steps, fp32, dropless, micro-batch LBL; DESIGN §4).
+CP, and expert tensor parallelism (K=3 steps, fp32, dropless, micro-batch LBL; docs/equivalence.md).
 
 The experts are sliced over EP (and their hidden width over ETP) and kept as DTensors on the
 MoE mesh; tokens travel by all-to-all. Rank 0's logged loss, grad norm (the expert shards'

@@ -2,32 +2,11 @@
 
     capacity = ceil(capacity_factor * T * k / E)      (T tokens of the local micro-batch)
 
-Policy: each expert keeps the `capacity` assignments with the highest routing *score*
-(scores[t, e], before top-k renormalisation) and drops the rest, lowest score first; equal
-scores are broken by token order (earlier token kept). A dropped assignment contributes zero to
-the token's output; the surviving weights are NOT renormalised (Megatron-Core's "probs" policy;
-DeepSpeed's topkgating renormalises the survivors). dropped fraction = dropped / (T * k).
-
-Token rounding (`model.moe.token_rounding = tile`), after capacity, over the assignments that
-are still kept. A grouped GEMM computes each expert's rows in tiles of `tile` rows; the last
-tile of an expert with n rows is only (n mod tile) / tile full. Rounding makes the partial tile
-either empty or worth computing, per expert, with the remainder r = n mod tile:
-
-    r == 0          keep all n                       (already whole tiles)
-    r <  tile / 2   keep n - r: drop the r lowest-score assignments of that expert
-    r >= tile / 2   keep all n: the GEMM pads the last tile with r' = tile - r empty rows
-
-So an expert keeps a multiple of the tile or all of its assignments, and at most
-ceil(tile / 2) - 1 of its assignments are dropped, lowest routing score first (ties: the later
-token is dropped, as for capacity). Note that an expert with fewer than tile / 2 assignments
-loses all of them; `token_rounding` is meant for tiles much smaller than the mean load
-T k / E. Rounding up to the next multiple with extra tokens (SonicMoE pads an expert with the
-highest-scoring tokens that did not select it) would change which experts a token uses; here
-rounding up only pads, so a dropless layer stays dropless for r >= tile / 2.
-
-The rule is per expert and per call, over the local tokens: under expert parallelism every
-source rank rounds its own share, so an expert's received rows are a sum of multiples of the
-tile and of full counts.
+Each expert keeps its `capacity` highest-score assignments (ties: the earlier token), the rest
+add zero and the survivors are not renormalised (Megatron-Core's "probs" policy). Token rounding
+then keeps, per expert, a multiple of the tile or all of its assignments (remainder r < tile/2:
+drop the r lowest-score ones). Both decide over the rank's own tokens. The policies and their
+edge cases: docs/load_balancing.md ("Capacity and token rounding"), docs/features/token_rounding.md.
 """
 
 from __future__ import annotations
@@ -84,8 +63,7 @@ def token_rounding_keep_mask(
     inactive as an extra expert id (e.g. `num_experts`, with num_experts + 1) and AND the result
     with the existing keep mask.
     """
-    if tile < 1:
-        raise ValueError(f"model.moe.token_rounding={tile} must be a positive integer")
+    assert tile >= 1, tile  # validated config (model.moe.token_rounding)
     rank_TK, counts_E = rank_within_expert(topk_idx_TK, priority_TK, num_experts)
     keep_E = rounded_counts(counts_E, tile)
     return rank_TK < keep_E[topk_idx_TK]

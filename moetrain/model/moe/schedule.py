@@ -19,14 +19,8 @@ top_k: the real value is rounded to the nearest integer, halves rounded up (floo
 Python's round-half-to-even, so a linear ramp 1 -> 2 switches exactly at its midpoint), then
 clamped to [1, num_experts].
 
-How the trainer applies it (not wired here): at the start of every optimizer step s (the
-step about to be taken, 0-based, the same counter the LR schedule uses), compute
-`k = top_k_at(cfg.model.moe, s)` and `cf = capacity_factor_at(cfg.model.moe, s)` and set them on
-every MoE layer before the first micro-batch, so all micro-batches of a step, all ranks and all
-pipeline stages use one k. Log `top_k` in metrics.jsonl from that value. The router must accept
-a k different from the one it was built with (k <= num_experts); the capacity (which depends on
-k and cf) is recomputed per forward. Changing k changes active FLOPs, so tokens/s and MFU should
-use the scheduled k.
+The trainer sets the values of step s on every MoE layer before the step's first micro-batch
+(docs/sparsity_schedules.md).
 """
 
 from __future__ import annotations
