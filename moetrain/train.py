@@ -32,6 +32,7 @@ def _setup_logging(run_dir: Path, rt: Runtime) -> None:
     if rt.is_main:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
+        console.setLevel(logging.INFO)  # per-rank details (DEBUG) go to the rank's file only
         handlers.append(console)
     root = logging.getLogger("moetrain")
     root.handlers[:] = handlers

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from moetrain import memory
 from moetrain.checkpoint import CheckpointManager, TrainState
 from moetrain.checkpoint.convert import load_model_state
 from moetrain.config import ConfigError
@@ -64,19 +65,19 @@ class Trainer:
         self.num_moe_layers = cfg.model.n_layers - cfg.model.moe.first_dense_layers
         self.stats_columns = StatsColumns.of(cfg.model.moe)
 
-        # Every rank builds the full model from the same seed, so any layout starts from the
-        # same weights; the parallel context then shards/replicates it.
-        torch.manual_seed(t.seed)
-        model = Transformer(cfg.model)
-        set_recompute(model, t.recompute)
+        # Built on the meta device and parallelized there; each rank allocates and initialises
+        # only its own shards, with values that do not depend on the layout (train.seed).
+        memory.reset_peak(rt.device)
+        self.model = self.par.build_model(cfg)
+        set_recompute(self.model, t.recompute)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         if cfg.model.init.upcycle_from and self.ckpt.resolve(cfg.checkpoint.resume) is None:
-            self._upcycle(model)
-        self.model = self.par.parallelize(model.to(rt.device), cfg)
+            self._upcycle(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
         self.state = TrainState()
         self._resume()
+        self.init_peak_gib = self._log_init_memory()
         self.metrics = None
         if rt.is_main:
             self.metrics = MetricsLogger(
@@ -85,12 +86,27 @@ class Trainer:
                 config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
             )
 
+    def _log_init_memory(self) -> float:
+        """Log this rank's peak memory after initialisation (its log file) and the maximum over
+        ranks (the run's log); returns that maximum in GiB."""
+        peak = memory.peak_bytes(self.rt.device)
+        memory.rank_log.debug("peak memory after init %.3f GiB (parameters %.3f GiB)",
+                              peak / memory.GIB, memory.parameter_bytes(self.model) / memory.GIB)
+        top = self.par.max_over_ranks([peak])[0] / memory.GIB
+        if self.rt.is_main:
+            log.info("initialised: peak memory %.2f GiB (max over ranks)", top)
+        return top
+
     def _upcycle(self, model: torch.nn.Module) -> None:
-        """Start from a dense checkpoint (model.init.upcycle_from); not when resuming."""
+        """Start from a dense checkpoint (model.init.upcycle_from); not when resuming. Every rank
+        checks the dense state against the whole model (on the meta device), then fills its
+        own shards."""
         init = self.cfg.model.init
         source = CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
         try:
-            upcycle_(model, load_model_state(source), init.upcycle_granularity)
+            with torch.device("meta"):
+                whole = Transformer(self.cfg.model)
+            upcycle_(model, load_model_state(source), init.upcycle_granularity, whole=whole)
         except UpcycleError as err:
             raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: {err}") from None
         if self.rt.is_main:
@@ -129,6 +145,7 @@ class Trainer:
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
                 top_k = self._apply_sparsity_schedule(step)
+                memory.reset_peak(self.rt.device)
                 start = time.monotonic()
                 record, routing = self.train_step(self.sampler.next_step())
                 elapsed = time.monotonic() - start
@@ -155,12 +172,17 @@ class Trainer:
                 )
                 if t.eval_every and self.state.step % t.eval_every == 0:
                     record["val_loss"] = self.evaluate()
-                if self.metrics is not None and (
-                    self.state.step % t.log_every == 0 or self.state.step == t.max_steps
-                ):
+                stop_reason, peak = self._stop_reason()
+                record["memory_peak_gib"] = peak / memory.GIB
+                logged = self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+                if logged:
+                    memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
+                                          memory.peak_bytes(self.rt.device) / memory.GIB)
+                if self.metrics is not None and logged:
+                    if self.init_peak_gib is not None:  # the first record of this process
+                        record["memory_init_peak_gib"], self.init_peak_gib = self.init_peak_gib, None
                     self.metrics.log(record, {"step": self.state.step, **routing})
 
-                stop_reason = self._stop_reason()
                 due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
                 # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
                 self.ckpt.poll()
@@ -187,15 +209,19 @@ class Trainer:
         set_capacity_factor(self.model, capacity_factor_at(moe, step))
         return top_k
 
-    def _stop_reason(self) -> str | None:
-        """Why to stop before max_steps (a signal, or train.max_time), agreed by every rank."""
+    def _stop_reason(self) -> tuple[str | None, int]:
+        """Why to stop before max_steps (a signal, or train.max_time), agreed by every rank, and
+        the step's peak memory in bytes, the maximum over ranks: one reduction for both."""
         t = self.cfg.train
         out_of_time = t.max_time is not None and time.monotonic() - self.start_time > t.max_time
-        if not self.par.any_rank(self.preemption.requested or out_of_time):
-            return None
+        stop, peak = self.par.max_over_ranks(
+            [int(self.preemption.requested or out_of_time), memory.peak_bytes(self.rt.device)])
+        if not stop:
+            return None, peak
         if self.preemption.requested:
-            return f"received {self.preemption.signal_name}"
-        return f"train.max_time={t.max_time}s reached" if out_of_time else "another rank was signalled"
+            return f"received {self.preemption.signal_name}", peak
+        return (f"train.max_time={t.max_time}s reached" if out_of_time
+                else "another rank was signalled"), peak
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import zlib
 from typing import Optional
 
 import torch
@@ -12,14 +10,10 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import ModelConfig, head_dim_of
 from moetrain.model.attention import Attention
+from moetrain.model.init import init_parameters
 from moetrain.model.mlp import FeedForward
-from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.layer import MoELayer
 from moetrain.model.norm import RMSNorm
-
-# Wrappers (activation checkpointing, torch.compile, FSDP1) insert these into parameter names;
-# they are dropped so a parameter's initial value depends only on its model-level name.
-_WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 
 
 class TransformerBlock(nn.Module):
@@ -86,43 +80,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
-        """Norms to one, every other weight ~ N(0, init_std); projections that write into the
-        residual stream (wo, w2) ~ N(0, init_std / sqrt(2 n_layers)).
+        """Initialise the weights this module holds (moetrain/model/init.py has the rules and
+        the counter-based generator: values depend only on the seed, the parameter's name and
+        the element's global index, so pipeline stages and shards get one process's values).
 
-        Each parameter is drawn from its own generator seeded by (seed, parameter name), so its
-        value does not depend on which other layers exist (pipeline stages) or on the order of
-        initialisation. seed=None draws the seed from the global torch RNG, so
-        `torch.manual_seed(s); Transformer(cfg)` is reproducible. Call it on unsharded
-        parameters (before FSDP/EP sharding); meta tensors are skipped.
+        seed=None draws the seed from the global torch RNG, so `torch.manual_seed(s);
+        Transformer(cfg)` is reproducible. On the meta device there is nothing to initialise
+        (the trainer initialises each rank's shards once they are allocated).
         """
+        if all(p.is_meta for p in self.parameters()):
+            return
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        seen: set[int] = set()
-        for mod_name, module in self.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                if id(p) in seen or p.is_meta:
-                    continue
-                seen.add(id(p))
-                if isinstance(module, RMSNorm):
-                    p.fill_(1.0)
-                    continue
-                name = _canonical_name(f"{mod_name}.{p_name}")
-                writes_residual = name.endswith(("wo.weight", "w2.weight")) or (
-                    isinstance(module, GroupedExperts) and p_name == "w2")
-                _normal_(p, residual_std if writes_residual else std, seed, name)
-
-
-def _canonical_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
-
-
-def _normal_(p: torch.Tensor, std: float, seed: int, name: str) -> None:
-    gen = torch.Generator(device=p.device)
-    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    sample = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    p.copy_(sample.normal_(0.0, std, generator=gen))
+        init_parameters(self, self.cfg, seed)
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:

@@ -9,6 +9,10 @@ Given the full (unsharded) state of a dense moetrain model (every block a SwiGLU
   (= `model.moe.expert_hidden`); expert e takes slice e mod m, and its down projection is
   scaled by m. Routers keep their fresh initialisation.
 
+The MoE model may be sharded (the trainer upcycles after parallelizing, on the allocated
+shards): each rank copies only the blocks of its own shards, expert by expert, so no rank
+builds a full stacked expert weight.
+
 Why the first forward equals the dense model's: with m = 1 every selected expert computes the
 dense MLP, and renormalised top-k weights (`norm_topk_prob`) sum to one, so the combine is the
 dense output for any routing. With m > 1 the output equals the dense one when a token's k = m
@@ -19,10 +23,12 @@ picks experts 0..m-1 with weight 1/m each); a fresh random router only approxima
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 from torch import nn
 
+from moetrain.model.init import LocalShard, local_shard, named_parameters_once
 from moetrain.model.moe.experts import GroupedExperts
 
 
@@ -33,29 +39,56 @@ class UpcycleError(ValueError):
 _SHARED = re.compile(r"layers\.\d+\.attention_norm\.weight|layers\.\d+\.ffn_norm\.weight|"
                      r"layers\.\d+\.attention\.w[qkvo]\.weight|tok_embeddings\.weight|"
                      r"norm\.weight|output\.weight")
+_DENSE_MLP = re.compile(r"layers\.\d+\.mlp\.w[123]\.weight")
+_EXPERTS = re.compile(r"layers\.(\d+)\.moe\.experts\.(w[123])")
 
 
 @torch.no_grad()
-def upcycle_(model: nn.Module, dense: dict[str, torch.Tensor], granularity: int = 1) -> None:
-    """Fill `model` (an unsharded MoE Transformer) from the dense model state `dense`, in place."""
+def upcycle_(model: nn.Module, dense: dict[str, torch.Tensor], granularity: int = 1,
+             whole: Optional[nn.Module] = None) -> None:
+    """Fill `model` from the dense model state `dense`, in place.
+
+    `model`: the MoE Transformer, whole or this rank's part of it (sharded parameters, a
+    pipeline stage's `RankModel`). `whole`: the whole unsharded MoE model the dense state is
+    checked against (the meta device will do), so that every rank refuses the same input;
+    default `model`. Raises UpcycleError naming the key that does not fit.
+    """
     if granularity < 1:
         raise UpcycleError(f"model.init.upcycle_granularity={granularity} must be >= 1")
-    target = model.state_dict()
+    _check(model if whole is None else whole, dense, granularity)
+    for name, module, p_name, p in named_parameters_once(model):
+        if p.is_meta:
+            continue
+        shard = local_shard(module, p_name, p)
+        experts = _EXPERTS.fullmatch(name)
+        if experts:
+            layer, w = experts.groups()
+            _fill_experts(shard, w, [dense[f"layers.{layer}.mlp.{x}.weight"] for x in ("w1", "w3", "w2")],
+                          granularity)
+        elif _SHARED.fullmatch(name) and name in dense or _DENSE_MLP.fullmatch(name):
+            shard.tensor.copy_(dense[name][shard.region()])
+
+
+def _check(whole: nn.Module, dense: dict[str, torch.Tensor], m: int) -> None:
+    """Every rank's decision, from shapes only: the same for every layout."""
+    target = {name: p.shape for name, _, _, p in named_parameters_once(whole)}
     for key, tensor in dense.items():
         if _SHARED.fullmatch(key):
-            _copy(target, key, tensor)
-    for name, block in model.layers.items():
+            _check_shape(target, key, tensor)
+    for name, block in whole.layers.items():
         w1, w3, w2 = (_dense(dense, f"layers.{name}.mlp.{w}.weight") for w in ("w1", "w3", "w2"))
         if block.mlp is not None:
             for w, value in (("w1", w1), ("w3", w3), ("w2", w2)):
-                _copy(target, f"layers.{name}.mlp.{w}.weight", value)
+                _check_shape(target, f"layers.{name}.mlp.{w}.weight", value)
             continue
-        moe = block.moe
-        if moe.shared_experts is not None:
+        if block.moe.shared_experts is not None:
             raise UpcycleError("upcycling with model.moe.num_shared_experts > 0 is not supported "
                                "(the shared expert would double the dense MLP's output)")
-        _fill_experts(moe.experts, w1, w3, w2, granularity, f"layers.{name}")
-    model.load_state_dict(target)
+        F = block.moe.experts.global_hidden
+        if w1.shape[0] != F * m:
+            raise UpcycleError(
+                f"layers.{name}: model.moe.expert_hidden={F} x model.init.upcycle_granularity="
+                f"{m} must equal the dense MLP width {w1.shape[0]}")
 
 
 def _dense(dense: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -65,27 +98,28 @@ def _dense(dense: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return dense[key]
 
 
-def _copy(target: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+def _check_shape(target: dict[str, torch.Size], key: str, value: torch.Tensor) -> None:
     if key not in target:
         raise UpcycleError(f"the MoE model has no {key!r}")
-    if target[key].shape != value.shape:
+    if target[key] != value.shape:
         raise UpcycleError(f"{key}: the dense checkpoint has shape {list(value.shape)}, the MoE "
-                           f"model {list(target[key].shape)} (model.d_model, n_heads, vocab_size ...)")
-    target[key] = value.to(target[key].dtype)
+                           f"model {list(target[key])} (model.d_model, n_heads, vocab_size ...)")
 
 
-def _fill_experts(experts: GroupedExperts, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                  m: int, where: str) -> None:
-    # nn.Linear stores [out, in]; the stacked experts store w1/w3 as [E, D, F] and w2 as [E, F, D].
-    E, D, F = experts.w1.shape
-    dense_hidden = w1.shape[0]
-    if dense_hidden != F * m:
-        raise UpcycleError(
-            f"{where}: model.moe.expert_hidden={F} x model.init.upcycle_granularity={m} must equal "
-            f"the dense MLP width {dense_hidden}")
-    for e in range(E):
-        s = e % m
+def _fill_experts(shard: LocalShard, w: str, dense_w132: list[torch.Tensor], m: int) -> None:
+    """This rank's block of stacked expert weight `w`: expert e is the dense MLP's hidden slice
+    e mod m (nn.Linear stores [out, in]; w1/w3 are [E, D, F], w2 [E, F, D])."""
+    w1, w3, w2 = dense_w132
+    F = shard.global_shape[2] if w != "w2" else shard.global_shape[1]
+    _, inner_a, inner_b = shard.region()
+    for i in range(shard.tensor.shape[0]):
+        s = (shard.offset[0] + i) % m
         rows = slice(s * F, (s + 1) * F)
-        experts.w1[e].copy_(w1[rows].t())
-        experts.w3[e].copy_(w3[rows].t())
-        experts.w2[e].copy_(w2[:, rows].t() * m)
+        if w == "w2":
+            expert = w2[:, rows].t() * m
+        else:
+            expert = (w1 if w == "w1" else w3)[rows].t()
+        shard.tensor[i].copy_(expert[inner_a, inner_b])
+
+
+__all__ = ["UpcycleError", "upcycle_"]

@@ -1,8 +1,9 @@
 """What the training loop needs to know about the layout, behind one object (any world size).
 
 The trainer never touches a process group: it asks the `ParallelContext` for this rank's
-data-parallel slice, to parallelize the plain model (`parallelize`: which also picks the step
-runner, a micro-batch loop or a pipeline schedule, moetrain/parallel/steps.py), to run a step's
+data-parallel slice, for its model (`build_model`: built on the meta device, parallelized there,
+which also picks the step runner, a micro-batch loop or a pipeline schedule,
+moetrain/parallel/steps.py; then only the rank's shards are allocated and initialised), to run a step's
 forward and backward, to sum the step's statistics over the ranks, and to clip the global
 gradient norm. On one process every collective is the identity. docs/parallelism.md has the
 5-D picture and who reduces what.
@@ -21,7 +22,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from moetrain.config.schema import MoetrainConfig
+from moetrain.model.init import init_parameters
 from moetrain.model.moe.layer import moe_layers
+from moetrain.model.transformer import Transformer
 from moetrain.parallel.context_parallel import (
     apply_context_parallel, shard_positions, shard_sequence,
 )
@@ -58,15 +61,35 @@ class ParallelContext:
         self.steps: Optional[StepRunner] = None
         self._fsdp_units: list = []
         self._reducer: Optional[ReplicatedGradReducer] = None
+        self._model: Optional[nn.Module] = None  # what `parallelize` returned
+        self._roots: list[nn.Module] = []  # the modules it parallelized (FSDP roots)
+        self._replicated = False
 
     # ------------------------------------------------------------------ model
+    def build_model(self, cfg: MoetrainConfig) -> nn.Module:
+        """This rank's model, ready for the optimizer: built on the meta device, parallelized
+        there (`parallelize`), then only this rank's shards are allocated on its device
+        (`materialize`) and initialised from `train.seed` (moetrain/model/init.py: the same
+        weights for every layout). docs/initialisation.md."""
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        model = self.parallelize(model, cfg)
+        self.materialize()
+        init_parameters(model, cfg.model, cfg.train.seed)
+        return model
+
     def parallelize(self, model: nn.Module, cfg: MoetrainConfig) -> nn.Module:
-        """Apply the layout to the plain model; returns what the trainer takes as the model
-        (under PP this rank's stages as one module with the full model's names)."""
+        """Apply the layout to the plain model on the meta device (nothing is allocated); returns
+        what the trainer takes as the model (under PP this rank's stages as one module with the
+        full model's names; `model` gives its blocks to them). `materialize` next."""
+        if not all(p.is_meta for p in model.parameters()):
+            raise ValueError("parallelize takes a model on the meta device (build_model): each "
+                             "rank allocates only its own shards afterwards")
         dims, t = self.dims, cfg.train
         if dims.pp == 1:
             self._parallelize_stage(model, cfg)
             self.steps = MicroBatchSteps(self)
+            self._roots = [model]
         else:
             stage_modules = build_stage_modules(model, self.pp_rank, dims.pp, dims.vpp,
                                                 cfg.parallel.pp_layers)
@@ -78,16 +101,25 @@ class ParallelContext:
                 micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len // dims.cp,
                 model_cfg=cfg.model)
             model = self.steps.model
-        if self.meshes is not None and not cfg.parallel.fsdp.enabled:
-            self._reducer = ReplicatedGradReducer(model, self.meshes)
+            self._roots = [sm.module for sm in stage_modules]
+        self._model, self._replicated = model, not cfg.parallel.fsdp.enabled
         return model
+
+    def materialize(self) -> None:
+        """Allocate this rank's shards of the parallelized model on its device, uninitialised
+        (`to_empty` on each FSDP root, so FSDP2 re-points its sharded storage)."""
+        assert self._model is not None, "parallelize first"
+        for root in self._roots:
+            root.to_empty(device=self.device)
+        if self.meshes is not None and self._replicated:
+            self._reducer = ReplicatedGradReducer(self._model, self.meshes)
 
     def _parallelize_stage(self, module: nn.Module, cfg: MoetrainConfig) -> None:
         """EP, TP, CP, the MoE layers' wiring, FSDP: on the full model or one pipeline stage."""
         dims, meshes = self.dims, self.meshes
         if meshes is None:
             return
-        if dims.ep * dims.etp > 1:  # on the full weights, before anything wraps them
+        if dims.ep * dims.etp > 1:  # on the meta weights, before anything wraps them
             apply_expert_parallel(module, meshes.group("ep"),
                                   meshes.group("etp") if dims.etp > 1 else None)
             distribute_expert_weights(module, meshes.experts)
@@ -197,10 +229,11 @@ class ParallelContext:
         tokens inside a layer without changing whose they are."""
         return self.all_reduce(rows_LC)
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank (stop decisions must agree)."""
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX).item())
+    def max_over_ranks(self, values: Sequence[int]) -> list[int]:
+        """The element-wise maximum over every rank of a few integers (stop flags that must
+        agree, peak memory), in one collective and one host read."""
+        t = torch.tensor(list(values), dtype=torch.int64)
+        return self.all_reduce(t, op=dist.ReduceOp.MAX).tolist()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Global L2 norm of all gradients before clipping; clip to `max_norm` when it is > 0."""

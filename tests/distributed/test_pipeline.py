@@ -110,8 +110,8 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
         start = time.perf_counter()
         ref = refs[model_key]
         cfg = models[model_key].cfg
-        stage_modules = build_stage_modules(models[model_key], rank, world_size, vpp,
-                                            extra.get("layers"))
+        stage_modules = build_stage_modules(copy.deepcopy(models[model_key]), rank, world_size,
+                                            vpp, extra.get("layers"))
         pipe = build_pipeline(
             stage_modules, schedule=schedule, group=group, device=torch.device("cpu"),
             n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=cfg.d_model,
@@ -238,7 +238,7 @@ def _run_pp_fsdp(rank: int, model, tokens, ref) -> dict:
     dims = ParallelDims(4, pp=2)
     meshes = build_meshes(dims, "cpu")
     pp_rank, dp_rank = coords[rank].pp, coords[rank].dp
-    stage_modules = build_stage_modules(model, pp_rank, 2, 2)
+    stage_modules = build_stage_modules(copy.deepcopy(model), pp_rank, 2, 2)
     for sm in stage_modules:
         apply_fsdp(sm.module, meshes)
     pipe = build_pipeline(
@@ -294,19 +294,21 @@ def test_split_layers_errors(kwargs, keys):
 def test_stage_modules():
     cfg = _model_cfg()
     model = Transformer(cfg)
+    full = dict(model.named_parameters())
+    full_keys = list(model.state_dict())
     first, middle = build_stage_modules(model, 0, 2, 2)  # stages 0 and 2 of 4
     assert (first.index, middle.index, first.layer_ids, middle.layer_ids) == (0, 2, [0, 1], [4, 5])
     assert first.module.tok_embeddings is not None and first.module.output is None
     assert middle.module.tok_embeddings is None and middle.module.norm is None
     assert list(middle.module.layers.keys()) == ["4", "5"]
-    full = dict(model.named_parameters())
-    for name, p in middle.module.named_parameters():
-        assert torch.equal(p, full[name]) and p is not full[name]
-    assert len(model.layers) == 8 and model.tok_embeddings is not None  # untouched
+    for name, p in middle.module.named_parameters():  # moved, not copied
+        assert p is full[name]
+    # the model is consumed: the other stages' parts are dropped with it
+    assert len(model.layers) == 0 and model.tok_embeddings is None and model.output is None
     # the rank's view for optimizer and checkpoints: full-model names and order, same tensors
     rank_model = RankModel([middle, first])
     mine = ("tok_embeddings.", "layers.0.", "layers.1.", "layers.4.", "layers.5.")
-    assert list(rank_model.state_dict()) == [n for n in model.state_dict() if n.startswith(mine)]
+    assert list(rank_model.state_dict()) == [n for n in full_keys if n.startswith(mine)]
     stage_params = [*first.module.parameters(), *middle.module.parameters()]
     assert all(p is q for p, q in zip(rank_model.parameters(), stage_params, strict=True))
     # a stage whose output is not the declared boundary fails loudly, before anything is sent

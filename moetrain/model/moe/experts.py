@@ -114,12 +114,21 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return _local(self.w1).shape[0]
 
+    def global_layout(self, name: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(global shape, offset of this module's block) of plain weight `name` (w1, w3, w2):
+        where the slice `shard_` kept sits in the model's stacked [E, D, F] / [E, F, D]."""
+        w = getattr(self, name)
+        D = w.shape[2] if name == "w2" else w.shape[1]
+        E, F, e0, f0 = self.num_global_experts, self.global_hidden, self.expert_offset, self.hidden_offset
+        return ((E, F, D), (e0, f0, 0)) if name == "w2" else ((E, D, F), (e0, 0, f0))
+
     @torch.no_grad()
     def shard_(self, experts: slice, hidden: slice) -> None:
         """Keep only the given experts and hidden columns (expert / expert-tensor parallelism).
 
-        w1, w3 keep columns `hidden` of their F dim, w2 the same rows; the slices are copied so
-        the full weights are freed. Replaces the parameters: build optimizers afterwards.
+        w1, w3 keep columns `hidden` of their F dim, w2 the same rows. The trainer calls it on
+        the meta device (nothing is allocated); on a real device only the kept slices are copied,
+        so the full weights can be freed. Replaces the parameters: build optimizers afterwards.
         """
         for name, index in (("w1", (experts, slice(None), hidden)),
                             ("w3", (experts, slice(None), hidden)),

@@ -3,9 +3,11 @@
     build_stage_modules(model, pp_rank, pp, vpp, layers_per_stage)  -> [StageModule]
     RankModel(stage_modules)  the rank's stages as one module with the full model's names
 
-A stage is a deep copy of the model holding only its layers (keys of `layers` unchanged, so
-parameter names equal the full model's), `tok_embeddings` only on the first stage, `norm` and
-`output` only on the last (None elsewhere). Tied embeddings are refused for pp * vpp > 1: the
+A stage is the model's shell (config and flags, copied) holding only its layers, moved out of
+the model (keys of `layers` unchanged, so parameter names equal the full model's),
+`tok_embeddings` only on the first stage, `norm` and `output` only on the last (None
+elsewhere). The model is consumed: it keeps none of the parts, and every part no stage of this
+rank holds is dropped with it (the trainer builds on the meta device, so nothing was allocated). Tied embeddings are refused for pp * vpp > 1: the
 first and last stage would hold separate copies of one weight whose gradients must be summed
 (`check_layout` says so before any process starts).
 """
@@ -43,18 +45,21 @@ def build_stage_modules(
     model: nn.Module, pp_rank: int, pp: int, vpp: int = 1,
     layers_per_stage: Optional[Sequence[int]] = None,
 ) -> list[StageModule]:
-    """This rank's stages of a plain `Transformer`, in stage order; `model` is left as it was.
-
-    `model` may live on the meta device (the stages then do too)."""
+    """This rank's stages of a plain `Transformer`, in stage order. `model` is consumed: its
+    parts move into the stages (no copies) and it is left with no layers, embedding, norm or
+    output head."""
     assert 0 <= pp_rank < pp, (pp_rank, pp)
     n_layers, num_stages = len(model.layers), pp * vpp
     split = split_layers(n_layers, pp, vpp, layers_per_stage)
     keys = list(model.layers.keys())
-    return [
+    stages = [
         StageModule(s, num_stages, split[s],
-                    _copy_stage(model, [keys[i] for i in split[s]], s == 0, s == num_stages - 1))
+                    _take_stage(model, [keys[i] for i in split[s]], s == 0, s == num_stages - 1))
         for s in stage_indices(pp_rank, pp, vpp)
     ]
+    model.layers = nn.ModuleDict()
+    model.tok_embeddings = model.norm = model.output = None
+    return stages
 
 
 class RankModel(nn.Module):
@@ -80,20 +85,23 @@ class RankModel(nn.Module):
         raise RuntimeError("a pipeline's stages run through its schedule, not RankModel")
 
 
-def _copy_stage(model: nn.Module, keep: list[str], first: bool, last: bool) -> nn.Module:
-    """Deep-copy `model` without the parts other stages hold (so they are never copied)."""
-    saved = {name: getattr(model, name) for name in ("layers", "tok_embeddings", "norm", "output")}
+def _take_stage(model: nn.Module, keep: list[str], first: bool, last: bool) -> nn.Module:
+    """A copy of `model`'s shell holding its layers `keep` (and the embedding / norm and output
+    head on the first / last stage): the parts are moved, not copied."""
+    parts = {name: getattr(model, name) for name in ("layers", "tok_embeddings", "norm", "output")}
     try:
-        model.layers = nn.ModuleDict({key: saved["layers"][key] for key in keep})
-        if not first:
-            model.tok_embeddings = None
-        if not last:
-            model.norm = None
-            model.output = None
-        return copy.deepcopy(model)
+        model.layers = nn.ModuleDict()
+        model.tok_embeddings = model.norm = model.output = None
+        stage = copy.deepcopy(model)  # the shell: no parameters left to copy
     finally:
-        for name, value in saved.items():
+        for name, value in parts.items():
             setattr(model, name, value)
+    stage.layers = nn.ModuleDict({key: parts["layers"][key] for key in keep})
+    if first:
+        stage.tok_embeddings = parts["tok_embeddings"]
+    if last:
+        stage.norm, stage.output = parts["norm"], parts["output"]
+    return stage
 
 
 __all__ = ["RankModel", "StageModule", "build_stage_modules"]
