@@ -37,14 +37,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from moetrain.config.schema import head_dim_of
+from moetrain.model.init import TEMP_BYTES_PER_ELEMENT, chunk_elements
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.pipeline.split import rank_layers
 
-#: Bytes per parameter: bf16 weights for compute, fp32 gradients (reduced and accumulated in
-#: fp32), AdamW in fp32: master weights + exp_avg + exp_avg_sq. 18 in all (Megatron's figure).
-WEIGHT_BYTES = 2
+#: Bytes per parameter, as moetrain allocates them on every device: fp32 weights (bf16 runs
+#: autocast, which casts them per op; there is no separate bf16 copy), fp32 gradients, AdamW's
+#: fp32 exp_avg and exp_avg_sq. 16 in all (Megatron's bf16-weights-plus-fp32-master is 18).
+WEIGHT_BYTES = 4
 GRAD_BYTES = 4
-OPTIM_BYTES = 12
+OPTIM_BYTES = 8
 ACT_BYTES = 2  # bf16 activations
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
@@ -209,9 +211,12 @@ class StageMemory:
     weights: float
     grads: float
     optimizer: float
-    fsdp_buffers: float  # transient unsharded bf16 parameters of two layers (current + prefetch)
+    fsdp_buffers: float  # transient unsharded fp32 parameters of two layers (current + prefetch)
     activations: float
     logits: float  # last stage: bf16 logits + fp32 softmax of one micro-batch
+    # Peak while initialising (before any gradient or optimizer state exists): the weights plus
+    # the generator's temporaries for one chunk (moetrain/model/init.py).
+    init_peak: float = 0.0
 
     @property
     def total(self) -> float:
@@ -226,12 +231,14 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
     split over tp (except norms and router) and, with FSDP, over dp_cp; routed experts over
     ep * etp and, with FSDP, over edp; layers over pp (stage 0 holds the embedding, the last
     stage the final norm and output). Without FSDP the data-parallel ranks are replicas.
-    Bytes per parameter: WEIGHT_BYTES + GRAD_BYTES + OPTIM_BYTES (2 + 4 + 12).
+    Bytes per parameter: WEIGHT_BYTES + GRAD_BYTES + OPTIM_BYTES (4 + 4 + 8), what the run
+    allocates (a test compares them with real ranks' allocations).
     """
     model, moe, par = cfg.model, cfg.model.moe, cfg.parallel
     k = moe.top_k if top_k is None else top_k
     fsdp = par.fsdp.enabled
     micro, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    chunk = chunk_elements("cpu" if cfg.train.device == "cpu" else "cuda")
     n_micro = max(1, cfg.train.global_batch_size // (micro * dims.dp))
     tokens = micro * seq / dims.cp
     stages = []
@@ -256,6 +263,7 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
         dense_rank = dense / (dims.dp_cp if fsdp else 1)
         expert_rank = expert / (dims.edp if fsdp else 1)
         n = dense_rank + expert_rank
+        largest = _largest_local_tensor(model, layers, s == 0 or s == dims.pp - 1, dims, fsdp)
         gathered = fsdp and (dims.dp_cp > 1 or dims.edp > 1)
         act = sum(layer_activation_bytes(model, layer, tokens, dims, k) for layer in layers)
         act *= in_flight_micro_batches(s, dims, n_micro, par.pp_schedule)
@@ -267,8 +275,27 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
             weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n, optimizer=OPTIM_BYTES * n,
             fsdp_buffers=2 * WEIGHT_BYTES * largest_layer if gathered else 0.0,
             activations=act, logits=logits,
+            init_peak=WEIGHT_BYTES * n + TEMP_BYTES_PER_ELEMENT * min(chunk, largest),
         ))
     return stages
+
+
+def _largest_local_tensor(model: Any, layers: list[int], holds_vocab: bool, dims: ParallelDims,
+                          fsdp: bool) -> float:
+    """Elements of the largest parameter shard a rank of the stage holds (bounds the chunk the
+    initialisation generates at once)."""
+    moe = model.moe
+    dense_shard = dims.tp * (dims.dp_cp if fsdp else 1)
+    sizes = [model.vocab_size * model.d_model / dense_shard] if holds_vocab else []
+    for layer in layers:
+        if layer < moe.first_dense_layers:
+            sizes.append(model.d_model * model.ffn_hidden / dense_shard)
+        else:
+            experts = moe.num_experts * model.d_model * moe.expert_hidden
+            sizes.append(experts / (dims.ep * dims.etp * (dims.edp if fsdp else 1)))
+            sizes.append(model.d_model * shared_hidden(model) / dense_shard)
+        sizes.append(model.d_model * model.n_heads * head_dim_of(model) / dense_shard)
+    return max(sizes, default=0.0)
 
 
 # -- the whole plan -----------------------------------------------------------------------------
@@ -431,7 +458,7 @@ def format_plan(plan: Plan) -> str:
         f"memory per rank, world {plan.world_size}: dense tp{lay['tp']} cp{lay['cp']} dp{lay['dp']} "
         f"pp{lay['pp']}, MoE ep{lay['ep']} etp{lay['etp']} edp{lay['edp']}",
         f"  {'stage':<7}{'params':>10}{'weights':>12}{'grads':>12}{'optimizer':>12}"
-        f"{'fsdp buf':>12}{'activations':>13}{'logits':>12}{'total':>12}",
+        f"{'fsdp buf':>12}{'activations':>13}{'logits':>12}{'total':>12}{'init peak':>12}",
     ]
     worst = plan.worst_stage.stage
     for m in plan.memory:
@@ -439,8 +466,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"  {m.stage:<7}{human(m.dense_params + m.expert_params):>10}{gib(m.weights):>12}"
             f"{gib(m.grads):>12}{gib(m.optimizer):>12}{gib(m.fsdp_buffers):>12}"
-            f"{gib(m.activations):>13}{gib(m.logits):>12}{gib(m.total):>12}{mark}"
+            f"{gib(m.activations):>13}{gib(m.logits):>12}{gib(m.total):>12}"
+            f"{gib(m.init_peak):>12}{mark}"
         )
-    lines.append("  (bf16 weights 2 B + fp32 grads 4 B + AdamW fp32 master/m/v 12 B per parameter; "
-                 "bf16 activations, no recompute)")
+    lines.append("  (per parameter: fp32 weights 4 B + fp32 grads 4 B + AdamW fp32 exp_avg/exp_avg_sq "
+                 "8 B, as allocated; bf16 autocast activations, no recompute; init peak: the "
+                 "weights + one init chunk, before training)")
     return "\n".join(lines)

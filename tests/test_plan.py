@@ -132,7 +132,10 @@ def test_tiny_memory_sharding_by_hand():
     assert stage.dense_params == dense / 2 == 612_416
     assert stage.expert_params == 1_769_472 / 2 / 2 == 442_368  # ep 2, then FSDP over edp 2
     n = 612_416 + 442_368
-    assert (stage.weights, stage.grads, stage.optimizer) == (2 * n, 4 * n, 12 * n)
+    assert (stage.weights, stage.grads, stage.optimizer) == (4 * n, 4 * n, 8 * n)
+    # Initialisation: the weights plus the generator's temporaries (24 B per element) for the
+    # largest shard, the embedding's 8192 x 128 / tp 2 / dp 2 = 2^18 elements (<= one chunk).
+    assert stage.init_peak == 4 * n + 24 * 2**18
     no_fsdp = config("tiny", "parallel.tp=2", "parallel.ep=2", "parallel.fsdp.enabled=false")
     (replicated,) = memory_per_rank(no_fsdp, dims)
     assert replicated.dense_params == dense and replicated.fsdp_buffers == 0

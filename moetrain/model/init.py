@@ -53,10 +53,15 @@ _GAMMA = _int64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio)
 _MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, None))
 
 
-def chunk_elements(device: torch.device) -> int:
-    """Elements generated at once: the init's temporaries are ~24 bytes per element of a chunk
-    (6 MiB on CPU, where small chunks stay in cache; 96 MiB on accelerators)."""
-    return 1 << 18 if device.type == "cpu" else 1 << 22
+#: Bytes of scratch per element generated at once (int64 index and scratch, two float32
+#: uniforms; the planner's initialisation peak uses it).
+TEMP_BYTES_PER_ELEMENT = 24
+
+
+def chunk_elements(device_type: str) -> int:
+    """Elements generated at once on a device type: 2^18 on CPU (small chunks stay in cache;
+    6 MiB of scratch), 2^22 on accelerators (fewer kernel launches; 96 MiB)."""
+    return 1 << 18 if device_type == "cpu" else 1 << 22
 
 
 def _splitmix64(x: int) -> int:
@@ -83,24 +88,38 @@ def counter_normal(key: int, index: torch.Tensor) -> torch.Tensor:
     value = sqrt(-2 ln u1) cos(2 pi u2) (Box and Muller, 1958). |value| < 5.9 (u1 >= 2^-25).
     Integer steps wrap modulo 2^64 exactly; a logical shift is an arithmetic one masked.
     """
-    return _normal_of_index_(key, index.to(torch.int64, copy=True))
+    work = _Workspace(max(1, index.numel()), index.device)
+    z = work.z[:index.numel()].view(index.shape)
+    z.copy_(index)
+    return work.normal_(key, z).clone()
 
 
-def _normal_of_index_(key: int, z: torch.Tensor) -> torch.Tensor:
-    """`counter_normal`, consuming the int64 index tensor `z` (its memory is reused)."""
-    z.add_(1).mul_(_GAMMA).add_(_int64(key))
-    tmp = torch.empty_like(z)
-    for shift, mult in _MIX:
-        torch.bitwise_right_shift(z, shift, out=tmp).bitwise_and_((1 << (64 - shift)) - 1)
-        z.bitwise_xor_(tmp)
-        if mult is not None:
-            z.mul_(mult)
-    torch.bitwise_right_shift(z, 40, out=tmp).bitwise_and_(0xFFFFFF)
-    u1 = tmp.to(torch.float32).add_(0.5).mul_(2.0**-24)
-    del tmp
-    angle = z.bitwise_and_(0xFFFFFF).to(torch.float32).mul_(2 * math.pi * 2.0**-24)
-    del z
-    return u1.log_().mul_(-2.0).sqrt_().mul_(angle.cos_())
+class _Workspace:
+    """Scratch for `limit` elements, reused for every chunk (no allocation, and no first-touch
+    page faults, per chunk): int64 index/hash and scratch, two float32 uniforms."""
+
+    def __init__(self, limit: int, device: torch.device) -> None:
+        self.z = torch.empty(limit, dtype=torch.int64, device=device)
+        self.tmp = torch.empty(limit, dtype=torch.int64, device=device)
+        self.u = torch.empty(limit, dtype=torch.float32, device=device)
+        self.a = torch.empty(limit, dtype=torch.float32, device=device)
+
+    def normal_(self, key: int, z: torch.Tensor) -> torch.Tensor:
+        """`counter_normal` of the indices in `z` (a view of self.z, overwritten); returns a
+        view of self.u with z's shape."""
+        n, shape = z.numel(), z.shape
+        z = z.view(-1)
+        tmp, u, a = self.tmp[:n], self.u[:n], self.a[:n]
+        z.add_(1).mul_(_GAMMA).add_(_int64(key))
+        for shift, mult in _MIX:
+            torch.bitwise_right_shift(z, shift, out=tmp).bitwise_and_((1 << (64 - shift)) - 1)
+            z.bitwise_xor_(tmp)
+            if mult is not None:
+                z.mul_(mult)
+        torch.bitwise_right_shift(z, 40, out=tmp).bitwise_and_(0xFFFFFF)
+        u.copy_(tmp).add_(0.5).mul_(2.0**-24)
+        a.copy_(z.bitwise_and_(0xFFFFFF)).mul_(2 * math.pi * 2.0**-24)
+        return u.log_().mul_(-2.0).sqrt_().mul_(a.cos_()).view(shape)
 
 
 @dataclass
@@ -120,21 +139,26 @@ class LocalShard:
         """Index tuples that partition `tensor` into boxes of at most `limit` elements."""
         yield from _boxes(tuple(self.tensor.shape), 0, limit)
 
-    def global_index(self, box: tuple[slice, ...]) -> torch.Tensor:
-        """Row-major global flat index of every element of tensor[box], shape of tensor[box]."""
+    def global_index(self, box: tuple[slice, ...], out: torch.Tensor) -> torch.Tensor:
+        """Row-major global flat index of every element of tensor[box], written into the int64
+        buffer `out` (at least as large); returns it viewed with tensor[box]'s shape."""
         shape, ndim = self.global_shape, len(self.global_shape)
-        stride, index = 1, None
+        sizes, terms, stride = [], [], 1
         for d in reversed(range(ndim)):
             s = box[d] if d < len(box) else slice(0, self.tensor.shape[d])
             start, stop, _ = s.indices(self.tensor.shape[d])
             view = [1] * ndim
             view[d] = stop - start
-            term = torch.arange(self.offset[d] + start, self.offset[d] + stop,
-                                device=self.tensor.device).mul_(stride).view(view)
-            index = term if index is None else index + term
+            terms.append(torch.arange(self.offset[d] + start, self.offset[d] + stop,
+                                      device=out.device).mul_(stride).view(view))
+            sizes.insert(0, stop - start)
             stride *= shape[d]
-        if index is None:  # a 0-d parameter
-            return torch.zeros((), dtype=torch.int64, device=self.tensor.device)
+        index = out[:math.prod(sizes)].view(sizes)
+        if not terms:  # a 0-d parameter
+            return index.zero_()
+        index.copy_(terms[0])  # small per-dim ranges, broadcast into the box
+        for term in terms[1:]:
+            index.add_(term)
         return index
 
 
@@ -224,11 +248,11 @@ def normal_(shard: LocalShard, std: float, key: int, limit: Optional[int] = None
     """Fill this rank's block with std * counter_normal(key, global index), `limit` elements
     (default `chunk_elements`) at a time."""
     t = shard.tensor
-    limit = limit or chunk_elements(t.device)
+    limit = min(limit or chunk_elements(t.device.type), max(1, t.numel()))
+    work = _Workspace(limit, t.device)
     for box in shard.boxes(limit):
-        values = _normal_of_index_(key, shard.global_index(box))
-        t[box].copy_(values.mul_(std))
+        t[box].copy_(work.normal_(key, shard.global_index(box, work.z)).mul_(std))
 
 
-__all__ = ["LocalShard", "canonical_name", "chunk_elements", "counter_normal", "element_key",
+__all__ = ["TEMP_BYTES_PER_ELEMENT", "LocalShard", "canonical_name", "chunk_elements", "counter_normal", "element_key",
            "init_parameters", "local_shard", "named_parameters_once", "normal_"]

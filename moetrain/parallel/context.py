@@ -110,7 +110,7 @@ class ParallelContext:
         (`to_empty` on each FSDP root, so FSDP2 re-points its sharded storage)."""
         assert self._model is not None, "parallelize first"
         for root in self._roots:
-            root.to_empty(device=self.device)
+            _to_empty(root, self.device)
         if self.meshes is not None and self._replicated:
             self._reducer = ReplicatedGradReducer(self._model, self.meshes)
 
@@ -239,6 +239,22 @@ class ParallelContext:
         """Global L2 norm of all gradients before clipping; clip to `max_norm` when it is > 0."""
         stages = self.meshes.group("pp") if self.dims.pp > 1 else None
         return clip_grad_norm_(model.parameters(), max_norm, stage_group=stages)
+
+
+def _to_empty(module: nn.Module, device: torch.device) -> None:
+    """`module.to_empty(device=device)`, keeping tied parameters tied: `Module._apply` gives each
+    owning module its own new plain parameter (DTensors are swapped in place and stay tied)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, name))
+    module.to_empty(device=device)
+    for places in owners.values():
+        first = places[0][0]._parameters[places[0][1]]
+        for m, name in places[1:]:
+            if m._parameters[name] is not first:
+                m._parameters[name] = first
 
 
 __all__ = ["ParallelContext", "lbl_count_group"]

@@ -1,0 +1,132 @@
+"""Meta-device construction with the real `Trainer` on forked gloo ranks, several layouts per launch:
+
+- the initial weights of every layout, gathered, are one process's bit for bit (and every
+  buffer is one process's);
+- no rank allocates a tensor with more elements than its own largest shard while the trainer
+  builds the model (so no full-size tensor of a sharded parameter ever exists on it);
+- the planner's per-rank parameter, gradient and optimizer bytes are what each rank really holds
+  after initialisation and after the first step (within 5%).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetrain import memory
+from moetrain.data import ensure_prepared
+from moetrain.parallel import ParallelDims
+from moetrain.parallel.context import ParallelContext
+from moetrain.planning import memory_per_rank
+from moetrain.runtime import init_runtime
+from moetrain.trainer import Trainer
+from tests.distributed.equivalence import layout_config
+from tests.distributed.launcher import run_distributed
+
+ONE_STEP = ["train.max_steps=1", "train.global_batch_size=4"]
+TOLERANCE = 0.05
+
+
+class LargestStorage(TorchDispatchMode):
+    """The largest storage (in elements) any op outputs while active: a fresh allocation's
+    size, or that of the storage a view shares. Subclass outputs (DTensors) are skipped; their
+    local tensors are what is allocated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel, self.op = 0, ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if type(t) is torch.Tensor and not t.is_meta:
+                numel = t.untyped_storage().nbytes() // t.element_size()
+                if numel > self.numel:
+                    self.numel, self.op = numel, str(func)
+        return out
+
+
+def _own_largest(model) -> int:
+    """Elements of the largest parameter storage this rank holds (FSDP2's padded shards)."""
+    return max(memory.parameter_bytes(torch.nn.ParameterList([p])) // p.element_size()
+               for p in model.parameters())
+
+
+def _build_and_step(rank, world_size, jobs, references):
+    torch.set_num_threads(1)
+    out = {}
+    for name, cfg, run_dir in jobs:
+        reference = references[name]
+        rt = init_runtime(cfg)
+        with LargestStorage() as largest:
+            trainer = Trainer(cfg, rt, run_dir)
+        model = trainer.model
+        mismatched, seen = [], []
+        for n, p in model.named_parameters():
+            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            seen.append(n)
+            if not torch.equal(full, reference[n]):
+                mismatched.append(n)
+        mismatched += [n for n, b in model.named_buffers() if not torch.equal(b, reference[n])]
+        params = memory.parameter_bytes(model)
+        trainer.fit()
+        plan = memory_per_rank(cfg, trainer.par.dims)[trainer.par.pp_rank]
+        out[name] = dict(
+            mismatched=mismatched, seen=seen, largest=largest.numel, largest_op=largest.op,
+            own_largest=_own_largest(model), params=params,
+            grads=memory.gradient_bytes(model), optimizer=memory.optimizer_bytes(trainer.optimizer),
+            plan=(plan.weights, plan.grads, plan.optimizer))
+    return out
+
+
+def _run(world_size, layouts, tmp_path):
+    jobs = []
+    for name, overrides in layouts.items():
+        cfg = layout_config(world_size, [*ONE_STEP, *overrides])
+        run_dir = tmp_path / f"w{world_size}-{name}"
+        run_dir.mkdir()
+        jobs.append((name, cfg, run_dir))
+    ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
+    # One process's initial state of each job's model: what every layout must reproduce.
+    reference, names = {}, {}
+    for name, cfg, _ in jobs:
+        model = ParallelContext(ParallelDims(1), torch.device("cpu")).build_model(cfg)
+        reference[name] = {n: t.detach().clone() for n, t in [*model.named_parameters(),
+                                                               *model.named_buffers()]}
+        names[name] = {n for n, _ in model.named_parameters()}
+    results = run_distributed(_build_and_step, world_size, jobs, reference, timeout=600)
+    for name, _, _ in jobs:
+        per_rank = [r[name] for r in results]
+        for rank, r in enumerate(per_rank):
+            assert not r["mismatched"], f"{name} rank {rank}: differs from one process: {r['mismatched']}"
+            assert r["largest"] <= r["own_largest"], (
+                f"{name} rank {rank}: {r['largest_op']} made a tensor of {r['largest']} elements, "
+                f"more than any of its own shards ({r['own_largest']})")
+            for key, planned in zip(("params", "grads", "optimizer"), r["plan"]):
+                assert abs(r[key] - planned) <= TOLERANCE * planned, (
+                    f"{name} rank {rank}: {key} {r[key]} B allocated, the planner says {planned:.0f}")
+        every = {n for r in per_rank for n in r["seen"]}
+        assert every == names[name], f"{name}: parameters missing"
+        print(f"{name}: params {[r['params'] for r in per_rank]} B (planned "
+              f"{per_rank[0]['plan'][0]:.0f}), largest tensor {per_rank[0]['largest']} elements")
+
+
+def test_two_ranks_start_from_one_process_weights_and_hold_what_the_planner_says(tmp_path):
+    _run(2, {
+        "dp2": [],
+        "dp2-replicated": ["parallel.fsdp.enabled=false"],
+        "ep2": ["parallel.ep=2"],
+        "etp2": ["parallel.etp=2"],
+        "tp2": ["parallel.tp=2"],
+        "pp2": ["parallel.pp=2"],
+    }, tmp_path)
+
+
+def test_four_ranks_folded_layouts(tmp_path):
+    _run(4, {
+        "tp2-ep2": ["parallel.tp=2", "parallel.ep=2"],  # FSDP over TP (2-D) and EP
+        "pp2-ep2": ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"],
+        "dp4-ep2-tied": ["parallel.ep=2", "model.tie_embeddings=true", "train.micro_batch_size=1"],
+    }, tmp_path)
