@@ -195,10 +195,16 @@ def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: Parallel
     return ACT_BYTES * per_token * tokens / dims.tp
 
 
-def _tp_sharded(component: str) -> bool:
-    # Norm weights and the router are replicated over TP; everything else is split (vocab-parallel
-    # embedding and output, colwise/rowwise attention and MLPs).
-    return component not in ("norms", "router")
+def _dense_shards(component: str, dims: ParallelDims, fsdp: bool) -> int:
+    """Ranks one dense component is split over. Norm weights are replicated over TP, the router
+    and shared experts too (MoE layers are folded, not TP-sharded); everything else is split
+    over TP (vocab-parallel embedding and output, colwise/rowwise attention and dense MLPs).
+    FSDP shards norms and TP shards over dp_cp, the router and shared experts over dp_cp_tp
+    (the ranks whose gradients they sum: data_parallel.moe_units)."""
+    if component in ("router", "shared_experts"):
+        return dims.dp_cp_tp if fsdp else 1
+    tp = 1 if component == "norms" else dims.tp
+    return tp * (dims.dp_cp if fsdp else 1)
 
 
 @dataclass
@@ -227,10 +233,11 @@ class StageMemory:
 def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -> list[StageMemory]:
     """Memory of one rank of each pipeline stage for a `MoetrainConfig` under `dims`.
 
-    Dense parameters (embedding, attention, dense MLP, shared experts, router, norms, output) are
-    split over tp (except norms and router) and, with FSDP, over dp_cp; routed experts over
-    ep * etp and, with FSDP, over edp; layers over pp (stage 0 holds the embedding, the last
-    stage the final norm and output). Without FSDP the data-parallel ranks are replicas.
+    Dense parameters (embedding, attention, dense MLP, norms, output) are split over tp (except
+    norms) and, with FSDP, over dp_cp; the router and shared experts (not TP-sharded) with FSDP
+    over dp_cp_tp; routed experts over ep * etp and, with FSDP, over edp; layers over pp (stage
+    0 holds the embedding, the last stage the final norm and output). Without FSDP the
+    data-parallel ranks are replicas.
     Bytes per parameter: WEIGHT_BYTES + GRAD_BYTES + OPTIM_BYTES (4 + 4 + 8), what the run
     allocates (a test compares them with real ranks' allocations).
     """
@@ -244,24 +251,22 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
     stages = []
     for s in range(dims.pp):  # pp rank s holds virtual stages s, s + pp, ... (looped)
         layers = rank_layers(model.n_layers, s, dims.pp, dims.vpp, par.pp_layers)
-        dense = expert = 0.0
-        largest_layer = 0.0
+        dense_rank = expert_rank = 0.0  # held per rank, after TP, EP and FSDP
+        largest_layer = 0.0  # one layer's parameters per rank after TP and EP (FSDP gathers them)
         for layer in layers:
             parts = layer_params(model, layer)
-            layer_dense = sum(n / (dims.tp if _tp_sharded(c) else 1)
+            dense_rank += sum(n / _dense_shards(c, dims, fsdp)
                               for c, n in parts.items() if c != "routed_experts")
             layer_expert = parts["routed_experts"] / (dims.ep * dims.etp)
-            largest_layer = max(largest_layer, layer_dense + layer_expert)
-            dense += layer_dense
-            expert += layer_expert
-        vd = model.vocab_size * model.d_model / dims.tp
+            expert_rank += layer_expert / (dims.edp if fsdp else 1)
+            largest_layer = max(largest_layer, layer_expert + sum(
+                n / _dense_shards(c, dims, False) for c, n in parts.items() if c != "routed_experts"))
+        vocab = model.vocab_size * model.d_model / _dense_shards("embedding", dims, fsdp)
         if s == 0:
-            dense += vd
+            dense_rank += vocab
         if s == dims.pp - 1:
-            dense += model.d_model + (vd if not model.tie_embeddings or dims.pp > 1 else 0)
-        # `dense`/`expert` are per rank after TP/EP; FSDP shards them further.
-        dense_rank = dense / (dims.dp_cp if fsdp else 1)
-        expert_rank = expert / (dims.edp if fsdp else 1)
+            dense_rank += model.d_model / _dense_shards("norms", dims, fsdp)
+            dense_rank += vocab if not model.tie_embeddings or dims.pp > 1 else 0
         n = dense_rank + expert_rank
         largest = _largest_local_tensor(model, layers, s == 0 or s == dims.pp - 1, dims, fsdp)
         gathered = fsdp and (dims.dp_cp > 1 or dims.edp > 1)
@@ -293,7 +298,7 @@ def _largest_local_tensor(model: Any, layers: list[int], holds_vocab: bool, dims
         else:
             experts = moe.num_experts * model.d_model * moe.expert_hidden
             sizes.append(experts / (dims.ep * dims.etp * (dims.edp if fsdp else 1)))
-            sizes.append(model.d_model * shared_hidden(model) / dense_shard)
+            sizes.append(model.d_model * shared_hidden(model) / (dims.dp_cp_tp if fsdp else 1))
         sizes.append(model.d_model * model.n_heads * head_dim_of(model) / dense_shard)
     return max(sizes, default=0.0)
 

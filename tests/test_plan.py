@@ -126,19 +126,20 @@ def test_tiny_memory_sharding_by_hand():
     cfg = config("tiny", "parallel.tp=2", "parallel.ep=2")
     dims = ParallelDims.from_config(cfg.parallel, 4)  # dp 2, edp 2
     (stage,) = memory_per_rank(cfg, dims)
-    # Dense per TP rank: attention/2, norms and router replicated, dense MLP/2, embedding and
-    # output vocab-split /2, final norm; then FSDP over dp_cp = 2.
-    dense = 4 * 49_152 / 2 + 4 * 256 + 147_456 / 2 + 3 * 1_024 + 2 * 1_048_576 / 2 + 128
-    assert stage.dense_params == dense / 2 == 612_416
+    # Dense per rank: attention, dense MLP, embedding and output (vocab-split) over tp 2, then
+    # FSDP over dp_cp 2; the norms replicated over TP, FSDP over dp_cp; the routers replicated
+    # over TP (MoE layers are folded), FSDP over every token rank, dp_cp_tp = 4.
+    dense = (4 * 49_152 + 147_456 + 2 * 1_048_576) / 4 + (4 * 256 + 128) / 2 + 3 * 1_024 / 4
+    assert stage.dense_params == dense == 611_648
     assert stage.expert_params == 1_769_472 / 2 / 2 == 442_368  # ep 2, then FSDP over edp 2
-    n = 612_416 + 442_368
+    n = 611_648 + 442_368
     assert (stage.weights, stage.grads, stage.optimizer) == (4 * n, 4 * n, 8 * n)
     # Initialisation: the weights plus the generator's temporaries (24 B per element) for the
     # largest shard, the embedding's 8192 x 128 / tp 2 / dp 2 = 2^18 elements (<= one chunk).
     assert stage.init_peak == 4 * n + 24 * 2**18
     no_fsdp = config("tiny", "parallel.tp=2", "parallel.ep=2", "parallel.fsdp.enabled=false")
     (replicated,) = memory_per_rank(no_fsdp, dims)
-    assert replicated.dense_params == dense and replicated.fsdp_buffers == 0
+    assert replicated.dense_params == 1_224_832 and replicated.fsdp_buffers == 0
 
 
 def test_pipeline_stages_partition_the_parameters():

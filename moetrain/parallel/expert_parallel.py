@@ -152,9 +152,9 @@ def apply_expert_parallel(
 ) -> nn.Module:
     """Shard every MoE layer's experts over EP (and ETP) and install the all-to-all dispatcher.
 
-    Call on every rank with the same full model, after `init_weights` (the shards are sliced
-    from the full weights) and before FSDP / optimizer construction (the expert parameters are
-    replaced). Groups: this rank's EP group and, for ETP > 1, its ETP group (process groups or
+    Call on every rank with the same full model - on the meta device in the trainer, where the
+    slicing allocates nothing and each rank initialises its shards afterwards - before FSDP /
+    optimizer construction (the expert parameters are replaced). Groups: this rank's EP group and, for ETP > 1, its ETP group (process groups or
     1-D device meshes). Returns the model, modified in place.
     """
     ep_group = _process_group(ep_group)

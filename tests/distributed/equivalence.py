@@ -57,8 +57,12 @@ RTOL = 1e-5
 
 
 def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
-    """The typed, validated config of a layout (composed like the command line does)."""
-    cfg = to_object(compose(BASE + list(overrides)))
+    """The typed, validated config of a layout (composed like the command line does). An
+    `+experiment=NAME` among the overrides replaces BASE's tiny experiment."""
+    base = BASE
+    if any(o.startswith("+experiment=") for o in overrides):
+        base = [o for o in BASE if not o.startswith("+experiment=")]
+    cfg = to_object(compose(base + list(overrides)))
     validate(cfg)
     check_layout(cfg, world_size)
     return cfg
@@ -77,6 +81,7 @@ def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Pat
         samples[name] = (trainer.par.dp_rank, trainer.sampler.next_step())
         trainer.sampler.load_state_dict(state)
         trainer.fit()
+        del trainer  # before the next job builds its model (real shapes: two would not fit)
         if rank == 0:
             records[name] = _records(run_dir)
     return records, samples
@@ -187,9 +192,11 @@ class Layout:
     reference: str = "b4"
 
 
-def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path) -> LayoutRuns:
-    """`run_layouts` for `Layout`s: the reference's overrides, then the layout's."""
-    layouts = {name: [*REFERENCES[c.reference], *c.overrides] for name, c in cases.items()}
+def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path,
+              references: dict[str, list[str]] = REFERENCES) -> LayoutRuns:
+    """`run_layouts` for `Layout`s: the reference's overrides (from `references`), then the
+    layout's."""
+    layouts = {name: [*references[c.reference], *c.overrides] for name, c in cases.items()}
     return run_layouts(world_size, layouts, tmp_dir, timeout=600)
 
 

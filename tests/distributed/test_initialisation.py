@@ -5,10 +5,15 @@
 - no rank allocates a tensor with more elements than its own largest shard while the trainer
   builds the model (so no full-size tensor of a sharded parameter ever exists on it);
 - the planner's per-rank parameter, gradient and optimizer bytes are what each rank really holds
-  after initialisation and after the first step (within 5%).
+  after initialisation and after the first step (within 5%);
+- metrics.jsonl's `memory_peak_gib` is the maximum of the ranks' peaks (a spike on rank 1
+  shows in rank 0's record), and the first record has `memory_init_peak_gib`.
 """
 
 from __future__ import annotations
+
+import json
+import logging
 
 import torch
 import torch.utils._pytree as pytree
@@ -27,6 +32,7 @@ from tests.distributed.launcher import run_distributed
 
 ONE_STEP = ["train.max_steps=1", "train.global_batch_size=4"]
 TOLERANCE = 0.05
+SPIKE = 256 * 2**20  # bytes
 
 
 class LargestStorage(TorchDispatchMode):
@@ -56,6 +62,8 @@ def _own_largest(model) -> int:
 
 def _build_and_step(rank, world_size, jobs, references):
     torch.set_num_threads(1)
+    # full_tensor() of FSDP-over-TP shards warns that it gathers in two steps
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     out = {}
     for name, cfg, run_dir in jobs:
         reference = references[name]
@@ -71,13 +79,18 @@ def _build_and_step(rank, world_size, jobs, references):
                 mismatched.append(n)
         mismatched += [n for n, b in model.named_buffers() if not torch.equal(b, reference[n])]
         params = memory.parameter_bytes(model)
+        if name == "dp2" and rank == 1:  # a spike only rank 1 has: metrics must report it
+            model.register_forward_pre_hook(lambda *_: torch.ones(SPIKE // 4).sum() and None)
         trainer.fit()
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
+                   .splitlines()] if rank == 0 else None
         plan = memory_per_rank(cfg, trainer.par.dims)[trainer.par.pp_rank]
         out[name] = dict(
             mismatched=mismatched, seen=seen, largest=largest.numel, largest_op=largest.op,
             own_largest=_own_largest(model), params=params,
             grads=memory.gradient_bytes(model), optimizer=memory.optimizer_bytes(trainer.optimizer),
-            plan=(plan.weights, plan.grads, plan.optimizer))
+            plan=(plan.weights, plan.grads, plan.optimizer), records=records,
+            own_peak=memory.peak_bytes(torch.device("cpu")))
     return out
 
 
@@ -107,10 +120,17 @@ def _run(world_size, layouts, tmp_path):
             for key, planned in zip(("params", "grads", "optimizer"), r["plan"]):
                 assert abs(r[key] - planned) <= TOLERANCE * planned, (
                     f"{name} rank {rank}: {key} {r[key]} B allocated, the planner says {planned:.0f}")
+        (record,) = per_rank[0]["records"]
+        assert record["memory_init_peak_gib"] > 0
+        logged = record["memory_peak_gib"] * memory.GIB
+        assert 0 < logged <= max(r["own_peak"] for r in per_rank)  # peaks only grow in a step
+        if name == "dp2":  # the maximum over ranks: rank 1's spike, not rank 0's own peak
+            assert logged > per_rank[0]["own_peak"] + SPIKE // 2, (logged, per_rank[0]["own_peak"])
         every = {n for r in per_rank for n in r["seen"]}
         assert every == names[name], f"{name}: parameters missing"
-        print(f"{name}: params {[r['params'] for r in per_rank]} B (planned "
-              f"{per_rank[0]['plan'][0]:.0f}), largest tensor {per_rank[0]['largest']} elements")
+        print(f"{name}: parameter bytes {[r['params'] for r in per_rank]}, planned "
+              f"{[int(r['plan'][0]) for r in per_rank]}; largest tensor made "
+              f"{max(r['largest'] for r in per_rank)} elements")
 
 
 def test_two_ranks_start_from_one_process_weights_and_hold_what_the_planner_says(tmp_path):
