@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from moetrain import memory
 from moetrain.checkpoint import CheckpointManager, TrainState
-from moetrain.checkpoint.convert import load_model_state
+from moetrain.checkpoint.convert import ModelTensors
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
@@ -106,7 +106,7 @@ class Trainer:
         try:
             with torch.device("meta"):
                 whole = Transformer(self.cfg.model)
-            upcycle_(model, load_model_state(source), init.upcycle_granularity, whole=whole)
+            upcycle_(model, ModelTensors(source), init.upcycle_granularity, whole=whole)
         except UpcycleError as err:
             raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: {err}") from None
         if self.rt.is_main:

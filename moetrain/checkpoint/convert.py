@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 # The one DCP entry point that loads chosen keys into full tensors without a process group or
@@ -73,6 +75,35 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     return {k[len("model."):]: v for k, v in _flatten(loaded).items()}
+
+
+class ModelTensors(Mapping):
+    """A checkpoint's model tensors by name (keys without `model.`), each read from disk when it
+    is asked for: a reader holds one full tensor at a time, never the whole model. `shapes`
+    comes from the metadata, without reading tensors. Raises CheckpointError for a path that
+    is not a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._meta = {k[len("model."):]: v
+                      for k, v in _metadata(self.path).state_dict_metadata.items()
+                      if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+        self.shapes = {k: torch.Size(v.size) for k, v in self._meta.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        meta = self._meta[key]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        try:  # no_dist: each rank reads what it needs, without collectives
+            dcp.load({f"model.{key}": tensor}, checkpoint_id=str(self.path), no_dist=True)
+        except Exception as err:
+            raise CheckpointError(f"cannot read {key} from checkpoint {self.path}: {err}") from err
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -11,7 +11,8 @@ Given the full (unsharded) state of a dense moetrain model (every block a SwiGLU
 
 The MoE model may be sharded (the trainer upcycles after parallelizing, on the allocated
 shards): each rank copies only the blocks of its own shards, expert by expert, so no rank
-builds a full stacked expert weight.
+builds a full stacked expert weight. The dense tensors are read one at a time, each whole
+(they are the dense model's, not the MoE model's shards).
 
 Why the first forward equals the dense model's: with m = 1 every selected expert computes the
 dense MLP, and renormalised top-k weights (`norm_topk_prob`) sum to one, so the combine is the
@@ -23,6 +24,7 @@ picks experts 0..m-1 with weight 1/m each); a fresh random router only approxima
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -44,18 +46,22 @@ _EXPERTS = re.compile(r"layers\.(\d+)\.moe\.experts\.(w[123])")
 
 
 @torch.no_grad()
-def upcycle_(model: nn.Module, dense: dict[str, torch.Tensor], granularity: int = 1,
+def upcycle_(model: nn.Module, dense: Mapping[str, torch.Tensor], granularity: int = 1,
              whole: Optional[nn.Module] = None) -> None:
     """Fill `model` from the dense model state `dense`, in place.
 
     `model`: the MoE Transformer, whole or this rank's part of it (sharded parameters, a
-    pipeline stage's `RankModel`). `whole`: the whole unsharded MoE model the dense state is
-    checked against (the meta device will do), so that every rank refuses the same input;
-    default `model`. Raises UpcycleError naming the key that does not fit.
+    pipeline stage's `RankModel`). `dense`: the dense model's tensors by name, a dict or a
+    mapping that reads each on access (`checkpoint.convert.ModelTensors`: then only the tensors
+    this rank needs are read, one at a time, and `dense.shapes` answers the checks). `whole`:
+    the whole unsharded MoE model the dense state is checked against (the meta device will do),
+    so that every rank refuses the same input; default `model`. Raises UpcycleError naming the
+    key that does not fit.
     """
     if granularity < 1:
         raise UpcycleError(f"model.init.upcycle_granularity={granularity} must be >= 1")
-    _check(model if whole is None else whole, dense, granularity)
+    shapes = getattr(dense, "shapes", None) or {k: v.shape for k, v in dense.items()}
+    _check(model if whole is None else whole, shapes, granularity)
     for name, module, p_name, p in named_parameters_once(model):
         if p.is_meta:
             continue
@@ -63,62 +69,58 @@ def upcycle_(model: nn.Module, dense: dict[str, torch.Tensor], granularity: int 
         experts = _EXPERTS.fullmatch(name)
         if experts:
             layer, w = experts.groups()
-            _fill_experts(shard, w, [dense[f"layers.{layer}.mlp.{x}.weight"] for x in ("w1", "w3", "w2")],
-                          granularity)
-        elif _SHARED.fullmatch(name) and name in dense or _DENSE_MLP.fullmatch(name):
+            _fill_experts(shard, w, dense[f"layers.{layer}.mlp.{w}.weight"], granularity)
+        elif _SHARED.fullmatch(name) and name in shapes or _DENSE_MLP.fullmatch(name):
             shard.tensor.copy_(dense[name][shard.region()])
 
 
-def _check(whole: nn.Module, dense: dict[str, torch.Tensor], m: int) -> None:
+def _check(whole: nn.Module, shapes: Mapping[str, torch.Size], m: int) -> None:
     """Every rank's decision, from shapes only: the same for every layout."""
     target = {name: p.shape for name, _, _, p in named_parameters_once(whole)}
-    for key, tensor in dense.items():
+    for key, shape in shapes.items():
         if _SHARED.fullmatch(key):
-            _check_shape(target, key, tensor)
+            _check_shape(target, key, shape)
     for name, block in whole.layers.items():
-        w1, w3, w2 = (_dense(dense, f"layers.{name}.mlp.{w}.weight") for w in ("w1", "w3", "w2"))
+        w1, w3, w2 = (_dense(shapes, f"layers.{name}.mlp.{w}.weight") for w in ("w1", "w3", "w2"))
         if block.mlp is not None:
-            for w, value in (("w1", w1), ("w3", w3), ("w2", w2)):
-                _check_shape(target, f"layers.{name}.mlp.{w}.weight", value)
+            for w, shape in (("w1", w1), ("w3", w3), ("w2", w2)):
+                _check_shape(target, f"layers.{name}.mlp.{w}.weight", shape)
             continue
         if block.moe.shared_experts is not None:
             raise UpcycleError("upcycling with model.moe.num_shared_experts > 0 is not supported "
                                "(the shared expert would double the dense MLP's output)")
         F = block.moe.experts.global_hidden
-        if w1.shape[0] != F * m:
+        if w1[0] != F * m:
             raise UpcycleError(
                 f"layers.{name}: model.moe.expert_hidden={F} x model.init.upcycle_granularity="
-                f"{m} must equal the dense MLP width {w1.shape[0]}")
+                f"{m} must equal the dense MLP width {w1[0]}")
 
 
-def _dense(dense: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in dense:
+def _dense(shapes: Mapping[str, torch.Size], key: str) -> torch.Size:
+    if key not in shapes:
         raise UpcycleError(f"the dense checkpoint has no {key!r}: upcycling needs a dense model "
                            "(model.moe.first_dense_layers = model.n_layers) of the same trunk")
-    return dense[key]
+    return shapes[key]
 
 
-def _check_shape(target: dict[str, torch.Size], key: str, value: torch.Tensor) -> None:
+def _check_shape(target: dict[str, torch.Size], key: str, shape: torch.Size) -> None:
     if key not in target:
         raise UpcycleError(f"the MoE model has no {key!r}")
-    if target[key] != value.shape:
-        raise UpcycleError(f"{key}: the dense checkpoint has shape {list(value.shape)}, the MoE "
+    if target[key] != shape:
+        raise UpcycleError(f"{key}: the dense checkpoint has shape {list(shape)}, the MoE "
                            f"model {list(target[key])} (model.d_model, n_heads, vocab_size ...)")
 
 
-def _fill_experts(shard: LocalShard, w: str, dense_w132: list[torch.Tensor], m: int) -> None:
-    """This rank's block of stacked expert weight `w`: expert e is the dense MLP's hidden slice
-    e mod m (nn.Linear stores [out, in]; w1/w3 are [E, D, F], w2 [E, F, D])."""
-    w1, w3, w2 = dense_w132
+def _fill_experts(shard: LocalShard, w: str, dense_w: torch.Tensor, m: int) -> None:
+    """This rank's block of stacked expert weight `w` from the dense MLP's `w`: expert e is the
+    dense hidden slice e mod m (nn.Linear stores [out, in]; w1/w3 are [E, D, F], w2 [E, F, D];
+    w2 is scaled by m)."""
     F = shard.global_shape[2] if w != "w2" else shard.global_shape[1]
     _, inner_a, inner_b = shard.region()
     for i in range(shard.tensor.shape[0]):
         s = (shard.offset[0] + i) % m
         rows = slice(s * F, (s + 1) * F)
-        if w == "w2":
-            expert = w2[:, rows].t() * m
-        else:
-            expert = (w1 if w == "w1" else w3)[rows].t()
+        expert = dense_w[:, rows].t() * m if w == "w2" else dense_w[rows].t()
         shard.tensor[i].copy_(expert[inner_a, inner_b])
 
 

@@ -1,9 +1,10 @@
 """Meta-device construction with the real `Trainer` on forked gloo ranks, several layouts per launch:
 
 - the initial weights of every layout, gathered, are one process's bit for bit (and every
-  buffer is one process's);
+  buffer is one process's), also when each rank upcycles its shards from a dense checkpoint;
 - no rank allocates a tensor with more elements than its own largest shard while the trainer
-  builds the model (so no full-size tensor of a sharded parameter ever exists on it);
+  builds the model (so no full-size tensor of a sharded parameter ever exists on it; upcycling
+  also reads the dense checkpoint's tensors, one whole tensor at a time);
 - the planner's per-rank parameter, gradient and optimizer bytes are what each rank really holds
   after initialisation and after the first step (within 5%);
 - metrics.jsonl's `memory_peak_gib` is the maximum of the ranks' peaks (a spike on rank 1
@@ -22,8 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain import memory
 from moetrain.data import ensure_prepared
-from moetrain.parallel import ParallelDims
-from moetrain.parallel.context import ParallelContext
 from moetrain.planning import memory_per_rank
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
@@ -94,27 +93,32 @@ def _build_and_step(rank, world_size, jobs, references):
     return out
 
 
-def _run(world_size, layouts, tmp_path):
-    jobs = []
+def _run(world_size, layouts, tmp_path, dense_largest: int = 0):
+    """dense_largest: elements of the largest tensor of the dense checkpoint the upcycled
+    layouts read (one whole dense tensor at a time is what upcycling allocates beyond the
+    shards)."""
+    jobs, references, names = [], {}, {}
     for name, overrides in layouts.items():
         cfg = layout_config(world_size, [*ONE_STEP, *overrides])
+        ensure_prepared(cfg.data, cfg.model.vocab_size)
         run_dir = tmp_path / f"w{world_size}-{name}"
         run_dir.mkdir()
         jobs.append((name, cfg, run_dir))
-    ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
-    # One process's initial state of each job's model: what every layout must reproduce.
-    reference, names = {}, {}
-    for name, cfg, _ in jobs:
-        model = ParallelContext(ParallelDims(1), torch.device("cpu")).build_model(cfg)
-        reference[name] = {n: t.detach().clone() for n, t in [*model.named_parameters(),
-                                                               *model.named_buffers()]}
+        # One process's trainer with the same model (upcycled where the layout is): its initial
+        # state is what the layout must reproduce.
+        single = layout_config(1, [*ONE_STEP, *(o for o in overrides if not o.startswith("parallel."))])
+        (tmp_path / f"single-{name}").mkdir()
+        model = Trainer(single, init_runtime(single), tmp_path / f"single-{name}").model
+        references[name] = {n: t.detach().clone() for n, t in [*model.named_parameters(),
+                                                                *model.named_buffers()]}
         names[name] = {n for n, _ in model.named_parameters()}
-    results = run_distributed(_build_and_step, world_size, jobs, reference, timeout=600)
+    results = run_distributed(_build_and_step, world_size, jobs, references, timeout=600)
     for name, _, _ in jobs:
         per_rank = [r[name] for r in results]
         for rank, r in enumerate(per_rank):
             assert not r["mismatched"], f"{name} rank {rank}: differs from one process: {r['mismatched']}"
-            assert r["largest"] <= r["own_largest"], (
+            allowed = max(r["own_largest"], dense_largest if "upcycled" in name else 0)
+            assert r["largest"] <= allowed, (
                 f"{name} rank {rank}: {r['largest_op']} made a tensor of {r['largest']} elements, "
                 f"more than any of its own shards ({r['own_largest']})")
             for key, planned in zip(("params", "grads", "optimizer"), r["plan"]):
@@ -133,7 +137,21 @@ def _run(world_size, layouts, tmp_path):
               f"{max(r['largest'] for r in per_rank)} elements")
 
 
+def _dense_run(tmp_path) -> tuple[list[str], int]:
+    """A one-step dense run of the tiny model (every block a SwiGLU MLP of width 192), saved;
+    returns the overrides that upcycle the MoE model from it and its largest tensor's size."""
+    run_dir = tmp_path / "dense"
+    run_dir.mkdir()
+    cfg = layout_config(1, [*ONE_STEP, "model.moe.first_dense_layers=4", "model.ffn_hidden=192",
+                            "checkpoint.every=1"])
+    trainer = Trainer(cfg, init_runtime(cfg), run_dir)
+    trainer.fit()
+    largest = max(p.numel() for p in trainer.model.parameters())
+    return [f"model.init.upcycle_from={run_dir}", "model.ffn_hidden=192"], largest
+
+
 def test_two_ranks_start_from_one_process_weights_and_hold_what_the_planner_says(tmp_path):
+    upcycled, dense_largest = _dense_run(tmp_path)  # each rank upcycles its own shards
     _run(2, {
         "dp2": [],
         "dp2-replicated": ["parallel.fsdp.enabled=false"],
@@ -141,7 +159,11 @@ def test_two_ranks_start_from_one_process_weights_and_hold_what_the_planner_says
         "etp2": ["parallel.etp=2"],
         "tp2": ["parallel.tp=2"],
         "pp2": ["parallel.pp=2"],
-    }, tmp_path)
+        # 8 slices of the dense MLP over 8 experts: each EP rank's experts take other slices
+        "ep2-upcycled": ["parallel.ep=2", *upcycled, "model.moe.expert_hidden=24",
+                         "model.init.upcycle_granularity=8"],
+        "pp2-upcycled": ["parallel.pp=2", *upcycled],
+    }, tmp_path, dense_largest)
 
 
 def test_four_ranks_folded_layouts(tmp_path):
