@@ -180,7 +180,8 @@ class Trainer:
                                           memory.peak_bytes(self.rt.device) / memory.GIB)
                 if self.metrics is not None and logged:
                     if self.init_peak_gib is not None:  # the first record of this process
-                        record["memory_init_peak_gib"], self.init_peak_gib = self.init_peak_gib, None
+                        record["memory_init_peak_gib"] = self.init_peak_gib
+                        self.init_peak_gib = None
                     self.metrics.log(record, {"step": self.state.step, **routing})
 
                 due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)

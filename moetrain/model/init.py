@@ -254,5 +254,6 @@ def normal_(shard: LocalShard, std: float, key: int, limit: Optional[int] = None
         t[box].copy_(work.normal_(key, shard.global_index(box, work.z)).mul_(std))
 
 
-__all__ = ["TEMP_BYTES_PER_ELEMENT", "LocalShard", "canonical_name", "chunk_elements", "counter_normal", "element_key",
-           "init_parameters", "local_shard", "named_parameters_once", "normal_"]
+__all__ = ["TEMP_BYTES_PER_ELEMENT", "LocalShard", "canonical_name", "chunk_elements",
+           "counter_normal", "element_key", "init_parameters", "local_shard",
+           "named_parameters_once", "normal_"]

@@ -1,10 +1,10 @@
 """What the training loop needs to know about the layout, behind one object (any world size).
 
 The trainer never touches a process group: it asks the `ParallelContext` for this rank's
-data-parallel slice, for its model (`build_model`: built on the meta device, parallelized there,
-which also picks the step runner, a micro-batch loop or a pipeline schedule,
-moetrain/parallel/steps.py; then only the rank's shards are allocated and initialised), to run a step's
-forward and backward, to sum the step's statistics over the ranks, and to clip the global
+data-parallel slice, for its model (`build_model`: built on the meta device and parallelized
+there, which also picks the step runner, a micro-batch loop or a pipeline schedule,
+moetrain/parallel/steps.py; then only the rank's shards are allocated and initialised), to run
+a step's forward and backward, to sum the step's statistics over the ranks, and to clip the global
 gradient norm. On one process every collective is the identity. docs/parallelism.md has the
 5-D picture and who reduces what.
 """

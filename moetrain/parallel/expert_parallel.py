@@ -154,8 +154,9 @@ def apply_expert_parallel(
 
     Call on every rank with the same full model - on the meta device in the trainer, where the
     slicing allocates nothing and each rank initialises its shards afterwards - before FSDP /
-    optimizer construction (the expert parameters are replaced). Groups: this rank's EP group and, for ETP > 1, its ETP group (process groups or
-    1-D device meshes). Returns the model, modified in place.
+    optimizer construction (the expert parameters are replaced). Groups: this rank's EP group
+    and, for ETP > 1, its ETP group (process groups or 1-D device meshes). Returns the model,
+    modified in place.
     """
     ep_group = _process_group(ep_group)
     etp_group = None if etp_group is None else _process_group(etp_group)

@@ -106,7 +106,8 @@ def _run(world_size, layouts, tmp_path, dense_largest: int = 0):
         jobs.append((name, cfg, run_dir))
         # One process's trainer with the same model (upcycled where the layout is): its initial
         # state is what the layout must reproduce.
-        single = layout_config(1, [*ONE_STEP, *(o for o in overrides if not o.startswith("parallel."))])
+        model_only = [o for o in overrides if not o.startswith("parallel.")]
+        single = layout_config(1, [*ONE_STEP, *model_only])
         (tmp_path / f"single-{name}").mkdir()
         model = Trainer(single, init_runtime(single), tmp_path / f"single-{name}").model
         references[name] = {n: t.detach().clone() for n, t in [*model.named_parameters(),
@@ -116,7 +117,7 @@ def _run(world_size, layouts, tmp_path, dense_largest: int = 0):
     for name, _, _ in jobs:
         per_rank = [r[name] for r in results]
         for rank, r in enumerate(per_rank):
-            assert not r["mismatched"], f"{name} rank {rank}: differs from one process: {r['mismatched']}"
+            assert not r["mismatched"], f"{name} rank {rank}: not one process's: {r['mismatched']}"
             allowed = max(r["own_largest"], dense_largest if "upcycled" in name else 0)
             assert r["largest"] <= allowed, (
                 f"{name} rank {rank}: {r['largest_op']} made a tensor of {r['largest']} elements, "

@@ -119,7 +119,8 @@ class GroupedExperts(nn.Module):
         where the slice `shard_` kept sits in the model's stacked [E, D, F] / [E, F, D]."""
         w = getattr(self, name)
         D = w.shape[2] if name == "w2" else w.shape[1]
-        E, F, e0, f0 = self.num_global_experts, self.global_hidden, self.expert_offset, self.hidden_offset
+        E, F = self.num_global_experts, self.global_hidden
+        e0, f0 = self.expert_offset, self.hidden_offset
         return ((E, F, D), (e0, f0, 0)) if name == "w2" else ((E, D, F), (e0, 0, f0))
 
     @torch.no_grad()

@@ -7,9 +7,10 @@ A stage is the model's shell (config and flags, copied) holding only its layers,
 the model (keys of `layers` unchanged, so parameter names equal the full model's),
 `tok_embeddings` only on the first stage, `norm` and `output` only on the last (None
 elsewhere). The model is consumed: it keeps none of the parts, and every part no stage of this
-rank holds is dropped with it (the trainer builds on the meta device, so nothing was allocated). Tied embeddings are refused for pp * vpp > 1: the
-first and last stage would hold separate copies of one weight whose gradients must be summed
-(`check_layout` says so before any process starts).
+rank holds is dropped with it (the trainer builds on the meta device, so nothing was
+allocated). Tied embeddings are refused for pp * vpp > 1: the first and last stage would hold
+separate copies of one weight whose gradients must be summed (`check_layout` says so before
+any process starts).
 """
 
 from __future__ import annotations
