@@ -31,6 +31,7 @@ from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from moetrain.runtime import Runtime
 
@@ -77,6 +78,8 @@ class Trainer:
 
         self.state = TrainState()
         self._resume()
+        self.preemption: PreemptionWatcher | None = None  # signal handlers while fit() runs
+        self._stop_requested = False
         self.metrics = None
         if rt.is_main:
             self.metrics = MetricsLogger(
@@ -130,8 +133,13 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 top_k = self._apply_sparsity_schedule(step)
                 start = time.monotonic()
-                record, routing = self.train_step(self.sampler.next_step())
+                record, moe_stats = self.train_step(self.sampler.next_step())
                 elapsed = time.monotonic() - start
+                moe = self.cfg.model.moe
+                scalars, routing = summarize_routing(moe_stats, self.micro_batches_per_step,
+                                                     moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
+                record.update(scalars, total_loss=record["lm_loss"] + scalars["aux_loss"]
+                              + scalars["z_loss"])
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
@@ -187,18 +195,30 @@ class Trainer:
         set_capacity_factor(self.model, capacity_factor_at(moe, step))
         return top_k
 
-    def _stop_reason(self) -> str | None:
-        """Why to stop before max_steps (a signal, or train.max_time), agreed by every rank."""
+    def _out_of_time(self) -> bool:
         t = self.cfg.train
-        out_of_time = t.max_time is not None and time.monotonic() - self.start_time > t.max_time
-        if not self.par.any_rank(self.preemption.requested or out_of_time):
+        return t.max_time is not None and time.monotonic() - self.start_time > t.max_time
+
+    def _wants_to_stop(self) -> bool:
+        """This rank's stop flag for the step's reduction (a signal, or train.max_time)."""
+        return (self.preemption is not None and self.preemption.requested) or self._out_of_time()
+
+    def _stop_reason(self) -> str | None:
+        """Why to stop before max_steps, agreed by every rank: the flags of the last step's
+        reduction (a signal or train.max_time on any rank)."""
+        if not self._stop_requested:
             return None
-        if self.preemption.requested:
+        if self.preemption is not None and self.preemption.requested:
             return f"received {self.preemption.signal_name}"
-        return f"train.max_time={t.max_time}s reached" if out_of_time else "another rank was signalled"
+        t = self.cfg.train
+        return f"train.max_time={t.max_time}s reached" if self._out_of_time() else "another rank was signalled"
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], Any]:
+        """One optimizer step over this rank's micro-batches. Returns the step's global loss,
+        gradient norm and skip flag, and the MoE statistics summed over every rank, on the host
+        (None without MoE layers). Reads the device once (plus the expert-parallel count
+        exchanges inside the MoE layers)."""
         model, rt, par = self.model, self.rt, self.par
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,32 +230,25 @@ class Trainer:
         # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
         # loss is backpropagated divided by the global batch's token count.
         lm_sum = par.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
-        lm_loss = float(par.sum_over_tokens(lm_sum)) / self.tokens_per_step
         stats = moe_step_stats(model, self.num_moe_layers, self.stats_columns, rt.device)
-        if stats is not None:  # every MoE layer's statistics, summed over every rank
-            stats = stats.columns.view(par.sum_moe_stats(stats.rows_LC))
-        grad_norm = par.clip_grad_norm(model, self.cfg.optim.grad_clip)
+        # Loss, gradient norm, stop flags and routing statistics: one reduction, one host read.
+        sums = par.step_sums(model, lm_sum, self._wants_to_stop(),
+                             None if stats is None else stats.rows_LC)
+        self._stop_requested = sums.stop
+        lm_loss, grad_norm = sums.lm_sum / self.tokens_per_step, sums.grad_norm
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
         moe = self.cfg.model.moe
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
             if moe.routing.bias_rate > 0 and stats is not None:
                 # Aux-loss-free balancing from this step's global load (on the device).
-                update_expert_bias(model, stats.tokens_per_expert)
-        host = None if stats is None else stats.columns.view(stats.rows_LC.cpu())
-        scalars, routing_record = summarize_routing(
-            host, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
-        record = {
-            "loss": lm_loss,
-            "lm_loss": lm_loss,
-            **scalars,
-            "total_loss": lm_loss + scalars["aux_loss"] + scalars["z_loss"],
-            "grad_norm": grad_norm,
-            "skipped": skipped,
-        }
-        return record, routing_record
+                update_expert_bias(model, self.stats_columns.view(sums.moe_rows).tokens_per_expert)
+        host = None if stats is None else self.stats_columns.view(sums.moe_rows_host)
+        return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm,
+                "skipped": skipped}, host
 
     @torch.no_grad()
     def evaluate(self) -> float:

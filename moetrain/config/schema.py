@@ -233,6 +233,8 @@ class TrainConfig:
     max_time: Optional[float] = None
     # Activation recomputation in backward: none | moe (the MoE layers) | full (whole blocks).
     recompute: Recompute = Recompute("none")
+    # Compile every transformer block with torch.compile (regional compilation; docs/performance.md).
+    compile: bool = False
 
 
 @dataclass

@@ -3,7 +3,8 @@
     out[n] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]   for row n of expert e's group
 
 Weights: w1_EDF, w3_EDF [E, D, F], w2_EFD [E, F, D]; rows of x arrive grouped by expert with
-`tokens_per_expert` rows each. Under expert parallelism E is the local expert count and under
+`tokens_per_expert` rows each; rows after the last group (dropped assignments) are not computed
+and their output is undefined (the dispatcher masks them). Under expert parallelism E is the local expert count and under
 expert tensor parallelism F the local width; both are read from the weights.
 
 The grouped GEMM (`torch.nn.functional.grouped_mm`) is the default wherever it runs: on CPU in
@@ -73,14 +74,15 @@ def _local(w: torch.Tensor) -> torch.Tensor:
 
 
 def experts_loop(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
-    """Reference: one SwiGLU per expert over its slice of rows."""
+    """Reference: one SwiGLU per expert over its slice of rows; rows after the experts' counts
+    (assignments the dispatcher did not keep) come out as zeros. Reads the counts on the host."""
     splits = tokens_per_expert_E.tolist()
     outs = []
-    for e, x_nD in enumerate(torch.split(x_ND, splits)):
+    for e, x_nD in enumerate(torch.split(x_ND[:sum(splits)], splits)):
         h_nF = F.silu(x_nD @ w1_EDF[e]) * (x_nD @ w3_EDF[e])
         outs.append(h_nF @ w2_EFD[e])
-    if not outs:
-        return x_ND.new_zeros(0, w2_EFD.shape[-1])
+    rest = x_ND.shape[0] - sum(splits)
+    outs.append(x_ND.new_zeros(rest, w2_EFD.shape[-1]))
     return torch.cat(outs)
 
 
@@ -88,6 +90,11 @@ def experts_grouped(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.
     offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
     h_NF = F.silu(_gmm(x_ND, w1_EDF, offsets_E)) * _gmm(x_ND, w3_EDF, offsets_E)
     return _gmm(h_NF, w2_EFD, offsets_E)
+
+
+# torch.compile traces grouped_mm only in bf16 (its shape function refuses other dtypes, which
+# the CPU kernel runs): other dtypes run it eagerly, a graph break around the expert GEMMs.
+_experts_grouped_eager = torch.compiler.disable(experts_grouped)
 
 
 class GroupedExperts(nn.Module):
@@ -138,5 +145,6 @@ class GroupedExperts(nn.Module):
         if grouped is None:
             grouped = grouped_mm_usable(x_ND, w1, w3, w2)
         if grouped and x_ND.shape[0] > 0:
-            return experts_grouped(x_ND, tokens_per_expert_E, w1, w3, w2)
+            fn = experts_grouped if x_ND.dtype == torch.bfloat16 else _experts_grouped_eager
+            return fn(x_ND, tokens_per_expert_E, w1, w3, w2)
         return experts_loop(x_ND, tokens_per_expert_E, w1, w3, w2)
