@@ -20,10 +20,11 @@ def permute(x_TD: torch.Tensor, row_map: RowMap) -> torch.Tensor:
     slot_M = row_map.slot_M
     if x_TD.shape[0] == 0:  # no tokens: every row is padding (keeps x in the graph)
         return x_TD.new_zeros(slot_M.shape[0], x_TD.shape[1]) + x_TD.sum()
-    valid_M = slot_M >= 0
+    if not row_map.padded:
+        return x_TD.index_select(0, torch.div(slot_M, row_map.top_k, rounding_mode="floor"))
     token_M = torch.div(slot_M.clamp_min(0), row_map.top_k, rounding_mode="floor")
     x_MD = x_TD.index_select(0, token_M)
-    return torch.where(valid_M.unsqueeze(1), x_MD, x_MD.new_zeros(()))
+    return torch.where((slot_M >= 0).unsqueeze(1), x_MD, x_MD.new_zeros(()))
 
 
 def unpermute(rows_MD: torch.Tensor, weight_TK: torch.Tensor, row_map: RowMap) -> torch.Tensor:

@@ -21,10 +21,13 @@ class RowMap:
 
     slot_M  [M] int64   assignment held by buffer row m; -1 for a padding row
     pos_TK  [T, k] int64  buffer row of assignment (t, j); -1 where it was dropped
+    padded  whether the buffer can hold padding rows (static capacity); known without reading
+            the device, so the PyTorch path skips the masking when it is False
     """
 
     slot_M: torch.Tensor
     pos_TK: torch.Tensor
+    padded: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +57,7 @@ def build_row_map(slot_N: torch.Tensor, num_tokens: int, top_k: int,
     if num_tokens < 0 or top_k < 1:
         raise ValueError(f"num_tokens must be >= 0 and top_k >= 1, got {num_tokens}, {top_k}")
     device = slot_N.device
+    padded = rows_N is not None
     slot_N = slot_N.long()
     n = slot_N.shape[0]
     if rows_N is None:
@@ -71,4 +75,4 @@ def build_row_map(slot_N: torch.Tensor, num_tokens: int, top_k: int,
         slot_M = slot_M.scatter(0, rows_N, slot_N)
     pos_A = torch.full((num_tokens * top_k,), -1, dtype=torch.long, device=device)
     pos_A = pos_A.scatter(0, slot_N, rows_N)
-    return RowMap(slot_M, pos_A.view(num_tokens, top_k))
+    return RowMap(slot_M, pos_A.view(num_tokens, top_k), padded=padded)

@@ -10,7 +10,7 @@ def test_both_directions_without_padding():
     m = build_row_map(slot_N, 3, 2)
     assert torch.equal(m.slot_M, slot_N) and m.num_rows == 5
     assert m.pos_TK.tolist() == [[1, 4], [2, -1], [0, 3]]
-    assert (m.num_tokens, m.top_k) == (3, 2)
+    assert (m.num_tokens, m.top_k, m.padded) == (3, 2, False)
 
 
 def test_both_directions_with_capacity_padding():
@@ -18,7 +18,7 @@ def test_both_directions_with_capacity_padding():
     rows_N = torch.tensor([0, 1, 3, 4, 6])  # 4 experts x capacity 2 = 8 rows
     m = build_row_map(slot_N, 3, 2, rows_N, num_rows=8)
     assert m.slot_M.tolist() == [4, 0, -1, 2, 5, -1, 1, -1]
-    assert m.pos_TK.tolist() == [[1, 6], [3, -1], [0, 4]]
+    assert m.pos_TK.tolist() == [[1, 6], [3, -1], [0, 4]] and m.padded
 
 
 def test_no_assignments():
