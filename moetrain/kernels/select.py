@@ -123,5 +123,13 @@ def choose(setting: str, op: str, t: torch.Tensor) -> str:
 def auto_choice(op: str, device: str, dtype: str, entries: Optional[list[dict]] = None) -> str:
     """`auto` on a CUDA tensor: 'triton' if the record shows the kernel faster than the PyTorch
     path at every recorded shape for this GPU model and dtype, else 'torch'."""
+    if entries is None:
+        return _recorded_choice(op, device, dtype)
     speedup = recorded_speedup(op, device, dtype, entries)
     return "triton" if speedup is not None and speedup > 1.0 else "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded_choice(op: str, device: str, dtype: str) -> str:
+    # once per (op, GPU, dtype) and process: the shipped record does not change during a run
+    return auto_choice(op, device, dtype, list(_recorded_entries()))
