@@ -52,6 +52,18 @@ def parse_moe_shape(text: str) -> MoEShape:
     return MoEShape(f"{d},{f},{e},{k},{t}", d, f, e, k, t)
 
 
+def moe_shapes(names: Optional[str], custom: list[str]) -> list[MoEShape]:
+    """The shapes of --shape (each d,f,E,k,tokens) then those named in --shapes (a comma list of
+    MOE_SHAPES); all of MOE_SHAPES when neither is given. Exits with a message on a bad one."""
+    shapes = [parse_moe_shape(s) for s in custom]
+    if names or not shapes:
+        for name in (names or ",".join(MOE_SHAPES)).split(","):
+            if name not in MOE_SHAPES:
+                raise SystemExit(f"error: unknown shape {name!r}; known: {', '.join(MOE_SHAPES)}")
+            shapes.append(MOE_SHAPES[name])
+    return shapes
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

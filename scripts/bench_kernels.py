@@ -43,8 +43,8 @@ import torch
 
 from moetrain import kernels
 from moetrain.benchmark import (
-    DTYPES, MOE_SHAPES, MoEShape, device_name, median, parse_moe_shape, pick_device,
-    synchronize, time_iterations,
+    DTYPES, MOE_SHAPES, MoEShape, device_name, median, moe_shapes, pick_device, synchronize,
+    time_iterations,
 )
 from moetrain.kernels import reference
 from moetrain.kernels.select import (
@@ -263,12 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("error: --iters must be >= 1 and --warmup >= 0")
 
     device, dtype = pick_device(args.device), DTYPES[args.dtype]
-    shapes = [parse_moe_shape(s) for s in args.shape]
-    if args.shapes or not shapes:
-        for name in (args.shapes or ",".join(MOE_SHAPES)).split(","):
-            if name not in MOE_SHAPES:
-                raise SystemExit(f"error: unknown shape {name!r}; known: {', '.join(MOE_SHAPES)}")
-            shapes.append(MOE_SHAPES[name])
+    shapes = moe_shapes(args.shapes, args.shape)
     with_triton = kernels.triton_usable(torch.empty(0, device=device, dtype=dtype))
     header = (f"device: {device_name(device)}; torch {torch.__version__}; triton "
               f"{triton_version()}; dtype {args.dtype}; seed {args.seed}; "

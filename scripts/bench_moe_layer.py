@@ -56,11 +56,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.benchmark import (
-    DTYPES, device_name, matmul_ceiling, median, pick_device, synchronize, time_iterations,
+    DTYPES, device_name, matmul_ceiling, median, moe_shapes, pick_device, synchronize,
+    time_iterations,
 )
 from moetrain.benchmark import MOE_SHAPES as SHAPES
 from moetrain.benchmark import MoEShape as Shape
-from moetrain.benchmark import parse_moe_shape as parse_shape
+from moetrain.benchmark import parse_moe_shape as parse_shape  # noqa: F401  (bench.parse_shape)
 from moetrain import kernels
 from moetrain.config.schema import LBLConfig, MoEConfig
 from moetrain.model.moe import MoELayer
@@ -434,12 +435,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device, dtype = pick_device(args.device), DTYPES[args.dtype]
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    shapes = [parse_shape(s) for s in args.shape]
-    if args.shapes or not shapes:
-        for name in (args.shapes or ",".join(SHAPES)).split(","):
-            if name not in SHAPES:
-                raise SystemExit(f"error: unknown shape {name!r}; known: {', '.join(SHAPES)}")
-            shapes.append(SHAPES[name])
+    shapes = moe_shapes(args.shapes, args.shape)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     ceiling = None if args.skip_timing else matmul_ceiling(device, dtype)
     header = (f"device: {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from moetrain.kernels.select import interpreter_enabled
 
@@ -136,6 +137,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(kernel, grid, *args, **meta) -> None:
     if interpreter_enabled():
+        if isinstance(kernel, JITFunction):  # compiled-mode kernels cannot take CPU tensors
+            raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; Triton reads "
+                               "it at import: set it before (tests/conftest.py does)")
         kernel[grid](*args, **meta)
         return
     with torch.cuda.device(args[0].device):
