@@ -69,9 +69,9 @@ def make_inputs(shape: MoEShape, device: torch.device, dtype: torch.dtype, gen: 
     scores_TE = torch.softmax(torch.randn(T, E, device=device, generator=gen), dim=-1)
     weight_TK, idx_TK = scores_TE.topk(k, dim=-1)
     routing = RouterOutput(scores_TE, scores_TE, weight_TK, idx_TK)
-    dispatcher = LocalDispatcher(E)
+    dispatcher = LocalDispatcher(E, kernels="torch")
     _, _, handle = dispatcher.permute(torch.empty(T, 0, device=device), routing)
-    row_map = kernels.build_row_map(handle.slot_N, T, k)
+    row_map = handle.row_map
     N = row_map.num_rows
 
     def randn(*size):
@@ -90,9 +90,7 @@ def op_cases(inp) -> dict[str, tuple[dict[str, Callable], list[str], str, int]]:
     size = inp["x"].element_size()
 
     def dispatcher_unpermute(rows, w):
-        # LocalDispatcher.unpermute reads the permuted weights from its handle
-        h = type(handle)(handle.slot_N, w.reshape(-1)[handle.slot_N], None, T, row_map.top_k)
-        return dispatcher.unpermute(rows, h)
+        return dispatcher.unpermute(rows, type(handle)(handle.row_map, w))
 
     return {
         "permute": ({"torch": lambda x: reference.permute(x, row_map),

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import sys
-import types
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -65,8 +64,6 @@ from moetrain.benchmark import parse_moe_shape as parse_shape  # noqa: F401  (be
 from moetrain import kernels
 from moetrain.config.schema import LBLConfig, MoEConfig
 from moetrain.model.moe import MoELayer
-from moetrain.model.moe.dispatcher import LocalDispatcher, PermuteHandle
-from moetrain.model.moe.experts import GroupedExperts, _gmm, grouped_mm_usable
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # whole tensor
@@ -169,49 +166,10 @@ def build_moetrain(shape: Shape, weights, dtype, perturb: float = 0.0) -> MoELay
     return layer
 
 
-# -- moetrain with the Triton kernels (benchmark wiring until MoELayer selects them itself) -------
-
-
-@dataclass
-class KernelPermuteHandle(PermuteHandle):
-    row_map: Optional[kernels.RowMap] = None
-    weight_TK: Optional[torch.Tensor] = None
-
-
-class KernelDispatcher(LocalDispatcher):
-    """LocalDispatcher whose row gather and weighted combine are moetrain.kernels' Triton kernels."""
-
-    def permute(self, x_TD: torch.Tensor, routing):
-        # The parent on a zero-width view yields its permutation (sorting, counts, capacity
-        # rows) without moving any activation; the kernel then gathers the rows.
-        _, counts_E, perm = super().permute(x_TD[:, :0], routing)
-        num_rows = None if perm.rows_N is None else self.num_experts * routing.capacity
-        row_map = kernels.build_row_map(perm.slot_N, perm.num_tokens, perm.top_k, perm.rows_N,
-                                        num_rows)
-        x_MD = kernels.permute(x_TD, row_map, "triton")
-        handle = KernelPermuteHandle(perm.slot_N, perm.weight_N, perm.rows_N, perm.num_tokens,
-                                     perm.top_k, row_map, routing.topk_weight_TK)
-        return x_MD, counts_E, handle
-
-    def unpermute(self, y_MD: torch.Tensor, perm: KernelPermuteHandle) -> torch.Tensor:
-        return kernels.unpermute(y_MD, perm.weight_TK, perm.row_map, "triton")
-
-
-def kernel_experts_forward(experts: GroupedExperts, x_ND: torch.Tensor,
-                           tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """GroupedExperts.forward with the Triton SwiGLU between the grouped GEMMs."""
-    w1, w3, w2 = (w.to(x_ND.dtype) for w in (experts.w1, experts.w3, experts.w2))
-    if x_ND.shape[0] == 0 or not grouped_mm_usable(x_ND, w1, w3, w2):
-        return GroupedExperts.forward(experts, x_ND, tokens_per_expert_E)
-    offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-    h_NF = kernels.swiglu(_gmm(x_ND, w1, offsets_E), _gmm(x_ND, w3, offsets_E), "triton")
-    return _gmm(h_NF, w2, offsets_E)
-
-
 def build_triton(shape: Shape, weights, dtype, perturb: float = 0.0) -> MoELayer:
+    """moetrain's layer with model.moe.kernels=triton (permute, combine and SwiGLU kernels)."""
     layer = build_moetrain(shape, weights, dtype, perturb)
-    layer.dispatcher = KernelDispatcher(shape.experts)
-    layer.experts.forward = types.MethodType(kernel_experts_forward, layer.experts)
+    layer.dispatcher.kernels = layer.experts.kernels = "triton"
     return layer
 
 

@@ -41,6 +41,7 @@ Device = _choice("Device", "auto", "cpu", "cuda")
 DType = _choice("DType", "auto", "fp32", "bf16")
 Recompute = _choice("Recompute", "none", "moe", "full")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
+MoEKernels = _choice("MoEKernels", "auto", "torch", "triton")
 
 
 @dataclass
@@ -121,6 +122,9 @@ class MoEConfig:
     # multiple of the tile (dropping its lowest-score remainder when that is < tile / 2) or all
     # of its tokens; null = off. Policy in moetrain/model/moe/capacity.py.
     token_rounding: Optional[int] = None
+    # The permute / combine / SwiGLU implementation (moetrain.kernels): auto = Triton on CUDA
+    # where the recorded benchmark shows it faster, else PyTorch; torch; triton.
+    kernels: MoEKernels = MoEKernels("auto")
     lbl: LBLConfig = field(default_factory=LBLConfig)
     z_loss_coeff: float = 0.0
     # Progressive sparsification: top_k and capacity_factor as functions of the step.

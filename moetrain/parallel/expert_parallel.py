@@ -72,8 +72,9 @@ class AllToAllDispatcher(LocalDispatcher):
         ep_group: dist.ProcessGroup,
         etp_group: Optional[dist.ProcessGroup] = None,
         pad_to_capacity: bool = False,
+        kernels: str = "auto",
     ):
-        super().__init__(num_experts, pad_to_capacity)
+        super().__init__(num_experts, pad_to_capacity, kernels)
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         assert num_experts % self.ep_size == 0  # moetrain.parallel.checks
@@ -178,7 +179,8 @@ def apply_expert_parallel(
         experts.shard_(slice(ep_rank * L, (ep_rank + 1) * L),
                        slice(etp_rank * F_local, (etp_rank + 1) * F_local))
         layer.use_layout(dispatcher=AllToAllDispatcher(
-            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity))
+            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity,
+            layer.dispatcher.kernels))
     return model
 
 

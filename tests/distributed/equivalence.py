@@ -30,7 +30,7 @@ from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import ensure_prepared
 from moetrain.parallel import check_layout
-from moetrain.parallel import context  # noqa: F401
+from moetrain.parallel import context  # noqa: F401 - imported in the parent for the ranks
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
 from tests.distributed.launcher import run_distributed

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moetrain import kernels
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _probe_results: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -86,9 +88,12 @@ def experts_loop(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Ten
     return torch.cat(outs)
 
 
-def experts_grouped(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+def experts_grouped(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD,
+                    kernel: str = "torch") -> torch.Tensor:
+    """The grouped-GEMM path; `kernel` picks the SwiGLU between the GEMMs (moetrain.kernels)."""
     offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-    h_NF = F.silu(_gmm(x_ND, w1_EDF, offsets_E)) * _gmm(x_ND, w3_EDF, offsets_E)
+    a_NF, b_NF = _gmm(x_ND, w1_EDF, offsets_E), _gmm(x_ND, w3_EDF, offsets_E)
+    h_NF = F.silu(a_NF) * b_NF if kernel == "torch" else kernels.swiglu(a_NF, b_NF, kernel)
     return _gmm(h_NF, w2_EFD, offsets_E)
 
 
@@ -99,7 +104,7 @@ _experts_grouped_eager = torch.compiler.disable(experts_grouped)
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int,
-                 use_grouped_mm: Optional[bool] = None):
+                 use_grouped_mm: Optional[bool] = None, kernels: str = "auto"):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -107,6 +112,7 @@ class GroupedExperts(nn.Module):
         # None = grouped GEMM when usable, else the loop; True/False force one (True raises
         # inside grouped_mm where it does not run).
         self.use_grouped_mm = use_grouped_mm
+        self.kernels = kernels  # model.moe.kernels, for the SwiGLU
         # Which part of the model's experts these weights hold: experts [expert_offset,
         # expert_offset + num_local_experts) of num_global_experts, hidden columns
         # [hidden_offset, hidden_offset + local width) of global_hidden. The forward reads only
@@ -146,5 +152,6 @@ class GroupedExperts(nn.Module):
             grouped = grouped_mm_usable(x_ND, w1, w3, w2)
         if grouped and x_ND.shape[0] > 0:
             fn = experts_grouped if x_ND.dtype == torch.bfloat16 else _experts_grouped_eager
-            return fn(x_ND, tokens_per_expert_E, w1, w3, w2)
+            kernel = kernels.choose(self.kernels, "swiglu", x_ND)
+            return fn(x_ND, tokens_per_expert_E, w1, w3, w2, kernel)
         return experts_loop(x_ND, tokens_per_expert_E, w1, w3, w2)

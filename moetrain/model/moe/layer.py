@@ -44,8 +44,8 @@ class MoELayer(nn.Module):
         self.lbl_coeff = cfg.lbl.coeff
         self.z_loss_coeff = cfg.z_loss_coeff
         self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob, cfg.routing)
-        self.experts = GroupedExperts(E, dim, cfg.expert_hidden)
-        self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity)
+        self.experts = GroupedExperts(E, dim, cfg.expert_hidden, kernels=cfg.kernels)
+        self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity, cfg.kernels)
         # Null experts are routing slots: they share the load-balancing loss with real experts.
         self.lbl = LoadBalancingLoss(self.router.num_experts, cfg.lbl.scope)
         self.shared_experts: Optional[FeedForward] = None
