@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.checkpoint import CheckpointError
-from moetrain.config import CONFIG_DIR, ConfigError, register_configs, to_object, validate
+from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
 from moetrain.data import DataError
 from moetrain.runtime import Runtime, init_runtime, resolve_run_dir, shutdown
 
@@ -69,6 +69,20 @@ def _alias_async_key(argv: list[str]) -> list[str]:
     return [re.sub(r"^(\+?)checkpoint\.async=", r"\1checkpoint.async_save=", a) for a in argv]
 
 
+def check_command_line(overrides: list[str]) -> int:
+    """Compose the overrides as `@hydra.main` is about to and report a bad one like any other
+    user error (one line naming the key, exit 2); Hydra would print several lines and exit 1.
+    Returns the exit code: 0 when the config composes. One extra composition costs ~0.1 s."""
+    if any(arg.startswith("-") for arg in overrides):
+        return 0  # Hydra's own flags (--help, --cfg job, -m, ...): Hydra's rules apply
+    try:
+        to_object(compose(overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     code = run(cfg)
@@ -78,4 +92,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = _alias_async_key(sys.argv)
+    if code := check_command_line(sys.argv[1:]):
+        sys.exit(code)
     main()

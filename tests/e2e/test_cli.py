@@ -93,9 +93,12 @@ def test_bad_values_are_refused_before_training(tmp_path, override, needle):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_unknown_keys_are_refused(tmp_path):
-    proc = train(f"run.dir={tmp_path / 'run'}", "train.max_step=3", check=False)
-    assert proc.returncode != 0 and "train.max_step" in proc.stderr
+@pytest.mark.parametrize("override", ["train.max_step=3", "+train.max_step=3", "++train.max_step=3"])
+def test_unknown_keys_are_refused(tmp_path, override):
+    proc = train(f"run.dir={tmp_path / 'run'}", "train.max_steps=2", override, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: unknown key 'train.max_step' (did you mean train.max_steps?)")
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_a_truncated_checkpoint_is_refused_not_restarted(tmp_path):
