@@ -237,8 +237,19 @@ class Trainer:
         }
         return record, routing_record
 
-    @torch.no_grad()
     def evaluate(self) -> float:
+        """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
+        so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
+        the two apart); the scheduled training capacity is restored afterwards."""
+        set_capacity_factor(self.model, self.cfg.train.eval_capacity_factor)
+        try:
+            return self._validation_loss()
+        finally:
+            step = max(self.state.step - 1, 0)  # the step just trained (the next one resets it)
+            set_capacity_factor(self.model, capacity_factor_at(self.cfg.model.moe, step))
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
         """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
         assert self.val_data is not None
         model, t = self.model, self.cfg.train

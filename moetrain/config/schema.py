@@ -192,6 +192,9 @@ class TrainConfig:
     # Evaluate on the validation split every `eval_every` steps (0 = never) over `eval_batches`.
     eval_every: int = 0
     eval_batches: int = 4
+    # Capacity factor of the MoE layers during evaluation; null = dropless, so the validation
+    # loss does not change with the training capacity (model.moe.capacity_factor).
+    eval_capacity_factor: Optional[float] = None
     # Wall-clock budget in seconds; null = unlimited.
     max_time: Optional[float] = None
     # Activation recomputation in backward: none | moe (the MoE layers) | full (whole blocks).

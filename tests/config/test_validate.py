@@ -37,6 +37,7 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("optim.beta2=1.5", "optim.beta2"),
     ("train.dtype=fp8", "train.dtype"),
     ("train.max_steps=0", "train.max_steps"),
+    ("train.eval_capacity_factor=0", "train.eval_capacity_factor"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ("data.val_fraction=0.7", "data.val_fraction"),
     ("parallel.cp=2", "parallel.cp"),
