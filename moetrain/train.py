@@ -57,6 +57,10 @@ def run(cfg: DictConfig) -> int:
     except USER_ERRORS + (TrainingError,) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("\nerror: interrupted (Ctrl-C); stopped without saving a checkpoint",
+              file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, what a shell reports for a run killed by Ctrl-C
     finally:
         shutdown()
 

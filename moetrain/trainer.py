@@ -116,7 +116,7 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
         bad_in_row = 0
-        self.preemption = PreemptionWatcher()
+        self.preemption = PreemptionWatcher(announce=self.rt.is_main)
         if self.rt.is_main:
             clear_preempted(self.run_dir)
         try:

@@ -118,26 +118,55 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
     assert proc.returncode == 2 and "experts.w1" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
-    run = tmp_path / "run"
+def start_training(run: Path, *overrides: str) -> subprocess.Popen:
+    """A long run in the background, returned once its first step is logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000"],
+        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000",
+         *overrides],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
+    """SLURM's warning, SIGTERM and a first Ctrl-C all finish the step, save and exit 0."""
+    run = tmp_path / "run"
+    proc = start_training(run)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    if sig == signal.SIGINT:
+        assert "Ctrl-C: finishing this step, then saving a checkpoint and stopping" in err
     last = metrics(run)[-1]["step"]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
     assert (run / "preempted").read_text().startswith(f"step {last}: received {sig.name}")
     train(f"run.dir={run}", f"train.max_steps={last + 1}")  # a requeued job goes on from there
     assert metrics(run)[-1]["step"] == last + 1 and not (run / "preempted").exists()
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    # Steps of 32 micro-batches (seconds each) leave time for the second Ctrl-C within the step.
+    proc = start_training(run, "train.global_batch_size=64", "checkpoint.every=0")
+    proc.send_signal(signal.SIGINT)
+    before = ""
+    for line in proc.stderr:  # the first Ctrl-C was handled: the run says so
+        before += line
+        if line.startswith("Ctrl-C:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = before + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (Ctrl-C); stopped without saving" in err
+    assert not (run / "checkpoints").exists()
 
 
 def test_async_checkpoints_resume_like_synchronous_ones(tmp_path):
