@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import re
 import sys
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
 from moetrain.data import DataError
-from moetrain.runtime import Runtime, init_runtime, resolve_run_dir, shutdown
+from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
 
 log = logging.getLogger("moetrain")
 
@@ -22,12 +23,10 @@ log = logging.getLogger("moetrain")
 USER_ERRORS = (ConfigError, CheckpointError, DataError)
 
 
-def _setup_logging(run_dir: Path, rt: Runtime) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rt.rank}] %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rt.rank}.log")
-    file_handler.setFormatter(fmt)
-    handlers: list[logging.Handler] = [file_handler]
+def _setup_logging(rt: Runtime) -> logging.handlers.MemoryHandler:
+    """Console on rank 0 now; the file log is buffered until the run directory exists."""
+    buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    handlers: list[logging.Handler] = [buffer]
     if rt.is_main:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -36,23 +35,40 @@ def _setup_logging(run_dir: Path, rt: Runtime) -> None:
     root.handlers[:] = handlers
     root.setLevel(logging.INFO)
     root.propagate = False
+    return buffer
+
+
+def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryHandler) -> None:
+    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rt.rank}.log")
+    file_handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [rank{rt.rank}] %(levelname)s %(name)s: %(message)s"))
+    buffer.setTarget(file_handler)
+    buffer.flush()  # what was logged while the run directory did not exist yet
+    root = logging.getLogger("moetrain")
+    root.handlers[root.handlers.index(buffer)] = file_handler
 
 
 def run(cfg: DictConfig) -> int:
-    """Validate, set up and train; returns the process exit code."""
+    """Validate, set up and train; returns the process exit code.
+
+    Nothing is written into the run directory before the config, the data and the checkpoint to
+    resume from have been checked: building the `Trainer` only reads, so a refused start leaves
+    an existing run untouched and creates no new one.
+    """
     from moetrain.trainer import Trainer, TrainingError
 
     try:
         typed = to_object(cfg)
         validate(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         rt = init_runtime(typed)
+        log_buffer = _setup_logging(rt)
         run_dir = resolve_run_dir(typed, rt)
-        if rt.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(typed)))
-        _setup_logging(run_dir, rt)
+        trainer = Trainer(typed, rt, run_dir)
+        create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))})
+        _start_log_file(run_dir, rt, log_buffer)
         if rt.is_main:
             log.info("run directory: %s", run_dir)
-        Trainer(typed, rt, run_dir).fit()
+        trainer.fit()
         return 0
     except USER_ERRORS + (TrainingError,) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

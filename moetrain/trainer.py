@@ -73,13 +73,8 @@ class Trainer:
 
         self.state = TrainState()
         self._resume()
-        self.metrics = None
-        if rt.is_main:
-            self.metrics = MetricsLogger(
-                run_dir, cfg.logging, t.max_steps,
-                resume_step=self.state.step if self.resumed_from else None,
-                config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-            )
+        # Created by `fit`: building a Trainer only reads, so a refused start writes nothing.
+        self.metrics: MetricsLogger | None = None
 
     def _upcycle(self, model: torch.nn.Module) -> None:
         """Start from a dense checkpoint (model.init.upcycle_from); not when resuming."""
@@ -118,6 +113,11 @@ class Trainer:
         bad_in_row = 0
         self.preemption = PreemptionWatcher(announce=self.rt.is_main)
         if self.rt.is_main:
+            self.metrics = MetricsLogger(
+                self.run_dir, self.cfg.logging, t.max_steps,
+                resume_step=self.state.step if self.resumed_from else None,
+                config_dict=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+            )
             clear_preempted(self.run_dir)
         try:
             while self.state.step < t.max_steps:

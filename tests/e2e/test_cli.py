@@ -133,6 +133,50 @@ def start_training(run: Path, *overrides: str) -> subprocess.Popen:
     return proc
 
 
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_run_untouched(tmp_path):
+    """The checkpoint is checked against the new model before config.yaml or a log is written."""
+    run = tmp_path / "run"
+    train(f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2")
+    before = snapshot(run)
+    proc = train(f"run.dir={run}", "train.max_steps=4", "model.d_model=64", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "'model.tok_embeddings.weight' has shape [8192, 128]" in proc.stderr
+    assert snapshot(run) == before
+
+
+def test_a_data_error_creates_no_run_directory(tmp_path):
+    run = tmp_path / "run"
+    proc = train(f"run.dir={run}", f"data.corpus={tmp_path / 'missing'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data.corpus="), proc.stderr
+    assert not run.exists()
+
+
+def test_a_run_dir_under_a_file_is_one_line_naming_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = train(f"run.dir={blocker / 'run'}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: run.dir='{blocker / 'run'}' is unusable: {blocker} is not a directory\n"
+
+
+def test_a_read_only_run_dir_is_one_line_naming_run_dir(tmp_path):
+    """Read-only even for root (the tests run as root): an immutable directory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        proc = train(f"run.dir={run}", check=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: run.dir='{run}' is unusable: {run} is not writable\n"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
     """SLURM's warning, SIGTERM and a first Ctrl-C all finish the step, save and exit 0."""
