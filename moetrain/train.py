@@ -68,6 +68,7 @@ def run(cfg: DictConfig) -> int:
         _start_log_file(run_dir, rt, log_buffer)
         if rt.is_main:
             log.info("run directory: %s", run_dir)
+            _log_checkpoint_policy(typed.checkpoint.every, run_dir)
         trainer.fit()
         return 0
     except USER_ERRORS + (TrainingError,) as err:
@@ -79,6 +80,15 @@ def run(cfg: DictConfig) -> int:
         return 130  # 128 + SIGINT, what a shell reports for a run killed by Ctrl-C
     finally:
         shutdown()
+
+
+def _log_checkpoint_policy(every: int, run_dir: Path) -> None:
+    where = run_dir / "checkpoints"
+    if every > 0:
+        log.info("checkpoints: every %d steps and at the last step, into %s", every, where)
+    else:
+        log.warning("checkpoint.every=0: a checkpoint is written only when a signal or "
+                    "train.max_time stops the run early, into %s", where)
 
 
 register_configs()

@@ -203,8 +203,9 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Save every `every` optimizer steps (0 = only never); the final step is saved when every > 0.
-    every: int = 0
+    # Save every `every` optimizer steps and at the last step (0 = only when a signal or
+    # train.max_time stops the run early).
+    every: int = 100
     resume: str = "auto"  # auto | never | a checkpoint directory
     # Keep the newest `keep_last` checkpoints (null = keep all); `latest` is never deleted.
     keep_last: Optional[int] = None

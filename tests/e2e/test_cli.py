@@ -133,6 +133,20 @@ def start_training(run: Path, *overrides: str) -> subprocess.Popen:
     return proc
 
 
+def test_the_defaults_checkpoint_and_say_where(tmp_path):
+    """No experiment: the config tree's defaults alone must not train a run that never saves."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetrain.train", f"run.dir={run}", "train.max_steps=2",
+         "train.global_batch_size=4", "logging.progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoints: every 100 steps and at the last step, into {run / 'checkpoints'}" in proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
+
+
 def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
