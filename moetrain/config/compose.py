@@ -56,11 +56,15 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 def to_object(cfg: DictConfig) -> MoetrainConfig:
     """Resolve interpolations and turn the DictConfig into the typed dataclass tree.
 
-    Raises ConfigError naming the first key the schema does not have (e.g. `+train.max_step=5`).
+    Raises ConfigError naming the first key the schema does not have (e.g. `+train.max_step=5`),
+    an interpolation that does not resolve, or a missing value (`???`).
     """
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     check_known_keys(cfg)
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(composition_error(err)) from None
 
 
 def check_known_keys(cfg: DictConfig) -> None:

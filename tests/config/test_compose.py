@@ -49,6 +49,8 @@ def test_a_misspelt_key_in_a_yaml_group_names_the_key_and_the_file(tmp_path):
 def test_wrong_types_and_missing_options_are_one_line_naming_the_key():
     assert refused("train.max_steps=many").startswith("train.max_steps: Value 'many'")
     assert "experiment/nope" in refused(experiment="+experiment=nope")
+    assert refused("train.max_steps=???").startswith("train.max_steps: ")
+    assert refused("data.corpus=${oc.env:MOETRAIN_UNSET_VARIABLE}").startswith("data.corpus: ")
 
 
 def test_a_config_composed_by_hydra_main_is_checked_too(tmp_path):
