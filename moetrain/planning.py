@@ -1,33 +1,10 @@
 """Sizing a config before running it: parameters, FLOPs per token, sparsity, memory per rank.
 
 Pure arithmetic over the config (no model is built), shared by `python -m moetrain.plan` and
-tests. The definitions (docs/planning.md has the derivations):
-
-Parameters, exactly as `moetrain.model.Transformer` builds them (bias-free linears, RMSNorm
-weights, untied output unless model.tie_embeddings):
-    embedding        V d
-    attention        d (H + 2 Hkv) h + H h d              per layer (h = head_dim)
-    dense MLP        3 d F_dense                          per dense layer (SwiGLU)
-    routed experts   3 d F_e E                            per MoE layer
-    shared experts   3 d F_s n_s                          per MoE layer
-    router           E d                                  per MoE layer
-    norms            2 d per layer + d (final)
-    output           V d  (0 when tied)
-Active parameters: the same with k of the E routed experts per MoE layer (3 d F_e k).
-
-FLOPs per token (training), the PaLM/Megatron convention:
-    forward = 2 N_mm + 4 L S H h,   train = 3 forward   (backward = 2 forward)
-N_mm is the active parameters that multiply a token's activations: everything active except
-the input embedding (a lookup) and the norm weights (elementwise); the output projection and
-the router count. 4 L S H h is QK^T and AV over the whole sequence with no causal discount
-(as in the PaLM MFU formula); a causal kernel does about half of it (`causal=True`).
-
-Activation ratio: active / total parameters. Granularity G = model.ffn_hidden / expert_hidden:
-how many experts of this width make one FFN of the dense width the config declares (the
-fine-grained-MoE definition, Krajewski et al. "Scaling Laws for Fine-Grained MoE", with their
-d_ff taken as the config's dense width). Mixtral G=1, OLMoE and Qwen3-A3B G=8.
-
-Memory per rank: see `memory_per_rank`.
+tests. The definitions are in docs/planning.md: parameters exactly as `moetrain.model.Transformer`
+builds them, active parameters (k of E routed experts), training FLOPs per token in the
+PaLM / Megatron convention, activation ratio, granularity, and the memory model of
+`memory_per_rank`.
 """
 
 from __future__ import annotations

@@ -80,13 +80,8 @@ class Trainer:
         self._resume()
         self.preemption: PreemptionWatcher | None = None  # signal handlers while fit() runs
         self._stop_requested = False
-        self.metrics = None
-        if rt.is_main:
-            self.metrics = MetricsLogger(
-                run_dir, cfg.logging, t.max_steps,
-                resume_step=self.state.step if self.resumed_from else None,
-                config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-            )
+        # Created by `fit`: building a Trainer only reads, so a refused start writes nothing.
+        self.metrics: MetricsLogger | None = None
 
     def _upcycle(self, model: torch.nn.Module) -> None:
         """Start from a dense checkpoint (model.init.upcycle_from); not when resuming."""
@@ -123,8 +118,13 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
         bad_in_row = 0
-        self.preemption = PreemptionWatcher()
+        self.preemption = PreemptionWatcher(announce=self.rt.is_main)
         if self.rt.is_main:
+            self.metrics = MetricsLogger(
+                self.run_dir, self.cfg.logging, t.max_steps,
+                resume_step=self.state.step if self.resumed_from else None,
+                config_dict=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+            )
             clear_preempted(self.run_dir)
         try:
             while self.state.step < t.max_steps:
@@ -250,8 +250,19 @@ class Trainer:
         return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm,
                 "skipped": skipped}, host
 
-    @torch.no_grad()
     def evaluate(self) -> float:
+        """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
+        so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
+        the two apart); the scheduled training capacity is restored afterwards."""
+        set_capacity_factor(self.model, self.cfg.train.eval_capacity_factor)
+        try:
+            return self._validation_loss()
+        finally:
+            step = max(self.state.step - 1, 0)  # the step just trained (the next one resets it)
+            set_capacity_factor(self.model, capacity_factor_at(self.cfg.model.moe, step))
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
         """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
         assert self.val_data is not None
         model, t = self.model, self.cfg.train

@@ -5,38 +5,12 @@
     python scripts/bench_moe_layer.py --shape 64,128,8,2,256 --dtype fp32 --device cpu
 
 A shape is d,f,E,k,tokens (model dim, expert hidden width, experts, experts per token, tokens).
-For each shape, all implementations get the same weights and inputs:
-
-  baseline  written here, independently of moetrain: fp32 softmax routing and top-k, sort-based
-            dispatch (argsort + index_select), the three expert GEMMs through torch's grouped
-            GEMM (a per-expert loop where it does not run) with SwiGLU, weighted index_add
-            combine in the activation dtype;
-  moetrain  moetrain.model.moe.MoELayer (aux-loss coefficients 0, dropless).
-  triton    the same layer with the Triton kernels of moetrain.kernels for the permutation,
-            the weighted combine and SwiGLU (wired in here until the layer selects them through
-            model.moe.kernels); with `--triton auto` (default) where Triton runs compiled (CUDA),
-            `on` also through the interpreter (TRITON_INTERPRET=1, CPU: agreement only).
-
-Agreement (fresh random data every run; the seed is printed): the output and the gradients of
-the input, the router weight and w1, w3, w2 of every implementation are compared with the same
-computation in fp32 (the baseline on fp32 copies of the same bf16-rounded values) by relative
-error |a - ref| / |ref| (Frobenius norms), over the whole tensor and per slice of its first
-dimension (a token's row, an expert's weight gradient): the worst slice catches a wrong row or
-expert that the whole-tensor norm averages away. moetrain (and triton) pass when, for every tensor,
-    whole-tensor error <= max(tol, 1.5 x the baseline's)    tol   1e-4 fp32, 1e-2 bf16
-    worst-slice error  <= max(stol, 2 x the baseline's)     stol  1e-3 fp32, 3e-2 bf16
-(bf16 noise depends on the shape; the baseline's own error measures it: ~5e-3 whole-tensor,
-~1e-2 worst row at small shapes on the CPU), and no output or gradient is all zeros or
-non-finite. A failed check exits with status 1 after the table.
-
-Timing: fwd+bwd (a random output gradient) of each implementation, `--warmup` untimed then
-`--iters` timed iterations in each of two rounds (baseline, moetrain[, triton], twice);
-median milliseconds, and the spread between the two rounds' medians. TFLOP/s counts the expert
-GEMMs only, 18 T k d f (6 T k d f forward, twice that backward); routing and dispatch are work
-but not FLOPs. "% ceil" is over a large dense matmul measured in the same process and dtype.
-Memory (CUDA): with weights, their gradients and the input allocated, `act` is what the
-forward leaves allocated for backward (activations) and `peak` the highest allocation during
-fwd+bwd, both above that base; CPU reports n/a.
+The baseline is written here, independently of moetrain; the implementations (baseline,
+moetrain's MoELayer, and `triton`: the layer with model.moe.kernels=triton, where Triton runs
+compiled with `--triton auto`, also through the interpreter with `on`) get the same weights and
+inputs, are compared with an fp32 computation (a failed check exits with status 1 after the
+table) and timed fwd+bwd. The implementations, the tolerances, the timing, the FLOP count and
+the memory columns: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -5,20 +5,10 @@
     python scripts/bench_train.py model.n_layers=4 train.recompute=moe --json out.json
 
 Arguments without dashes are Hydra overrides, composed like `moetrain.train` does (default
-experiment: `+experiment=olmoe_1b_7b`, used when no `+experiment=` is given). No dataset is
-read: every step draws random tokens [train.micro_batch_size, data.seq_len + 1]. One optimizer
-step per micro-batch: forward under the run's precision (`train.dtype`: bf16 autocast on GPU
-by default), LM cross-entropy plus the MoE aux losses, backward, gradient clipping, AdamW
-(`moetrain.optim.build_optimizer`). `train.recompute` is applied with `set_recompute`.
-
-Reported, over the `--steps` timed steps after `--warmup` untimed ones (median step time):
-    tokens/s = micro_batch * seq_len / step time
-    MFU      = flops_per_token(model, seq_len).train * tokens/s / matmul ceiling
-with moetrain.planning's training FLOPs per token (6 N_mm + 12 L S H h: attention without
-causal discount, the PaLM convention; the causal-discounted MFU is printed beside it) and the
-ceiling measured in the same process: a large dense matmul in the run's compute dtype.
-The full OLMoE-1B-7B-like model (6.9B parameters; fp32 weights, gradients and AdamW states:
-16 bytes each, 110 GB) does not fit one 80 GB GPU: use fewer layers (model.n_layers).
+experiment: `+experiment=olmoe_1b_7b`, used when no `+experiment=` is given). One optimizer
+step per micro-batch of random tokens; tokens/s and MFU (moetrain.planning's training FLOPs per
+token over a matmul ceiling measured in the same process) are defined in docs/performance.md,
+which also says why the full OLMoE-1B-7B-like model does not fit one 80 GB GPU.
 """
 
 from __future__ import annotations

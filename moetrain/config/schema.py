@@ -233,6 +233,9 @@ class TrainConfig:
     # Evaluate on the validation split every `eval_every` steps (0 = never) over `eval_batches`.
     eval_every: int = 0
     eval_batches: int = 4
+    # Capacity factor of the MoE layers during evaluation; null = dropless, so the validation
+    # loss does not change with the training capacity (model.moe.capacity_factor).
+    eval_capacity_factor: Optional[float] = None
     # Wall-clock budget in seconds; null = unlimited.
     max_time: Optional[float] = None
     # Activation recomputation in backward: none | moe (the MoE layers) | full (whole blocks).
@@ -243,8 +246,9 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Save every `every` optimizer steps (0 = only never); the final step is saved when every > 0.
-    every: int = 0
+    # Save every `every` optimizer steps and at the last step (0 = only when a signal or
+    # train.max_time stops the run early).
+    every: int = 100
     resume: str = "auto"  # auto | never | a checkpoint directory
     # Keep the newest `keep_last` checkpoints (null = keep all); `latest` is never deleted.
     keep_last: Optional[int] = None

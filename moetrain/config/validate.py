@@ -129,6 +129,9 @@ def validate(cfg: MoetrainConfig) -> None:
     _positive("train.max_bad_steps", t.max_bad_steps)
     _non_negative("train.eval_every", t.eval_every)
     _positive("train.eval_batches", t.eval_batches)
+    if t.eval_capacity_factor is not None:
+        _require(t.eval_capacity_factor > 0, "train.eval_capacity_factor", t.eval_capacity_factor,
+                 "must be > 0, or null for dropless evaluation")
     if t.max_time is not None:
         _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
 

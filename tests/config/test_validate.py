@@ -1,7 +1,6 @@
 import importlib.util
 
 import pytest
-from hydra.errors import ConfigCompositionException
 
 from moetrain.config import ConfigError, compose, to_object, validate
 from moetrain.parallel import LayoutError, check_layout
@@ -39,6 +38,7 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("optim.lr=0", "optim.lr"),
     ("optim.beta2=1.5", "optim.beta2"),
     ("train.max_steps=0", "train.max_steps"),
+    ("train.eval_capacity_factor=0", "train.eval_capacity_factor"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ("data.val_fraction=0.7", "data.val_fraction"),
     ("model.moe.routing.top_p=1.5", "model.moe.routing.top_p"),
@@ -60,9 +60,10 @@ def test_bad_values_name_their_key(override, key):
     ("train.recompute=some", "train.recompute"),
 ])
 def test_values_outside_a_choice_list_are_refused_while_composing(override, key):
-    with pytest.raises(ConfigCompositionException) as err:
+    with pytest.raises(ConfigError) as err:
         config(override)
-    assert key in str(err.value.__cause__) and "expected one of" in str(err.value.__cause__)
+    assert str(err.value).startswith(key) and "expected one of" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_choices_of_a_config_built_in_python_are_checked():
@@ -88,7 +89,7 @@ def test_wandb_enabled_without_wandb_installed_is_refused():
 
 @pytest.mark.parametrize("override", ["train.max_step=3", "model.moe.topk=1", "train.max_steps=many"])
 def test_unknown_keys_and_wrong_types_are_refused_while_composing(override):
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
         config(override)
 
 
