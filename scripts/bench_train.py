@@ -27,6 +27,7 @@ from moetrain.benchmark import device_name, matmul_ceiling, median, synchronize,
 from moetrain.config import compose, to_object, validate
 from moetrain.model import Transformer, set_recompute, start_moe_step
 from moetrain.optim import build_optimizer
+from moetrain.parallel.compile import apply_compile
 from moetrain.planning import count_parameters, flops_per_token
 from moetrain.runtime import init_runtime
 
@@ -55,6 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with torch.device(device):  # initialise on the device (a GPU draws the weights much faster)
         model = Transformer(cfg.model)
     set_recompute(model, cfg.train.recompute)
+    if cfg.train.compile:
+        apply_compile(model)  # as the trainer: every block, regionally
     optimizer = build_optimizer(model, cfg.optim)
     B, S, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)

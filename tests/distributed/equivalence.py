@@ -173,6 +173,7 @@ REFERENCES: dict[str, list[str]] = {
     "b4-mb1": [*B4, "train.micro_batch_size=1"],
     "b4-mb1-bias": [*B4, "train.micro_batch_size=1", *BIAS],
     "b4-mb1-l8": [*B4, "train.micro_batch_size=1", "model.n_layers=8"],
+    "b4-l2": [*B4, "model.n_layers=2"],  # one dense and one MoE block
     "b8-mb1": ["train.micro_batch_size=1"],
     "b4-global": [*B4, "model.moe.lbl.scope=global"],
     "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],

@@ -38,6 +38,7 @@ def _gmm(x_ND: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> to
     return out
 
 
+@torch.compiler.disable  # probes with real tensors, not with a compile's fake ones
 def grouped_mm_usable(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
     if _grouped_mm is None or x_ND.shape[0] == 0:
         return False
