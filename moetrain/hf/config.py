@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 from moetrain.config.families import FAMILIES, MLA_FAMILIES
 from moetrain.config.schema import head_dim_of
+from moetrain.config.validate import ConfigError
 
 
-class HFConfigError(ValueError):
-    """A Hugging Face config moetrain cannot reproduce; the message names the key."""
+class HFConfigError(ConfigError):
+    """A Hugging Face config or folder moetrain cannot use; the message names the key."""
 
 
 def require_transformers():
@@ -199,6 +200,7 @@ def dense_overrides(hf: Any) -> dict[str, Any]:
         raise HFConfigError(f"model_type={hf.model_type!r}: upcycling takes a dense llama or "
                             "qwen3 checkpoint")
     out = _trunk(hf)
+    del out["model.max_position_embeddings"]  # a declaration, not part of the function
     out["model.head_dim"] = _head_dim(hf)
     out["model.qk_norm"] = "head" if hf.model_type == "qwen3" else "none"
     out["model.attention"] = "gqa"
@@ -221,12 +223,16 @@ def _same(a: Any, b: Any) -> bool:
 
 def differences(model_cfg: Any, wanted: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, moetrain value, wanted value) for every key of `wanted` the config differs in.
-    model.head_dim null and its derived value d_model / n_heads count as equal."""
+    model.head_dim null and d_model / n_heads count as equal, so do
+    model.moe.shared_expert_hidden null and model.moe.expert_hidden."""
     out = []
     for key, want in wanted.items():
         have = config_value(model_cfg, key)
         if key == "model.head_dim":
             have, want = head_dim_of(model_cfg), want or model_cfg.d_model // model_cfg.n_heads
+        if key == "model.moe.shared_expert_hidden":  # null = model.moe.expert_hidden
+            width = model_cfg.moe.expert_hidden
+            have, want = have or width, want or wanted.get("model.moe.expert_hidden", width)
         if not _same(have, want):
             out.append((key, have, want))
     return out

@@ -23,7 +23,9 @@ from torch.distributed.tensor import DTensor
 # included; private but the function DCP itself plans reads and writes with (torch >= 2.4).
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from moetrain.hf.config import HFConfigError
+from moetrain.hf.config import (
+    HFConfigError, check_matches, dense_overrides, differences, load_hf_config, model_config_from,
+)
 from moetrain.hf.tensors import Source, hf_names, read_slice, tensor_map
 
 _WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
@@ -162,5 +164,48 @@ def read_dense_state(path: str | Path, dense_cfg: Any, family: str) -> dict[str,
     return state
 
 
-__all__ = ["HFCheckpointError", "SafetensorsFolder", "check_folder", "load_hf_weights",
+def is_hf_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def dense_config(model_cfg: Any, path: str | Path) -> tuple[Any, str]:
+    """(the MoE config's trunk as a dense model of the HF folder's MLP width, its family);
+    HFConfigError naming every trunk key that differs from the dense checkpoint's."""
+    hf = load_hf_config(path)
+    wanted = dense_overrides(hf)
+    diffs = differences(model_cfg, wanted)
+    if diffs:
+        listed = "; ".join(f"{k}={have!r} but the dense checkpoint has {want!r}"
+                           for k, have, want in diffs)
+        raise HFConfigError(f"model.init.upcycle_from={str(path)!r}: the MoE trunk differs from "
+                            f"the dense {hf.model_type} checkpoint: {listed}")
+    dense = model_config_from({"model.moe.first_dense_layers": model_cfg.n_layers,
+                               "model.ffn_hidden": int(hf.intermediate_size)}, model_cfg)
+    return dense, hf.model_type
+
+
+def check_init(cfg: Any) -> None:
+    """Before any process group or run directory: a Hugging Face source of the initial weights
+    (model.init.from_hf, or upcycle_from naming an HF folder) fits the model config (config and
+    tensor names/shapes); ConfigError naming the keys otherwise."""
+    init = cfg.model.init
+    if init.from_hf:
+        check_matches(cfg.model, init.from_hf)
+        check_folder(SafetensorsFolder(init.from_hf), cfg.model)
+    if init.upcycle_from and is_hf_folder(init.upcycle_from):
+        dense, family = dense_config(cfg.model, init.upcycle_from)
+        check_folder(SafetensorsFolder(init.upcycle_from), dense, family, "model.init.upcycle_from")
+
+
+def hf_tokenizer_folder(cfg: Any) -> Optional[Path]:
+    """The HF folder whose tokenizer the data uses: the imported model's, if it has one."""
+    init = cfg.model.init
+    for path in (init.from_hf, init.upcycle_from):
+        if path and is_hf_folder(path) and (Path(path) / "tokenizer.json").is_file():
+            return Path(path)
+    return None
+
+
+__all__ = ["HFCheckpointError", "check_init", "dense_config", "hf_tokenizer_folder",
+           "is_hf_folder", "SafetensorsFolder", "check_folder", "load_hf_weights",
            "read_dense_state"]

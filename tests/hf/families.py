@@ -8,7 +8,7 @@ import torch
 
 from moetrain.hf.config import hf_overrides, model_config_from
 
-VOCAB = 96
+VOCAB = 512  # room for a sentencepiece vocabulary of the corpus (byte fallback)
 
 
 def hf_config(family: str):
