@@ -185,9 +185,9 @@ def dense_config(model_cfg: Any, path: str | Path) -> tuple[Any, str]:
 
 
 def check_init(cfg: Any) -> None:
-    """Before any process group or run directory: a Hugging Face source of the initial weights
-    (model.init.from_hf, or upcycle_from naming an HF folder) fits the model config (config and
-    tensor names/shapes); ConfigError naming the keys otherwise."""
+    """Before any process group or run directory: the source of the initial weights
+    (model.init.from_hf, model.init.upcycle_from) exists and, when a Hugging Face folder, fits
+    the model config (config and tensor names/shapes); ConfigError naming the keys otherwise."""
     init = cfg.model.init
     if init.from_hf:
         check_matches(cfg.model, init.from_hf)
@@ -195,6 +195,16 @@ def check_init(cfg: Any) -> None:
     if init.upcycle_from and is_hf_folder(init.upcycle_from):
         dense, family = dense_config(cfg.model, init.upcycle_from)
         check_folder(SafetensorsFolder(init.upcycle_from), dense, family, "model.init.upcycle_from")
+    elif init.upcycle_from:
+        from moetrain.checkpoint import CheckpointError, CheckpointManager
+
+        try:
+            CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
+        except CheckpointError as err:
+            raise HFConfigError(
+                f"model.init.upcycle_from={init.upcycle_from!r} is neither a dense moetrain "
+                "checkpoint (a step_<N> folder, checkpoints/ folder or run directory) nor a "
+                f"Hugging Face folder (config.json): {str(err).split(': ', 2)[-1]}") from None
 
 
 def hf_tokenizer_folder(cfg: Any) -> Optional[Path]:
