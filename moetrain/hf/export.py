@@ -87,8 +87,9 @@ def check_exportable(model_cfg: Any, state: dict[str, torch.Tensor]) -> None:
     if family == "custom":
         raise HFConfigError("model.family=custom: name the Hugging Face family the model is "
                             f"(--family {'|'.join(FAMILIES)}); the export checks it can express it")
-    for key, why in family_problems(model_cfg):
-        raise HFConfigError(f"cannot export: {key} {why}")
+    problems = family_problems(model_cfg)
+    if problems:
+        raise HFConfigError("cannot export: " + "; ".join(f"{key} {why}" for key, why in problems))
     if family != "deepseek_v3":
         for name, t in state.items():
             if name.endswith("router.expert_bias") and bool(t.ne(0).any()):
