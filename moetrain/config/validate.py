@@ -88,7 +88,7 @@ def validate(cfg: MoetrainConfig) -> None:
     if m.init.from_hf is not None:
         _require((Path(m.init.from_hf) / "config.json").is_file(), "model.init.from_hf",
                  m.init.from_hf, "must name a Hugging Face model folder (with config.json)")
-        _require(m.family != "custom", "model.family", m.family,
+        _require(m.family != "custom", "model.family", str(m.family),
                  "must name the checkpoint's family when model.init.from_hf is set "
                  "(python -m moetrain.hf overrides DIR prints it)")
         _require(m.init.upcycle_from is None, "model.init.upcycle_from", m.init.upcycle_from,
@@ -172,7 +172,7 @@ def _value_of(cfg: Any, key: str) -> Any:
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
-    return node
+    return node.value if isinstance(node, Choice) else node
 
 
 def _validate_mla(m: Any) -> None:
