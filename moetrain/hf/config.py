@@ -153,6 +153,8 @@ def hf_overrides(hf: Any) -> dict[str, Any]:
 
 def _deepseek(hf: Any) -> dict[str, Any]:
     v3 = hf.model_type == "deepseek_v3"
+    _refuse(hf, "moe_layer_freq", getattr(hf, "moe_layer_freq", 1) == 1,
+            "must be 1 (every layer after first_k_dense_replace is MoE)")
     out: dict[str, Any] = {
         "model.attention": "mla",
         "model.qk_norm": "none",

@@ -2,7 +2,7 @@
 
     HF folder (tiny random model + the corpus tokenizer in HF form)
       -> model.init.from_hf into ep2 x tp2 (each rank reads its slices) -> checkpoint step_0
-         == the HF tensors, bit-exact, every one
+         == the HF tensors, bit-exact, every one (and once more into pp2 x etp2)
       -> 2 training steps -> checkpoint step_2 -> python -m moetrain.hf export
       -> AutoModelForCausalLM.from_pretrained: logits == moetrain's (rel. 1e-5)
 """
@@ -40,6 +40,8 @@ from tests.hf.families import VOCAB, rel_err, save_hf
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = ["parallel.tp=2", "parallel.ep=2"]  # 4 ranks: dp2 x tp2 dense, ep2 x edp2 experts
+# and one more import: pipeline stages x ETP (each rank a stage's half of every expert's width)
+PP_CASE = ("deepseek_v3", ["parallel.pp=2", "parallel.pp_layers=[1,2]", "parallel.etp=2"])
 BASE = ["+experiment=tiny", "train.max_steps=2", "train.global_batch_size=4",
         "train.micro_batch_size=1", "train.eval_every=0", "train.deterministic=true",
         "train.dtype=fp32", "train.device=cpu", "checkpoint.every=2", "checkpoint.resume=never",
@@ -61,27 +63,29 @@ def runs(tmp_path_factory):
     spm = ensure_prepared(DataConfig(), VOCAB)
     spm = spm / load_index(spm)["tokenizer"]
     jobs, out = [], {}
-    for family in FAMILIES:
-        hf_dir = root / f"hf-{family}"
+    cases = [(family, family, LAYOUT) for family in FAMILIES]
+    cases.append((f"{PP_CASE[0]}-pp2-etp2", PP_CASE[0], PP_CASE[1]))
+    for name, family, layout in cases:
+        hf_dir = root / f"hf-{name}"
         save_hf(family, hf_dir)
         sentencepiece_to_hf(spm, hf_dir)
         overrides = format_overrides(hf_overrides(load_hf_config(hf_dir))).splitlines()
-        cfg = to_object(compose(BASE + LAYOUT + overrides + [f"model.init.from_hf={hf_dir}"]))
+        cfg = to_object(compose(BASE + layout + overrides + [f"model.init.from_hf={hf_dir}"]))
         validate(cfg)
         check_layout(cfg, 4)
         check_init(cfg)
         ensure_prepared(cfg.data, cfg.model.vocab_size, hf_tokenizer=hf_tokenizer_folder(cfg))
-        run_dir = root / f"run-{family}"
+        run_dir = root / f"run-{name}"
         run_dir.mkdir()
         # as moetrain.train writes it: the export reads the run's model config from it
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         jobs.append((cfg, run_dir))
-        out[family] = (cfg, hf_dir, run_dir)
+        out[name] = (cfg, hf_dir, run_dir)
     run_distributed(_train, 4, jobs, timeout=900, pg_timeout=120)
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, f"{PP_CASE[0]}-pp2-etp2"])
 def test_import_into_a_parallel_layout_is_bit_exact(family, runs):
     cfg, hf_dir, run_dir = runs[family]
     imported = to_hf_state(load_model_state(run_dir / "checkpoints" / "step_0"), cfg.model)
