@@ -15,7 +15,7 @@ from moetrain.checkpoint import CheckpointManager, TrainState
 from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import DataConfig
 from moetrain.data import Tokenizer, ensure_prepared, load_index
-from moetrain.data.prepare import corpus_files
+from moetrain.data.prepare import corpus_files, corpus_fingerprint
 from moetrain.hf.__main__ import main
 from moetrain.hf.config import differences, hf_overrides, load_hf_config
 from moetrain.hf.tokenizer import load_hf_tokenizer, sentencepiece_to_hf
@@ -93,3 +93,22 @@ def test_the_converted_tokenizer_encodes_the_corpus_as_sentencepiece(tmp_path):
     assert hf.encode(text, add_special_tokens=False) == ids
     assert hf.decode(ids) == spm.decode(ids) == text
     assert (hf.eos_token_id, hf.bos_token_id) == (spm.eos_id, spm.bos_id)
+
+
+def test_an_imported_models_tokenizer_prepares_the_data(tmp_path):
+    """The prepared data of a run with model.init.from_hf uses the folder's tokenizer.json (a
+    different vocabulary is a different prepared dataset)."""
+    from moetrain.data import PackedTokenDataset
+    from moetrain.data.tokenizer import HFTokenizer
+
+    spm = Tokenizer.from_prepared(ensure_prepared(DataConfig(), 8192))
+    sentencepiece_to_hf(spm.model_file, tmp_path)
+    prepared = ensure_prepared(DataConfig(), 9000, hf_tokenizer=tmp_path)  # padded embedding
+    assert load_index(prepared)["tokenizer"] == "tokenizer.json"
+    tok = Tokenizer.from_prepared(prepared)
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 8192
+    root, files = corpus_files(DataConfig().corpus)
+    first = PackedTokenDataset(prepared, "train", 64).get_batch([0])[0].tolist()
+    assert first == tok.encode(files[0].read_text())[:len(first)]  # the stream starts with doc 0
+    # the vocabulary is part of the prepared data's identity
+    assert load_index(prepared)["corpus_fingerprint"] != corpus_fingerprint(root, files)
