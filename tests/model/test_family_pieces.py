@@ -6,11 +6,9 @@ DeepSeek-V2's group score, and Qwen2-MoE's shared-expert gate (transformers' MoE
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moetrain.config.schema import MLAConfig, MoEConfig, RopeScalingConfig, RoutingConfig
 from moetrain.model.attention import Attention
