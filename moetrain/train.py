@@ -62,6 +62,10 @@ def run(cfg: DictConfig) -> int:
         typed = to_object(cfg)
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if typed.model.init.from_hf or typed.model.init.upcycle_from:
+            from moetrain.hf.load import check_init  # transformers only when it is needed
+
+            check_init(typed)
         rt = init_runtime(typed)
         log_buffer = _setup_logging(rt)
         run_dir = resolve_run_dir(typed, rt)

@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from moetrain.checkpoint import CheckpointManager, TrainState
+from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import load_model_state
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
+from moetrain.data import (
+    GlobalBatchSampler, PackedTokenDataset, ensure_prepared, load_index, val_steps,
+)
 from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.model import (
     Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
@@ -50,7 +52,14 @@ class Trainer:
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
         self.par = ParallelContext(dims, rt.device)
 
-        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        init = cfg.model.init
+        hf_tokenizer = None
+        if init.from_hf or init.upcycle_from:
+            from moetrain.hf.load import hf_tokenizer_folder
+
+            hf_tokenizer = hf_tokenizer_folder(cfg)  # an imported model keeps its vocabulary
+        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size, hf_tokenizer=hf_tokenizer)
+        self.tokenizer_path = prepared / load_index(prepared)["tokenizer"]
         self.train_data = PackedTokenDataset(prepared, "train", cfg.data.seq_len)
         self.val_data = (
             PackedTokenDataset(prepared, "val", cfg.data.seq_len) if t.eval_every > 0 else None
@@ -71,9 +80,18 @@ class Trainer:
         model = Transformer(cfg.model)
         set_recompute(model, t.recompute)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
-        if cfg.model.init.upcycle_from and self.ckpt.resolve(cfg.checkpoint.resume) is None:
+        fresh = self.ckpt.resolve(cfg.checkpoint.resume) is None
+        if init.upcycle_from and fresh:
             self._upcycle(model)
         self.model = self.par.parallelize(model.to(rt.device), cfg)
+        if init.from_hf and fresh:
+            # Into the parallelised model: each rank reads only the slices it holds.
+            from moetrain.hf.load import load_hf_weights
+
+            n = load_hf_weights(self.model, init.from_hf, cfg.model)
+            if rt.is_main:
+                log.info("initialised %d tensors from the Hugging Face checkpoint %s", n,
+                         init.from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
         self.state = TrainState()
@@ -86,9 +104,21 @@ class Trainer:
     def _upcycle(self, model: torch.nn.Module) -> None:
         """Start from a dense checkpoint (model.init.upcycle_from); not when resuming."""
         init = self.cfg.model.init
-        source = CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
         try:
-            upcycle_(model, load_model_state(source), init.upcycle_granularity)
+            if (Path(init.upcycle_from) / "config.json").is_file():  # a dense Hugging Face model
+                from moetrain.hf.load import dense_config, read_dense_state
+
+                dense_cfg, family = dense_config(self.cfg.model, init.upcycle_from)
+                source = Path(init.upcycle_from)
+                state = read_dense_state(source, dense_cfg, family)
+            else:
+                source = CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
+                state = load_model_state(source)
+            upcycle_(model, state, init.upcycle_granularity)
+        except CheckpointError as err:
+            raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: not a dense moetrain "
+                              "checkpoint (a step_<N> folder, checkpoints/ folder or run directory) "
+                              f"nor a Hugging Face folder: {str(err).split(': ', 1)[-1]}") from None
         except UpcycleError as err:
             raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: {err}") from None
         if self.rt.is_main:
@@ -108,7 +138,9 @@ class Trainer:
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
         meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
-                "world_size": self.rt.world_size}
+                "world_size": self.rt.world_size,
+                # what `python -m moetrain.hf export` writes as the model's tokenizer
+                "tokenizer": str(self.tokenizer_path)}
         path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
         if self.rt.is_main:
             log.info("%s checkpoint %s", "saving" if background else "saved", path)

@@ -96,3 +96,40 @@ def test_unknown_keys_and_wrong_types_are_refused_while_composing(override):
 def test_balanced_groups_must_divide_top_k():
     with pytest.raises(ConfigError, match="model.moe.routing.num_groups.*model.moe.top_k=2"):
         validate(config("model.moe.routing.group_mode=balanced", "model.moe.routing.num_groups=4"))
+
+
+@pytest.mark.parametrize("overrides, key, why", [
+    # a named family refuses what its Hugging Face model cannot compute
+    (["model.family=mixtral"], "model.moe.first_dense_layers", "must be 0"),
+    (["model.family=qwen3_moe"], "model.qk_norm", "must be head"),
+    (["+experiment=olmoe_1b_7b", "model.qk_norm=head"], "model.qk_norm", "must be full"),
+    (["+experiment=qwen3_30b_a3b", "model.moe.routing.bias_rate=0.001"],
+     "model.moe.routing.bias_rate", "no expert bias"),
+    (["+experiment=qwen3_30b_a3b", "model.moe.routing.num_null_experts=2"],
+     "model.moe.routing.num_null_experts", "must be 0"),
+    (["+experiment=deepseek_v2_lite", "model.moe.norm_topk_prob=true"],
+     "model.moe.norm_topk_prob", "never renormalises"),
+    (["+experiment=deepseek_v2_lite", "model.moe.score_func=sigmoid"], "model.moe.score_func",
+     "must be softmax"),
+    # multi-head latent attention and YaRN
+    (["model.attention=mla"], "model.n_kv_heads", "must equal model.n_heads"),
+    (["+experiment=deepseek_v2_lite", "model.mla.qk_rope_head_dim=63"],
+     "model.mla.qk_rope_head_dim", "even"),
+    (["model.rope_scaling.kind=yarn", "model.rope_scaling.factor=0.5"],
+     "model.rope_scaling.factor", ">= 1"),
+    (["model.moe.shared_expert_gate=true"], "model.moe.shared_expert_gate", "num_shared_experts"),
+])
+def test_family_and_architecture_values_name_their_key(overrides, key, why):
+    first = [] if overrides[0].startswith("+experiment") else ["+experiment=tiny"]
+    with pytest.raises(ConfigError) as err:
+        validate(to_object(compose(first + overrides)))
+    msg = str(err.value)
+    assert msg.startswith(key) and why in msg and "\n" not in msg
+
+
+def test_from_hf_needs_a_folder_and_a_named_family(tmp_path):
+    with pytest.raises(ConfigError, match="model.init.from_hf=.*config.json"):
+        validate(config(f"model.init.from_hf={tmp_path}"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="model.family='custom' is invalid: must name"):
+        validate(config(f"model.init.from_hf={tmp_path}"))
