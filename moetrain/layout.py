@@ -1,12 +1,15 @@
 """Print the rank groups of a parallel layout without starting any process.
 
     python -m moetrain.layout --world-size 8 parallel.tp=2 parallel.cp=2 parallel.ep=4
+    python -m moetrain.layout --world-size 64 +experiment=mixtral_8x7b parallel.tp=2 parallel.ep=8 parallel.pp=4
     python -m moetrain.layout --world-size 16 parallel.tp=2 parallel.ep=8 --json
     python -m moetrain.layout --world-size 8 parallel.tp=2 model.n_kv_heads=1   # -> error, exit 2
 
-The parallel checks always run. The model checks (experts, heads, layers, sequence length,
-batch) run when any model.*, train.* or data.* key is given, against the schema defaults for the
-keys not given. An invalid layout prints `error: ...` on stderr and exits with status 2.
+The overrides are Hydra's and compose the config exactly as `moetrain.train` does (the defaults
+of configs/, `+experiment=NAME`, any key); the layout is checked against that config: the
+degrees against the world size, and the model and batch shapes they must divide. An invalid
+layout or a bad key prints `error: ...` (one line naming the key) on stderr and exits with
+status 2.
 """
 
 from __future__ import annotations
@@ -16,59 +19,18 @@ import json
 import sys
 from typing import Any, Sequence
 
-from moetrain.parallel.checks import check_model_fit
+from moetrain.parallel import check_layout
 from moetrain.parallel.dims import GROUP_KINDS, LayoutError, ParallelDims
 
-PARALLEL_KEYS = ("tp", "cp", "pp", "ep", "etp", "vpp")
-# The model, train and data keys that the layout constrains (docs/design.md), all integers.
-MODEL_KEYS = (
-    "model.n_layers",
-    "model.n_heads",
-    "model.n_kv_heads",
-    "model.ffn_hidden",
-    "model.moe.num_experts",
-    "model.moe.expert_hidden",
-    "model.moe.first_dense_layers",
-    "train.global_batch_size",
-    "train.micro_batch_size",
-    "data.seq_len",
-)
-VALID_KEYS = tuple(f"parallel.{k}" for k in PARALLEL_KEYS) + MODEL_KEYS
 
+def layout_of(world_size: int, overrides: Sequence[str]) -> ParallelDims:
+    """The checked layout of the config the trainer would compose from `overrides`.
 
-def parse_overrides(items: Sequence[str]) -> dict[str, int]:
-    """Parse `key=value` items into {dotted key: int}; LayoutError on a bad or unknown key."""
-    overrides: dict[str, int] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("+")
-        if not sep:
-            raise LayoutError(f"expected key=value, got {item!r}")
-        if key not in VALID_KEYS:
-            raise LayoutError(f"unknown key {key!r}; valid keys: {', '.join(VALID_KEYS)}", (key,))
-        try:
-            overrides[key] = int(value)
-        except ValueError:
-            raise LayoutError(f"{key} must be an integer, got {value!r}", (key,)) from None
-    return overrides
+    Raises ConfigError (a bad key or value) or LayoutError (a layout that cannot run)."""
+    # Imported here: Hydra is only needed once the tool runs.
+    from moetrain.config import compose, to_object
 
-
-def layout_from_overrides(world_size: int, overrides: dict[str, int]) -> ParallelDims:
-    """Validate the layout (and the model fit, when model keys are given); return its dims."""
-    parallel = {k: overrides.get(f"parallel.{k}", 1) for k in PARALLEL_KEYS}
-    dims = ParallelDims(world_size, **parallel)
-    if any(key in overrides for key in MODEL_KEYS):
-        # Imported only here: the config package may pull in Hydra, which plain layouts don't need.
-        from moetrain.config.schema import DataConfig, ModelConfig, TrainConfig
-
-        model, train, data = ModelConfig(), TrainConfig(), DataConfig()
-        sections = {"model": model, "model.moe": model.moe, "train": train, "data": data}
-        for key, value in overrides.items():
-            section, _, attr = key.rpartition(".")
-            if section in sections:
-                setattr(sections[section], attr, value)
-        check_model_fit(dims, model, train, data.seq_len)
-    return dims
+    return check_layout(to_object(compose(list(overrides))), world_size)
 
 
 def format_table(dims: ParallelDims) -> str:
@@ -108,15 +70,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moetrain.layout",
         description="Print the rank groups of a parallel layout (no processes are started).",
-        epilog="valid keys: " + " ".join(VALID_KEYS),
     )
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks W")
     parser.add_argument("--json", action="store_true", help="print the groups as JSON")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. parallel.tp=2")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="Hydra overrides, e.g. +experiment=mixtral_8x7b parallel.tp=2")
+    args = parser.parse_intermixed_args(argv)
+    from moetrain.config import ConfigError
+
     try:
-        dims = layout_from_overrides(args.world_size, parse_overrides(args.overrides))
-    except LayoutError as err:
+        dims = layout_of(args.world_size, args.overrides)
+    except (ConfigError, LayoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

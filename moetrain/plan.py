@@ -36,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = to_object(compose(list(args.overrides)))
-    except Exception as err:  # Hydra's override and type errors: report them on one line
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     world_size = args.world_size or min_world_size(cfg.parallel)
     try:

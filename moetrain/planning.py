@@ -1,33 +1,10 @@
 """Sizing a config before running it: parameters, FLOPs per token, sparsity, memory per rank.
 
 Pure arithmetic over the config (no model is built), shared by `python -m moetrain.plan` and
-tests. The definitions (docs/planning.md has the derivations):
-
-Parameters, exactly as `moetrain.model.Transformer` builds them (bias-free linears, RMSNorm
-weights, untied output unless model.tie_embeddings):
-    embedding        V d
-    attention        d (H + 2 Hkv) h + H h d              per layer (h = head_dim)
-    dense MLP        3 d F_dense                          per dense layer (SwiGLU)
-    routed experts   3 d F_e E                            per MoE layer
-    shared experts   3 d F_s n_s                          per MoE layer
-    router           E d                                  per MoE layer
-    norms            2 d per layer + d (final)
-    output           V d  (0 when tied)
-Active parameters: the same with k of the E routed experts per MoE layer (3 d F_e k).
-
-FLOPs per token (training), the PaLM/Megatron convention:
-    forward = 2 N_mm + 4 L S H h,   train = 3 forward   (backward = 2 forward)
-N_mm is the active parameters that multiply a token's activations: everything active except
-the input embedding (a lookup) and the norm weights (elementwise); the output projection and
-the router count. 4 L S H h is QK^T and AV over the whole sequence with no causal discount
-(as in the PaLM MFU formula); a causal kernel does about half of it (`causal=True`).
-
-Activation ratio: active / total parameters. Granularity G = model.ffn_hidden / expert_hidden:
-how many experts of this width make one FFN of the dense width the config declares (the
-fine-grained-MoE definition, Krajewski et al. "Scaling Laws for Fine-Grained MoE", with their
-d_ff taken as the config's dense width). Mixtral G=1, OLMoE and Qwen3-A3B G=8.
-
-Memory per rank: see `memory_per_rank`.
+tests. The definitions are in docs/planning.md: parameters exactly as `moetrain.model.Transformer`
+builds them, active parameters (k of E routed experts), training FLOPs per token in the
+PaLM / Megatron convention, activation ratio, granularity, and the memory model of
+`memory_per_rank`.
 """
 
 from __future__ import annotations
@@ -80,17 +57,48 @@ class ParamCounts:
 def layer_params(model: Any, layer: int) -> dict[str, int]:
     """Parameters of transformer block `layer` by component (all routed experts)."""
     d, moe = model.d_model, model.moe
-    h = head_dim_of(model)
     out = dict.fromkeys(COMPONENTS, 0)
-    out["attention"] = d * (model.n_heads + 2 * model.n_kv_heads) * h + model.n_heads * h * d
+    out["attention"] = attention_params(model)
     out["norms"] = 2 * d
     if layer < moe.first_dense_layers:
         out["dense_mlp"] = 3 * d * model.ffn_hidden
     else:
         out["routed_experts"] = 3 * d * moe.expert_hidden * moe.num_experts
         out["shared_experts"] = 3 * d * shared_hidden(model)
+        if moe.shared_expert_gate and moe.num_shared_experts:
+            out["shared_experts"] += d
         out["router"] = moe.num_experts * d
     return out
+
+
+def attention_params(model: Any) -> int:
+    """Parameters of one attention block (module docstring), q/k and latent norms included."""
+    d, H = model.d_model, model.n_heads
+    if getattr(model, "attention", "gqa") == "mla":
+        m = model.mla
+        q_h = m.qk_nope_head_dim + m.qk_rope_head_dim
+        q = d * H * q_h if m.q_lora_rank is None else (
+            d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * H * q_h)
+        kv = (d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+              + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim))
+        return q + kv + H * m.v_head_dim * d
+    h = head_dim_of(model)
+    n = d * (H + 2 * model.n_kv_heads) * h + H * h * d
+    qk_norm = getattr(model, "qk_norm", "none")
+    if qk_norm == "head":
+        n += 2 * h
+    elif qk_norm == "full":
+        n += (H + model.n_kv_heads) * h
+    return n
+
+
+def attention_widths(model: Any) -> tuple[int, int]:
+    """(query/key width, value width) of one head: both head_dim for GQA."""
+    if getattr(model, "attention", "gqa") == "mla":
+        m = model.mla
+        return m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+    h = head_dim_of(model)
+    return h, h
 
 
 def shared_hidden(model: Any) -> int:
@@ -137,7 +145,8 @@ def flops_per_token(model: Any, seq_len: int, top_k: Optional[int] = None,
                     causal: bool = False) -> Flops:
     """Training FLOPs per token of a `ModelConfig` at sequence length `seq_len` (module docstring)."""
     n_mm = count_parameters(model, top_k).n_active_matmul
-    attention = 4.0 * model.n_layers * seq_len * model.n_heads * head_dim_of(model)
+    qk, v = attention_widths(model)
+    attention = 2.0 * model.n_layers * seq_len * model.n_heads * (qk + v)
     return Flops(2.0 * n_mm, attention / 2 if causal else attention)
 
 
@@ -184,8 +193,9 @@ def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: Parallel
     a per-head fp32 logsumexp (2 H elements).
     """
     d, moe = model.d_model, model.moe
-    h = head_dim_of(model)
-    q, kv = model.n_heads * h, model.n_kv_heads * h
+    qk, v = attention_widths(model)
+    # MLA keeps per-head keys and values (rebuilt from the latent) like GQA with Hkv = H.
+    q, kv = model.n_heads * qk, model.n_kv_heads * (qk + v) // 2
     per_token = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
     if layer < moe.first_dense_layers:
         per_token += 3 * model.ffn_hidden
@@ -299,7 +309,7 @@ def _largest_local_tensor(model: Any, layers: list[int], holds_vocab: bool, dims
             experts = moe.num_experts * model.d_model * moe.expert_hidden
             sizes.append(experts / (dims.ep * dims.etp * (dims.edp if fsdp else 1)))
             sizes.append(model.d_model * shared_hidden(model) / (dims.dp_cp_tp if fsdp else 1))
-        sizes.append(model.d_model * model.n_heads * head_dim_of(model) / dense_shard)
+        sizes.append(attention_params(model) / dense_shard)  # a bound on its largest matrix
     return max(sizes, default=0.0)
 
 

@@ -81,7 +81,11 @@ def make_deterministic() -> None:
 
 
 def resolve_run_dir(cfg: MoetrainConfig, rt: Runtime) -> Path:
-    """The one run directory every rank uses: `run.dir`, else chosen on rank 0 and broadcast."""
+    """The one run directory every rank uses: `run.dir`, else chosen on rank 0 and broadcast.
+
+    Creates nothing (`create_run_dir` does, once everything else was checked); raises
+    ConfigError naming run.dir when the directory could not be created or written.
+    """
     if cfg.run.dir:
         path = Path(cfg.run.dir)
     else:
@@ -90,16 +94,59 @@ def resolve_run_dir(cfg: MoetrainConfig, rt: Runtime) -> Path:
             name = f"{cfg.run.name}-{run_id}"
         else:
             name = f"{cfg.run.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        box = [name]
-        if rt.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        path = Path("outputs") / box[0]
+        path = Path("outputs") / _from_rank0(name, rt)
     path = path.resolve()
-    if rt.is_main:
-        path.mkdir(parents=True, exist_ok=True)
-    if rt.world_size > 1:
-        dist.barrier()
+    _raise_run_dir_error(_from_rank0(_unwritable(path) if rt.is_main else None, rt), path)
     return path
+
+
+def create_run_dir(path: Path, rt: Runtime, files: dict[str, str]) -> None:
+    """Create the run directory and its logs/ on rank 0 and write `files` (name -> text) into it;
+    every rank returns once that is done. Raises ConfigError naming run.dir on failure."""
+    error = None
+    if rt.is_main:
+        target = path / "logs"
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                target, tmp = path / name, path / f".{name}.tmp"
+                try:
+                    tmp.write_text(text)
+                    os.replace(tmp, target)  # a reader never sees half a file
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as err:
+            error = f"cannot write {target}: {err.strerror or err}"
+    _raise_run_dir_error(_from_rank0(error, rt), path)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be created or written (without creating anything), or None."""
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    # access() also reports read-only file systems and immutable directories for root.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _raise_run_dir_error(error: str | None, path: Path) -> None:
+    if error:
+        from moetrain.config.validate import ConfigError
+
+        raise ConfigError(f"run.dir={str(path)!r} is unusable: {error}")
+
+
+def _from_rank0(value, rt: Runtime):
+    """Rank 0's `value` on every rank (also a barrier)."""
+    if rt.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

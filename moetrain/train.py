@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import re
 import sys
@@ -12,10 +13,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.checkpoint import CheckpointError
-from moetrain.config import CONFIG_DIR, ConfigError, register_configs, to_object, validate
+from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
 from moetrain.data import DataError
 from moetrain.parallel import LayoutError, check_layout
-from moetrain.runtime import Runtime, init_runtime, resolve_run_dir, shutdown
+from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
 
 log = logging.getLogger("moetrain")
 
@@ -23,12 +24,10 @@ log = logging.getLogger("moetrain")
 USER_ERRORS = (ConfigError, CheckpointError, DataError, LayoutError)
 
 
-def _setup_logging(run_dir: Path, rt: Runtime) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rt.rank}] %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rt.rank}.log")
-    file_handler.setFormatter(fmt)
-    handlers: list[logging.Handler] = [file_handler]
+def _setup_logging(rt: Runtime) -> logging.handlers.MemoryHandler:
+    """Console on rank 0 now; the file log is buffered until the run directory exists."""
+    buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    handlers: list[logging.Handler] = [buffer]
     if rt.is_main:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -38,30 +37,65 @@ def _setup_logging(run_dir: Path, rt: Runtime) -> None:
     root.handlers[:] = handlers
     root.setLevel(logging.INFO)
     root.propagate = False
+    return buffer
+
+
+def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryHandler) -> None:
+    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rt.rank}.log")
+    file_handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [rank{rt.rank}] %(levelname)s %(name)s: %(message)s"))
+    buffer.setTarget(file_handler)
+    buffer.flush()  # what was logged while the run directory did not exist yet
+    root = logging.getLogger("moetrain")
+    root.handlers[root.handlers.index(buffer)] = file_handler
 
 
 def run(cfg: DictConfig) -> int:
-    """Validate, set up and train; returns the process exit code."""
+    """Validate, set up and train; returns the process exit code.
+
+    Nothing is written into the run directory before the config, the data and the checkpoint to
+    resume from have been checked: building the `Trainer` only reads, so a refused start leaves
+    an existing run untouched and creates no new one.
+    """
     from moetrain.trainer import Trainer, TrainingError
 
     try:
         typed = to_object(cfg)
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if typed.model.init.from_hf or typed.model.init.upcycle_from:
+            from moetrain.hf.load import check_init  # transformers only when it is needed
+
+            check_init(typed)
         rt = init_runtime(typed)
+        log_buffer = _setup_logging(rt)
         run_dir = resolve_run_dir(typed, rt)
-        if rt.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(typed)))
-        _setup_logging(run_dir, rt)
+        trainer = Trainer(typed, rt, run_dir)
+        create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))})
+        _start_log_file(run_dir, rt, log_buffer)
         if rt.is_main:
             log.info("run directory: %s", run_dir)
-        Trainer(typed, rt, run_dir).fit()
+            _log_checkpoint_policy(typed.checkpoint.every, run_dir)
+        trainer.fit()
         return 0
     except USER_ERRORS + (TrainingError,) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("\nerror: interrupted (Ctrl-C); stopped without saving a checkpoint",
+              file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, what a shell reports for a run killed by Ctrl-C
     finally:
         shutdown()
+
+
+def _log_checkpoint_policy(every: int, run_dir: Path) -> None:
+    where = run_dir / "checkpoints"
+    if every > 0:
+        log.info("checkpoints: every %d steps and at the last step, into %s", every, where)
+    else:
+        log.warning("checkpoint.every=0: a checkpoint is written only when a signal or "
+                    "train.max_time stops the run early, into %s", where)
 
 
 register_configs()
@@ -70,6 +104,20 @@ register_configs()
 def _alias_async_key(argv: list[str]) -> list[str]:
     """Accept `checkpoint.async=...` for the schema's `checkpoint.async_save` (a keyword can't be a field)."""
     return [re.sub(r"^(\+?)checkpoint\.async=", r"\1checkpoint.async_save=", a) for a in argv]
+
+
+def check_command_line(overrides: list[str]) -> int:
+    """Compose the overrides as `@hydra.main` is about to and report a bad one like any other
+    user error (one line naming the key, exit 2); Hydra would print several lines and exit 1.
+    Returns the exit code: 0 when the config composes. One extra composition costs ~0.1 s."""
+    if any(arg.startswith("-") for arg in overrides):
+        return 0  # Hydra's own flags (--help, --cfg job, -m, ...): Hydra's rules apply
+    try:
+        to_object(compose(overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -81,4 +129,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = _alias_async_key(sys.argv)
+    if code := check_command_line(sys.argv[1:]):
+        sys.exit(code)
     main()

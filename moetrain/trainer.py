@@ -16,11 +16,13 @@ import torch
 from omegaconf import OmegaConf
 
 from moetrain import memory
-from moetrain.checkpoint import CheckpointManager, TrainState
+from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import ModelTensors
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
+from moetrain.data import (
+    GlobalBatchSampler, PackedTokenDataset, ensure_prepared, load_index, val_steps,
+)
 from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.model import (
     Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
@@ -32,6 +34,7 @@ from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from moetrain.runtime import Runtime
 
@@ -50,7 +53,14 @@ class Trainer:
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
         self.par = ParallelContext(dims, rt.device)
 
-        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        init = cfg.model.init
+        hf_tokenizer = None
+        if init.from_hf or init.upcycle_from:
+            from moetrain.hf.load import hf_tokenizer_folder
+
+            hf_tokenizer = hf_tokenizer_folder(cfg)  # an imported model keeps its vocabulary
+        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size, hf_tokenizer=hf_tokenizer)
+        self.tokenizer_path = prepared / load_index(prepared)["tokenizer"]
         self.train_data = PackedTokenDataset(prepared, "train", cfg.data.seq_len)
         self.val_data = (
             PackedTokenDataset(prepared, "val", cfg.data.seq_len) if t.eval_every > 0 else None
@@ -71,28 +81,36 @@ class Trainer:
         self.model = self.par.build_model(cfg)
         set_recompute(self.model, t.recompute)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
-        if cfg.model.init.upcycle_from and self.ckpt.resolve(cfg.checkpoint.resume) is None:
+        fresh = self.ckpt.resolve(cfg.checkpoint.resume) is None
+        if init.upcycle_from and fresh:
             self._upcycle(self.model)
+        if init.from_hf and fresh:
+            # Into the parallelised model: each rank reads only the slices it holds.
+            from moetrain.hf.load import load_hf_weights
+
+            n = load_hf_weights(self.model, init.from_hf, cfg.model)
+            if rt.is_main:
+                log.info("initialised %d tensors from the Hugging Face checkpoint %s", n,
+                         init.from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim)
 
         self.state = TrainState()
         self._resume()
-        self.init_peak_gib = self._log_init_memory()
-        self.metrics = None
-        if rt.is_main:
-            self.metrics = MetricsLogger(
-                run_dir, cfg.logging, t.max_steps,
-                resume_step=self.state.step if self.resumed_from else None,
-                config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-            )
+        self.init_peak_gib: float | None = self._log_init_memory()
+        self.step_peak_bytes = 0  # this rank's peak of the last step's window (train_step)
+        self.preemption: PreemptionWatcher | None = None  # signal handlers while fit() runs
+        self._stop_requested = False
+        # Created by `fit`: building a Trainer only reads, so a refused start writes nothing.
+        self.metrics: MetricsLogger | None = None
 
     def _log_init_memory(self) -> float:
-        """Log this rank's peak memory after initialisation (its log file) and the maximum over
-        ranks (the run's log); returns that maximum in GiB."""
+        """Log this rank's peak memory of the set-up (its log file) and the maximum over ranks
+        (the run's log); returns that maximum in GiB. The first step's window starts here."""
         peak = memory.peak_bytes(self.rt.device)
         memory.rank_log.debug("peak memory after init %.3f GiB (parameters %.3f GiB)",
                               peak / memory.GIB, memory.parameter_bytes(self.model) / memory.GIB)
         top = self.par.max_over_ranks([peak])[0] / memory.GIB
+        memory.reset_peak(self.rt.device)
         if self.rt.is_main:
             log.info("initialised: peak memory %.2f GiB (max over ranks)", top)
         return top
@@ -102,11 +120,23 @@ class Trainer:
         checks the dense state against the whole model (on the meta device), then fills its
         own shards."""
         init = self.cfg.model.init
-        source = CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
         try:
+            if (Path(init.upcycle_from) / "config.json").is_file():  # a dense Hugging Face model
+                from moetrain.hf.load import dense_config, read_dense_state
+
+                dense_cfg, family = dense_config(self.cfg.model, init.upcycle_from)
+                source = Path(init.upcycle_from)
+                state = read_dense_state(source, dense_cfg, family)
+            else:  # each tensor read when a rank needs it
+                source = CheckpointManager(init.upcycle_from, None).resolve(init.upcycle_from)
+                state = ModelTensors(source)
             with torch.device("meta"):
                 whole = Transformer(self.cfg.model)
-            upcycle_(model, ModelTensors(source), init.upcycle_granularity, whole=whole)
+            upcycle_(model, state, init.upcycle_granularity, whole=whole)
+        except CheckpointError as err:
+            raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: not a dense moetrain "
+                              "checkpoint (a step_<N> folder, checkpoints/ folder or run directory) "
+                              f"nor a Hugging Face folder: {str(err).split(': ', 1)[-1]}") from None
         except UpcycleError as err:
             raise ConfigError(f"model.init.upcycle_from={init.upcycle_from!r}: {err}") from None
         if self.rt.is_main:
@@ -126,7 +156,9 @@ class Trainer:
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
         meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
-                "world_size": self.rt.world_size}
+                "world_size": self.rt.world_size,
+                # what `python -m moetrain.hf export` writes as the model's tokenizer
+                "tokenizer": str(self.tokenizer_path)}
         path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
         if self.rt.is_main:
             log.info("%s checkpoint %s", "saving" if background else "saved", path)
@@ -136,8 +168,13 @@ class Trainer:
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
         bad_in_row = 0
-        self.preemption = PreemptionWatcher()
+        self.preemption = PreemptionWatcher(announce=self.rt.is_main)
         if self.rt.is_main:
+            self.metrics = MetricsLogger(
+                self.run_dir, self.cfg.logging, t.max_steps,
+                resume_step=self.state.step if self.resumed_from else None,
+                config_dict=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+            )
             clear_preempted(self.run_dir)
         try:
             while self.state.step < t.max_steps:
@@ -145,10 +182,14 @@ class Trainer:
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
                 top_k = self._apply_sparsity_schedule(step)
-                memory.reset_peak(self.rt.device)
                 start = time.monotonic()
-                record, routing = self.train_step(self.sampler.next_step())
+                record, moe_stats = self.train_step(self.sampler.next_step())
                 elapsed = time.monotonic() - start
+                moe = self.cfg.model.moe
+                scalars, routing = summarize_routing(moe_stats, self.micro_batches_per_step,
+                                                     moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
+                record.update(scalars, total_loss=record["lm_loss"] + scalars["aux_loss"]
+                              + scalars["z_loss"])
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
@@ -172,18 +213,16 @@ class Trainer:
                 )
                 if t.eval_every and self.state.step % t.eval_every == 0:
                     record["val_loss"] = self.evaluate()
-                stop_reason, peak = self._stop_reason()
-                record["memory_peak_gib"] = peak / memory.GIB
-                logged = self.state.step % t.log_every == 0 or self.state.step == t.max_steps
-                if logged:
+                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
                     memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
-                                          memory.peak_bytes(self.rt.device) / memory.GIB)
-                if self.metrics is not None and logged:
-                    if self.init_peak_gib is not None:  # the first record of this process
-                        record["memory_init_peak_gib"] = self.init_peak_gib
-                        self.init_peak_gib = None
-                    self.metrics.log(record, {"step": self.state.step, **routing})
+                                          self.step_peak_bytes / memory.GIB)
+                    if self.metrics is not None:
+                        if self.init_peak_gib is not None:  # the first record of this process
+                            record["memory_init_peak_gib"] = self.init_peak_gib
+                            self.init_peak_gib = None
+                        self.metrics.log(record, {"step": self.state.step, **routing})
 
+                stop_reason = self._stop_reason()
                 due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
                 # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
                 self.ckpt.poll()
@@ -210,22 +249,30 @@ class Trainer:
         set_capacity_factor(self.model, capacity_factor_at(moe, step))
         return top_k
 
-    def _stop_reason(self) -> tuple[str | None, int]:
-        """Why to stop before max_steps (a signal, or train.max_time), agreed by every rank, and
-        the step's peak memory in bytes, the maximum over ranks: one reduction for both."""
+    def _out_of_time(self) -> bool:
         t = self.cfg.train
-        out_of_time = t.max_time is not None and time.monotonic() - self.start_time > t.max_time
-        stop, peak = self.par.max_over_ranks(
-            [int(self.preemption.requested or out_of_time), memory.peak_bytes(self.rt.device)])
-        if not stop:
-            return None, peak
-        if self.preemption.requested:
-            return f"received {self.preemption.signal_name}", peak
-        return (f"train.max_time={t.max_time}s reached" if out_of_time
-                else "another rank was signalled"), peak
+        return t.max_time is not None and time.monotonic() - self.start_time > t.max_time
+
+    def _wants_to_stop(self) -> bool:
+        """This rank's stop flag for the step's reduction (a signal, or train.max_time)."""
+        return (self.preemption is not None and self.preemption.requested) or self._out_of_time()
+
+    def _stop_reason(self) -> str | None:
+        """Why to stop before max_steps, agreed by every rank: the flags of the last step's
+        reduction (a signal or train.max_time on any rank)."""
+        if not self._stop_requested:
+            return None
+        if self.preemption is not None and self.preemption.requested:
+            return f"received {self.preemption.signal_name}"
+        t = self.cfg.train
+        return f"train.max_time={t.max_time}s reached" if self._out_of_time() else "another rank was signalled"
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], Any]:
+        """One optimizer step over this rank's micro-batches. Returns the step's global loss,
+        gradient norm and skip flag, and the MoE statistics summed over every rank, on the host
+        (None without MoE layers). Reads the device once (plus the expert-parallel count
+        exchanges inside the MoE layers)."""
         model, rt, par = self.model, self.rt, self.par
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -237,35 +284,42 @@ class Trainer:
         # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
         # loss is backpropagated divided by the global batch's token count.
         lm_sum = par.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
-        lm_loss = float(par.sum_over_tokens(lm_sum)) / self.tokens_per_step
         stats = moe_step_stats(model, self.num_moe_layers, self.stats_columns, rt.device)
-        if stats is not None:  # every MoE layer's statistics, summed over every rank
-            stats = stats.columns.view(par.sum_moe_stats(stats.rows_LC))
-        grad_norm = par.clip_grad_norm(model, self.cfg.optim.grad_clip)
+        # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
+        # reduction and the routing statistics: one reduction, one host read.
+        self.step_peak_bytes = memory.peak_bytes(rt.device)
+        sums = par.step_sums(model, lm_sum, self._wants_to_stop(),
+                             None if stats is None else stats.rows_LC, self.step_peak_bytes)
+        memory.reset_peak(rt.device)  # the next step's window starts here
+        self._stop_requested = sums.stop
+        lm_loss, grad_norm = sums.lm_sum / self.tokens_per_step, sums.grad_norm
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
         moe = self.cfg.model.moe
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
             if moe.routing.bias_rate > 0 and stats is not None:
                 # Aux-loss-free balancing from this step's global load (on the device).
-                update_expert_bias(model, stats.tokens_per_expert)
-        host = None if stats is None else stats.columns.view(stats.rows_LC.cpu())
-        scalars, routing_record = summarize_routing(
-            host, self.micro_batches_per_step, moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
-        record = {
-            "loss": lm_loss,
-            "lm_loss": lm_loss,
-            **scalars,
-            "total_loss": lm_loss + scalars["aux_loss"] + scalars["z_loss"],
-            "grad_norm": grad_norm,
-            "skipped": skipped,
-        }
-        return record, routing_record
+                update_expert_bias(model, self.stats_columns.view(sums.moe_rows).tokens_per_expert)
+        host = None if stats is None else self.stats_columns.view(sums.moe_rows_host)
+        return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
+                "memory_peak_gib": max(sums.rank_values) / memory.GIB}, host
+
+    def evaluate(self) -> float:
+        """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
+        so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
+        the two apart); the scheduled training capacity is restored afterwards."""
+        set_capacity_factor(self.model, self.cfg.train.eval_capacity_factor)
+        try:
+            return self._validation_loss()
+        finally:
+            step = max(self.state.step - 1, 0)  # the step just trained (the next one resets it)
+            set_capacity_factor(self.model, capacity_factor_at(self.cfg.model.moe, step))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def _validation_loss(self) -> float:
         """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
         assert self.val_data is not None
         model, t = self.model, self.cfg.train

@@ -1,22 +1,13 @@
 """What checkpointing costs the training loop: no saves vs synchronous vs asynchronous saves.
 
     python scripts/bench_checkpoint.py [overrides...] [--steps N] [--save-every K] [--warmup W]
-                                       [--json OUT]
+                                       [--repeats R] [--json OUT]
 
 Trains the `tiny` experiment in this process (one rank; `overrides` are Hydra-style config
-overrides on top of `+experiment=tiny`) three times from the same seed, each in a fresh run
-directory under a temporary folder:
-    none   no checkpoints
-    sync   a synchronous save every K steps  (CheckpointManager.save)
-    async  checkpoint.async_save=true, a save every K steps (staged to CPU, written by a
-           background thread, committed by poll()/wait())
-The loop is the trainer's own (`Trainer.train_step`, then `ckpt.poll()` and, when due,
-`Trainer.save_checkpoint`); per step it measures the time of train_step and the time the
-poll + save calls block the loop. The first W steps are warm-up and not counted (no save falls
-in them unless K <= W). The async run's pending save is waited for at the end and that wait is
-reported separately (the trainer waits there too, in `fit`'s finally). With --repeats R the
-three modes run R times, interleaved, and each mode's steps are pooled (a shared machine's slow
-spells then hit every mode alike).
+overrides on top of `+experiment=tiny`) three times from the same seed, in fresh run
+directories: no checkpoints, a synchronous save every K steps, an asynchronous one every K
+steps. The loop is the trainer's own; per step it reports the time of `train_step` and how
+long the poll + save calls block the loop. Details and measurements: docs/checkpointing.md.
 """
 
 from __future__ import annotations

@@ -4,19 +4,11 @@
                                        [--top-k 2] [--iters 20] [--warmup 3] [--device cpu|cuda]
                                        [--dtype fp32|bf16] [--json OUT]
 
-For each rank count W, W processes are forked (gloo on the CPU, NCCL with one GPU per rank under
---device cuda), EP = W. Every rank routes its own `--tokens` random tokens with a random top-k
-(fixed seed per rank, dropless) and times, per iteration:
-    fwd      dispatch + combine (the expert computation is the identity: only the data movement
-             and the local permute / unpermute are measured)
-    fwd+bwd  the same plus backward of out.sum() (the reverse exchanges)
-Each rank takes the median over `--iters` iterations after `--warmup`; the table shows the
-slowest rank's median. Rows sent / received per dispatch come from the dispatcher's own
-accounting (`last_send_splits` / `last_recv_splits`, the rows to / from each EP rank, itself
-included); bytes = rows x dim x element size. Combine moves the same rows back in reverse.
-
-On a machine with fewer cores than ranks the processes share cores: the times then measure
-per-process overhead and scheduling, not interconnect bandwidth.
+For each rank count W, W processes are forked with EP = W; each times dispatch + combine of its
+own random tokens (identity experts: only the data movement and the local permute / unpermute),
+forward and forward + backward, and the table shows the slowest rank's median with the rows
+and bytes each rank sends. What is measured and how to read it (on fewer cores than ranks the
+times are scheduling, not bandwidth): docs/expert_parallel.md.
 """
 
 from __future__ import annotations

@@ -5,34 +5,12 @@
     python scripts/bench_moe_layer.py --shape 64,128,8,2,256 --dtype fp32 --device cpu
 
 A shape is d,f,E,k,tokens (model dim, expert hidden width, experts, experts per token, tokens).
-For each shape, both implementations get the same weights and inputs:
-
-  baseline  written here, independently of moetrain: fp32 softmax routing and top-k, sort-based
-            dispatch (argsort + index_select), the three expert GEMMs through torch's grouped
-            GEMM (a per-expert loop where it does not run) with SwiGLU, weighted index_add
-            combine in the activation dtype;
-  moetrain  moetrain.model.moe.MoELayer (aux-loss coefficients 0, dropless).
-
-Agreement (fresh random data every run; the seed is printed): the output and the gradients of
-the input, the router weight and w1, w3, w2 of both implementations are compared with the same
-computation in fp32 (the baseline on fp32 copies of the same bf16-rounded values) by relative
-error |a - ref| / |ref| (Frobenius norms), over the whole tensor and per slice of its first
-dimension (a token's row, an expert's weight gradient): the worst slice catches a wrong row or
-expert that the whole-tensor norm averages away. moetrain passes when, for every tensor,
-    whole-tensor error <= max(tol, 1.5 x the baseline's)    tol   1e-4 fp32, 1e-2 bf16
-    worst-slice error  <= max(stol, 2 x the baseline's)     stol  1e-3 fp32, 3e-2 bf16
-(bf16 noise depends on the shape; the baseline's own error measures it: ~5e-3 whole-tensor,
-~1e-2 worst row at small shapes on the CPU), and no output or gradient is all zeros or
-non-finite. A failed check exits with status 1 after the table.
-
-Timing: fwd+bwd (a random output gradient) of each implementation, `--warmup` untimed then
-`--iters` timed iterations in each of two rounds (baseline, moetrain, baseline, moetrain);
-median milliseconds, and the spread between the two rounds' medians. TFLOP/s counts the expert
-GEMMs only, 18 T k d f (6 T k d f forward, twice that backward); routing and dispatch are work
-but not FLOPs. "% ceil" is over a large dense matmul measured in the same process and dtype.
-Memory (CUDA): with weights, their gradients and the input allocated, `act` is what the
-forward leaves allocated for backward (activations) and `peak` the highest allocation during
-fwd+bwd, both above that base; CPU reports n/a.
+The baseline is written here, independently of moetrain; the implementations (baseline,
+moetrain's MoELayer, and `triton`: the layer with model.moe.kernels=triton, where Triton runs
+compiled with `--triton auto`, also through the interpreter with `on`) get the same weights and
+inputs, are compared with an fp32 computation (a failed check exits with status 1 after the
+table) and timed fwd+bwd. The implementations, the tolerances, the timing, the FLOP count and
+the memory columns: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -51,46 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.benchmark import (
-    DTYPES, device_name, matmul_ceiling, median, pick_device, synchronize, time_iterations,
+    DTYPES, device_name, matmul_ceiling, median, moe_shapes, pick_device, synchronize,
+    time_iterations,
 )
+from moetrain.benchmark import MOE_SHAPES as SHAPES
+from moetrain.benchmark import MoEShape as Shape
+from moetrain.benchmark import parse_moe_shape as parse_shape  # noqa: F401  (bench.parse_shape)
+from moetrain import kernels
 from moetrain.config.schema import LBLConfig, MoEConfig
 from moetrain.model.moe import MoELayer
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    d: int
-    f: int
-    experts: int
-    top_k: int
-    tokens: int
-    norm_topk_prob: bool = True
-    issue_baseline_tflops: Optional[float] = None  # one H100, bf16 (the issue's numbers)
-
-    @property
-    def flops(self) -> float:
-        return 18.0 * self.tokens * self.top_k * self.d * self.f
-
-
-SHAPES = {
-    "mixtral": Shape("mixtral", 4096, 14336, 8, 2, 8192, True, 531.0),
-    "olmoe": Shape("olmoe", 2048, 1024, 64, 8, 8192, False, 248.0),
-    "qwen3": Shape("qwen3", 2048, 768, 128, 8, 16384, True, 226.0),
-}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # whole tensor
 SLICE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # worst row / expert
 TENSORS = ("out", "grad_x", "grad_router", "grad_w1", "grad_w3", "grad_w2")
-
-
-def parse_shape(text: str) -> Shape:
-    try:
-        d, f, e, k, t = (int(v) for v in text.split(","))
-    except ValueError:
-        raise SystemExit(f"error: --shape {text!r} must be five integers d,f,E,k,tokens") from None
-    if min(d, f, e, k, t) < 1 or k > e:
-        raise SystemExit(f"error: --shape {text!r}: all positive and k <= E")
-    return Shape(f"{d},{f},{e},{k},{t}", d, f, e, k, t)
 
 
 # -- the baseline ---------------------------------------------------------------------------------
@@ -188,6 +140,26 @@ def build_moetrain(shape: Shape, weights, dtype, perturb: float = 0.0) -> MoELay
     return layer
 
 
+def build_triton(shape: Shape, weights, dtype, perturb: float = 0.0) -> MoELayer:
+    """moetrain's layer with model.moe.kernels=triton (permute, combine and SwiGLU kernels)."""
+    layer = build_moetrain(shape, weights, dtype, perturb)
+    layer.dispatcher.kernels = layer.experts.kernels = "triton"
+    return layer
+
+
+def triton_wanted(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether to run the triton implementation: `--triton auto|on|off` (module docstring)."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    if mode == "off":
+        return False
+    if mode == "on":
+        if not kernels.triton_usable(probe):
+            raise SystemExit(f"error: --triton on: the Triton kernels cannot run on {device.type} "
+                             f"{dtype} here (needs CUDA, or TRITON_INTERPRET=1 on the CPU)")
+        return True
+    return device.type == "cuda" and kernels.triton_usable(probe) and not kernels.interpreter_enabled()
+
+
 def moetrain_params(layer: MoELayer) -> list[torch.Tensor]:
     return [layer.router.weight, layer.experts.w1, layer.experts.w3, layer.experts.w2]
 
@@ -231,17 +203,20 @@ def rel_error(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 @dataclass
 class Agreement:
     ok: bool
-    moetrain_err: dict[str, float]  # whole-tensor relative error vs fp32
-    baseline_err: dict[str, float]
-    moetrain_slice_err: dict[str, float]  # worst slice
-    baseline_slice_err: dict[str, float]
+    err: dict[str, dict[str, float]]  # implementation -> tensor -> whole-tensor rel. error vs fp32
+    slice_err: dict[str, dict[str, float]]  # likewise, worst slice
     problems: list[str] = field(default_factory=list)
+
+
+BUILDERS = {"moetrain": (build_moetrain, moetrain_params), "triton": (build_triton, moetrain_params)}
 
 
 def check_agreement(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int,
                     perturb: float = 0.0, tol: Optional[float] = None,
-                    slice_tol: Optional[float] = None) -> Agreement:
-    """Compare moetrain and the baseline in `dtype` with the fp32 computation (module docstring)."""
+                    slice_tol: Optional[float] = None,
+                    impls: tuple[str, ...] = ("baseline", "moetrain")) -> Agreement:
+    """Compare each implementation in `dtype` with the fp32 computation (module docstring);
+    `impls` starts with the baseline, the others are held to it."""
     tol = TOLERANCE[dtype] if tol is None else tol
     slice_tol = SLICE_TOLERANCE[dtype] if slice_tol is None else slice_tol
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -257,15 +232,16 @@ def check_agreement(shape: Shape, device: torch.device, dtype: torch.dtype, seed
     del ref_layer
     gemm = pick_gemm(device, dtype)
     problems = []
-    errs = {impl: {} for impl in ("baseline", "moetrain")}
-    slice_errs = {impl: {} for impl in ("baseline", "moetrain")}
-    for impl in ("baseline", "moetrain"):
+    errs = {impl: {} for impl in impls}
+    slice_errs = {impl: {} for impl in impls}
+    for impl in impls:
         if impl == "baseline":
             layer = build_baseline(shape, weights, dtype, gemm)
             params = baseline_params(layer)
         else:
-            layer = build_moetrain(shape, weights, dtype, perturb)
-            params = moetrain_params(layer)
+            build, get_params = BUILDERS[impl]
+            layer = build(shape, weights, dtype, perturb)
+            params = get_params(layer)
         got = forward_backward(layer, params, x32.to(dtype), g32.to(dtype))
         del layer, params
         for name, t, r in zip(TENSORS, got, ref):
@@ -279,17 +255,17 @@ def check_agreement(shape: Shape, device: torch.device, dtype: torch.dtype, seed
                 problems.append(f"{impl} {name}: all zeros")
             errs[impl][name], slice_errs[impl][name] = rel_error(t, r)
         del got
-    for name in TENSORS:
-        m, b = errs["moetrain"][name], errs["baseline"][name]
-        if not m <= max(tol, 1.5 * b):
-            problems.append(f"moetrain {name}: rel. error {m:.2e} > max(tol {tol:.0e}, "
-                            f"1.5 x baseline {b:.2e})")
-        m, b = slice_errs["moetrain"][name], slice_errs["baseline"][name]
-        if not m <= max(slice_tol, 2.0 * b):
-            problems.append(f"moetrain {name}: worst-slice rel. error {m:.2e} > max(tol "
-                            f"{slice_tol:.0e}, 2 x baseline {b:.2e})")
-    return Agreement(not problems, errs["moetrain"], errs["baseline"], slice_errs["moetrain"],
-                     slice_errs["baseline"], problems)
+    for impl in impls[1:]:
+        for name in TENSORS:
+            m, b = errs[impl][name], errs["baseline"][name]
+            if not m <= max(tol, 1.5 * b):
+                problems.append(f"{impl} {name}: rel. error {m:.2e} > max(tol {tol:.0e}, "
+                                f"1.5 x baseline {b:.2e})")
+            m, b = slice_errs[impl][name], slice_errs["baseline"][name]
+            if not m <= max(slice_tol, 2.0 * b):
+                problems.append(f"{impl} {name}: worst-slice rel. error {m:.2e} > max(tol "
+                                f"{slice_tol:.0e}, 2 x baseline {b:.2e})")
+    return Agreement(not problems, errs, slice_errs, problems)
 
 
 # -- timing and memory ----------------------------------------------------------------------------
@@ -304,7 +280,7 @@ class Timing:
 
 
 def measure(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int, iters: int,
-            warmup: int) -> dict[str, Timing]:
+            warmup: int, impls: tuple[str, ...] = ("baseline", "moetrain")) -> dict[str, Timing]:
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     weights = random_weights(shape, device, gen)
     x = torch.randn(shape.tokens, shape.d, device=device, generator=gen).to(dtype)
@@ -312,8 +288,10 @@ def measure(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int, i
     del gen
     layers = {
         "baseline": (lambda: build_baseline(shape, weights, dtype, pick_gemm(device, dtype)), baseline_params),
-        "moetrain": (lambda: build_moetrain(shape, weights, dtype), moetrain_params),
     }
+    for impl in impls[1:]:
+        build, get_params = BUILDERS[impl]
+        layers[impl] = (lambda build=build: build(shape, weights, dtype), get_params)
     times: dict[str, list[list[float]]] = {impl: [] for impl in layers}
     memory: dict[str, tuple[Optional[int], Optional[int]]] = {}
     for _round in range(2):
@@ -379,19 +357,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tol", type=float, default=None, help="override the whole-tensor tolerance")
     p.add_argument("--slice-tol", type=float, default=None, help="override the worst-slice tolerance")
     p.add_argument("--perturb", type=float, default=0.0,
-                   help="testing only: scale moetrain's expert 0 w2 by 1+PERTURB (check must fail)")
+                   help="testing only: scale moetrain's (and triton's) expert 0 w2 by 1+PERTURB "
+                        "(check must fail)")
     p.add_argument("--skip-timing", action="store_true", help="agreement check only")
+    p.add_argument("--triton", choices=("auto", "on", "off"), default="auto",
+                   help="the triton implementation: auto = where Triton runs compiled (CUDA)")
     p.add_argument("--json", default=None, help="write the results to this file")
     args = p.parse_args(argv)
 
     device, dtype = pick_device(args.device), DTYPES[args.dtype]
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    shapes = [parse_shape(s) for s in args.shape]
-    if args.shapes or not shapes:
-        for name in (args.shapes or ",".join(SHAPES)).split(","):
-            if name not in SHAPES:
-                raise SystemExit(f"error: unknown shape {name!r}; known: {', '.join(SHAPES)}")
-            shapes.append(SHAPES[name])
+    shapes = moe_shapes(args.shapes, args.shape)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     ceiling = None if args.skip_timing else matmul_ceiling(device, dtype)
     header = (f"device: {device_name(device)}; torch {torch.__version__}; dtype {args.dtype}; "
@@ -400,31 +376,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     if ceiling is not None:
         print(f"matmul ceiling ({args.dtype}): {ceiling:.4g} TFLOP/s")
 
-    records, failed = [], False
+    impls = ("baseline", "moetrain") + (("triton",) if triton_wanted(args.triton, device, dtype) else ())
+    print(f"implementations: {', '.join(impls)}")
+    out_json = {"header": header, "device": device_name(device), "torch": torch.__version__,
+                "triton": triton_version(), "dtype": args.dtype, "seed": seed,
+                "ceiling_tflops": ceiling, "impls": list(impls), "shapes": []}
+    rows, failed = [], False
     for shape in shapes:
-        agree = check_agreement(shape, device, dtype, seed, args.perturb, args.tol, args.slice_tol)
+        agree = check_agreement(shape, device, dtype, seed, args.perturb, args.tol, args.slice_tol,
+                                impls)
         failed |= not agree.ok
         for line in agree.problems:
             print(f"FAIL {shape.name}: {line}")
-        timing = None if args.skip_timing else measure(shape, device, dtype, seed, args.iters, args.warmup)
-        records.append((shape, agree, timing))
+        timing = (None if args.skip_timing
+                  else measure(shape, device, dtype, seed, args.iters, args.warmup, impls))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    print()
-    print("| shape | T | d | f | E | k | impl | ms | TFLOP/s | % ceil | spread | act MiB | peak MiB "
-          "| speed vs base | act vs base | max rel err | check |")
-    print("|" + "---|" * 17)
-    out_json = {"header": header, "device": device_name(device), "torch": torch.__version__,
-                "dtype": args.dtype, "seed": seed, "ceiling_tflops": ceiling, "shapes": []}
-    for shape, agree, timing in records:
         entry = {"shape": asdict(shape), "flops": shape.flops, "agree": agree.ok,
-                 "problems": agree.problems, "moetrain_err": agree.moetrain_err,
-                 "baseline_err": agree.baseline_err,
-                 "moetrain_slice_err": agree.moetrain_slice_err,
-                 "baseline_slice_err": agree.baseline_slice_err}
-        for impl in ("baseline", "moetrain"):
-            errs = agree.moetrain_err if impl == "moetrain" else agree.baseline_err
+                 "problems": agree.problems}
+        for impl in impls:
+            entry[f"{impl}_err"] = agree.err[impl]
+            entry[f"{impl}_slice_err"] = agree.slice_err[impl]
+            impl_ok = not any(line.startswith(f"{impl} ") for line in agree.problems)
             cells = [shape.name, shape.tokens, shape.d, shape.f, shape.experts, shape.top_k, impl]
             if timing is None:
                 cells += ["-"] * 8
@@ -437,17 +410,32 @@ def main(argv: Optional[list[str]] = None) -> int:
                           f"{100 * t.spread:.1f}%", mib(t.act_bytes), mib(t.peak_bytes),
                           f"{base.ms / t.ms:.2f}", act_ratio]
                 entry[impl] = {**asdict(t), "tflops": tflops, "pct_ceiling": 100 * tflops / ceiling}
-            cells += [f"{max(errs.values()):.1e}", ("ok" if agree.ok else "FAIL") if impl == "moetrain" else "ref"]
-            print("| " + " | ".join(str(c) for c in cells) + " |")
+            cells += [f"{max(agree.err[impl].values()):.1e}",
+                      "ref" if impl == "baseline" else ("ok" if impl_ok else "FAIL")]
+            rows.append("| " + " | ".join(str(c) for c in cells) + " |")
         out_json["shapes"].append(entry)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out_json, fh, indent=2)
+        if args.json:  # after every shape: a later shape that fails or hangs keeps these
+            with open(args.json, "w") as fh:
+                json.dump(out_json, fh, indent=2)
+
+    print()
+    print("| shape | T | d | f | E | k | impl | ms | TFLOP/s | % ceil | spread | act MiB | peak MiB "
+          "| speed vs base | act vs base | max rel err | check |")
+    print("|" + "---|" * 17)
+    print("\n".join(rows))
     if failed:
         print("agreement check FAILED", file=sys.stderr)
         return 1
     print("\nagreement check passed")
     return 0
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

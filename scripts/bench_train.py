@@ -5,20 +5,10 @@
     python scripts/bench_train.py model.n_layers=4 train.recompute=moe --json out.json
 
 Arguments without dashes are Hydra overrides, composed like `moetrain.train` does (default
-experiment: `+experiment=olmoe_1b_7b`, used when no `+experiment=` is given). No dataset is
-read: every step draws random tokens [train.micro_batch_size, data.seq_len + 1]. One optimizer
-step per micro-batch: forward under the run's precision (`train.dtype`: bf16 autocast on GPU
-by default), LM cross-entropy plus the MoE aux losses, backward, gradient clipping, AdamW
-(`moetrain.optim.build_optimizer`). `train.recompute` is applied with `set_recompute`.
-
-Reported, over the `--steps` timed steps after `--warmup` untimed ones (median step time):
-    tokens/s = micro_batch * seq_len / step time
-    MFU      = flops_per_token(model, seq_len).train * tokens/s / matmul ceiling
-with moetrain.planning's training FLOPs per token (6 N_mm + 12 L S H h: attention without
-causal discount, the PaLM convention; the causal-discounted MFU is printed beside it) and the
-ceiling measured in the same process: a large dense matmul in the run's compute dtype.
-The full OLMoE-1B-7B-like model (6.9B parameters; fp32 weights, gradients and AdamW states:
-16 bytes each, 110 GB) does not fit one 80 GB GPU: use fewer layers (model.n_layers).
+experiment: `+experiment=olmoe_1b_7b`, used when no `+experiment=` is given). One optimizer
+step per micro-batch of random tokens; tokens/s and MFU (moetrain.planning's training FLOPs per
+token over a matmul ceiling measured in the same process) are defined in docs/performance.md,
+which also says why the full OLMoE-1B-7B-like model does not fit one 80 GB GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +27,7 @@ from moetrain.benchmark import device_name, matmul_ceiling, median, synchronize,
 from moetrain.config import compose, to_object, validate
 from moetrain.model import Transformer, set_recompute, start_moe_step
 from moetrain.optim import build_optimizer
+from moetrain.parallel.compile import apply_compile
 from moetrain.planning import count_parameters, flops_per_token
 from moetrain.runtime import init_runtime
 
@@ -65,6 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with torch.device(device):  # initialise on the device (a GPU draws the weights much faster)
         model = Transformer(cfg.model)
     set_recompute(model, cfg.train.recompute)
+    if cfg.train.compile:
+        apply_compile(model)  # as the trainer: every block, regionally
     optimizer = build_optimizer(model, cfg.optim)
     B, S, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -108,7 +101,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__,
         "overrides": overrides, "dtype": str(compute_dtype).removeprefix("torch."),
-        "recompute": cfg.train.recompute, "micro_batch": B, "seq_len": S,
+        "recompute": cfg.train.recompute, "compile": cfg.train.compile, "micro_batch": B,
+        "seq_len": S,
         "n_layers": cfg.model.n_layers, "params_total": params.n_total,
         "params_active": params.n_active, "train_flops_per_token": flops.train,
         "steps": args.steps, "warmup": args.warmup, "step_ms": step_ms,

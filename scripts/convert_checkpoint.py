@@ -12,6 +12,7 @@ the name mapping; every expert of every layer is written as its own tensor.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,26 +39,39 @@ def main(argv=None) -> int:
             path = CheckpointManager(args.source, None).resolve(str(args.source))
             state = load_model_state(path)
             info = {k: v for k, v in inspect(path).items() if k not in ("tensors", "files")}
-        write(state, info, args.to, args.out)
+        written = write(state, info, args.to, args.out)
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} parameters)")
+    params = sum(t.numel() for t in written.values())
+    print(f"wrote {args.out} ({len(written)} tensors, {params:,} parameters)")
     return 0
 
 
-def write(state, info, fmt: str, out: Path) -> None:
+def write(state, info, fmt: str, out: Path) -> dict[str, torch.Tensor]:
+    """Write `state` in format `fmt`; returns the tensors as written (names and count differ in
+    the Hugging Face layout, where every expert is its own tensor)."""
     if fmt == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(out)  # never leave a half-written file under the final name
-        return
+        return state
     out.mkdir(parents=True, exist_ok=True)
     hf = to_hf(state)
-    save_file(hf, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
-    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+    tmp = out / "model.safetensors.tmp"
+    save_file(hf, str(tmp), metadata={"format": "pt"})
+    # safetensors creates its file with mode 0600; give it the mode any new file gets.
+    tmp.chmod(0o666 & ~_umask())
+    tmp.replace(out / "model.safetensors")
     (out / "moetrain.json").write_text(json.dumps(info, indent=2))
+    return hf
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 if __name__ == "__main__":

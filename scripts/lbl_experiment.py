@@ -3,21 +3,11 @@ specialisation by source (docs/lbl_experiment.md).
 
     python scripts/lbl_experiment.py [--steps N] [--out DIR] [--coeff C] [--reuse]
 
-1. Trains `+experiment=tiny` twice in subprocesses, identical except `model.moe.lbl.scope`
-   (micro | global): same seed, data order and init. The two run concurrently, each with
-   OMP_NUM_THREADS=1 (on a shared 2-core VM, oversubscribed threads made a step 20-50x slower).
-2. For each final checkpoint: rebuilds the Transformer from the same overrides, loads the
-   weights (`load_model_state`), and for every corpus file (= one "source") runs the last
-   `--windows` x seq_len tokens of that file through the model, recording every MoE layer's
-   top-k expert ids (forward hook on the Router). Per layer: counts[source, expert] ->
-   mutual information I(source; expert), mean max expert share (moetrain/metrics/specialisation.py),
-   and a null for the MI: the same windows with their source labels shuffled.
-   Also: val_loss and load_cv from the run's metrics.jsonl, LM loss on the per-source slices.
-3. Writes DIR/lbl_experiment.json and prints a markdown table.
-
-The per-source slices are the ends of the files; the data preparation holds out random blocks
-(val_fraction) rather than file ends, so these tokens may have been trained on (about one
-epoch at the default settings). They measure routing, not generalisation.
+Trains `+experiment=tiny` twice in concurrent subprocesses, identical except
+`model.moe.lbl.scope` (micro | global); then, per final checkpoint and MoE layer, measures how
+much the routing depends on the source file (mutual information with a shuffled-label null,
+moetrain/metrics/specialisation.py). Writes DIR/lbl_experiment.json and prints a markdown
+table. Method and caveats: docs/lbl_experiment.md.
 """
 
 from __future__ import annotations

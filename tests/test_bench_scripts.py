@@ -121,3 +121,26 @@ def test_experts_without_tokens_pass(bench):
     result = bench.check_agreement(bench.parse_shape("32,64,64,2,4"), torch.device("cpu"),
                                    torch.float32, seed=3)
     assert result.ok, result.problems
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_variant_agrees_and_a_wrong_expert_is_caught(bench, dtype):
+    """The moetrain layer wired to the Triton kernels (through Triton's interpreter on the CPU)."""
+    shape = bench.parse_shape("32,64,8,2,64")
+    cpu, impls = torch.device("cpu"), ("baseline", "moetrain", "triton")
+    good = bench.check_agreement(shape, cpu, dtype, seed=4, impls=impls)
+    assert good.ok, good.problems
+    assert max(good.err["triton"].values()) <= max(1e-5 if dtype == torch.float32 else 1e-2,
+                                                   1.5 * max(good.err["baseline"].values()))
+    bad = bench.check_agreement(shape, cpu, dtype, seed=4, perturb=0.05, impls=impls)
+    assert any(p.startswith("triton out:") for p in bad.problems)
+
+
+def test_triton_variant_is_chosen_only_where_it_runs(bench, monkeypatch):
+    cpu = torch.device("cpu")
+    assert not bench.triton_wanted("auto", cpu, torch.float32)  # the interpreter is not timed
+    assert bench.triton_wanted("on", cpu, torch.float32)  # TRITON_INTERPRET=1 (tests/conftest.py)
+    assert not bench.triton_wanted("off", cpu, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit, match="--triton on: the Triton kernels cannot run on cpu"):
+        bench.triton_wanted("on", cpu, torch.float32)

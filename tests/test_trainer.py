@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moetrain.config import compose, to_object, validate
+from moetrain.model.moe import MoELayer
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer, TrainingError
 
@@ -106,3 +107,18 @@ def test_upcycling_starts_the_moe_run_from_a_dense_run(tmp_path):
                 "model.moe.lbl.coeff=0", "model.moe.z_loss_coeff=0")
     tokens = torch.randint(0, 8192, (2, 16))
     torch.testing.assert_close(moe.model(tokens), dense.model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_is_dropless_whatever_the_training_capacity(tmp_path):
+    """With token dropping in training, the validation loss is the dropless model's (by default,
+    train.eval_capacity_factor=null); the training capacity is back after the evaluation."""
+    common = ("train.max_steps=1", "train.eval_every=1", "train.eval_batches=2")
+    dropping = build(tmp_path / "a", *common, "model.moe.capacity_factor=0.5")
+    dropless = build(tmp_path / "b", *common)
+    reference = dropless.evaluate()
+    assert dropping.evaluate() == pytest.approx(reference, rel=1e-9, abs=0)
+    assert {m.capacity_factor for m in dropping.model.modules() if isinstance(m, MoELayer)} == {0.5}
+    # The same weights evaluated with the training capacity: dropping tokens shows in the loss.
+    at_capacity = build(tmp_path / "c", *common, "model.moe.capacity_factor=0.5",
+                        "train.eval_capacity_factor=0.5")
+    assert abs(at_capacity.evaluate() - reference) > 1e-3

@@ -1,23 +1,9 @@
 """Read a sharded checkpoint without a process group; inspect it; convert it for use elsewhere.
 
-Hugging Face layout (Qwen2/3-MoE-style names, per-expert `nn.Linear` weights `[out, in]`):
-
-    tok_embeddings.weight               -> model.embed_tokens.weight
-    layers.N.attention_norm.weight      -> model.layers.N.input_layernorm.weight
-    layers.N.attention.w{q,k,v,o}       -> model.layers.N.self_attn.{q,k,v,o}_proj.weight
-    layers.N.ffn_norm.weight            -> model.layers.N.post_attention_layernorm.weight
-    layers.N.mlp.w{1,3,2}               -> model.layers.N.mlp.{gate,up,down}_proj.weight
-    layers.N.moe.router.weight          -> model.layers.N.mlp.gate.weight
-    layers.N.moe.router.expert_bias     -> model.layers.N.mlp.gate.e_score_correction_bias
-    layers.N.moe.experts.w1[e] (D,F)    -> model.layers.N.mlp.experts.e.gate_proj.weight (F,D)
-    layers.N.moe.experts.w3[e] (D,F)    -> model.layers.N.mlp.experts.e.up_proj.weight   (F,D)
-    layers.N.moe.experts.w2[e] (F,D)    -> model.layers.N.mlp.experts.e.down_proj.weight (D,F)
-    layers.N.moe.shared_experts.w{1,3,2}-> model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight
-    norm.weight / output.weight         -> model.norm.weight / lm_head.weight
-
-Every source tensor must be consumed by exactly one rule and every expert of every layer must
-come out (converters that silently drop expert weights are a known failure elsewhere); anything
-unmatched is an error naming the key.
+The Hugging Face layout (Qwen2/3-MoE-style names, every expert its own `nn.Linear` weight) and
+the full name mapping are in docs/checkpointing.md. Every source tensor must be consumed by
+exactly one rule and every expert of every layer must come out (converters that silently drop
+expert weights are a known failure elsewhere); anything unmatched is an error naming the key.
 """
 
 from __future__ import annotations

@@ -51,13 +51,15 @@ def _barrier() -> None:
 
 @dataclass
 class TrainState:
-    """Everything besides model and optimizer that a bit-exact resume needs."""
+    """Everything besides model, optimizer and RNG states that a bit-exact resume needs.
+
+    The learning rate and the sparsity schedules are pure functions of `step`; the routers'
+    aux-loss-free biases are model buffers."""
 
     step: int = 0
     consumed_tokens: int = 0
     bad_steps_total: int = 0
     sampler: dict[str, Any] | None = None
-    extra: dict[str, Any] | None = None  # schedule positions, router state, ...
 
 
 def rng_state() -> dict[str, Any]:
@@ -164,7 +166,6 @@ class CheckpointManager:
             "consumed_tokens": state.consumed_tokens,
             "bad_steps_total": state.bad_steps_total,
             "sampler": state.sampler,
-            "extra": state.extra,
             "world_size": world,
         }
         return {
@@ -234,8 +235,7 @@ class CheckpointManager:
         if rng_key in full and train["world_size"] == world:
             set_rng_state(full[rng_key])
         return TrainState(step=train["step"], consumed_tokens=train["consumed_tokens"],
-                          bad_steps_total=train["bad_steps_total"], sampler=train["sampler"],
-                          extra=train["extra"])
+                          bad_steps_total=train["bad_steps_total"], sampler=train["sampler"])
 
 
 def _first_line(err: BaseException) -> str:

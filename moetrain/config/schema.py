@@ -41,6 +41,14 @@ Device = _choice("Device", "auto", "cpu", "cuda")
 DType = _choice("DType", "auto", "fp32", "bf16")
 Recompute = _choice("Recompute", "none", "moe", "full")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
+MoEKernels = _choice("MoEKernels", "auto", "torch", "triton")
+# Which Hugging Face architecture a model config is (moetrain/config/families.py, docs/families.md).
+ModelFamily = _choice("ModelFamily", "custom", "mixtral", "qwen3_moe", "olmoe", "deepseek_v2",
+                      "deepseek_v3")
+AttentionKind = _choice("AttentionKind", "gqa", "mla")
+QKNorm = _choice("QKNorm", "none", "head", "full")
+RopeScaling = _choice("RopeScaling", "none", "yarn")
+GroupScore = _choice("GroupScore", "top2_sum", "max")
 
 
 @dataclass
@@ -93,6 +101,9 @@ class RoutingConfig:
     group_mode: GroupMode = GroupMode("none")
     num_groups: int = 1
     topk_groups: int = 1
+    # A group's score under `limited`: the sum of its two best experts (DeepSeek-V3) or its best
+    # expert (DeepSeek-V2's group_limited_greedy).
+    group_score: GroupScore = GroupScore("top2_sum")
     # Null experts (AdaMoE): zero-compute slots a token may pick instead of a real expert; they
     # count in the load-balancing loss like experts, so their average use is controlled.
     num_null_experts: int = 0
@@ -112,6 +123,10 @@ class MoEConfig:
     score_func: ScoreFunc = ScoreFunc("softmax")
     # Renormalise the selected top-k weights to sum to one.
     norm_topk_prob: bool = True
+    # The combine weights (after renormalisation) are multiplied by this (DeepSeek-V2/V3).
+    routed_scaling_factor: float = 1.0
+    # Gate the shared experts' output per token by sigmoid(x . w_gate) (Qwen2-MoE).
+    shared_expert_gate: bool = False
     # Tokens per expert capped at ceil(capacity_factor * tokens * top_k / num_experts);
     # null = dropless.
     capacity_factor: Optional[float] = None
@@ -121,6 +136,9 @@ class MoEConfig:
     # multiple of the tile (dropping its lowest-score remainder when that is < tile / 2) or all
     # of its tokens; null = off. Policy in moetrain/model/moe/capacity.py.
     token_rounding: Optional[int] = None
+    # The permute / combine / SwiGLU implementation (moetrain.kernels): auto = Triton on CUDA
+    # where the recorded benchmark shows it faster, else PyTorch; torch; triton.
+    kernels: MoEKernels = MoEKernels("auto")
     lbl: LBLConfig = field(default_factory=LBLConfig)
     z_loss_coeff: float = 0.0
     # Progressive sparsification: top_k and capacity_factor as functions of the step.
@@ -135,6 +153,40 @@ class InitConfig:
     # granularity m, of one of its m hidden slices, output scaled by m); routers fresh.
     upcycle_from: Optional[str] = None
     upcycle_granularity: int = 1
+    # Start from a Hugging Face checkpoint folder of the config's family (model.family): every
+    # rank reads only its own slices of the safetensors files; model.* must equal its config
+    # (`python -m moetrain.hf overrides DIR` prints them). Not applied when resuming.
+    from_hf: Optional[str] = None
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3), used when model.attention = mla."""
+
+    # Rank of the low-rank query projection; null = a full query projection (DeepSeek-V2-Lite).
+    q_lora_rank: Optional[int] = None
+    # Rank of the compressed key/value latent.
+    kv_lora_rank: int = 512
+    # Per-head query/key widths without and with rotary embedding (the rotary key is one head
+    # shared by every query head), and the value head width.
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE context extension. yarn: YaRN frequencies (Peng et al. 2023) as Hugging Face computes
+    them; with multi-head latent attention the softmax scale is multiplied by
+    mscale(factor, mscale_all_dim)^2 as in DeepSeek-V2/V3."""
+
+    kind: RopeScaling = RopeScaling("none")
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
 
 
 @dataclass
@@ -152,6 +204,18 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # The Hugging Face architecture this config is (export/import, docs/families.md); custom:
+    # none, any moetrain feature allowed. A named family refuses features it cannot express.
+    family: ModelFamily = ModelFamily("custom")
+    # gqa: grouped-query attention (wq/wk/wv/wo); mla: multi-head latent attention (model.mla).
+    attention: AttentionKind = AttentionKind("gqa")
+    # RMSNorm of queries and keys before RoPE: per head (Qwen3) or over the whole projection
+    # (OLMoE); gqa only.
+    qk_norm: QKNorm = QKNorm("none")
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # The longest context the model is declared for (written to an exported config.json).
+    max_position_embeddings: int = 4096
     init: InitConfig = field(default_factory=InitConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -229,16 +293,22 @@ class TrainConfig:
     # Evaluate on the validation split every `eval_every` steps (0 = never) over `eval_batches`.
     eval_every: int = 0
     eval_batches: int = 4
+    # Capacity factor of the MoE layers during evaluation; null = dropless, so the validation
+    # loss does not change with the training capacity (model.moe.capacity_factor).
+    eval_capacity_factor: Optional[float] = None
     # Wall-clock budget in seconds; null = unlimited.
     max_time: Optional[float] = None
     # Activation recomputation in backward: none | moe (the MoE layers) | full (whole blocks).
     recompute: Recompute = Recompute("none")
+    # Compile every transformer block with torch.compile (regional compilation; docs/performance.md).
+    compile: bool = False
 
 
 @dataclass
 class CheckpointConfig:
-    # Save every `every` optimizer steps (0 = only never); the final step is saved when every > 0.
-    every: int = 0
+    # Save every `every` optimizer steps and at the last step (0 = only when a signal or
+    # train.max_time stops the run early).
+    every: int = 100
     resume: str = "auto"  # auto | never | a checkpoint directory
     # Keep the newest `keep_last` checkpoints (null = keep all); `latest` is never deleted.
     keep_last: Optional[int] = None

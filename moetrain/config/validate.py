@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable
 
+from moetrain.config.families import family_problems
 from moetrain.config.schema import Choice, MoetrainConfig, head_dim_of
 
 
@@ -70,14 +71,30 @@ def validate(cfg: MoetrainConfig) -> None:
     else:
         _positive("model.head_dim", m.head_dim)
     head_dim = head_dim_of(m)
-    _require(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even (rotary embeddings)")
+    if m.attention == "gqa":
+        _require(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even (rotary embeddings)")
+    else:
+        _validate_mla(m)
+    _validate_rope_scaling(m.rope_scaling)
+    _positive("model.max_position_embeddings", m.max_position_embeddings)
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(0 < m.norm_eps < 1, "model.norm_eps", m.norm_eps, "must be in (0, 1)")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     _positive("model.init.upcycle_granularity", m.init.upcycle_granularity)
     if m.init.upcycle_from is not None:
         _require(Path(m.init.upcycle_from).exists(), "model.init.upcycle_from", m.init.upcycle_from,
-                 "must name a dense moetrain checkpoint (a step_<N> folder or a run directory)")
+                 "must name a dense moetrain checkpoint (a step_<N> folder or a run directory) "
+                 "or a dense Hugging Face Llama / Qwen3 folder")
+    if m.init.from_hf is not None:
+        _require((Path(m.init.from_hf) / "config.json").is_file(), "model.init.from_hf",
+                 m.init.from_hf, "must name a Hugging Face model folder (with config.json)")
+        _require(m.family != "custom", "model.family", str(m.family),
+                 "must name the checkpoint's family when model.init.from_hf is set "
+                 "(python -m moetrain.hf overrides DIR prints it)")
+        _require(m.init.upcycle_from is None, "model.init.upcycle_from", m.init.upcycle_from,
+                 "cannot be combined with model.init.from_hf (one initial state)")
+    for key, why in family_problems(m):
+        raise ConfigError(f"{key}={_value_of(cfg, key)!r} is invalid: {why}")
 
     _positive("model.moe.num_experts", moe.num_experts)
     _require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
@@ -98,6 +115,11 @@ def validate(cfg: MoetrainConfig) -> None:
         _require(isinstance(moe.token_rounding, int) and not isinstance(moe.token_rounding, bool)
                  and moe.token_rounding >= 1, "model.moe.token_rounding", moe.token_rounding,
                  "must be a positive integer (the GEMM tile, e.g. 128) or null")
+    _require(moe.routed_scaling_factor > 0, "model.moe.routed_scaling_factor",
+             moe.routed_scaling_factor, "must be > 0")
+    _require(not moe.shared_expert_gate or moe.num_shared_experts > 0,
+             "model.moe.shared_expert_gate", moe.shared_expert_gate,
+             "needs model.moe.num_shared_experts > 0")
     _non_negative("model.moe.lbl.coeff", moe.lbl.coeff)
     _non_negative("model.moe.z_loss_coeff", moe.z_loss_coeff)
     _validate_schedule("model.moe.schedule.top_k", moe.schedule.top_k, moe.top_k,
@@ -129,6 +151,9 @@ def validate(cfg: MoetrainConfig) -> None:
     _positive("train.max_bad_steps", t.max_bad_steps)
     _non_negative("train.eval_every", t.eval_every)
     _positive("train.eval_batches", t.eval_batches)
+    if t.eval_capacity_factor is not None:
+        _require(t.eval_capacity_factor > 0, "train.eval_capacity_factor", t.eval_capacity_factor,
+                 "must be > 0, or null for dropless evaluation")
     if t.max_time is not None:
         _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
 
@@ -144,6 +169,40 @@ def validate(cfg: MoetrainConfig) -> None:
     if cfg.logging.tensorboard:
         _require(_importable("tensorboard"), "logging.tensorboard", True,
                  "tensorboard is not installed: pip install 'moetrain[tensorboard]', or set it to false")
+
+
+def _value_of(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node.value if isinstance(node, Choice) else node
+
+
+def _validate_mla(m: Any) -> None:
+    mla = m.mla
+    _require(m.n_kv_heads == m.n_heads, "model.n_kv_heads", m.n_kv_heads,
+             f"must equal model.n_heads={m.n_heads} with model.attention=mla (every head has "
+             "its own key and value, rebuilt from the latent)")
+    _require(m.qk_norm == "none", "model.qk_norm", m.qk_norm,
+             "must be none with model.attention=mla (the latents have their own norms)")
+    if mla.q_lora_rank is not None:
+        _positive("model.mla.q_lora_rank", mla.q_lora_rank)
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        _positive(f"model.mla.{key}", getattr(mla, key))
+    _require(mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim", mla.qk_rope_head_dim,
+             "must be even (rotary embeddings)")
+
+
+def _validate_rope_scaling(rs: Any) -> None:
+    if rs.kind == "none":
+        return
+    _require(rs.factor >= 1, "model.rope_scaling.factor", rs.factor, "must be >= 1")
+    _positive("model.rope_scaling.original_max_position_embeddings",
+              rs.original_max_position_embeddings)
+    _require(rs.beta_fast > rs.beta_slow > 0, "model.rope_scaling.beta_fast", rs.beta_fast,
+             f"must be > model.rope_scaling.beta_slow={rs.beta_slow} > 0")
+    _non_negative("model.rope_scaling.mscale", rs.mscale)
+    _non_negative("model.rope_scaling.mscale_all_dim", rs.mscale_all_dim)
 
 
 def _validate_routing(moe: Any) -> None:

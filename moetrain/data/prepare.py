@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from moetrain.data.tokenizer import Tokenizer
+from moetrain.data.tokenizer import HF_TOKENIZER_FILE, HFTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -184,18 +184,23 @@ def _quiet_datasets() -> Iterator[Any]:
 
 
 def _build(root: Path, files: list[Path], out: Path, vocab_size: int, val_fraction: float,
-           shard_tokens: int, fingerprint: str) -> dict:
-    """Write tokenizer, shards and index.json into the (empty, private) directory `out`."""
+           shard_tokens: int, fingerprint: str, hf_tokenizer: Path | None = None) -> dict:
+    """Write tokenizer, shards and index.json into the (empty, private) directory `out`;
+    `hf_tokenizer` (a Hugging Face folder) is copied and used instead of training one."""
     with _quiet_datasets() as datasets:
         # The HF cache lives inside the private build dir, so nothing is written under ~.
         cache = out / ".hf_cache"
         ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
                                    split="train", cache_dir=str(cache))
         # sentencepiece trains on lines; a document's lines in order, documents in file order.
-        lines = (line for batch in ds.iter(batch_size=16) for doc in batch["text"] for line in doc.split("\n"))
-        tok = Tokenizer.train(lines, out / TOKENIZER_FILE, vocab_size)
-        if tok.vocab_size != vocab_size:
-            raise DataError(f"the tokenizer has {tok.vocab_size} pieces, not model.vocab_size={vocab_size}")
+        if hf_tokenizer is not None:
+            tok = _copy_hf_tokenizer(hf_tokenizer, out, vocab_size)
+        else:
+            lines = (line for batch in ds.iter(batch_size=16) for doc in batch["text"]
+                     for line in doc.split("\n"))
+            tok = Tokenizer.train(lines, out / TOKENIZER_FILE, vocab_size)
+            if tok.vocab_size != vocab_size:
+                raise DataError(f"the tokenizer has {tok.vocab_size} pieces, not model.vocab_size={vocab_size}")
         eos = tok.eos_id
 
         def encode(batch: dict) -> dict:
@@ -233,7 +238,7 @@ def _build(root: Path, files: list[Path], out: Path, vocab_size: int, val_fracti
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,
         "vocab_size": vocab_size,
-        "tokenizer": TOKENIZER_FILE,
+        "tokenizer": HF_TOKENIZER_FILE if hf_tokenizer is not None else TOKENIZER_FILE,
         "eos_id": eos,
         "bos_id": tok.bos_id,
         "corpus_fingerprint": fingerprint,
@@ -247,6 +252,23 @@ def _build(root: Path, files: list[Path], out: Path, vocab_size: int, val_fracti
     # index.json last: a directory without it is never taken for a prepared dataset.
     _write_synced(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
     return index
+
+
+def _copy_hf_tokenizer(src: Path, out: Path, vocab_size: int) -> HFTokenizer:
+    for f in src.iterdir():  # tokenizer.json and its configs, not the weights
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "added_tokens")):
+            shutil.copyfile(f, out / f.name)
+    tok = HFTokenizer(out)
+    if tok.vocab_size > vocab_size or tok.eos_id is None:
+        raise DataError(f"the tokenizer of {src} has {tok.vocab_size} tokens (EOS "
+                        f"{tok.eos_id}): it needs an EOS token and at most model.vocab_size="
+                        f"{vocab_size}")
+    return tok
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """sha256 of a Hugging Face folder's tokenizer.json."""
+    return hashlib.sha256((folder / HF_TOKENIZER_FILE).read_bytes()).hexdigest()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -275,7 +297,7 @@ def _target_lock(target: Path) -> Iterator[None]:
 
 def _prepare_locked(root: Path, files: list[Path], target: Path, vocab_size: int,
                     val_fraction: float, shard_tokens: int, fingerprint: str,
-                    overwrite: bool = False) -> dict:
+                    overwrite: bool = False, hf_tokenizer: Path | None = None) -> dict:
     # Holding the lock: leftovers of interrupted (killed) prepares of this target can go.
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -285,7 +307,8 @@ def _prepare_locked(root: Path, files: list[Path], target: Path, vocab_size: int
     size = sum(f.stat().st_size for f in files)
     log.info("preparing %d corpus files (%.1f MB) into %s, vocab %d", len(files), size / 1e6, target, vocab_size)
     try:
-        index = _build(root, files, tmp, vocab_size, val_fraction, shard_tokens, fingerprint)
+        index = _build(root, files, tmp, vocab_size, val_fraction, shard_tokens, fingerprint,
+                       hf_tokenizer)
         if overwrite and target.exists():
             old = target.parent / f".{target.name}.tmp-old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
@@ -345,16 +368,23 @@ def _check_matches(index: dict, target: Path, vocab_size: int, val_fraction: flo
                         "or use another data.prepared_dir")
 
 
-def ensure_prepared(data_cfg: Any, vocab_size: int, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
+def ensure_prepared(data_cfg: Any, vocab_size: int, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                    hf_tokenizer: str | os.PathLike | None = None) -> Path:
     """Return the prepared directory for `data_cfg` (a DataConfig, DictConfig or dict with corpus,
     prepared_dir, val_fraction, auto_prepare), preparing it first if it is missing.
 
+    `hf_tokenizer`: a Hugging Face model folder whose tokenizer is used (an imported model's
+    vocabulary) instead of training one; it is part of the prepared data's identity.
     Safe to call from every rank at once: one prepares under a file lock, the others wait."""
     corpus = _cfg(data_cfg, "corpus")
     val_fraction = float(_cfg(data_cfg, "val_fraction", 0.02))
     auto_prepare = bool(_cfg(data_cfg, "auto_prepare", True))
     root, files = corpus_files(corpus)
     fingerprint = corpus_fingerprint(root, files)
+    hf_tok = Path(hf_tokenizer) if hf_tokenizer is not None else None
+    if hf_tok is not None:  # another vocabulary, another prepared dataset
+        fingerprint = hashlib.sha256(
+            (fingerprint + tokenizer_fingerprint(hf_tok)).encode()).hexdigest()
     prepared_dir = _cfg(data_cfg, "prepared_dir")
     if prepared_dir:
         target = Path(prepared_dir).expanduser().absolute()
@@ -375,6 +405,7 @@ def ensure_prepared(data_cfg: Any, vocab_size: int, shard_tokens: int = DEFAULT_
                             f"is false; run `python scripts/prepare_data.py --corpus {corpus} --out "
                             f"{target} --vocab-size {vocab_size} --val-fraction {val_fraction:g}` or set "
                             "data.auto_prepare=true")
-        _prepare_locked(root, files, target, vocab_size, val_fraction, shard_tokens, fingerprint)
+        _prepare_locked(root, files, target, vocab_size, val_fraction, shard_tokens, fingerprint,
+                        hf_tokenizer=hf_tok)
     load_index(target)
     return target

@@ -71,11 +71,12 @@ class Tokenizer:
         return cls(model_file)
 
     @classmethod
-    def from_prepared(cls, prepared_dir: str | Path) -> "Tokenizer":
+    def from_prepared(cls, prepared_dir: str | Path) -> "Tokenizer | HFTokenizer":
         """The tokenizer of a prepared dataset directory (see moetrain.data.prepare)."""
         from moetrain.data.prepare import load_index
 
-        return cls(Path(prepared_dir) / load_index(prepared_dir)["tokenizer"])
+        path = Path(prepared_dir) / load_index(prepared_dir)["tokenizer"]
+        return HFTokenizer(path.parent) if path.name == HF_TOKENIZER_FILE else cls(path)
 
     @property
     def vocab_size(self) -> int:
@@ -97,3 +98,42 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+class HFTokenizer:
+    """The tokenizer of a Hugging Face model folder (tokenizer.json and its config), loaded
+    with transformers so BOS/EOS are the model's; the same interface as `Tokenizer`. The
+    tokenizer of a model imported with model.init.from_hf / upcycle_from (moetrain/hf)."""
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.model_file = self.folder / HF_TOKENIZER_FILE
+        if not self.model_file.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {self.model_file}")
+        self._tok = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eos_id(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._tok.bos_token_id if self._tok.bos_token_id is not None else -1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])

@@ -11,17 +11,26 @@ from torch.utils.checkpoint import checkpoint
 from moetrain.config.schema import ModelConfig, head_dim_of
 from moetrain.model.attention import Attention
 from moetrain.model.init import init_parameters
+from moetrain.model.mla import MultiHeadLatentAttention
 from moetrain.model.mlp import FeedForward
 from moetrain.model.moe.layer import MoELayer
 from moetrain.model.norm import RMSNorm
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    """The attention of `model.attention`: GQA (with `model.qk_norm`) or MLA (`model.mla`)."""
+    scaling = cfg.rope_scaling if cfg.rope_scaling.kind != "none" else None
+    if cfg.attention == "mla":
+        return MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.rope_theta, scaling)
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim_of(cfg), cfg.rope_theta,
+                     cfg.qk_norm, cfg.norm_eps, scaling)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim_of(cfg),
-                                   cfg.rope_theta)
+        self.attention = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         dense = layer_id < cfg.moe.first_dense_layers
         self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden) if dense else None

@@ -1,6 +1,7 @@
 """Upcycling: initialise an MoE model from a dense model of the same trunk (BAM, AquilaMoE).
 
-Given the full (unsharded) state of a dense moetrain model (every block a SwiGLU `mlp`):
+Given the full (unsharded) state of a dense model (every block a SwiGLU `mlp`; a moetrain
+checkpoint, or a Llama / Qwen3 one read by moetrain/hf/load.py):
 
 - embeddings, norms, attention and the output head are copied;
 - blocks that are dense in the MoE model too copy their MLP;
@@ -39,7 +40,8 @@ class UpcycleError(ValueError):
 
 
 _SHARED = re.compile(r"layers\.\d+\.attention_norm\.weight|layers\.\d+\.ffn_norm\.weight|"
-                     r"layers\.\d+\.attention\.w[qkvo]\.weight|tok_embeddings\.weight|"
+                     r"layers\.\d+\.attention\.w[qkvo]\.weight|layers\.\d+\.attention\.[qk]_norm\.weight|"
+                     r"tok_embeddings\.weight|"
                      r"norm\.weight|output\.weight")
 _DENSE_MLP = re.compile(r"layers\.\d+\.mlp\.w[123]\.weight")
 _EXPERTS = re.compile(r"layers\.(\d+)\.moe\.experts\.(w[123])")

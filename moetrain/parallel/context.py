@@ -4,14 +4,17 @@ The trainer never touches a process group: it asks the `ParallelContext` for thi
 data-parallel slice, for its model (`build_model`: built on the meta device and parallelized
 there, which also picks the step runner, a micro-batch loop or a pipeline schedule,
 moetrain/parallel/steps.py; then only the rank's shards are allocated and initialised), to run
-a step's forward and backward, to sum the step's statistics over the ranks, and to clip the global
-gradient norm. On one process every collective is the identity. docs/parallelism.md has the
+a step's forward and backward, to sum the step's statistics over the ranks, and to clip the
+global gradient norm. A step's sums take one collective and one host read (`step_sums`). On
+one process every collective is the identity. docs/parallelism.md has the
 5-D picture and who reduces what.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
@@ -25,13 +28,14 @@ from moetrain.config.schema import MoetrainConfig
 from moetrain.model.init import init_parameters
 from moetrain.model.moe.layer import moe_layers
 from moetrain.model.transformer import Transformer
+from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context_parallel import (
     apply_context_parallel, shard_positions, shard_sequence,
 )
 from moetrain.parallel.data_parallel import ReplicatedGradReducer, apply_fsdp
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.expert_parallel import apply_expert_parallel, distribute_expert_weights
-from moetrain.parallel.grad_norm import clip_grad_norm_
+from moetrain.parallel.grad_norm import grad_sq_norm_share
 from moetrain.parallel.mesh import Meshes, build_meshes
 from moetrain.parallel.pipeline.stages import build_stage_modules
 from moetrain.parallel.steps import MicroBatchSteps, PipelineSteps, StepRunner
@@ -44,6 +48,18 @@ def lbl_count_group(scope: str) -> str:
     sequences) is split over CP x TP (sequence parallelism); the global scope's unit is the
     step, every rank of the pipeline stage. The one place that maps scopes to groups."""
     return "dp_cp_tp" if scope == "global" else "cp_tp"
+
+
+@dataclass
+class StepSums:
+    """A step's sums over every rank (`ParallelContext.step_sums`)."""
+
+    lm_sum: float  # LM cross-entropy summed over the global batch's tokens
+    grad_norm: float  # L2 norm of the whole model's gradient, before clipping
+    stop: bool  # some rank asked to stop (a signal, train.max_time)
+    moe_rows: Optional[torch.Tensor]  # [L, C] MoE statistics rows, on the device
+    moe_rows_host: Optional[torch.Tensor]  # the same, on the host
+    rank_values: list[float]  # every rank's `rank_value`, by rank
 
 
 class ParallelContext:
@@ -115,9 +131,12 @@ class ParallelContext:
             self._reducer = ReplicatedGradReducer(self._model, self.meshes)
 
     def _parallelize_stage(self, module: nn.Module, cfg: MoetrainConfig) -> None:
-        """EP, TP, CP, the MoE layers' wiring, FSDP: on the full model or one pipeline stage."""
+        """EP, TP, CP, the MoE layers' wiring, compilation, FSDP: on the full model or one
+        pipeline stage."""
         dims, meshes = self.dims, self.meshes
         if meshes is None:
+            if cfg.train.compile:
+                apply_compile(module)
             return
         if dims.ep * dims.etp > 1:  # on the meta weights, before anything wraps them
             apply_expert_parallel(module, meshes.group("ep"),
@@ -131,6 +150,8 @@ class ParallelContext:
         sum_counts = self._sum_over(kind) if dims.size(kind) > 1 else None
         for layer in moe_layers(module):
             layer.use_layout(token_shards=dims.cp_tp, sum_counts=sum_counts)
+        if cfg.train.compile:  # inside FSDP's hooks, outside the layout's module swaps
+            apply_compile(module)
         fsdp = cfg.parallel.fsdp
         if fsdp.enabled:
             self._fsdp_units += apply_fsdp(module, meshes, fsdp.reshard_after_forward)
@@ -213,6 +234,44 @@ class ParallelContext:
     def _sum_over(self, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda t: self.all_reduce(t, kind)
 
+    def step_sums(self, model: nn.Module, lm_sum: torch.Tensor, stop: bool,
+                  moe_rows: Optional[torch.Tensor], rank_value: float = 0.0) -> "StepSums":
+        """Everything a step decides and logs, summed over the ranks with ONE all-reduce and
+        read by the host ONCE: the LM loss sum (`sum_over_tokens`), the squared gradient norm
+        (each rank's `grad_sq_norm_share`), the stop flag (any rank), every rank's
+        `rank_value` (its peak memory: each rank fills its own slot of a world-size vector, so
+        the sum carries them all) and the MoE statistics rows. The rows also come back on the
+        device (for the expert bias).
+
+        Who contributes what: every rank its MoE rows (all ranks route different tokens - DP,
+        CP, and TP under sequence parallelism - or hold different layers - PP; EP and ETP move
+        tokens inside a layer without changing whose they are) and its norm share; only TP
+        rank 0 of the last stage the loss sum."""
+        device = lm_sum.device
+        loss = lm_sum if self._holds_loss() else torch.zeros_like(lm_sum)
+        stages = self.dims.world_size // self.dims.pp
+        world = self.dims.world_size
+        per_rank = torch.zeros(world, dtype=torch.float64, device=device)
+        per_rank[self.rank] = float(rank_value)
+        parts = [loss.reshape(1).to(device, torch.float64),
+                 grad_sq_norm_share(model.parameters(), stages, device).reshape(1),
+                 torch.full((1,), float(stop), dtype=torch.float64, device=device), per_rank]
+        if moe_rows is not None:
+            parts.append(moe_rows.reshape(-1).to(device, torch.float64))
+        summed = self.all_reduce(torch.cat(parts))
+        host = summed.tolist()  # the step's one host read
+        rows = rows_host = None
+        first_row = 3 + world
+        if moe_rows is not None:
+            rows = summed[first_row:].view(moe_rows.shape)
+            rows_host = torch.tensor(host[first_row:], dtype=torch.float64).view(moe_rows.shape)
+        return StepSums(lm_sum=host[0], grad_norm=math.sqrt(host[1]), stop=host[2] > 0,
+                        moe_rows=rows, moe_rows_host=rows_host, rank_values=host[3:first_row])
+
+    def _holds_loss(self) -> bool:
+        # TP ranks share their micro-batch's loss; pipeline stages but the last have none.
+        return self.tp_rank == 0 and (self.steps is None or self.steps.computes_loss)
+
     def sum_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-token statistics of the LM loss (a loss sum, a target count) over the ranks
         that compute them for different tokens: DP x CP. TP ranks share their micro-batch's
@@ -220,25 +279,13 @@ class ParallelContext:
         stage contributes; one collective over every rank."""
         if self.meshes is None:
             return values
-        holds_loss = self.tp_rank == 0 and (self.steps is None or self.steps.computes_loss)
-        return self.all_reduce(values if holds_loss else torch.zeros_like(values))
-
-    def sum_moe_stats(self, rows_LC: torch.Tensor) -> torch.Tensor:
-        """Sum MoE statistics rows [L, C] over every rank: all ranks route different tokens (DP,
-        CP, and TP under sequence parallelism) or hold different layers (PP); EP and ETP move
-        tokens inside a layer without changing whose they are."""
-        return self.all_reduce(rows_LC)
+        return self.all_reduce(values if self._holds_loss() else torch.zeros_like(values))
 
     def max_over_ranks(self, values: Sequence[int]) -> list[int]:
-        """The element-wise maximum over every rank of a few integers (stop flags that must
-        agree, peak memory), in one collective and one host read."""
+        """The element-wise maximum over every rank of a few integers, in one collective and one
+        host read (once, after initialisation; a step's values ride in `step_sums`)."""
         t = torch.tensor(list(values), dtype=torch.int64)
         return self.all_reduce(t, op=dist.ReduceOp.MAX).tolist()
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        """Global L2 norm of all gradients before clipping; clip to `max_norm` when it is > 0."""
-        stages = self.meshes.group("pp") if self.dims.pp > 1 else None
-        return clip_grad_norm_(model.parameters(), max_norm, stage_group=stages)
 
 
 def _to_empty(module: nn.Module, device: torch.device) -> None:
@@ -257,4 +304,4 @@ def _to_empty(module: nn.Module, device: torch.device) -> None:
                 m._parameters[name] = first
 
 
-__all__ = ["ParallelContext", "lbl_count_group"]
+__all__ = ["ParallelContext", "StepSums", "lbl_count_group"]

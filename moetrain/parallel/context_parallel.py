@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.attention import Attention
+from moetrain.model.mla import MultiHeadLatentAttention
 
 # torch 2.13 renamed it (the old name warns); the GPU image's torch 2.11 has only the old one.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or getattr(
@@ -107,15 +108,19 @@ def allgather_attention(
     v_BKSd: torch.Tensor,
     positions: torch.Tensor,
     cp_group: dist.ProcessGroup,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Causal attention of local queries over the whole sequence, K/V all-gathered."""
+    """Causal attention of local queries over the whole sequence, K/V all-gathered (their head
+    widths may differ, as in multi-head latent attention); `scale` None = 1/sqrt(d_qk)."""
     _check_shapes(q_BHSd, k_BKSd, positions)
     cp = dist.get_world_size(cp_group)
     r = dist.get_rank(cp_group)
     gqa = q_BHSd.shape[1] != k_BKSd.shape[1]
-    kv_2BKSd = torch.stack([k_BKSd, v_BKSd])  # one collective for both
-    gathered = _all_gather_autograd(kv_2BKSd.unsqueeze(0), 0, cp_group)  # [cp, 2, B, K, S/cp, d]
-    k_full, v_full = _sequence_order(list(gathered.unbind(0)), dim=3).unbind(0)
+    d_k = k_BKSd.shape[-1]
+    kv_BKSe = torch.cat([k_BKSd, v_BKSd], dim=-1)  # one collective for both
+    gathered = _all_gather_autograd(kv_BKSe.unsqueeze(0), 0, cp_group)  # [cp, B, K, S/cp, e]
+    kv_full = _sequence_order(list(gathered.unbind(0)), dim=2)
+    k_full, v_full = kv_full[..., :d_k], kv_full[..., d_k:]
 
     c = q_BHSd.shape[2] // 2
     outs = []
@@ -128,7 +133,7 @@ def allgather_attention(
         n = (chunk + 1) * c
         outs.append(F.scaled_dot_product_attention(
             q_BHSd[:, :, rows], k_full[:, :, :n], v_full[:, :, :n], attn_mask=mask,
-            enable_gqa=gqa,
+            enable_gqa=gqa, scale=scale,
         ))
     return torch.cat(outs, dim=2)
 
@@ -206,16 +211,16 @@ def _wait(reqs: Optional[list]) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, group):
+    def forward(ctx, q, k, v, positions, group, scale):
         ring = _Ring(group)
         B, H, S, d = q.shape
-        K = k.shape[1]
+        K, d_v = k.shape[1], v.shape[-1]
         c = S // 2
-        scale = 1.0 / math.sqrt(d)
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
         q5 = q.float().unflatten(1, (K, H // K))
         mask = _mask5(positions)
-        kv = torch.stack([k, v])  # travels in the input dtype; [2, B, K, S, d]
-        out = torch.zeros_like(q5)
+        kv = torch.cat([k, v], dim=-1)  # travels in the input dtype; [B, K, S, d + d_v]
+        out = q5.new_zeros(q5.shape[:-1] + (d_v,))
         lse = torch.full(q5.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         for step in range(ring.size):
             reqs, incoming = None, None
@@ -223,8 +228,8 @@ class _RingAttention(torch.autograd.Function):
                 incoming = torch.empty_like(kv)
                 reqs = ring.exchange(kv, incoming)
             rows, cols, masked = _ring_plan(step, ring.rank, ring.size, c)
-            k5 = kv[0, :, :, cols].float().unsqueeze(2)
-            v5 = kv[1, :, :, cols].float().unsqueeze(2)
+            k5 = kv[:, :, cols, :d].float().unsqueeze(2)
+            v5 = kv[:, :, cols, d:].float().unsqueeze(2)
             o_b, l_b = _block_forward(q5[..., rows, :], k5, v5, mask if masked else None, scale)
             l_old = lse[..., rows]
             l_new = torch.logaddexp(l_old, l_b)
@@ -234,7 +239,7 @@ class _RingAttention(torch.autograd.Function):
             _wait(reqs)
             if incoming is not None:
                 kv = incoming
-        ctx.group = group
+        ctx.group, ctx.scale = group, scale
         ctx.save_for_backward(q, k, v, positions, out, lse)
         return out.flatten(1, 2).to(q.dtype)
 
@@ -245,13 +250,13 @@ class _RingAttention(torch.autograd.Function):
         B, H, S, d = q.shape
         K = k.shape[1]
         c = S // 2
-        scale = 1.0 / math.sqrt(d)
+        scale = ctx.scale
         q5 = q.float().unflatten(1, (K, H // K))
         dout5 = dout.float().unflatten(1, (K, H // K))
         delta = (dout5 * out).sum(-1)
         mask = _mask5(positions)
         dq5 = torch.zeros_like(q5)
-        kv = torch.stack([k, v])
+        kv = torch.cat([k, v], dim=-1)
         # dK/dV of the block a rank holds travel with it (fp32) and reach the owner after
         # the last step's extra hop: at step s rank r holds src r-s's block and the partial
         # dK/dV that ranks r-s .. r-1 added to it.
@@ -262,16 +267,16 @@ class _RingAttention(torch.autograd.Function):
                 incoming = torch.empty_like(kv)
                 reqs = ring.exchange(kv, incoming)
             rows, cols, masked = _ring_plan(step, ring.rank, ring.size, c)
-            k5 = kv[0, :, :, cols].float().unsqueeze(2)
-            v5 = kv[1, :, :, cols].float().unsqueeze(2)
+            k5 = kv[:, :, cols, :d].float().unsqueeze(2)
+            v5 = kv[:, :, cols, d:].float().unsqueeze(2)
             dq_b, dk_b, dv_b = _block_backward(
                 q5[..., rows, :], k5, v5, mask if masked else None, scale,
                 dout5[..., rows, :], lse[..., rows], delta[..., rows],
             )
             dq5[..., rows, :] += dq_b
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-            dkv[0, :, :, cols] = dk_b.squeeze(2)
-            dkv[1, :, :, cols] = dv_b.squeeze(2)
+            dkv[:, :, cols, :d] = dk_b.squeeze(2)
+            dkv[:, :, cols, d:] = dv_b.squeeze(2)
             _wait(dkv_reqs)
             if dkv_in is not None:
                 dkv += dkv_in
@@ -285,7 +290,8 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         _wait(dkv_reqs)
         dq = dq5.flatten(1, 2).to(q.dtype)
-        return dq, dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None
+        return (dq, dkv_in[..., :d].to(k.dtype), dkv_in[..., d:].to(v.dtype), None, None,
+                None)
 
 
 def ring_attention(
@@ -294,18 +300,20 @@ def ring_attention(
     v_BKSd: torch.Tensor,
     positions: torch.Tensor,
     cp_group: dist.ProcessGroup,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Causal attention of local queries over the whole sequence, K/V passed around the ring."""
+    """Causal attention of local queries over the whole sequence, K/V passed around the ring
+    (their head widths may differ); `scale` None = 1/sqrt(d_qk)."""
     _check_shapes(q_BHSd, k_BKSd, positions)
-    return _RingAttention.apply(q_BHSd, k_BKSd, v_BKSd, positions, cp_group)
+    return _RingAttention.apply(q_BHSd, k_BKSd, v_BKSd, positions, cp_group, scale)
 
 
 # ---------------------------------------------------------------------------- installation
 
 
 class ContextParallelAttention:
-    """An `Attention.attention_fn`: (q [B, Hq, S/cp, d], k, v [B, Hkv, S/cp, d], positions)
-    -> [B, Hq, S/cp, d], attending over the CP group's whole sequence."""
+    """An `AttentionFn`: (q [B, Hq, S/cp, d], k [B, Hkv, S/cp, d], v [B, Hkv, S/cp, d_v],
+    positions, scale) -> [B, Hq, S/cp, d_v], attending over the CP group's whole sequence."""
 
     def __init__(self, cp_group: dist.ProcessGroup, cp_comm: str = "allgather"):
         assert cp_comm in ("allgather", "ring"), cp_comm  # the schema's CPComm
@@ -313,8 +321,8 @@ class ContextParallelAttention:
         self.cp_comm = cp_comm
         self._fn = allgather_attention if cp_comm == "allgather" else ring_attention
 
-    def __call__(self, q_BHSd, k_BKSd, v_BKSd, positions):
-        return self._fn(q_BHSd, k_BKSd, v_BKSd, positions, self.cp_group)
+    def __call__(self, q_BHSd, k_BKSd, v_BKSd, positions, scale=None):
+        return self._fn(q_BHSd, k_BKSd, v_BKSd, positions, self.cp_group, scale)
 
     def __repr__(self) -> str:
         return (f"ContextParallelAttention(cp={dist.get_world_size(self.cp_group)}, "
@@ -324,7 +332,8 @@ class ContextParallelAttention:
 def apply_context_parallel(
     model: nn.Module, cp_group: dist.ProcessGroup, cp_comm: str = "allgather"
 ) -> nn.Module:
-    """Make every `Attention` of `model` attend over the CP group's whole sequence, in place.
+    """Make every attention (`Attention`, `MultiHeadLatentAttention`) of `model` attend over
+    the CP group's whole sequence, in place.
 
     Works on the plain model and after tensor parallelism (each TP rank's attention sees its
     local heads as plain tensors). The caller feeds each rank `shard_sequence`'d tokens and
@@ -335,7 +344,7 @@ def apply_context_parallel(
     fn = ContextParallelAttention(cp_group, cp_comm)
     found = 0
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, MultiHeadLatentAttention)):
             module.attention_fn = fn
             found += 1
     if not found:

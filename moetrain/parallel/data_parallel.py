@@ -33,7 +33,7 @@ def moe_units(moe: MoELayer, meshes: Meshes) -> list[Unit]:
     experts, tokens = meshes.mesh("edp"), meshes.mesh("dp_cp_tp")
     if _same_ranks(experts, tokens):
         return [([moe], tokens)]
-    shared = [moe.shared_experts] if moe.shared_experts is not None else []
+    shared = [m for m in (moe.shared_experts, moe.shared_expert_gate) if m is not None]
     return [([moe.experts], experts), ([moe.router, *shared], tokens)]
 
 

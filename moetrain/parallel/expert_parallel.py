@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -49,6 +50,7 @@ class ExchangeState:
     recv_splits: list[int]  # rows it received from each EP rank
     etp_splits: Optional[list[int]]  # rows each ETP rank contributed to the gather; None = no ETP
     order_N: Optional[torch.Tensor]  # received row feeding expert-major row n; None = identity
+    rows: int  # rows the permute produced (kept first, the rest padded back as zeros)
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -70,8 +72,9 @@ class AllToAllDispatcher(LocalDispatcher):
         ep_group: dist.ProcessGroup,
         etp_group: Optional[dist.ProcessGroup] = None,
         pad_to_capacity: bool = False,
+        kernels: str = "auto",
     ):
-        super().__init__(num_experts, pad_to_capacity)
+        super().__init__(num_experts, pad_to_capacity, kernels)
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         assert num_experts % self.ep_size == 0  # moetrain.parallel.checks
@@ -99,7 +102,9 @@ class AllToAllDispatcher(LocalDispatcher):
         recv_splits = rows_S[self.etp_rank * ep:(self.etp_rank + 1) * ep]
         self.last_send_splits, self.last_recv_splits = send_splits, recv_splits
 
-        x_RD = all_to_all_rows(x_ND, recv_splits, send_splits, self.ep_group)
+        # Only the kept rows travel; the dropped ones sort after them (LocalDispatcher.permute).
+        state_rows = x_ND.shape[0]
+        x_RD = all_to_all_rows(x_ND[:sum(send_splits)], recv_splits, send_splits, self.ep_group)
         etp_splits = None
         if etp > 1:
             # All-gather over ETP (every ETP rank then computes its hidden shard of every row).
@@ -109,7 +114,7 @@ class AllToAllDispatcher(LocalDispatcher):
         order_N = _expert_major_order(counts_SL, sum(rows_S))
         if order_N is not None:
             x_RD = x_RD.index_select(0, order_N)
-        state = ExchangeState(send_splits, recv_splits, etp_splits, order_N)
+        state = ExchangeState(send_splits, recv_splits, etp_splits, order_N, state_rows)
         return x_RD, counts_SL.sum(0), state
 
     def exchange_back(self, y_ND: torch.Tensor, state: ExchangeState) -> torch.Tensor:
@@ -121,7 +126,8 @@ class AllToAllDispatcher(LocalDispatcher):
             etp, n = self.etp_size, sum(state.recv_splits)
             parts = all_to_all_rows(y_ND, [n] * etp, state.etp_splits, self.etp_group)
             y_ND = parts.view(etp, n, -1).sum(0, dtype=torch.float32).to(y_ND.dtype)
-        return all_to_all_rows(y_ND, state.send_splits, state.recv_splits, self.ep_group)
+        y_ND = all_to_all_rows(y_ND, state.send_splits, state.recv_splits, self.ep_group)
+        return F.pad(y_ND, (0, 0, 0, state.rows - y_ND.shape[0]))  # back to every assignment
 
 
 def _expert_major_order(counts_SL: torch.Tensor, total: int) -> Optional[torch.Tensor]:
@@ -174,7 +180,8 @@ def apply_expert_parallel(
         experts.shard_(slice(ep_rank * L, (ep_rank + 1) * L),
                        slice(etp_rank * F_local, (etp_rank + 1) * F_local))
         layer.use_layout(dispatcher=AllToAllDispatcher(
-            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity))
+            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity,
+            layer.dispatcher.kernels))
     return model
 
 

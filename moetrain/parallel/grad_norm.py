@@ -1,25 +1,80 @@
-"""Global gradient-norm clipping over gradients sharded in different ways.
+"""The global gradient norm over gradients sharded in different ways, and clipping.
 
-After TP and FSDP a model's gradients are DTensors on several meshes (dense weights on the 2-D
-(dp_cp, tp) mesh, MoE weights on the dp_cp_tp or edp mesh, ...) and, without FSDP, plain tensors
-that are already whole and replicated. `torch.nn.utils.clip_grad_norm_` cannot stack DTensors
-of different meshes, so the norm is taken per (mesh, placements) group - DTensor turns each
-group's norm into its full value (`full_tensor`: sums of squares over the shards, replicas
-counted once) - and the groups' squares are added. Every rank gets the same value.
+After TP, EP and FSDP a model's gradients are DTensors on several meshes (dense weights on the
+2-D (dp_cp, tp) mesh, experts on the (edp, ep, etp) one, ...) and plain tensors replicated over
+the ranks of a pipeline stage. Every rank of a stage holds some shard of each of the stage's
+parameters, so
 
-On CPU the norms accumulate in float64: torch's fp32 CPU norm kernel loses ~4e-4 (relative) on
-a 1M-element tensor (the tiny model's output layer), which would dominate any comparison of
-layouts; on GPU fp32 reductions are tree-shaped and accurate.
+    |g|^2 = sum over every rank of  sum_p |local g_p|^2 / replicas_p
+
+where replicas_p = (ranks per stage) / (distinct shards of p) counts the ranks holding the same
+values. Each rank computes its share (`grad_sq_norm_share`, no communication) and one sum over
+every rank gives the norm: the trainer folds it into its one reduction per step. On CPU the
+squares accumulate in float64 (torch's fp32 CPU norm loses ~4e-4 relative on a 1M-element
+tensor, which would dominate any comparison of layouts); on GPU per-tensor fp32 norms are exact
+enough and their squares are added in float64.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
+
+
+def _distinct_shards(grad: torch.Tensor) -> int:
+    if not isinstance(grad, DTensor):
+        return 1
+    mesh = grad.device_mesh
+    # Not p.is_shard(): FSDP2's _StridedShard (FSDP over a TP/EP-sharded dim) shards too but is
+    # no Shard. Partial placements were reduced before.
+    return math.prod(mesh.size(i) for i, p in enumerate(grad.placements)
+                     if not p.is_replicate())
+
+
+@torch.no_grad()
+def grad_sq_norm_share(parameters: Iterable[nn.Parameter], ranks_per_stage: int,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm (float64 scalar on the gradients'
+    device, or `device` when there are none): summed over every rank, the squared norm of the
+    full model's gradient. `ranks_per_stage`: world size / pipeline stages (1 on one process)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if device is None:
+        device = grads[0].device if grads else torch.device("cpu")
+    share = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        if isinstance(g, DTensor):
+            if any(p.is_partial() for p in g.placements):  # pending sums: do them first
+                g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p
+                                                   for p in g.placements])
+            replicas = ranks_per_stage // _distinct_shards(g)
+            g = g.to_local()
+        else:
+            replicas = ranks_per_stage
+        if g.device.type == "cpu":
+            sq = g.double().square().sum()
+        else:
+            sq = torch.linalg.vector_norm(g, 2.0, dtype=torch.float32).double().square()
+        share += sq.to(device) / replicas
+    return share
+
+
+@torch.no_grad()
+def scale_grads_(parameters: Iterable[nn.Parameter], coef: float) -> None:
+    """Multiply every gradient by `coef` in place (DTensor gradients of any mesh too)."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.mul_(coef)
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """As torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), at most 1; 1 when
+    max_norm <= 0 (no clipping)."""
+    return min(1.0, max_norm / (total_norm + 1e-6)) if max_norm > 0 else 1.0
 
 
 @torch.no_grad()
@@ -31,34 +86,18 @@ def clip_grad_norm_(
 ) -> float:
     """L2 norm of all gradients (before clipping); scale them to `max_norm` when it is > 0.
 
-    `stage_group`: ranks holding different parameters that no mesh of the gradients spans (the
-    pipeline stages); their squared norms are summed over it.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    groups: dict[object, list[torch.Tensor]] = {}
-    for p in params:  # the model's order: the same groups in the same order on every rank
-        g = p.grad
-        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
-    device = params[0].grad.device if params else torch.device("cpu")
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    total_sq = torch.zeros((), dtype=dtype, device=device)
-    for grads in groups.values():
-        norms = torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=dtype) for g in grads])
-        norm = torch.linalg.vector_norm(norms, 2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # one collective per group
-        total_sq += norm.square()
-    if stage_group is not None and dist.get_world_size(stage_group) > 1:
-        dist.all_reduce(total_sq, group=stage_group)
-    total = total_sq.sqrt().float()
-    if max_norm > 0:
-        # As torch.nn.utils.clip_grads_with_norm_, with a Python float: DTensor gradients of
-        # any mesh can be scaled by it in place.
-        coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))
-        for p in params:
-            p.grad.mul_(coef)
-    return float(total)
+    Standalone form of the trainer's reduction: the shares summed over every rank (the default
+    group). `stage_group`: the pipeline-parallel group (ranks holding different stages), None
+    without pipeline parallelism."""
+    params = list(parameters)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    stages = dist.get_world_size(stage_group) if stage_group is not None else 1
+    share = grad_sq_norm_share(params, world // stages)
+    if world > 1:
+        dist.all_reduce(share)
+    total = float(share.sqrt())
+    scale_grads_(params, clip_coefficient(total, max_norm))
+    return total
 
 
-__all__ = ["clip_grad_norm_"]
+__all__ = ["clip_coefficient", "clip_grad_norm_", "grad_sq_norm_share", "scale_grads_"]

@@ -11,11 +11,13 @@ docs/tensor_parallel.md.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     PrepareModuleInputOutput,
     PrepareModuleOutput,
@@ -23,6 +25,56 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from moetrain.model.mla import MultiHeadLatentAttention
+
+
+class ReplicatedLatent(ParallelStyle):
+    """A module every TP rank computes whole on the replicated input (MLA's low-rank q and kv
+    projections, their norms, the shared rotary key): parameters become Replicate DTensors, so
+    the per-rank partial gradients (each rank's heads) are summed like those of the
+    sequence-parallel norms. `local_output`: hand the output to the per-head code as a plain
+    tensor whose gradient is this rank's partial sum."""
+
+    def __init__(self, local_output: bool = False):
+        super().__init__()
+        self.local_output = local_output
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def params(name, mod, mesh):
+            for p_name, p in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(p_name, nn.Parameter(
+                    DTensor.from_local(p, mesh, [Replicate()], run_check=False)))
+
+        def inputs(mod, args, mesh):
+            x = args[0]
+            if isinstance(x, DTensor):
+                return (x.redistribute(mesh, [Replicate()]), *args[1:])
+            return (DTensor.from_local(x, mesh, [Replicate()], run_check=False), *args[1:])
+
+        def outputs(mod, out, mesh):
+            return out.to_local(grad_placements=(Partial(),)) if self.local_output else out
+
+        return distribute_module(module, mesh, params, inputs, outputs)
+
+
+class ShardedProjectionNorm(ParallelStyle):
+    """An RMSNorm over a whole colwise-sharded projection (OLMoE's q/k norm): its weight is
+    Shard(0) like the projection's output features, the statistics are reduced over the TP
+    ranks by DTensor; the input and output are this rank's plain [B, S, n / tp] slice."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def params(name, mod, mesh):
+            for p_name, p in list(mod.named_parameters(recurse=False)):
+                local = torch.chunk(p.detach(), mesh.size(), 0)[mesh.get_local_rank()]
+                mod.register_parameter(p_name, nn.Parameter(
+                    DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False)))
+
+        def inputs(mod, args, mesh):
+            x = args[0]
+            return (DTensor.from_local(x, mesh, [Shard(x.dim() - 1)], run_check=False),)
+
+        return distribute_module(module, mesh, params, inputs, lambda mod, out, mesh: out.to_local())
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
@@ -69,9 +121,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             "attention": PrepareModuleInput(
                 input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
             ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
+            **_attention_plan(block.attention),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
             "ffn_norm": SequenceParallel(),
         }
@@ -96,4 +146,30 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     return model
 
 
-__all__ = ["apply_tensor_parallel"]
+def _attention_plan(attention: nn.Module) -> dict[str, ParallelStyle]:
+    """Heads colwise; MLA's latent path and shared rotary key replicated; q/k norms per head
+    on this rank's heads (dim 2 of [B, S, H, d]) or over the sharded projection."""
+    if isinstance(attention, MultiHeadLatentAttention):
+        plan: dict[str, ParallelStyle] = {
+            "attention.wkv_a": ReplicatedLatent(),
+            "attention.kv_a_norm": ReplicatedLatent(),
+            "attention.wkv_b": ColwiseParallel(),
+            "attention.wk_rope": ReplicatedLatent(local_output=True),
+        }
+        if attention.wq is not None:
+            plan["attention.wq"] = ColwiseParallel()
+        else:
+            plan.update({"attention.wq_a": ReplicatedLatent(),
+                         "attention.q_a_norm": ReplicatedLatent(),
+                         "attention.wq_b": ColwiseParallel()})
+        return plan
+    plan = {f"attention.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")}
+    if attention.qk_norm == "head":
+        plan.update({f"attention.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                     for n in ("q_norm", "k_norm")})
+    elif attention.qk_norm == "full":
+        plan.update({f"attention.{n}": ShardedProjectionNorm() for n in ("q_norm", "k_norm")})
+    return plan
+
+
+__all__ = ["ReplicatedLatent", "ShardedProjectionNorm", "apply_tensor_parallel"]

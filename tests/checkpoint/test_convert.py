@@ -1,12 +1,15 @@
 """Checkpoint tools: inspect and convert, with every expert surviving a round trip bit-exactly."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import from_hf, inspect, load_model_state, to_hf
@@ -70,6 +73,16 @@ def test_the_scripts_convert_to_safetensors_and_back(saved, tmp_path):
     out = run("scripts/convert_checkpoint.py", str(path.parent.parent), "--to", "safetensors", str(tmp_path / "hf"))
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "hf" / "moetrain.json").read_text())["step"] == 7
+    # The summary counts what the file holds (every expert its own tensor), and the file gets
+    # the mode any new file gets under the umask (safetensors alone writes 0600).
+    written = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    params = sum(t.numel() for t in written.values())
+    assert f"({len(written)} tensors, {params:,} parameters)" in out.stdout, out.stdout
+    assert len(written) == len(to_hf(model.state_dict())) > len(model.state_dict())
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "moetrain.json"):
+        assert stat.S_IMODE((tmp_path / "hf" / name).stat().st_mode) == 0o666 & ~umask, name
     out = run("scripts/convert_checkpoint.py", str(tmp_path / "hf"), "--from-safetensors", "--to", "torch",
               str(tmp_path / "model.pt"))
     assert out.returncode == 0, out.stderr

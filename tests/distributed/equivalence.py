@@ -30,7 +30,7 @@ from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import ensure_prepared
 from moetrain.parallel import check_layout
-from moetrain.parallel import context  # noqa: F401
+from moetrain.parallel import context  # noqa: F401 - imported in the parent for the ranks
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
 from tests.distributed.launcher import run_distributed
@@ -171,6 +171,13 @@ VARIANT = ("model.moe.lbl.scope=global", "model.moe.num_shared_experts=1",
 # Progressive sparsification: top_k from all 8 experts (dense) down to 2 over the 3 steps.
 TOP_K_SCHEDULE = ("model.moe.schedule.top_k.kind=linear", "model.moe.schedule.top_k.start=8",
                   "model.moe.schedule.top_k.end=2", "model.moe.schedule.top_k.end_step=2")
+# Multi-head latent attention (DeepSeek-V2/V3) with low-rank queries and YaRN: its own
+# softmax scale and value width through CP, its replicated latent path through TP.
+MLA = ("model.attention=mla", "model.n_kv_heads=8", "model.mla.q_lora_rank=32",
+       "model.mla.kv_lora_rank=32", "model.mla.qk_nope_head_dim=16",
+       "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=12", "model.rope_scaling.kind=yarn",
+       "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=32",
+       "model.rope_scaling.mscale=1.0", "model.rope_scaling.mscale_all_dim=1.0")
 REFERENCES: dict[str, list[str]] = {
     "b4": [*B4, *EVAL],
     "b4-variant": [*B4, *VARIANT],
@@ -178,9 +185,11 @@ REFERENCES: dict[str, list[str]] = {
     "b4-mb1": [*B4, "train.micro_batch_size=1"],
     "b4-mb1-bias": [*B4, "train.micro_batch_size=1", *BIAS],
     "b4-mb1-l8": [*B4, "train.micro_batch_size=1", "model.n_layers=8"],
+    "b4-l2": [*B4, "model.n_layers=2"],  # one dense and one MoE block
     "b8-mb1": ["train.micro_batch_size=1"],
     "b4-global": [*B4, "model.moe.lbl.scope=global"],
     "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],
+    "b4-mla": [*B4, *MLA],
 }
 
 

@@ -93,9 +93,12 @@ def test_bad_values_are_refused_before_training(tmp_path, override, needle):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_unknown_keys_are_refused(tmp_path):
-    proc = train(f"run.dir={tmp_path / 'run'}", "train.max_step=3", check=False)
-    assert proc.returncode != 0 and "train.max_step" in proc.stderr
+@pytest.mark.parametrize("override", ["train.max_step=3", "+train.max_step=3", "++train.max_step=3"])
+def test_unknown_keys_are_refused(tmp_path, override):
+    proc = train(f"run.dir={tmp_path / 'run'}", "train.max_steps=2", override, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: unknown key 'train.max_step' (did you mean train.max_steps?)")
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_a_truncated_checkpoint_is_refused_not_restarted(tmp_path):
@@ -115,26 +118,113 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
     assert proc.returncode == 2 and "experts.w1" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
-    run = tmp_path / "run"
+def start_training(run: Path, *overrides: str) -> subprocess.Popen:
+    """A long run in the background, returned once its first step is logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000"],
+        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000",
+         *overrides],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
+    return proc
+
+
+def test_the_defaults_checkpoint_and_say_where(tmp_path):
+    """No experiment: the config tree's defaults alone must not train a run that never saves."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetrain.train", f"run.dir={run}", "train.max_steps=2",
+         "train.global_batch_size=4", "logging.progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoints: every 100 steps and at the last step, into {run / 'checkpoints'}" in proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_run_untouched(tmp_path):
+    """The checkpoint is checked against the new model before config.yaml or a log is written."""
+    run = tmp_path / "run"
+    train(f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2")
+    before = snapshot(run)
+    proc = train(f"run.dir={run}", "train.max_steps=4", "model.d_model=64", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "'model.tok_embeddings.weight' has shape [8192, 128]" in proc.stderr
+    assert snapshot(run) == before
+
+
+def test_a_data_error_creates_no_run_directory(tmp_path):
+    run = tmp_path / "run"
+    proc = train(f"run.dir={run}", f"data.corpus={tmp_path / 'missing'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data.corpus="), proc.stderr
+    assert not run.exists()
+
+
+def test_a_run_dir_under_a_file_is_one_line_naming_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = train(f"run.dir={blocker / 'run'}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: run.dir='{blocker / 'run'}' is unusable: {blocker} is not a directory\n"
+
+
+def test_a_read_only_run_dir_is_one_line_naming_run_dir(tmp_path):
+    """Read-only even for root (the tests run as root): an immutable directory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        proc = train(f"run.dir={run}", check=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: run.dir='{run}' is unusable: {run} is not writable\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_zero(tmp_path, sig):
+    """SLURM's warning, SIGTERM and a first Ctrl-C all finish the step, save and exit 0."""
+    run = tmp_path / "run"
+    proc = start_training(run)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    if sig == signal.SIGINT:
+        assert "Ctrl-C: finishing this step, then saving a checkpoint and stopping" in err
     last = metrics(run)[-1]["step"]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
     assert (run / "preempted").read_text().startswith(f"step {last}: received {sig.name}")
     train(f"run.dir={run}", f"train.max_steps={last + 1}")  # a requeued job goes on from there
     assert metrics(run)[-1]["step"] == last + 1 and not (run / "preempted").exists()
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    # Steps of 32 micro-batches (seconds each) leave time for the second Ctrl-C within the step.
+    proc = start_training(run, "train.global_batch_size=64", "checkpoint.every=0")
+    proc.send_signal(signal.SIGINT)
+    before = ""
+    for line in proc.stderr:  # the first Ctrl-C was handled: the run says so
+        before += line
+        if line.startswith("Ctrl-C:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = before + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (Ctrl-C); stopped without saving" in err
+    assert not (run / "checkpoints").exists()
 
 
 def test_async_checkpoints_resume_like_synchronous_ones(tmp_path):

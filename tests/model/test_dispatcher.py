@@ -23,21 +23,27 @@ def test_permute_groups_rows_by_expert_in_token_order():
 def test_combine_weights_and_drops():
     x = torch.randn(4, 3)
     idx = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
-    w = torch.rand(4, 2)
+    w = torch.rand(4, 2, requires_grad=True)
     keep = torch.tensor([[True, False], [True, True], [False, False], [True, True]])
     disp = LocalDispatcher(4)
     x_ND, counts, handle = disp.dispatch(x, routing(idx, w, keep))
-    assert counts.tolist() == [2, 1, 1, 1]  # dropped assignments are not dispatched
+    assert counts.tolist() == [2, 1, 1, 1]  # dropped assignments are not counted for experts
+    # static shapes: every assignment has a row, the 3 dropped ones last, zeroed
+    assert x_ND.shape == (8, 3) and torch.equal(x_ND[5:], torch.zeros(3, 3))
     scale = torch.tensor([10.0, 20.0, 30.0, 40.0])  # "expert e multiplies by scale[e]"
     expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
-    y = disp.combine(x_ND * scale[expert_of_row].unsqueeze(1), handle)
+    y_ND = x_ND[:5] * scale[expert_of_row].unsqueeze(1)
+    # the experts leave the rows after their counts undefined: garbage must not leak out
+    y = disp.combine(torch.cat([y_ND, torch.full((3, 3), float("nan"))]), handle)
+    y.sum().backward()  # nor into the weights' gradient (0 * NaN)
+    assert torch.isfinite(w.grad).all()
     expected = torch.zeros(4, 3)
     for t in range(4):
         for j in range(2):
             if keep[t, j]:
-                expected[t] += w[t, j] * scale[idx[t, j]] * x[t]
-    torch.testing.assert_close(y, expected)
-    assert torch.equal(y[2], torch.zeros(3))  # fully dropped token contributes nothing
+                expected[t] += w[t, j].detach() * scale[idx[t, j]] * x[t]
+    torch.testing.assert_close(y.detach(), expected)
+    assert torch.equal(y[2].detach(), torch.zeros(3))  # fully dropped token contributes nothing
 
 
 def test_pad_to_capacity_gives_static_shapes():

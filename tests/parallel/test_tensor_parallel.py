@@ -94,3 +94,76 @@ def test_tensor_parallel_placements_and_equivalence():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
     # a middle stage takes and returns this rank's plain [B, S/tp, D] shard
     assert out_type == "Tensor" and out_shape == (B, S // 2, model.cfg.d_model)
+
+
+# The attention variants of the real families: q/k norm per head (Qwen3) and over the whole
+# projection (OLMoE), multi-head latent attention with full and low-rank queries (DeepSeek).
+VARIANTS = {
+    "qk-norm-head": dict(qk_norm="head"),
+    "qk-norm-full": dict(qk_norm="full"),
+    "mla": dict(attention="mla", n_kv_heads=4),
+    "mla-q-lora": dict(attention="mla", n_kv_heads=4),
+}
+
+
+def _variant(name):
+    from moetrain.config.schema import MLAConfig
+    torch.manual_seed(0)
+    cfg = make_cfg(moe=dict(first_dense_layers=1), lbl=dict(coeff=0.0), vocab_size=64,
+                   n_layers=2, **VARIANTS[name])
+    cfg.mla = MLAConfig(q_lora_rank=12 if name == "mla-q-lora" else None, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    model = Transformer(cfg)
+    with torch.no_grad():  # norms away from one, so a wrongly sharded weight shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _tp2_variants(rank, world_size, models, tokens):
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = {}
+    for name, model in models.items():
+        model = apply_tensor_parallel(copy.deepcopy(model), mesh)
+        with loss_parallel():
+            logits = model(tokens)
+            F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten(),
+                            reduction="sum").backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad
+            if isinstance(g, DTensor):
+                g = g.full_tensor()
+            else:
+                g = g.clone()
+                dist.all_reduce(g)
+            grads[n] = g
+        out[name] = (_placements(model), logits.full_tensor(), grads)
+    return out
+
+
+def test_tensor_parallel_of_qk_norm_and_latent_attention():
+    models = {name: _variant(name) for name in VARIANTS}
+    tokens = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(2))
+    results = run_distributed(_tp2_variants, 2, models, tokens, timeout=120)[0]
+    for name, model in models.items():
+        ref = copy.deepcopy(model)
+        logits = ref(tokens)
+        F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten(),
+                        reduction="sum").backward()
+        placements, tp_logits, grads = results[name]
+        torch.testing.assert_close(tp_logits, logits.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}: {n}")
+    head, full = results["qk-norm-head"][0], results["qk-norm-full"][0]
+    assert head["layers.0.attention.q_norm.weight"] == (Replicate(),)
+    assert full["layers.0.attention.k_norm.weight"] == (Shard(0),)
+    mla, lora = results["mla"][0], results["mla-q-lora"][0]
+    assert mla["layers.0.attention.wq.weight"] == (Shard(0),)
+    assert mla["layers.0.attention.wkv_b.weight"] == (Shard(0),)
+    assert mla["layers.0.attention.wkv_a.weight"] == (Replicate(),)
+    assert mla["layers.0.attention.wk_rope.weight"] == (Replicate(),)
+    assert lora["layers.0.attention.wq_a.weight"] == (Replicate(),)
+    assert lora["layers.0.attention.wq_b.weight"] == (Shard(0),)

@@ -12,12 +12,25 @@ edge cases: docs/load_balancing.md ("Capacity and token rounding"), docs/feature
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def count_per_expert(expert_A: torch.Tensor, num_experts: int,
+                     taken_A: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Assignments per expert, [num_experts] int64, of expert ids `expert_A` (any shape; ids in
+    [0, num_experts)), counting only where `taken_A` (same shape, bool) is true if given.
+
+    A scatter-add rather than torch.bincount: bincount sizes its output from the largest id,
+    which on a GPU is a device-to-host sync per call."""
+    ones = (torch.ones_like(expert_A) if taken_A is None else taken_A.to(expert_A.dtype))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_A.device)
+    return counts.scatter_add_(0, expert_A.reshape(-1), ones.reshape(-1).to(torch.int64))
 
 
 def rank_within_expert(
@@ -32,7 +45,7 @@ def rank_within_expert(
     # so each expert's assignments stay in priority order).
     by_priority_A = torch.argsort(priority_TK.detach().reshape(-1), descending=True, stable=True)
     order_A = by_priority_A[torch.argsort(expert_A[by_priority_A], stable=True)]
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    counts_E = count_per_expert(expert_A, num_experts)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     rank_A = torch.empty_like(expert_A)
     rank_A[order_A] = torch.arange(T * K, device=expert_A.device) - start_E[expert_A[order_A]]

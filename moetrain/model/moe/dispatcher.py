@@ -6,11 +6,17 @@
 The dispatch is three stages; an expert-parallel dispatcher (moetrain.parallel) subclasses
 `LocalDispatcher` and overrides only the middle one:
 
-    permute   (local)   sort the kept assignments by expert, gather their rows
+    permute   (local)   sort the assignments by expert, gather their rows
     exchange  (comm)    identity here; all-to-all to the ranks owning the experts for EP > 1
     [experts: grouped GEMM over the received rows]
     exchange_back       identity here; the reverse all-to-all
     unpermute (local)   weight the rows and sum each token's k rows
+
+Shapes are static: all T*k assignments are permuted, dropped ones (capacity, token rounding,
+null experts, beyond a top-p threshold) sorted after the kept ones, so no tensor's size depends
+on the routing and nothing reads the device from the host. The experts' counts cover the kept
+rows only; the rows after them are not computed, are zeroed on the way in (no gradient reaches
+their tokens) and masked on the way out.
 """
 
 from __future__ import annotations
@@ -20,18 +26,19 @@ from typing import Any, Optional
 
 import torch
 
+from moetrain import kernels
+from moetrain.kernels.rowmap import RowMap
+from moetrain.model.moe.capacity import count_per_expert
 from moetrain.model.moe.router import RouterOutput
 
 
 @dataclass
 class PermuteHandle:
-    """What unpermute needs to put expert rows back; N = kept assignments."""
+    """What unpermute needs to put expert rows back."""
 
-    slot_N: torch.Tensor  # flat assignment index t * k + j of each permuted row
-    weight_N: torch.Tensor  # its combine weight (fp32)
-    rows_N: Optional[torch.Tensor]  # its row in a capacity-padded buffer; None = row i is i
-    num_tokens: int
-    top_k: int
+    row_map: RowMap  # buffer row <-> assignment, both ways (moetrain.kernels.rowmap)
+    weight_TK: torch.Tensor  # combine weights [T, k] (fp32)
+    kept_M: Optional[torch.Tensor] = None  # bool [M]: rows the experts compute; None = all
 
 
 @dataclass
@@ -44,12 +51,14 @@ class LocalDispatcher:
     """EP = 1: every expert is local, the exchange is the identity.
 
     With `pad_to_capacity` and a routing that carries a capacity, every expert's buffer is
-    padded with zero rows to exactly `capacity` rows (static shapes).
+    padded with zero rows to exactly `capacity` rows. `kernels` (`model.moe.kernels`: auto |
+    torch | triton) picks the Triton or the PyTorch permute and combine (moetrain.kernels).
     """
 
-    def __init__(self, num_experts: int, pad_to_capacity: bool = False):
+    def __init__(self, num_experts: int, pad_to_capacity: bool = False, kernels: str = "auto"):
         self.num_experts = num_experts
         self.pad_to_capacity = pad_to_capacity
+        self.kernels = kernels
 
     def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput):
         x_ND, counts_E, perm = self.permute(x_TD, routing)
@@ -67,39 +76,44 @@ class LocalDispatcher:
         return y_ND
 
     def permute(self, x_TD: torch.Tensor, routing: RouterOutput):
-        """Rows of x grouped by expert (token order within an expert), counts [E] int64."""
+        """Rows of x grouped by expert (token order within an expert; dropped assignments last),
+        [M, D] with M = T*k (E*C with pad_to_capacity), and the kept rows per expert, counts
+        [E] int64."""
         T, K = routing.topk_idx_TK.shape
-        E = self.num_experts
+        E, A = self.num_experts, T * K
+        device = x_TD.device
         expert_A = routing.topk_idx_TK.reshape(-1)
-        slot_A = torch.arange(T * K, device=x_TD.device)
-        if routing.keep_TK is not None:
-            slot_A = slot_A[routing.keep_TK.reshape(-1)]
-            expert_A = expert_A[slot_A]
-        order_N = torch.argsort(expert_A, stable=True)
-        slot_N = slot_A[order_N]
-        expert_N = expert_A[order_N]
-        counts_E = torch.bincount(expert_N, minlength=E)
-        x_ND = x_TD.index_select(0, torch.div(slot_N, K, rounding_mode="floor"))
-        weight_N = routing.topk_weight_TK.reshape(-1)[slot_N]
-        rows_N = None
+        if routing.keep_TK is not None:  # dropped assignments to a bucket past the experts
+            expert_A = expert_A.masked_fill(~routing.keep_TK.reshape(-1), E)
+        slot_N = torch.argsort(expert_A, stable=True)  # assignment of permuted row n
+        expert_N = expert_A[slot_N]
+        counts_E = count_per_expert(expert_A, E + 1)[:E]
+        padded = routing.keep_TK is not None
         if self.pad_to_capacity and routing.capacity is not None:
             C = routing.capacity
             start_E = torch.cumsum(counts_E, 0) - counts_E
-            rank_N = torch.arange(len(slot_N), device=x_TD.device) - start_E[expert_N]
+            rank_N = torch.arange(A, device=device) - start_E[expert_N.clamp(max=E - 1)]
             rows_N = expert_N * C + rank_N
-            x_ND = x_ND.new_zeros(E * C, x_ND.shape[1]).index_copy(0, rows_N, x_ND)
-            counts_E = torch.full_like(counts_E, C)
-        return x_ND, counts_E, PermuteHandle(slot_N, weight_N, rows_N, T, K)
+            if padded:  # dropped rows to a spare row past the E*C buffer (then cut off)
+                rows_N = torch.where(expert_N < E, rows_N, E * C)
+            M, padded, counts_E = E * C, True, torch.full_like(counts_E, C)
+        else:
+            rows_N, M = torch.arange(A, device=device), A
+        kept_N = expert_N < E
+        slot_M = torch.full((M + 1,), -1, dtype=torch.long, device=device)
+        slot_M = slot_M.scatter(0, rows_N, torch.where(kept_N, slot_N, -1))[:M]
+        pos_A = torch.full((A,), -1, dtype=torch.long, device=device)
+        pos_A = pos_A.scatter(0, slot_N, torch.where(kept_N, rows_N, -1))
+        row_map = RowMap(slot_M, pos_A.view(T, K), padded=padded)
+        x_MD = kernels.permute(x_TD, row_map, self.kernels)
+        kept_M = (slot_M >= 0) if padded else None
+        return x_MD, counts_E, PermuteHandle(row_map, routing.topk_weight_TK, kept_M)
 
-    def unpermute(self, y_ND: torch.Tensor, perm: PermuteHandle) -> torch.Tensor:
-        """Weighted sum of each token's k expert rows; dropped assignments add zero.
-
-        Rows are copied into a [T*k, D] buffer and summed over k instead of index_add'ed into
-        [T, D]: the sum order is fixed, so the result is deterministic on GPU too (no atomics).
-        """
-        if perm.rows_N is not None:
-            y_ND = y_ND.index_select(0, perm.rows_N)
-        weighted_ND = (y_ND.float() * perm.weight_N.unsqueeze(-1)).to(y_ND.dtype)
-        T, K, D = perm.num_tokens, perm.top_k, y_ND.shape[1]
-        y_AD = y_ND.new_zeros(T * K, D).index_copy(0, perm.slot_N, weighted_ND)
-        return y_AD.view(T, K, D).sum(1, dtype=torch.float32).to(y_ND.dtype)
+    def unpermute(self, y_MD: torch.Tensor, perm: PermuteHandle) -> torch.Tensor:
+        """Weighted sum of each token's k expert rows (fp32, in j order: deterministic, no
+        atomics); dropped assignments add zero."""
+        if perm.kept_M is not None:
+            # Rows the experts did not compute hold garbage (NaN, inf): zero them before they
+            # meet the weights, whose gradient would otherwise be 0 * NaN.
+            y_MD = torch.where(perm.kept_M.unsqueeze(-1), y_MD, 0)
+        return kernels.unpermute(y_MD, perm.weight_TK, perm.row_map, self.kernels)

@@ -3,7 +3,8 @@
     out[n] = (silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e]   for row n of expert e's group
 
 Weights: w1_EDF, w3_EDF [E, D, F], w2_EFD [E, F, D]; rows of x arrive grouped by expert with
-`tokens_per_expert` rows each. Under expert parallelism E is the local expert count and under
+`tokens_per_expert` rows each; rows after the last group (dropped assignments) are not computed
+and their output is undefined (the dispatcher masks them). Under expert parallelism E is the local expert count and under
 expert tensor parallelism F the local width; both are read from the weights.
 
 The grouped GEMM (`torch.nn.functional.grouped_mm`) is the default wherever it runs: on CPU in
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moetrain import kernels
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _probe_results: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -35,6 +38,7 @@ def _gmm(x_ND: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> to
     return out
 
 
+@torch.compiler.disable  # probes with real tensors, not with a compile's fake ones
 def grouped_mm_usable(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
     if _grouped_mm is None or x_ND.shape[0] == 0:
         return False
@@ -73,26 +77,35 @@ def _local(w: torch.Tensor) -> torch.Tensor:
 
 
 def experts_loop(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
-    """Reference: one SwiGLU per expert over its slice of rows."""
+    """Reference: one SwiGLU per expert over its slice of rows; rows after the experts' counts
+    (assignments the dispatcher did not keep) come out as zeros. Reads the counts on the host."""
     splits = tokens_per_expert_E.tolist()
     outs = []
-    for e, x_nD in enumerate(torch.split(x_ND, splits)):
+    for e, x_nD in enumerate(torch.split(x_ND[:sum(splits)], splits)):
         h_nF = F.silu(x_nD @ w1_EDF[e]) * (x_nD @ w3_EDF[e])
         outs.append(h_nF @ w2_EFD[e])
-    if not outs:
-        return x_ND.new_zeros(0, w2_EFD.shape[-1])
+    rest = x_ND.shape[0] - sum(splits)
+    outs.append(x_ND.new_zeros(rest, w2_EFD.shape[-1]))
     return torch.cat(outs)
 
 
-def experts_grouped(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+def experts_grouped(x_ND, tokens_per_expert_E, w1_EDF, w3_EDF, w2_EFD,
+                    kernel: str = "torch") -> torch.Tensor:
+    """The grouped-GEMM path; `kernel` picks the SwiGLU between the GEMMs (moetrain.kernels)."""
     offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-    h_NF = F.silu(_gmm(x_ND, w1_EDF, offsets_E)) * _gmm(x_ND, w3_EDF, offsets_E)
+    a_NF, b_NF = _gmm(x_ND, w1_EDF, offsets_E), _gmm(x_ND, w3_EDF, offsets_E)
+    h_NF = F.silu(a_NF) * b_NF if kernel == "torch" else kernels.swiglu(a_NF, b_NF, kernel)
     return _gmm(h_NF, w2_EFD, offsets_E)
+
+
+# torch.compile traces grouped_mm only in bf16 (its shape function refuses other dtypes, which
+# the CPU kernel runs): other dtypes run it eagerly, a graph break around the expert GEMMs.
+_experts_grouped_eager = torch.compiler.disable(experts_grouped)
 
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int,
-                 use_grouped_mm: Optional[bool] = None):
+                 use_grouped_mm: Optional[bool] = None, kernels: str = "auto"):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -100,6 +113,7 @@ class GroupedExperts(nn.Module):
         # None = grouped GEMM when usable, else the loop; True/False force one (True raises
         # inside grouped_mm where it does not run).
         self.use_grouped_mm = use_grouped_mm
+        self.kernels = kernels  # model.moe.kernels, for the SwiGLU
         # Which part of the model's experts these weights hold: experts [expert_offset,
         # expert_offset + num_local_experts) of num_global_experts, hidden columns
         # [hidden_offset, hidden_offset + local width) of global_hidden. The forward reads only
@@ -148,5 +162,7 @@ class GroupedExperts(nn.Module):
         if grouped is None:
             grouped = grouped_mm_usable(x_ND, w1, w3, w2)
         if grouped and x_ND.shape[0] > 0:
-            return experts_grouped(x_ND, tokens_per_expert_E, w1, w3, w2)
+            fn = experts_grouped if x_ND.dtype == torch.bfloat16 else _experts_grouped_eager
+            kernel = kernels.choose(self.kernels, "swiglu", x_ND)
+            return fn(x_ND, tokens_per_expert_E, w1, w3, w2, kernel)
         return experts_loop(x_ND, tokens_per_expert_E, w1, w3, w2)

@@ -1,7 +1,7 @@
 """The MoE layer: Router -> capacity (optional) -> dispatch -> GroupedExperts -> combine,
 plus optional shared experts, with the aux losses injected into the backward pass.
 
-    y = combine(experts(dispatch(x))) + shared_experts(x)
+    y = combine(experts(dispatch(x))) + [sigmoid(x . w_gate) *] shared_experts(x)
     aux = lbl.coeff * LBL + z_loss_coeff * z           (see moe/losses.py)
 
 The aux losses never appear in the forward's outputs: `AttachAuxLoss` ties `aux` to y so that
@@ -43,9 +43,10 @@ class MoELayer(nn.Module):
         self.token_rounding = cfg.token_rounding
         self.lbl_coeff = cfg.lbl.coeff
         self.z_loss_coeff = cfg.z_loss_coeff
-        self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob, cfg.routing)
-        self.experts = GroupedExperts(E, dim, cfg.expert_hidden)
-        self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity)
+        self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob, cfg.routing,
+                             cfg.routed_scaling_factor)
+        self.experts = GroupedExperts(E, dim, cfg.expert_hidden, kernels=cfg.kernels)
+        self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity, cfg.kernels)
         # Null experts are routing slots: they share the load-balancing loss with real experts.
         self.lbl = LoadBalancingLoss(self.router.num_experts, cfg.lbl.scope)
         self.shared_experts: Optional[FeedForward] = None
@@ -53,6 +54,10 @@ class MoELayer(nn.Module):
             width = cfg.shared_expert_hidden or cfg.expert_hidden
             # n shared experts that every token uses == one SwiGLU of n times the width.
             self.shared_experts = FeedForward(dim, cfg.num_shared_experts * width)
+        # Qwen2-MoE's per-token gate of the shared experts: sigmoid(x . w) scales their output.
+        self.shared_expert_gate: Optional[nn.Linear] = None
+        if cfg.num_shared_experts > 0 and cfg.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
         self.aux_loss_scale = 1.0
         # Ranks that split every micro-batch's tokens between them (`use_layout`).
         self.token_shards = 1
@@ -125,7 +130,10 @@ class MoELayer(nn.Module):
         y_ND = self.experts(x_ND, tokens_per_expert)
         y_TD = self.dispatcher.combine(y_ND, handle)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         y_BSD = y_TD.view(B, S, D)
 
         probs_TE = score_distribution(routing.scores_TE, self.score_func)

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from moetrain.model.moe.capacity import count_per_expert
+
 
 def in_backward() -> bool:
     """True while autograd executes a backward pass, i.e. during activation-checkpoint recompute.
@@ -104,8 +106,7 @@ class LoadBalancingLoss(nn.Module):
             p_BE = probs_TE.reshape(B, -1, E).sum(1) / max(T // max(B, 1), 1)
             lbl = E * _FrozenWeightSum.apply(p_BE, f_BE / max(B, 1))
             return lbl, counts_BE.sum(0)
-        taken_A = topk_idx_TK.reshape(-1) if selected_TK is None else topk_idx_TK[selected_TK]
-        counts_E = torch.bincount(taken_A, minlength=E)
+        counts_E = count_per_expert(topk_idx_TK, E, selected_TK)
         f_E = self._frequencies(counts_E)
         p_E = probs_TE.sum(0) / max(T, 1)
         return E * _FrozenWeightSum.apply(p_E, f_E), counts_E

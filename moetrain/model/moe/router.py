@@ -7,9 +7,14 @@
     topk_idx[t]   = the k experts with the largest select[t]   (descending)
     topk_weight[t, j] = scores[t, topk_idx[t, j]]                (unbiased)
                         / sum over active j' of scores[t, topk_idx[t, j']]   if norm_topk_prob
+                        * routed_scaling_factor                  (DeepSeek-V2/V3; else 1)
 
 `norm_topk_prob` means the same thing for both score functions (one flag, one meaning); its
-default (True) gives DeepSeek-V3's sigmoid routing and Mixtral/Qwen-MoE's softmax routing. With
+default (True) gives DeepSeek-V3's sigmoid routing and Mixtral/Qwen-MoE's softmax routing.
+The bias is always part of selection (zero unless moved by `bias_rate` or loaded with a
+checkpoint, e.g. DeepSeek-V3's `e_score_correction_bias`). A group's score under `limited` is
+the sum of its two best selection scores (DeepSeek-V3) or its best one (`group_score=max`,
+DeepSeek-V2's group_limited_greedy). With
 top_k = 1 and norm_topk_prob the combine weight is constantly 1, so the router gets no gradient
 from the LM loss (only from the aux losses) - Switch-style top-1 routing wants norm_topk_prob off.
 
@@ -59,6 +64,7 @@ class Router(nn.Module):
         score_func: str = "softmax",
         norm_topk_prob: bool = True,
         routing: Optional[RoutingConfig] = None,
+        routed_scaling_factor: float = 1.0,
     ):
         super().__init__()
         routing = routing or RoutingConfig()
@@ -67,6 +73,7 @@ class Router(nn.Module):
         self.top_k = top_k
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
         self.routing = routing
         self.num_real_experts = num_experts
         self.weight = nn.Parameter(torch.empty(slots, dim))
@@ -99,6 +106,8 @@ class Router(nn.Module):
             # scales the token's expert output down, as in AdaMoE.
             counted_TK = topk_score_TK if within_TK is None else topk_score_TK * within_TK
             weight_TK = topk_score_TK / counted_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * self.routed_scaling_factor
         return RouterOutput(logits_TE, scores_TE, weight_TK, topk_idx_TK, active_TK=active_TK,
                             selected_TK=within_TK)
 
@@ -106,7 +115,7 @@ class Router(nn.Module):
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Expert ids [T, k] by descending selection score (bias and groups applied)."""
         r, k = self.routing, self.top_k
-        select_TE = scores_TE + self.expert_bias if r.bias_rate > 0 else scores_TE
+        select_TE = scores_TE + self.expert_bias
         if r.group_mode == "none" or r.num_groups == 1:
             return torch.topk(select_TE, k, dim=-1).indices
         T, E = select_TE.shape
@@ -119,8 +128,9 @@ class Router(nn.Module):
             idx_TK = (local_TGP + torch.arange(G, device=local_TGP.device).view(1, G, 1) * (E // G)).view(T, k)
             order = torch.argsort(select_TE.gather(1, idx_TK), dim=-1, descending=True, stable=True)
             return idx_TK.gather(1, order)
-        # limited: a group's score is the sum of its two best experts (one if groups are single).
-        best = min(2, E // G)
+        # limited: a group's score is the sum of its two best experts (one if groups are single),
+        # or its best expert.
+        best = 1 if r.group_score == "max" else min(2, E // G)
         group_score_TG = torch.topk(grouped_TGM, best, dim=-1).values.sum(-1)
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(
             1, torch.topk(group_score_TG, r.topk_groups, dim=-1).indices, True)

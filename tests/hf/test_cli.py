@@ -1,0 +1,114 @@
+"""python -m moetrain.hf: overrides that reproduce an HF config, exports refused with the
+feature named and nothing written, and the sentencepiece -> HF tokenizer conversion giving the
+same ids on the corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moetrain.checkpoint import CheckpointManager, TrainState
+from moetrain.config import compose, to_object, validate
+from moetrain.config.schema import DataConfig
+from moetrain.data import Tokenizer, ensure_prepared, load_index
+from moetrain.data.prepare import corpus_files, corpus_fingerprint
+from moetrain.hf.__main__ import main
+from moetrain.hf.config import differences, hf_overrides, load_hf_config
+from moetrain.hf.tokenizer import load_hf_tokenizer, sentencepiece_to_hf
+from moetrain.model import Transformer
+from tests.hf.families import save_hf
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_overrides_reproduce_the_hf_config(family, tmp_path, capsys):
+    save_hf(family, tmp_path)
+    assert main(["overrides", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"model.family={family}" in lines
+    cfg = to_object(compose(["+experiment=tiny", *lines]))
+    validate(cfg)
+    assert differences(cfg.model, hf_overrides(load_hf_config(tmp_path))) == []
+
+
+def _run(tmp_path: Path, *overrides: str, bias: float = 0.0) -> Path:
+    """A run directory with config.yaml and a step_1 checkpoint of a tiny model."""
+    cfg = to_object(compose(["+experiment=tiny", *overrides]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    with torch.no_grad():
+        model.layers["1"].moe.router.expert_bias.fill_(bias)
+    CheckpointManager(run, None).save(model, torch.optim.AdamW(model.parameters()),
+                                      TrainState(step=1), meta={"tokenizer": "/nonexistent"})
+    return run
+
+
+def test_exports_that_cannot_be_exact_are_refused_naming_the_feature(tmp_path, capsys):
+    out = tmp_path / "hf"
+    run = _run(tmp_path, "model.moe.first_dense_layers=0")
+    tok = ensure_prepared(DataConfig(), 8192)
+    tok = tok / load_index(tok)["tokenizer"]
+
+    def refused(*args):
+        assert main(["export", str(run), str(out), *args]) == 2
+        assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))  # nothing written
+        return capsys.readouterr().err
+
+    assert "model.family=custom" in refused("--tokenizer", str(tok))
+    assert "model.qk_norm" in refused("--family", "qwen3_moe", "--tokenizer", str(tok))
+    assert "--tokenizer" in refused("--family", "mixtral")  # the recorded one does not exist
+    err = refused("--family", "deepseek_v3", "--tokenizer", str(tok))
+    assert "model.attention must be mla" in err and "model.moe.score_func must be sigmoid" in err
+    # the tiny model is a Mixtral without dense layers: exported, with the bias at zero
+    assert main(["export", str(run), str(out), "--family", "mixtral", "--tokenizer", str(tok)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+    names = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any("e_score_correction_bias" in n for n in names)  # a family without a bias
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.weight" in names
+
+
+def test_a_non_zero_expert_bias_is_refused_by_a_family_without_one(tmp_path, capsys):
+    run = _run(tmp_path, "model.moe.first_dense_layers=0", "model.family=mixtral", bias=0.1)
+    tok = ensure_prepared(DataConfig(), 8192)
+    assert main(["export", str(run), str(tmp_path / "hf"), "--tokenizer",
+                 str(tok / load_index(tok)["tokenizer"])]) == 2
+    err = capsys.readouterr().err
+    assert "expert_bias is non-zero" in err and "model.moe.routing.bias_rate" in err
+
+
+def test_the_converted_tokenizer_encodes_the_corpus_as_sentencepiece(tmp_path):
+    prepared = ensure_prepared(DataConfig(), 8192)
+    spm = Tokenizer.from_prepared(prepared)
+    sentencepiece_to_hf(spm.model_file, tmp_path)
+    hf = load_hf_tokenizer(tmp_path)
+    _, files = corpus_files(DataConfig().corpus)
+    text = files[0].read_text()[:200_000] + " \t\n  ünïcödé ☃ 😀 12345"
+    ids = spm.encode(text)
+    assert hf.encode(text, add_special_tokens=False) == ids
+    assert hf.decode(ids) == spm.decode(ids) == text
+    assert (hf.eos_token_id, hf.bos_token_id) == (spm.eos_id, spm.bos_id)
+
+
+def test_an_imported_models_tokenizer_prepares_the_data(tmp_path):
+    """The prepared data of a run with model.init.from_hf uses the folder's tokenizer.json (a
+    different vocabulary is a different prepared dataset)."""
+    from moetrain.data import PackedTokenDataset
+    from moetrain.data.tokenizer import HFTokenizer
+
+    spm = Tokenizer.from_prepared(ensure_prepared(DataConfig(), 8192))
+    sentencepiece_to_hf(spm.model_file, tmp_path)
+    prepared = ensure_prepared(DataConfig(), 9000, hf_tokenizer=tmp_path)  # padded embedding
+    assert load_index(prepared)["tokenizer"] == "tokenizer.json"
+    tok = Tokenizer.from_prepared(prepared)
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 8192
+    root, files = corpus_files(DataConfig().corpus)
+    first = PackedTokenDataset(prepared, "train", 64).get_batch([0])[0].tolist()
+    assert first == tok.encode(files[0].read_text())[:len(first)]  # the stream starts with doc 0
+    # the vocabulary is part of the prepared data's identity
+    assert load_index(prepared)["corpus_fingerprint"] != corpus_fingerprint(root, files)

@@ -1,0 +1,151 @@
+"""The host-sync budget of a training step: one read of the device per optimizer step (loss,
+gradient norm, stop flags and routing statistics together), plus with expert parallelism the
+count exchange the all-to-all needs, once per MoE layer and forward.
+
+On the CPU nothing actually waits, so the test counts what would make a GPU step wait: host
+reads (`.item()`/`float()`/`bool()` via aten._local_scalar_dense, `.tolist()`, `.cpu()`,
+`.numpy()`) and ops whose output size depends on the data (nonzero, boolean indexing,
+masked_select, bincount, unique, repeat_interleave without output_size). The optimizer's own
+step is left out: on CUDA moetrain uses the fused AdamW, which reads nothing; torch's CPU
+AdamW reads its step counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moetrain.config import compose, to_object, validate
+from moetrain.model import moe_layers
+from moetrain.runtime import init_runtime
+from moetrain.trainer import Trainer
+from tests.distributed.launcher import run_distributed
+
+DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default", "aten.bincount.default",
+                  "aten._unique2.default", "aten.unique_dim.default",
+                  "aten.unique_consecutive.default", "aten.repeat_interleave.Tensor"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host reads and data-dependent shapes while active (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name == "aten._local_scalar_dense.default":
+            self.events.append(f"host read ({_caller()})")
+        elif name in DATA_DEPENDENT and not (name.startswith("aten.repeat_interleave")
+                                             and kwargs.get("output_size") is not None):
+            self.events.append(f"{name} ({_caller()})")
+        elif name == "aten.index.Tensor" and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            self.events.append(f"boolean index ({_caller()})")
+        return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    for frame in inspect.stack()[2:]:
+        if "/moetrain/" in frame.filename and "/torch/" not in frame.filename:
+            return f"{frame.filename.rsplit('/moetrain/', 1)[1]}:{frame.lineno}"
+    return "?"
+
+
+@contextlib.contextmanager
+def counting(trainer: Trainer):
+    """Count during `train_step`, except inside `optimizer.step`; Python-level reads too."""
+    counter = SyncCounter()
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
+    paused = [False]
+
+    def wrap(name):
+        def method(self, *args, **kwargs):
+            if not paused[0]:
+                counter.events.append(f"Tensor.{name} ({_caller()})")
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    step = trainer.optimizer.step
+
+    def optimizer_step(*args, **kwargs):
+        paused[0] = True
+        with torch.utils._python_dispatch._disable_current_modes():
+            try:
+                return step(*args, **kwargs)
+            finally:
+                paused[0] = False
+
+    trainer.optimizer.step = optimizer_step
+    for name in originals:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        with counter:
+            yield counter.events
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        trainer.optimizer.step = step
+
+
+BASE = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
+        "train.eval_every=0", "train.device=cpu", "train.dtype=fp32", "checkpoint.every=0",
+        "checkpoint.resume=never", "logging.progress=false"]
+
+
+def _trainer(tmp_path, overrides, world_size=1):
+    cfg = to_object(compose(BASE + list(overrides)))
+    validate(cfg)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, init_runtime(cfg), run_dir)
+
+
+def _count_step(trainer) -> list[str]:
+    trainer.train_step(trainer.sampler.next_step())  # first step: lazy initialisation
+    with counting(trainer) as events:
+        trainer.train_step(trainer.sampler.next_step())
+    return events
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # dropless
+    ["model.moe.capacity_factor=1.0", "model.moe.lbl.scope=global"],  # dropping, global LBL
+    ["model.moe.routing.top_p=0.5", "model.moe.routing.num_null_experts=2",
+     "model.moe.routing.bias_rate=0.01", "model.moe.token_rounding=8"],
+    ["train.recompute=full"],
+])
+def test_one_host_read_per_step(tmp_path, overrides):
+    events = _count_step(_trainer(tmp_path, overrides))
+    assert len(events) == 1 and events[0].startswith("Tensor.tolist (parallel/context.py"), events
+
+
+def _ep_events(rank, world_size, tmp_path):
+    trainer = _trainer(tmp_path / f"r{rank}", ["parallel.ep=2"], world_size)
+    return _count_step(trainer), len(moe_layers(trainer.model))
+
+
+def test_expert_parallel_adds_only_the_count_exchange(tmp_path):
+    # one micro-batch per rank: each MoE layer's forward exchanges its counts once
+    results = run_distributed(_ep_events, 2, tmp_path, timeout=120)
+    for events, n_layers in results:
+        exchanges = [e for e in events if "parallel/expert_parallel.py" in e]
+        others = [e for e in events if e not in exchanges]
+        assert len(exchanges) == n_layers and all(e.startswith("Tensor.tolist") for e in exchanges)
+        assert len(others) == 1 and others[0].startswith("Tensor.tolist (parallel/context.py"), events
+
+
+def test_the_counter_sees_reads_and_dynamic_shapes():
+    counter = SyncCounter()
+    with counter:
+        t = torch.arange(6)
+        float(t.sum())
+        t[t > 2]
+        torch.bincount(t)
+    assert len(counter.events) == 3
