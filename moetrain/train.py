@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, register_configs, to_object, validate
-from moetrain.data import DataError
+from moetrain.data import DataError, ensure_prepared
 from moetrain.runtime import Runtime, init_runtime, resolve_run_dir, shutdown
 
 log = logging.getLogger("moetrain")
@@ -45,6 +45,8 @@ def run(cfg: DictConfig) -> int:
     try:
         typed = to_object(cfg)
         validate(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        # Bad data is refused, and the data prepared, before any process group or run directory.
+        ensure_prepared(typed.data, typed.model.vocab_size)
         rt = init_runtime(typed)
         run_dir = resolve_run_dir(typed, rt)
         if rt.is_main:

@@ -19,7 +19,7 @@ from moetrain.checkpoint import CheckpointManager, TrainState
 from moetrain.checkpoint.convert import load_model_state
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import GlobalBatchSampler, PackedTokenDataset, ensure_prepared, val_steps
+from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
 from moetrain.metrics import MetricsLogger, RoutingAccumulator
 from moetrain.model import (
     Transformer, reset_lbl_accumulators, set_aux_loss_scale, set_capacity_factor,
@@ -48,14 +48,13 @@ class Trainer:
         self.par = build_parallel_context(dims, rt.device.type)
 
         prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
-        self.train_data = PackedTokenDataset(prepared, "train", cfg.data.seq_len)
-        self.val_data = (
-            PackedTokenDataset(prepared, "val", cfg.data.seq_len) if t.eval_every > 0 else None
-        )
-        self.sampler = GlobalBatchSampler(
-            num_samples=len(self.train_data), global_batch_size=t.global_batch_size,
+        self.train_data, self.val_data = mixture_datasets(
+            prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
+        self.sampler = MixtureSampler(
+            self.train_data.sizes, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
-            dp_size=self.par.dp_size, seed=t.seed,
+            dp_size=self.par.dp_size, seed=t.seed, weights=self.train_data.weights,
+            names=self.train_data.names, on_exhausted=cfg.data.on_exhausted,
         )
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.micro_batches_per_step = t.global_batch_size // t.micro_batch_size
@@ -125,8 +124,16 @@ class Trainer:
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
                 top_k = self._apply_sparsity_schedule(step)
+                try:
+                    micro_batches = self.sampler.next_step()
+                except DataExhausted as err:  # data.on_exhausted=stop
+                    if self.rt.is_main:
+                        log.info("stopping at step %d: %s", step, err)
+                    if c.every > 0 and step % c.every:
+                        self.save_checkpoint()
+                    break
                 start = time.monotonic()
-                record, routing = self.train_step(self.sampler.next_step())
+                record, routing = self.train_step(micro_batches)
                 elapsed = time.monotonic() - start
 
                 self.state.step += 1
@@ -149,6 +156,9 @@ class Trainer:
                     top_k=top_k, bad_steps_total=self.state.bad_steps_total,
                     step_time_s=elapsed,
                 )
+                # The realised mixture: training tokens drawn from each source so far.
+                record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
+                               for name, n in self.sampler.consumed().items()})
                 if t.eval_every and self.state.step % t.eval_every == 0:
                     record["val_loss"] = self.evaluate()
                 if self.metrics is not None and (
