@@ -80,7 +80,7 @@ class MixtureSampler:
         self.on_exhausted = str(getattr(on_exhausted, "value", on_exhausted))
         self.offsets = np.cumsum([0] + self.sizes)
         for name, size, w in zip(self.names, self.sizes, self.weights):
-            need = min(global_batch_size, int(global_batch_size * w) + 2)
+            need = _max_count(global_batch_size, w)
             if size < need:
                 share = "" if n == 1 else f" (its share of a batch is up to {need})"
                 raise DataError(
@@ -201,13 +201,18 @@ class MixtureSampler:
         self._orders = {}
 
 
+def _max_count(global_batch_size: int, weight: float) -> int:
+    # c_s < credit + G * w + 1 with credit < 1: at most ceil(G * w + 2) - 1 in one batch.
+    return min(global_batch_size, math.ceil(global_batch_size * weight + 2) - 1)
+
+
 def eval_order(sizes: Sequence[int], weights: Sequence[float], global_batch_size: int,
                max_batches: int) -> np.ndarray:
     """Positions of an evaluation set -> global indices: up to `max_batches` global batches in
     which the sources appear by weight, each source's sequences in order (no shuffle). Sources
     with too few sequences for their share are left out."""
     keep = [s for s, (n, w) in enumerate(zip(sizes, weights))
-            if n >= min(global_batch_size, int(global_batch_size * w / sum(weights)) + 2)]
+            if n >= _max_count(global_batch_size, w / sum(weights))]
     if not keep or max_batches <= 0:
         return np.zeros(0, dtype=np.int64)
     offsets = np.cumsum([0] + list(sizes))

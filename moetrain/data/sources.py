@@ -72,7 +72,7 @@ def default_name(path: str) -> str:
     p = expand_path(path).rstrip("/")
     if _GLOB_CHARS.search(p):
         head = p[: _GLOB_CHARS.search(p).start()]
-        return Path(head).name if not head.endswith("/") else Path(head.rstrip("/")).name or "source"
+        return Path(head[: head.rfind("/") + 1]).name or "source"
     return _strip_format(Path(p).name) or "source"
 
 
@@ -111,8 +111,8 @@ class Source:
             paths = sorted(Path(f) for f in glob.glob(self.path, recursive=True) if os.path.isfile(f))
             if not paths:
                 raise DataError(f"{where} matches no file")
-            root = Path(self.path[: _GLOB_CHARS.search(self.path).start()])
-            root = root if str(root).endswith("/") and root.is_dir() else root.parent
+            head = self.path[: _GLOB_CHARS.search(self.path).start()]
+            root = Path(head[: head.rfind("/") + 1] or ".")
             unknown = [f for f in paths if file_format(f) is None]
             if unknown:
                 raise DataError(f"{where}: unknown format of {unknown[0]}; valid: {VALID_FORMATS}")

@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +46,21 @@ def default_num_workers() -> int:
 
 
 # ----------------------------------------------------------------------------- workers
+
+def _forget_parents_forkserver() -> None:
+    # A forked child (e.g. a rank forked by a test harness) must start a forkserver of its own:
+    # the inherited one is not its child (waitpid fails) and is shared with the parent.
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    for attr in ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_forkserver_authkey"):
+        if hasattr(server, attr):
+            setattr(server, attr, None)
+    server._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parents_forkserver)
+
 
 _worker_tokenizer: Tokenizer | None = None
 
