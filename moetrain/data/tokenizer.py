@@ -13,7 +13,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from moetrain.data.errors import DataError
 
@@ -98,15 +98,28 @@ class Tokenizer:
         import sentencepiece as spm
 
         buf = io.BytesIO()
+        failed: list[BaseException] = []
+
+        def sentences() -> Iterator[str]:
+            # sentencepiece turns an error of the iterator into its own RuntimeError: keep ours.
+            try:
+                yield from lines
+            except BaseException as e:
+                failed.append(e)
+                raise
+
         try:
             # model_writer + sentence_iterator: the model records no file paths, so it is
             # byte-identical wherever it is trained.
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, **_TRAINER_ARGS
+                sentence_iterator=sentences(), model_writer=buf, vocab_size=vocab_size, **_TRAINER_ARGS
             )
         except RuntimeError as e:
+            if failed:
+                raise failed[0] from None
+            reason = " ".join(str(e).split())  # one line
             raise DataError(
-                f"training a {vocab_size}-piece BPE tokenizer failed ({e}); the vocabulary "
+                f"training a {vocab_size}-piece BPE tokenizer failed ({reason}); the vocabulary "
                 "(data.tokenizer.vocab_size, else model.vocab_size) must hold 259 byte/special "
                 "pieces plus the corpus characters, and the corpus must be large enough for the "
                 "requested number of merges"
