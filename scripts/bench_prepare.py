@@ -1,0 +1,213 @@
+"""Benchmark data preparation: tokens/s and peak memory for 1, 2, ... tokenising workers.
+
+Generates a jsonl corpus of --size-mb from text on this machine (the shipped corpus, the Python
+standard library and installed packages' sources, /usr/share/doc), trains a sentencepiece BPE
+(or a `tokenizers` byte-level BPE) of --vocab-size on a sample of it once, then prepares the
+corpus with that existing tokenizer for each --workers count, each run in a fresh process:
+
+    python scripts/bench_prepare.py --size-mb 200 --workers 1 2
+    python scripts/bench_prepare.py --size-mb 1000 --workers 2 --tokenizer tokenizers
+
+Peak memory is the largest sum over the preparing process and its workers, sampled every 0.2 s:
+PSS (shared pages split between the processes that map them) and RSS (shared pages counted in
+every process). Results: docs/data.md. Nothing is written outside --work (default /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_BYTES = 64 << 20
+DOC_CHARS = 50_000  # longer files are cut into documents of about this size
+
+
+def _texts():
+    """(name, text) of every readable text file, in a fixed order, forever (with a pass number)."""
+    roots = [ROOT / "data" / "corpus", Path(sysconfig.get_paths()["stdlib"]),
+             Path(sysconfig.get_paths()["purelib"]), Path("/usr/share/doc")]
+    files = []
+    for root in roots:
+        if root.is_dir():
+            files += sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".py", ".md", ".rst", "")
+                            and p.stat().st_size > 200)
+    for n in range(1000):
+        for f in files:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            for i in range(0, len(text), DOC_CHARS):
+                # A pass number in each copy, so that repeated text is not byte-identical.
+                yield f"{f.name} (pass {n})", text[i : i + DOC_CHARS]
+
+
+def make_corpus(out: Path, size_mb: int) -> Path:
+    """jsonl shards of about SHARD_BYTES, `size_mb` MB in all (reused when already there)."""
+    done = out / "DONE"
+    if done.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    total, shard, fh = 0, 0, None
+    for name, text in _texts():
+        if fh is None or fh.tell() >= SHARD_BYTES:
+            if fh:
+                fh.close()
+            fh = open(out / f"part-{shard:05d}.jsonl", "w", encoding="utf-8")
+            shard += 1
+        line = json.dumps({"text": f"# {name}\n{text}", "source": name}) + "\n"
+        fh.write(line)
+        total += len(line.encode())
+        if total >= size_mb * 1_000_000:
+            break
+    fh.close()
+    done.write_text(f"{total}\n")
+    return out
+
+
+def make_tokenizer(corpus: Path, out: Path, kind: str, vocab_size: int, sample_mb: int) -> Path:
+    """Train the 'existing' tokenizer once, on the first `sample_mb` MB of the corpus."""
+    target = out / (f"spm{vocab_size}.model" if kind == "sentencepiece" else f"bpe{vocab_size}.json")
+    if target.exists():
+        return target
+
+    def sample():
+        n = 0
+        for f in sorted(corpus.glob("*.jsonl")):
+            for line in open(f, encoding="utf-8"):
+                text = json.loads(line)["text"]
+                n += len(text)
+                yield text
+                if n >= sample_mb * 1_000_000:
+                    return
+
+    t0 = time.perf_counter()
+    if kind == "sentencepiece":
+        from moetrain.data.tokenizer import Tokenizer
+
+        Tokenizer.train((ln for t in sample() for ln in t.split("\n")), target, vocab_size)
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(sample(), trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.save(str(target))
+    print(f"trained {target.name} on {sample_mb} MB in {time.perf_counter() - t0:.0f} s", flush=True)
+    return target
+
+
+_CHILD = """
+import json, logging, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from moetrain.config.schema import DataConfig, SourceConfig, TokenizerConfig
+from moetrain.data import prepare_data
+corpus, tokenizer, out, workers, vocab = sys.argv[1:6]
+cfg = DataConfig(sources=[SourceConfig(path=corpus, name="bench")], prepared_dir=out,
+                 tokenizer=TokenizerConfig(path=tokenizer), num_workers=int(workers))
+t0 = time.perf_counter()
+prepare_data(cfg, int(vocab), overwrite=True)
+print("SECONDS", time.perf_counter() - t0)
+"""
+
+
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    pss = rss = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+            pss, rss = pss + info.pss, rss + info.rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pss, rss
+
+
+def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int) -> dict:
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(corpus), str(tokenizer), str(out), str(workers),
+                             str(vocab)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0, 0]
+    stop = threading.Event()
+
+    def sample():
+        ps = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                pss, rss = _tree_memory(ps)
+            except psutil.NoSuchProcess:
+                return
+            peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"preparation failed:\n{output}")
+    index = json.loads((out / "index.json").read_text())
+    tokens = index["sources"]["bench"]["tokens"]
+    seconds = float(next(ln.split()[1] for ln in output.splitlines() if ln.startswith("SECONDS")))
+    return {"workers": workers, "tokens": tokens, "seconds": round(seconds, 2), "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / seconds), "peak_pss_mib": round(peak[0] / 2**20),
+            "peak_rss_mib": round(peak[1] / 2**20), "load_before": load_before,
+            "load_after": os.getloadavg()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokenizer", choices=["sentencepiece", "tokenizers"], default="sentencepiece")
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--sample-mb", type=int, default=10, help="text the tokenizer is trained on")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/moetrain_bench_prepare"))
+    ap.add_argument("--json", type=Path, help="append the results here (one JSON object per line)")
+    ap.add_argument("--keep", action="store_true", help="keep the prepared directories")
+    args = ap.parse_args(argv)
+
+    corpus = make_corpus(args.work / f"corpus-{args.size_mb}mb", args.size_mb)
+    size = int((corpus / "DONE").read_text())
+    # The corpora all start with the same text: every size gets the same tokenizer.
+    tokenizer = make_tokenizer(corpus, args.work, args.tokenizer, args.vocab_size, args.sample_mb)
+    print(f"corpus: {size / 1e6:.0f} MB of jsonl in {corpus}; tokenizer {tokenizer.name}; "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
+    print("| corpus | tokenizer | workers | tokens | seconds | tokens/s | speed-up | peak PSS MiB | peak RSS MiB | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = None
+    for w in args.workers:
+        out = args.work / f"prepared-{args.size_mb}mb-{w}w"
+        r = run_once(corpus, tokenizer, out, w, args.vocab_size)
+        base = base or r["tokens_per_s"]
+        r.update(corpus_mb=round(size / 1e6), tokenizer=args.tokenizer, vocab_size=args.vocab_size)
+        print(f"| {r['corpus_mb']} MB | {args.tokenizer} {args.vocab_size} | {w} | {r['tokens'] / 1e6:.1f} M | "
+              f"{r['seconds']:.0f} | {r['tokens_per_s'] / 1e3:.0f} K | {r['tokens_per_s'] / base:.2f}x | "
+              f"{r['peak_pss_mib']} | {r['peak_rss_mib']} | {r['load_before']:.1f} |", flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
