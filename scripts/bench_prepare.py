@@ -10,7 +10,8 @@ corpus with that existing tokenizer for each --workers count, each run in a fres
 
 Peak memory is the largest sum over the preparing process and its workers, sampled every 0.2 s:
 PSS (shared pages split between the processes that map them) and RSS (shared pages counted in
-every process). Results: docs/data.md. Nothing is written outside --work (default /tmp).
+every process); CPU s is their user + system time. On a machine other jobs load, the scheduler
+shares the cores by process, so compare CPU s too. Results: docs/data.md. Nothing is written outside --work (default /tmp).
 """
 
 from __future__ import annotations
@@ -124,12 +125,15 @@ print("SECONDS", time.perf_counter() - t0)
 """
 
 
-def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> tuple[int, int]:
+    """(PSS, RSS) summed over `proc` and its descendants; records each one's CPU seconds in `cpu`."""
     pss = rss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             info = p.memory_full_info()
+            times = p.cpu_times()
             pss, rss = pss + info.pss, rss + info.rss
+            cpu[p.pid] = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return pss, rss
@@ -141,13 +145,14 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int)
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(corpus), str(tokenizer), str(out), str(workers),
                              str(vocab)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0, 0]
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample():
         ps = psutil.Process(proc.pid)
         while not stop.is_set():
             try:
-                pss, rss = _tree_memory(ps)
+                pss, rss = _tree_sample(ps, cpu)
             except psutil.NoSuchProcess:
                 return
             peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
@@ -165,7 +170,8 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int)
     tokens = index["sources"]["bench"]["tokens"]
     seconds = float(next(ln.split()[1] for ln in output.splitlines() if ln.startswith("SECONDS")))
     return {"workers": workers, "tokens": tokens, "seconds": round(seconds, 2), "wall_s": round(wall, 2),
-            "tokens_per_s": round(tokens / seconds), "peak_pss_mib": round(peak[0] / 2**20),
+            "tokens_per_s": round(tokens / seconds), "cpu_s": round(sum(cpu.values()), 1),
+            "peak_pss_mib": round(peak[0] / 2**20),
             "peak_rss_mib": round(peak[1] / 2**20), "load_before": load_before,
             "load_after": os.getloadavg()[0]}
 
@@ -188,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = make_tokenizer(corpus, args.work, args.tokenizer, args.vocab_size, args.sample_mb)
     print(f"corpus: {size / 1e6:.0f} MB of jsonl in {corpus}; tokenizer {tokenizer.name}; "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
-    print("| corpus | tokenizer | workers | tokens | seconds | tokens/s | speed-up | peak PSS MiB | peak RSS MiB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| corpus | tokenizer | workers | tokens | seconds | tokens/s | speed-up | CPU s | peak PSS MiB | "
+          "peak RSS MiB | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = None
     for w in args.workers:
         out = args.work / f"prepared-{args.size_mb}mb-{w}w"
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(corpus_mb=round(size / 1e6), tokenizer=args.tokenizer, vocab_size=args.vocab_size)
         print(f"| {r['corpus_mb']} MB | {args.tokenizer} {args.vocab_size} | {w} | {r['tokens'] / 1e6:.1f} M | "
               f"{r['seconds']:.0f} | {r['tokens_per_s'] / 1e3:.0f} K | {r['tokens_per_s'] / base:.2f}x | "
-              f"{r['peak_pss_mib']} | {r['peak_rss_mib']} | {r['load_before']:.1f} |", flush=True)
+              f"{r['cpu_s']:.0f} | {r['peak_pss_mib']} | {r['peak_rss_mib']} | {r['load_before']:.1f} |", flush=True)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(r) + "\n")

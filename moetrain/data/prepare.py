@@ -37,7 +37,7 @@ from moetrain.data.errors import DataError
 from moetrain.data.index import (
     FORMAT_VERSION, INDEX_FILE, SPLIT_BLOCK, load_index, read_index, token_dtype,
 )
-from moetrain.data.sources import Source, SourceFile, iter_pieces, resolve_sources
+from moetrain.data.sources import Source, SourceFile, config_value, iter_pieces, resolve_sources
 from moetrain.data.tokenize import default_num_workers, is_val_block, tokenize_source
 from moetrain.data.tokenizer import Tokenizer
 
@@ -57,13 +57,6 @@ __all__ = ["DEFAULT_SHARD_TOKENS", "DataError", "ensure_prepared", "is_val_block
 def default_cache_root() -> Path:
     env = os.environ.get("MOETRAIN_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "moetrain"
-
-
-def _cfg(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    value = getattr(cfg, key, default)
-    return default if value is None and default is not None else value
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -87,8 +80,8 @@ class _TokenizerSpec:
 
 
 def _tokenizer_spec(data_cfg: Any, model_vocab_size: int) -> _TokenizerSpec:
-    t = _cfg(data_cfg, "tokenizer") or {}
-    path, eos_token = _cfg(t, "path"), _cfg(t, "eos_token")
+    t = config_value(data_cfg, "tokenizer") or {}
+    path, eos_token = config_value(t, "path"), config_value(t, "eos_token")
     if path:
         tok = Tokenizer.load(os.path.expanduser(str(path)), eos_token)
         if tok.vocab_size > model_vocab_size:
@@ -97,7 +90,7 @@ def _tokenizer_spec(data_cfg: Any, model_vocab_size: int) -> _TokenizerSpec:
                             f"model.vocab_size >= {tok.vocab_size}")
         sha = hashlib.sha256(tok.model_file.read_bytes()).hexdigest()
         return _TokenizerSpec(tok.model_file, eos_token, tok.vocab_size, sha, tok.kind)
-    vocab = _cfg(t, "vocab_size") or model_vocab_size
+    vocab = config_value(t, "vocab_size") or model_vocab_size
     if vocab > model_vocab_size:
         raise DataError(f"data.tokenizer.vocab_size={vocab} is larger than model.vocab_size="
                         f"{model_vocab_size}; the model must embed every token")
@@ -351,17 +344,17 @@ def prepare_data(data_cfg: Any, model_vocab_size: int, *, overwrite: bool = Fals
     (atomically). `fix` is the advice in errors about a directory that cannot be reused. Safe to
     call from every rank at once: one prepares under a file lock, the others wait."""
     sources = resolve_sources(data_cfg)
-    val_fraction = float(_cfg(data_cfg, "val_fraction", 0.02))
+    val_fraction = float(config_value(data_cfg, "val_fraction", 0.02))
     if not 0 <= val_fraction < 1:
         raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens={shard_tokens} must be positive")
     spec = _tokenizer_spec(data_cfg, model_vocab_size)
     raws = {s.name: _raw(s) for s in sources}
-    prepared_dir = _cfg(data_cfg, "prepared_dir")
+    prepared_dir = config_value(data_cfg, "prepared_dir")
     target = (Path(prepared_dir).expanduser().absolute() if prepared_dir
               else _default_target(spec, sources, raws, val_fraction))
-    workers = _cfg(data_cfg, "num_workers") or default_num_workers()
+    workers = config_value(data_cfg, "num_workers") or default_num_workers()
 
     # Fast path without the lock: an index.json is only ever renamed into place complete.
     if not overwrite and (target / INDEX_FILE).exists():
@@ -380,7 +373,7 @@ def prepare_data(data_cfg: Any, model_vocab_size: int, *, overwrite: bool = Fals
                     not target.is_dir() or any(target.iterdir())):
                 raise DataError(f"{target} exists and is not a prepared dataset (no {INDEX_FILE}); "
                                 f"{fix}")
-            if not _cfg(data_cfg, "auto_prepare", True):
+            if not config_value(data_cfg, "auto_prepare", True):
                 raise DataError(
                     f"data.prepared_dir={str(target)!r} lacks the tokens of source(s) "
                     f"{', '.join(s.name for s in todo)} and data.auto_prepare is false; run "

@@ -161,17 +161,17 @@ def _stat(path: Path, root: Path) -> SourceFile:
     return SourceFile(path, path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
 
 
-def _cfg(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def config_value(cfg: Any, key: str, default: Any = None) -> Any:
+    """cfg.key of a DataConfig / DictConfig, or cfg[key] of a dict; `default` when absent or null."""
+    value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+    return default if value is None else value
 
 
 def resolve_sources(data_cfg: Any) -> list[Source]:
     """The sources of a DataConfig (or a dict like one): `data.sources`, else `data.corpus` as one
     source, else the shipped corpus. Checks names and weights, not the files."""
-    corpus = _cfg(data_cfg, "corpus")
-    configured = list(_cfg(data_cfg, "sources", None) or [])
+    corpus = config_value(data_cfg, "corpus")
+    configured = list(config_value(data_cfg, "sources", None) or [])
     if corpus and configured:
         raise DataError("data.corpus and data.sources are both set; data.corpus is a shorthand for "
                         "one source: set data.corpus=null, or list it under data.sources")
@@ -181,13 +181,13 @@ def resolve_sources(data_cfg: Any) -> list[Source]:
     sources, names = [], {}
     for i, s in enumerate(configured):
         key = f"data.sources[{i}]"
-        path = _cfg(s, "path", "")
+        path = config_value(s, "path", "")
         if not path:
             raise DataError(f"{key}.path is empty; give a file, folder or glob of {VALID_FORMATS}")
-        weight = _cfg(s, "weight", 1.0)
+        weight = config_value(s, "weight", 1.0)
         if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0):
             raise DataError(f"{key}.weight={weight!r} is invalid: must be a number > 0")
-        name = _cfg(s, "name") or default_name(path)
+        name = config_value(s, "name") or default_name(path)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise DataError(f"{key}.name={name!r} is invalid: letters, digits, '_', '.', '-' only "
                             "(it names metrics and folders)")
@@ -195,7 +195,7 @@ def resolve_sources(data_cfg: Any) -> list[Source]:
             raise DataError(f"{key}.name={name!r} is already the name of data.sources[{names[name]}]; "
                             f"set {key}.name to tell them apart")
         names[name] = i
-        field = _cfg(s, "text_field", "text") or "text"
+        field = config_value(s, "text_field", "text") or "text"
         sources.append(Source(key, name, os.path.abspath(expand_path(path)), float(weight), str(field)))
     return sources
 

@@ -93,3 +93,16 @@ def test_mixture_dataset_indexes_the_sources_side_by_side(tiny_prepared, tmp_pat
     assert len(val) == 2
     with pytest.raises(DataError, match="holds 2 sources"):
         PackedTokenDataset(d, "train", 50)
+
+
+def test_mixture_datasets_of_a_config(tiny_prepared):
+    from moetrain.config.schema import DataConfig
+    from moetrain.data import mixture_datasets
+
+    cfg = DataConfig(seq_len=50)
+    (name,) = load_index(tiny_prepared)["sources"]
+    cfg.corpus = "/anywhere/" + name  # the source's name is all that is looked up
+    train, val = mixture_datasets(tiny_prepared, cfg, 4, eval_batches=2)
+    assert train.names == [name] and len(train) == len(PackedTokenDataset(tiny_prepared, "train", 50))
+    assert val.order.tolist() == list(range(8)) and len(val) == 8
+    assert mixture_datasets(tiny_prepared, cfg, 4, eval_batches=0)[1] is None
