@@ -279,6 +279,7 @@ def _build_new(target: Path, spec: _TokenizerSpec, sources: list[Source], raws: 
                 raise DataError(f"the trained tokenizer has {tok.vocab_size} pieces, not "
                                 f"{spec.vocab_size} (data.tokenizer.vocab_size, else model.vocab_size)")
             tok_info = {"file": TRAINED_FILE, "source": None,
+                        "sha256": hashlib.sha256(tok.model_file.read_bytes()).hexdigest(),
                         "trained_on": {s.name: raws[s.name].fingerprint for s in sources}}
         else:
             name = "tokenizer" + spec.path.suffix

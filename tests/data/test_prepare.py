@@ -181,6 +181,13 @@ def test_a_trained_tokenizer_ties_the_directory_to_its_sources(tiny_corpus, tiny
     (other / "hamlet.txt").write_text("changed")
     with pytest.raises(DataError, match=r"prepared from other sources.*data\.tokenizer\.path=.*tokenizer\.model"):
         ensure_prepared(data_cfg(other, tiny_prepared, val_fraction=0.1), TINY_VOCAB)
+    # As the message says: keep its tokenizer, and the new source is added to it.
+    d = tmp_path / "prep"
+    shutil.copytree(tiny_prepared, d)
+    cfg = data_cfg(prepared_dir=d, sources=[(tiny_corpus, 1.0), (other, 1.0)], tokenizer=d / "tokenizer.model",
+                   val_fraction=0.1)
+    assert prepare_data(cfg, TINY_VOCAB)[1] == ["other"]
+    assert sorted(load_index(d)["sources"]) == ["other", "tiny_corpus0"]
 
 
 def test_interrupted_prepare_leaves_nothing(tiny_corpus, tmp_path, monkeypatch):
