@@ -144,18 +144,19 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(corpus), str(tokenizer), str(out), str(workers),
                              str(vocab)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0, 0]
+    peak, samples = [0, 0], [0]
     cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample():
         ps = psutil.Process(proc.pid)
-        while not stop.is_set():
+        while not stop.is_set() and proc.poll() is None:
             try:
                 pss, rss = _tree_sample(ps, cpu)
-            except psutil.NoSuchProcess:
-                return
+            except psutil.Error:  # a process came or went during the scan: sample again
+                continue
             peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+            samples[0] += 1
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -172,7 +173,7 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int)
     return {"workers": workers, "tokens": tokens, "seconds": round(seconds, 2), "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / seconds), "cpu_s": round(sum(cpu.values()), 1),
             "peak_pss_mib": round(peak[0] / 2**20),
-            "peak_rss_mib": round(peak[1] / 2**20), "load_before": load_before,
+            "peak_rss_mib": round(peak[1] / 2**20), "memory_samples": samples[0], "load_before": load_before,
             "load_after": os.getloadavg()[0]}
 
 

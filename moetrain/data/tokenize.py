@@ -222,16 +222,16 @@ def split_stream(stream: Path, out_dir: Path, dtype: np.dtype, val_fraction: flo
         raise DataError(f"data.val_fraction={val_fraction} leaves no training tokens of {what} "
                         f"({total} tokens in all)")
     writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
-    data = np.memmap(stream, dtype=dtype, mode="r") if total else np.zeros(0, dtype)
     step = 1024  # blocks per read
-    for b0 in range(0, n_blocks, step):
-        chunk = np.asarray(data[b0 * SPLIT_BLOCK : (b0 + step) * SPLIT_BLOCK])
-        val = is_val_block(np.arange(b0, min(b0 + step, n_blocks)), n_blocks, n_val)
-        # Consecutive blocks of one split are written in one piece.
-        edges = np.flatnonzero(np.diff(val.astype(np.int8))) + 1
-        for lo, hi in zip(np.r_[0, edges], np.r_[edges, val.size]):
-            writers["val" if val[lo] else "train"].write(chunk[lo * SPLIT_BLOCK : hi * SPLIT_BLOCK])
-    del data
+    # Plain reads, not a memmap: mapped pages would count in this process' memory (RSS).
+    with open(stream, "rb") as fh:
+        for b0 in range(0, n_blocks, step):
+            chunk = np.frombuffer(fh.read(step * SPLIT_BLOCK * dtype.itemsize), dtype=dtype)
+            val = is_val_block(np.arange(b0, min(b0 + step, n_blocks)), n_blocks, n_val)
+            # Consecutive blocks of one split are written in one piece.
+            edges = np.flatnonzero(np.diff(val.astype(np.int8))) + 1
+            for lo, hi in zip(np.r_[0, edges], np.r_[edges, val.size]):
+                writers["val" if val[lo] else "train"].write(chunk[lo * SPLIT_BLOCK : hi * SPLIT_BLOCK])
     for w in writers.values():
         w.close()
     return {s: w.info() for s, w in writers.items()}

@@ -19,7 +19,8 @@ def test_bench_prepare_runs_and_reports(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["workers"] for r in rows] == [1, 2]
     assert rows[0]["tokens"] == rows[1]["tokens"] > 200_000  # ~1 MB of text
-    assert all(r["tokens_per_s"] > 0 and 50 < r["peak_pss_mib"] <= r["peak_rss_mib"] for r in rows)
+    assert all(r["tokens_per_s"] > 0 and 50 < r["peak_pss_mib"] <= r["peak_rss_mib"] and r["memory_samples"] > 0
+               and r["cpu_s"] > 0 for r in rows)
     assert proc.stdout.count("| 1 MB | sentencepiece 500 |") == 2
     work = sorted(p.name for p in (tmp_path / "work").iterdir())
     assert work == ["corpus-1mb", "spm500.model"], "the prepared directories are removed"
