@@ -7,6 +7,7 @@ corpus with that existing tokenizer for each --workers count, each run in a fres
 
     python scripts/bench_prepare.py --size-mb 200 --workers 1 2
     python scripts/bench_prepare.py --size-mb 1000 --workers 2 --tokenizer tokenizers
+    python scripts/bench_prepare.py --size-mb 200 --workers 1 2 --datasets-map   # the alternative
 
 Peak memory is the largest sum over the preparing process and its workers, sampled every 0.2 s:
 PSS (shared pages split between the processes that map them) and RSS (shared pages counted in
@@ -124,6 +125,35 @@ prepare_data(cfg, int(vocab), overwrite=True)
 print("SECONDS", time.perf_counter() - t0)
 """
 
+# The alternative measured for comparison (--datasets-map): datasets' own parallelism, which
+# needs the corpus converted to an Arrow cache first (load_dataset without streaming), then
+# Dataset.map with num_proc writing the token ids to another cache.
+_CHILD_MAP = """
+import os, sys, time
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+import datasets, numpy as np
+from moetrain.data.tokenizer import Tokenizer
+corpus, tokenizer, out, workers, vocab = sys.argv[1:6]
+datasets.disable_progress_bars()
+t0 = time.perf_counter()
+files = sorted(str(p) for p in __import__("pathlib").Path(corpus).glob("*.jsonl"))
+ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=out, num_proc=int(workers))
+tok = Tokenizer.load(tokenizer)
+
+def encode(batch):
+    ids = tok.encode_batch(batch["text"])
+    return {"ids": ids, "n": [len(x) + 1 for x in ids]}
+
+ds = ds.map(encode, batched=True, batch_size=256, num_proc=int(workers), remove_columns=ds.column_names)
+tokens = sum(ds["n"])
+with open(os.path.join(out, "stream.bin"), "wb") as fh:
+    for batch in ds.iter(batch_size=1024):
+        for ids in batch["ids"]:
+            fh.write(np.asarray(ids + [tok.eos_id], dtype=np.uint16).tobytes())
+print("SECONDS", time.perf_counter() - t0)
+print("TOKENS", tokens)
+"""
+
 
 def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> tuple[int, int]:
     """(PSS, RSS) summed over `proc` and its descendants; records each one's CPU seconds in `cpu`."""
@@ -139,10 +169,10 @@ def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> tuple[int, int]
     return pss, rss
 
 
-def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int) -> dict:
+def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int, child: str = _CHILD) -> dict:
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(corpus), str(tokenizer), str(out), str(workers),
+    proc = subprocess.Popen([sys.executable, "-c", child, str(corpus), str(tokenizer), str(out), str(workers),
                              str(vocab)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, samples = [0, 0], [0]
     cpu: dict[int, float] = {}
@@ -167,8 +197,10 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int)
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"preparation failed:\n{output}")
-    index = json.loads((out / "index.json").read_text())
-    tokens = index["sources"]["bench"]["tokens"]
+    if child == _CHILD:
+        tokens = json.loads((out / "index.json").read_text())["sources"]["bench"]["tokens"]
+    else:
+        tokens = int(next(ln.split()[1] for ln in output.splitlines() if ln.startswith("TOKENS")))
     seconds = float(next(ln.split()[1] for ln in output.splitlines() if ln.startswith("SECONDS")))
     return {"workers": workers, "tokens": tokens, "seconds": round(seconds, 2), "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / seconds), "cpu_s": round(sum(cpu.values()), 1),
@@ -187,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/moetrain_bench_prepare"))
     ap.add_argument("--json", type=Path, help="append the results here (one JSON object per line)")
     ap.add_argument("--keep", action="store_true", help="keep the prepared directories")
+    ap.add_argument("--datasets-map", action="store_true",
+                    help="measure datasets' load_dataset + Dataset.map(num_proc=workers) instead")
     args = ap.parse_args(argv)
 
     corpus = make_corpus(args.work / f"corpus-{args.size_mb}mb", args.size_mb)
@@ -200,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = None
     for w in args.workers:
-        out = args.work / f"prepared-{args.size_mb}mb-{w}w"
-        r = run_once(corpus, tokenizer, out, w, args.vocab_size)
+        out = args.work / f"prepared-{args.size_mb}mb-{w}w{'-map' if args.datasets_map else ''}"
+        r = run_once(corpus, tokenizer, out, w, args.vocab_size, _CHILD_MAP if args.datasets_map else _CHILD)
         base = base or r["tokens_per_s"]
-        r.update(corpus_mb=round(size / 1e6), tokenizer=args.tokenizer, vocab_size=args.vocab_size)
-        print(f"| {r['corpus_mb']} MB | {args.tokenizer} {args.vocab_size} | {w} | {r['tokens'] / 1e6:.1f} M | "
+        method = "datasets map" if args.datasets_map else "moetrain"
+        r.update(corpus_mb=round(size / 1e6), tokenizer=args.tokenizer, vocab_size=args.vocab_size, method=method)
+        print(f"| {r['corpus_mb']} MB | {args.tokenizer} {args.vocab_size} | {w}{' (datasets map)' if args.datasets_map else ''} | {r['tokens'] / 1e6:.1f} M | "
               f"{r['seconds']:.0f} | {r['tokens_per_s'] / 1e3:.0f} K | {r['tokens_per_s'] / base:.2f}x | "
               f"{r['cpu_s']:.0f} | {r['peak_pss_mib']} | {r['peak_rss_mib']} | {r['load_before']:.1f} |", flush=True)
         if args.json:
