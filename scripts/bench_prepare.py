@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = make_tokenizer(corpus, args.work, args.tokenizer, args.vocab_size, args.sample_mb)
     print(f"corpus: {size / 1e6:.0f} MB of jsonl in {corpus}; tokenizer {tokenizer.name}; "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
-    print("| corpus | tokenizer | workers | tokens | seconds | tokens/s | speed-up | CPU s | peak PSS MiB | "
-          "peak RSS MiB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| corpus | tokenizer | workers | tokens | seconds | tokens/s | speed-up | CPU s | tokens/CPU-s | "
+          "peak PSS MiB | peak RSS MiB | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = None
     for w in args.workers:
         out = args.work / f"prepared-{args.size_mb}mb-{w}w{'-map' if args.datasets_map else ''}"
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(corpus_mb=round(size / 1e6), tokenizer=args.tokenizer, vocab_size=args.vocab_size, method=method)
         print(f"| {r['corpus_mb']} MB | {args.tokenizer} {args.vocab_size} | {w}{' (datasets map)' if args.datasets_map else ''} | {r['tokens'] / 1e6:.1f} M | "
               f"{r['seconds']:.0f} | {r['tokens_per_s'] / 1e3:.0f} K | {r['tokens_per_s'] / base:.2f}x | "
-              f"{r['cpu_s']:.0f} | {r['peak_pss_mib']} | {r['peak_rss_mib']} | {r['load_before']:.1f} |", flush=True)
+              f"{r['cpu_s']:.0f} | {r['tokens'] / max(r['cpu_s'], 1e-9) / 1e3:.0f} K | {r['peak_pss_mib']} | {r['peak_rss_mib']} | {r['load_before']:.1f} |", flush=True)
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(r) + "\n")

@@ -35,10 +35,10 @@ from typing import Any, Iterator
 
 from moetrain.data.errors import DataError
 from moetrain.data.index import (
-    FORMAT_VERSION, INDEX_FILE, SPLIT_BLOCK, load_index, read_index, token_dtype,
+    FORMAT_VERSION, INDEX_FILE, SPLIT_BLOCK, load_index, token_dtype,
 )
 from moetrain.data.sources import Source, SourceFile, config_value, iter_pieces, resolve_sources
-from moetrain.data.tokenize import default_num_workers, is_val_block, tokenize_source
+from moetrain.data.tokenize import default_num_workers, tokenize_source
 from moetrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ BPE_TRAIN_CHARS = 100_000_000
 TRAINED_FILE = "tokenizer.model"
 _IN_TRAINING = "delete it, or point data.prepared_dir elsewhere"
 
-__all__ = ["DEFAULT_SHARD_TOKENS", "DataError", "ensure_prepared", "is_val_block", "prepare_data",
+__all__ = ["DEFAULT_SHARD_TOKENS", "DataError", "ensure_prepared", "prepare_data",
            "default_cache_root"]
 
 

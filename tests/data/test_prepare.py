@@ -43,7 +43,7 @@ def _stream(d: Path, source: str | None = None) -> np.ndarray:
     got, it, iv = [], 0, 0
     for b in range(n_blocks):
         n = min(B, total - b * B)
-        if prep.is_val_block(b, n_blocks, n_val):
+        if tokmod.is_val_block(b, n_blocks, n_val):
             got.append(val[iv : iv + n]); iv += n
         else:
             got.append(train[it : it + n]); it += n
@@ -88,9 +88,9 @@ def test_stream_is_documents_with_eos_and_split_is_exact(tiny_corpus, tiny_prepa
 
 
 def test_val_blocks_are_spread_evenly():
-    assert [b for b in range(100) if prep.is_val_block(b, 100, 5)] == [19, 39, 59, 79, 99]
-    assert sum(prep.is_val_block(b, 436, 9) for b in range(436)) == 9
-    assert not any(prep.is_val_block(b, 10, 0) for b in range(10))
+    assert [b for b in range(100) if tokmod.is_val_block(b, 100, 5)] == [19, 39, 59, 79, 99]
+    assert sum(tokmod.is_val_block(b, 436, 9) for b in range(436)) == 9
+    assert not any(tokmod.is_val_block(b, 10, 0) for b in range(10))
 
 
 def test_prepare_is_deterministic_and_leaves_no_lock(tiny_corpus, tiny_prepared, tmp_path):
