@@ -245,7 +245,7 @@ def test_ensure_prepared_default_cache_dir_and_reuse(tiny_corpus, tmp_path, monk
     assert len(count_builds()) == 3
 
 
-def test_ensure_prepared_errors(tiny_corpus, tiny_prepared, tmp_path, spm_model):
+def test_ensure_prepared_errors(tiny_corpus, tiny_prepared, tmp_path, hf_tokenizer_json):
     with pytest.raises(DataError, match=r"data\.corpus=.*missing.*no such file"):
         ensure_prepared(data_cfg(tmp_path / "missing"), TINY_VOCAB)
     (tmp_path / "empty").mkdir()
@@ -260,7 +260,8 @@ def test_ensure_prepared_errors(tiny_corpus, tiny_prepared, tmp_path, spm_model)
     with pytest.raises(DataError, match=r"data\.val_fraction=0\.02"):
         ensure_prepared(data_cfg(tiny_corpus, tiny_prepared, val_fraction=0.02), TINY_VOCAB)
     with pytest.raises(DataError, match=r"another tokenizer .* than data\.tokenizer\.path"):
-        ensure_prepared(data_cfg(tiny_corpus, tiny_prepared, val_fraction=0.1, tokenizer=spm_model), TINY_VOCAB)
+        ensure_prepared(data_cfg(tiny_corpus, tiny_prepared, val_fraction=0.1, tokenizer=hf_tokenizer_json),
+                        TINY_VOCAB)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
