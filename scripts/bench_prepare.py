@@ -11,8 +11,9 @@ corpus with that existing tokenizer for each --workers count, each run in a fres
 
 Peak memory is the largest sum over the preparing process and its workers, sampled every 0.2 s:
 PSS (shared pages split between the processes that map them) and RSS (shared pages counted in
-every process); CPU s is their user + system time. On a machine other jobs load, the scheduler
-shares the cores by process, so compare CPU s too. Results: docs/data.md. Nothing is written outside --work (default /tmp).
+every process); CPU s is their user + system time (cpu_main_s in --json: the reading process'
+share). On a machine other jobs load, the scheduler shares the cores by process, so compare
+CPU s too. Results: docs/data.md. Nothing is written outside --work (default /tmp).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def run_once(corpus: Path, tokenizer: Path, out: Path, workers: int, vocab: int,
     seconds = float(next(ln.split()[1] for ln in output.splitlines() if ln.startswith("SECONDS")))
     return {"workers": workers, "tokens": tokens, "seconds": round(seconds, 2), "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / seconds), "cpu_s": round(sum(cpu.values()), 1),
+            "cpu_main_s": round(cpu.get(proc.pid, 0.0), 1),
             "peak_pss_mib": round(peak[0] / 2**20),
             "peak_rss_mib": round(peak[1] / 2**20), "memory_samples": samples[0], "load_before": load_before,
             "load_after": os.getloadavg()[0]}
