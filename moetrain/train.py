@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
-from moetrain.data import DataError
+from moetrain.data import DataError, ensure_prepared
 from moetrain.parallel import LayoutError, check_layout
 from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
 
@@ -63,9 +63,12 @@ def run(cfg: DictConfig) -> int:
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if typed.model.init.from_hf or typed.model.init.upcycle_from:
-            from moetrain.hf.load import check_init  # transformers only when it is needed
+            from moetrain.hf.load import check_init, use_hf_tokenizer  # only when needed
 
             check_init(typed)
+            use_hf_tokenizer(typed)  # an imported model keeps its vocabulary
+        # Bad data is refused, and the data prepared, before any process group or run directory.
+        ensure_prepared(typed.data, typed.model.vocab_size)
         rt = init_runtime(typed)
         log_buffer = _setup_logging(rt)
         run_dir = resolve_run_dir(typed, rt)
