@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def _setup_logging(run_dir: Path, rt: Runtime) -> None:
     root.propagate = False
 
 
+def _scheduler_note() -> str:
+    """The SLURM job and how often it has been requeued, for the per-rank logs."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return ""
+    return f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 def run(cfg: DictConfig) -> int:
     """Validate, set up and train; returns the process exit code."""
     from moetrain.trainer import Trainer, TrainingError
@@ -50,9 +59,13 @@ def run(cfg: DictConfig) -> int:
         if rt.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(typed)))
         _setup_logging(run_dir, rt)
+        log.info("rank %d of %d on %s (pid %d, device %s)%s", rt.rank, rt.world_size,
+                 socket.gethostname(), os.getpid(), rt.device, _scheduler_note())
         if rt.is_main:
             log.info("run directory: %s", run_dir)
-        Trainer(typed, rt, run_dir).fit()
+        trainer = Trainer(typed, rt, run_dir)
+        trainer.fit()
+        log.info("rank %d exits at step %d", rt.rank, trainer.state.step)
         return 0
     except USER_ERRORS + (TrainingError,) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
