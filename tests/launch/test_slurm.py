@@ -172,9 +172,9 @@ def build_cases(silent_port: int) -> list[Case]:
              act=then(pause_after(3, None), lift_time_limit_after_first_requeue)),
         Case("scontrol_requeue", act=at_step(5, "scontrol", "requeue")),
         Case("startup_signal", act=before_the_ranks_start("scancel", "--signal=USR1")),
-        Case("max_time", args=["train.max_time=30"],
+        Case("max_time", args=["train.max_time=60"],
              act=pause_after(3, lambda rec, info: time.monotonic() - rec.notes["submitted"]
-                             - rec.notes["paused_at_s"] > 31)),
+                             - rec.notes["paused_at_s"] > 61)),
         # the README's way to stop a job for good, with a checkpoint
         Case("cancel_for_good", act=cancel_for_good_at(5)),
         # (c) killed before the first checkpoint, every time
@@ -302,7 +302,7 @@ PREEMPTIONS = {
     "time_limit": ("reference", "received SIGTERM", "TIMEOUT"),
     "scontrol_requeue": ("reference", "received SIGTERM", None),
     "startup_signal": ("reference", "received SIGUSR1", None),
-    "max_time": ("reference", "train.max_time=30.0s reached", None),
+    "max_time": ("reference", "train.max_time=60.0s reached", None),
 }
 
 
