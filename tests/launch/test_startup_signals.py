@@ -1,6 +1,7 @@
-"""launch/local.sh (moetrain.torchrun) without a scheduler: a stop signal sent to torchrun before
-its rank exists still stops the rank (after its first step, with a checkpoint), and torchrun
-exits 0."""
+"""A stop signal that arrives while a job starts is kept until the ranks can act on it: the ranks
+start with it blocked and PreemptionWatcher takes it once its handler is in place; one sent to
+torchrun before its ranks exist is relayed to them (moetrain.torchrun, run by launch/local.sh and
+launch/slurm/train.sbatch)."""
 
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from moetrain.preemption import PreemptionWatcher
 from tests.launch.slurm_jobs import REPO, rank_pids, torchrun_pids
 
 ARGS = ["+experiment=tiny", "train.device=cpu", "train.global_batch_size=4",
@@ -34,3 +36,20 @@ def test_a_signal_to_torchrun_before_the_rank_starts_reaches_the_rank(tmp_path):
     assert proc.returncode == 0, out
     assert (run_dir / "preempted").read_text() == "step 1: received SIGTERM\n", out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
+
+
+def test_a_signal_pending_while_blocked_reaches_the_watcher_which_then_restores_the_mask():
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # pending: nothing happens yet
+        assert signal.SIGUSR1 in signal.sigpending()
+        watcher = PreemptionWatcher()
+        for _ in range(100):  # the Python-level handler runs at the next bytecode boundary
+            if watcher.requested:
+                break
+            time.sleep(0.01)
+        assert watcher.signal_name == "SIGUSR1"
+        watcher.close()
+        assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # blocked again
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
