@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def test_a_signal_to_torchrun_before_the_rank_starts_reaches_the_rank(tmp_path):
 def test_a_signal_pending_while_blocked_reaches_the_watcher_which_then_restores_the_mask():
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        os.kill(os.getpid(), signal.SIGUSR1)  # pending: nothing happens yet
+        # to this thread: only it blocks the signal (other threads of pytest may not)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # pending: nothing happens yet
         assert signal.SIGUSR1 in signal.sigpending()
         watcher = PreemptionWatcher()
         for _ in range(100):  # the Python-level handler runs at the next bytecode boundary
