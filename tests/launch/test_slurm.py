@@ -128,8 +128,8 @@ def cancel_for_good_at(step: int):
 
 
 def lift_time_limit_after_first_requeue(case, rec, cluster, info):
-    """A one-minute limit would stop every later run too (the warning within 30 s of each start);
-    the first stop is what the case is about."""
+    """A short limit (or its warning) would stop every later run too; the first stop is what the
+    case is about."""
     if rec.restarts >= 1 and once(rec, "time_limit_raised_at_s"):
         cluster.run("scontrol", "update", f"JobId={rec.job_id}", "TimeLimit=30")
 
@@ -162,8 +162,10 @@ def build_cases(silent_port: int) -> list[Case]:
         Case("pair", ranks=2, max_steps=20),
         Case("reference", max_steps=40, submit_when=ranks_up("pair")),
         # (b) the preemption paths
-        Case("usr1_warning", sbatch=["--time=1", "--signal=USR1@30"],
-             act=then(pause_after(3, lambda rec, info: runtime_s(info) >= 45),
+        # the warning is due 110 s before a 2-minute limit: at slurmctld's first time check
+        # after 10 s of run time (checks are 30 s apart), far from the limit itself
+        Case("usr1_warning", sbatch=["--time=2", "--signal=USR1@110"],
+             act=then(pause_after(3, lambda rec, info: runtime_s(info) >= 50),
                       lift_time_limit_after_first_requeue)),
         Case("usr1_batch_shell", act=at_step(5, "scancel", "--batch", "--signal=USR1")),
         Case("sigterm", ranks=2, max_steps=20, act=at_step(5, "scancel")),
