@@ -6,6 +6,7 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryH
     root.handlers[root.handlers.index(buffer)] = file_handler
 
 
+def _scheduler_note() -> str:
+    """The SLURM job and how often it has been requeued, for the per-rank logs."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return ""
+    return f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 def run(cfg: DictConfig) -> int:
     """Validate, set up and train; returns the process exit code.
 
@@ -75,10 +84,13 @@ def run(cfg: DictConfig) -> int:
         trainer = Trainer(typed, rt, run_dir)
         create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))})
         _start_log_file(run_dir, rt, log_buffer)
+        log.info("rank %d of %d on %s (pid %d, device %s)%s", rt.rank, rt.world_size,
+                 socket.gethostname(), os.getpid(), rt.device, _scheduler_note())
         if rt.is_main:
             log.info("run directory: %s", run_dir)
             _log_checkpoint_policy(typed.checkpoint.every, run_dir)
         trainer.fit()
+        log.info("rank %d exits at step %d", rt.rank, trainer.state.step)
         return 0
     except USER_ERRORS + (TrainingError,) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -129,8 +129,7 @@ class Trainer:
         self.state = self.ckpt.load(self.resumed_from, self.model, self.optimizer)
         if self.state.sampler is not None:
             self.sampler.load_state_dict(self.state.sampler)
-        if self.rt.is_main:
-            log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+        log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
 
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
@@ -219,7 +218,7 @@ class Trainer:
                 if stop_reason:
                     if self.rt.is_main:
                         mark_preempted(self.run_dir, self.state.step, stop_reason)
-                        log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
+                    log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
                     break
         finally:
             self.ckpt.wait()

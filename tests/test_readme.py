@@ -81,7 +81,12 @@ SKIPPED: dict[str, str] = {
         "needs 8 GPUs and the user's prepared data",
     "sbatch --nodes=4 launch/slurm/train.sbatch +experiment=mixtral_8x7b parallel.tp=2 "
     "parallel.ep=8 run.dir=/shared/runs/mixtral":
-        "needs a SLURM cluster; tests/launch/test_slurm.py runs the script with a fake SLURM",
+        "needs a multi-node GPU SLURM cluster; tests/launch/test_sbatch_command.py checks the "
+        "command it builds for GPU nodes",
+    "sbatch --nodes=1 --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 "
+    "launch/slurm/train.sbatch +experiment=tiny train.device=cpu run.dir=runs/tiny":
+        "needs a SLURM cluster; tests/launch/test_slurm.py submits exactly this on a real "
+        "single-node SLURM that it starts",
 }
 
 
