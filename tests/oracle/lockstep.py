@@ -113,15 +113,48 @@ def build_trainer(run_dir: Path, overrides: list[str]) -> Trainer:
     return Trainer(cfg, init_runtime(cfg), run_dir)
 
 
+class _Stop(Exception):
+    """Ends the first trainer of a resumed run after its checkpoint (like a killed job)."""
+
+
 def run_lockstep(run_dir: Path, overrides: list[str],
-                 reference: Optional[Callable[[Any, dict], Reference]] = None) -> LockstepResult:
+                 reference: Optional[Callable[[Any, dict], Reference]] = None,
+                 resume_after: Optional[int] = None) -> LockstepResult:
     """Train STEPS steps with the trainer and the reference side by side; collect every
-    difference. `reference(cfg, state_dict)` builds another reference (default `Reference`)."""
-    trainer = build_trainer(run_dir, overrides)
-    model = trainer.model
+    difference. `reference(cfg, state_dict)` builds another reference (default `Reference`).
+
+    `resume_after=n`: the trainer saves a checkpoint at step n and stops; a new trainer resumes
+    from it (checkpoint.resume=auto) and takes the remaining steps, while the reference goes on
+    from its own state - so whatever the checkpoint misses (weights, AdamW moments, expert
+    biases, step counter, sampler position) makes a difference. Its micro-batches must be the
+    ones the first trainer was about to take."""
+    ckpt = [] if resume_after is None else [f"checkpoint.every={resume_after}"]
+    trainer = build_trainer(run_dir, [*overrides, *ckpt])
     ref = (reference or Reference)(trainer.cfg, {n: t.detach().clone()
-                                                for n, t in model.state_dict().items()})
+                                                for n, t in trainer.model.state_dict().items()})
     result = LockstepResult(list(overrides), reference=ref)
+    planned: dict[int, list[list[int]]] = {}
+    _attach(trainer, ref, result, planned, stop_at=resume_after)
+    try:
+        trainer.fit()
+    except _Stop:
+        trainer = build_trainer(run_dir, [*overrides, *ckpt, "checkpoint.resume=auto"])
+        result.exact(resume_after + 1, "resumed at step", trainer.state.step, resume_after)
+        _attach(trainer, ref, result, planned, stop_at=None)
+        trainer.fit()
+    result.records = [json.loads(line)
+                      for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record, want in zip(result.records, result.outputs):
+        result.check(record["step"], "lr", rel(record["lr"], want.lr))
+        result.exact(record["step"], "top_k", record["top_k"], want.top_k)
+    result.exact(0, "steps logged", [r["step"] for r in result.records], list(range(1, STEPS + 1)))
+    return result
+
+
+def _attach(trainer: Trainer, ref: Reference, result: LockstepResult,
+            planned: dict[int, list[list[int]]], stop_at: Optional[int]) -> None:
+    """Make `trainer.fit` take every step in lockstep with `ref` and record the differences."""
+    model = trainer.model
     params = dict(model.named_parameters())
     fed: dict[str, torch.Tensor] = {}
 
@@ -134,6 +167,11 @@ def run_lockstep(run_dir: Path, overrides: list[str],
 
     def lockstep(micro_batches):
         step = ref.step + 1
+        if step in planned:
+            result.exact(step, "micro-batches after the resume", micro_batches, planned[step])
+        planned[step] = micro_batches
+        if stop_at is not None and step > stop_at:
+            raise _Stop
         before = {n: p.detach().clone() for n, p in params.items()}
         want = ref.train_step([trainer.train_data.get_batch(ix) for ix in micro_batches])
         fed.clear()
@@ -171,14 +209,6 @@ def run_lockstep(run_dir: Path, overrides: list[str],
         return record, routing
 
     trainer.train_step = lockstep
-    trainer.fit()
-    result.records = [json.loads(line)
-                      for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for record, want in zip(result.records, result.outputs):
-        result.check(record["step"], "lr", rel(record["lr"], want.lr))
-        result.exact(record["step"], "top_k", record["top_k"], want.top_k)
-    result.exact(0, "steps logged", len(result.records), STEPS)
-    return result
 
 
 def first_step_grads(run_dir: Path, overrides: list[str]) -> dict[str, torch.Tensor]:

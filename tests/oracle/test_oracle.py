@@ -60,3 +60,13 @@ def test_trainer_equals_the_independent_reference(case, tmp_path):
         assert [step.top_k for step in out] == [4, 3, 1]
     print(f"{case}: worst rel. error {result.worst:.2e}",
           {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
+
+
+def test_a_resumed_trainer_equals_the_reference_that_never_stopped(tmp_path):
+    """Saved at step 2 and resumed by a new trainer, against the reference that went on: the
+    checkpoint must hold all the state the next step depends on (weights, AdamW, expert biases,
+    step counter for the LR and sparsity schedules, sampler position) - in the global scope."""
+    overrides = [*BIAS, "model.moe.lbl.scope=global", *CASES["top-k-and-capacity-schedules"]]
+    result = run_lockstep(tmp_path / "run", overrides, resume_after=2)
+    result.assert_equal()
+    assert len(result.outputs) == 3 and result.records[-1]["step"] == 3
