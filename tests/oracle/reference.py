@@ -124,6 +124,7 @@ class MoEForward:
     active: int  # assignments to real experts that need compute (before dropping)
     kept: int  # of those, the ones computed (after capacity and token rounding)
     tokens: int
+    taken_per_token: list[int]  # [T] assignments each token took (below top_k only with top-p)
 
 
 def _keep_highest(assignments: list[tuple[float, int, int]], n: int) -> list[tuple[float, int, int]]:
@@ -211,7 +212,7 @@ def moe_forward(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Ten
         lbl = N * (f * probs.mean(0)).sum()
     z = torch.logsumexp(logits, -1).square().mean()
     return MoEForward(y.view(B, S, D), lbl, z, slot_counts, probs.detach().sum(0),
-                      int(active.sum()), int(keep.sum()), T)
+                      int(active.sum()), int(keep.sum()), T, taken.sum(-1).tolist())
 
 
 # ----------------------------------------------------------------------------- the step
@@ -228,6 +229,7 @@ class StepOutput:
     tokens_per_expert: list[list[int]]  # per MoE layer, real experts, summed over the step
     dropped_frac: float
     experts_per_token: float
+    taken_per_token: list[int]  # over the step's tokens and MoE layers
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # after clipping
 
 
@@ -382,5 +384,6 @@ class Reference:
             tokens_per_expert=[[int(c) for c in load] for load in loads],
             dropped_frac=(sum(active) - sum(kept)) / max(1, sum(active)),
             experts_per_token=sum(a / t for a, t in zip(active, layer_tokens)) / len(active),
+            taken_per_token=[n for layer in per_layer for o in layer for n in o.taken_per_token],
             grads={n: g.detach().clone() for n, g in grads.items()},
         )
