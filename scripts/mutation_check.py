@@ -92,7 +92,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/model/test_losses.py", ORACLE), "LBL's p_i averaged over T k, not T"),
     Mutation("lbl-seq-sum-over-sequences", "moetrain/model/moe/losses.py",
              "_FrozenWeightSum.apply(p_BE, f_BE / max(B, 1))", "_FrozenWeightSum.apply(p_BE, f_BE)",
-             ("tests/model/test_losses.py", ORACLE), "seq-scope LBL summed, not averaged, over sequences"),
+             ("tests/model/test_losses.py", ORACLE),
+             "seq-scope LBL summed, not averaged, over sequences"),
     Mutation("lbl-global-running-counts-unused", "moetrain/model/moe/losses.py",
              "counts = self.step_counts_E.clone()", "counts = counts.clone()",
              ("tests/model/test_losses.py", ORACLE), "global scope uses the micro-batch's counts"),
@@ -113,7 +114,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("capacity-keeps-lowest-scores", "moetrain/model/moe/capacity.py",
              "priority_TK.detach().reshape(-1), descending=True",
              "priority_TK.detach().reshape(-1), descending=False",
-             ("tests/model/test_moe_layer.py", ORACLE), "capacity keeps the lowest-score assignments"),
+             ("tests/model/test_moe_layer.py", ORACLE),
+             "capacity keeps the lowest-score assignments"),
     Mutation("dispatcher-weight-of-sorted-position", "moetrain/model/moe/dispatcher.py",
              "weight_N = routing.topk_weight_TK.reshape(-1)[slot_N]",
              "weight_N = routing.topk_weight_TK.reshape(-1)[order_N]",
@@ -147,18 +149,21 @@ MUTATIONS: tuple[Mutation, ...] = (
              "(loss_sum / tokens_per_step).backward()", "(loss_sum / targets.numel()).backward()",
              (ORACLE,), "each micro-batch's LM loss backpropagated as its own mean"),
     Mutation("optim-warmup-from-zero", "moetrain/optim.py",
-             "return cfg.lr * (step + 1) / cfg.warmup_steps", "return cfg.lr * step / cfg.warmup_steps",
+             "return cfg.lr * (step + 1) / cfg.warmup_steps",
+             "return cfg.lr * step / cfg.warmup_steps",
              ("tests/test_optim.py", ORACLE), "first step with learning rate 0"),
     Mutation("optim-decay-on-norms", "moetrain/optim.py",
              "return param.ndim >= 2 and not name.endswith(\".bias\")",
              "return not name.endswith(\".bias\")", ("tests/test_optim.py", ORACLE),
              "weight decay on norm gains"),
     Mutation("clip-never-clips", "moetrain/parallel/grad_norm.py",
-             "(max_norm / (total + 1e-6)).clamp(max=1.0)", "(max_norm / (total + 1e-6)).clamp(min=1.0)",
+             "(max_norm / (total + 1e-6)).clamp(max=1.0)",
+             "(max_norm / (total + 1e-6)).clamp(min=1.0)",
              ("tests/parallel/test_grad_norm.py", ORACLE), "clipping scales up, never down"),
     Mutation("metrics-lbl-not-averaged", "moetrain/metrics/routing.py",
              "lbl, z = stats.scalar(\"lbl\") / micro_batches,", "lbl, z = stats.scalar(\"lbl\"),",
-             ("tests/metrics/test_routing.py", ORACLE), "logged aux_loss summed over micro-batches"),
+             ("tests/metrics/test_routing.py", ORACLE),
+             "logged aux_loss summed over micro-batches"),
     # -- checkpoints
     Mutation("checkpoint-bias-not-saved", "moetrain/model/moe/router.py",
              "torch.zeros(slots), persistent=True", "torch.zeros(slots), persistent=False",
@@ -196,7 +201,8 @@ def check_mutations(mutations: Sequence[Mutation], root: Path) -> None:
     """Every mutation applies: its file exists and holds `old` exactly once; names unique."""
     names = [m.name for m in mutations]
     if len(set(names)) != len(names):
-        raise UserError(f"duplicate mutation names: {sorted({n for n in names if names.count(n) > 1})}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(f"duplicate mutation names: {twice}")
     for m in mutations:
         path = root / m.path
         if not path.is_file():
@@ -285,10 +291,11 @@ def run(mutations: Sequence[Mutation], root: Path, *, timeout: float, python: st
         raise UserError(f"uncommitted changes in {', '.join(dirty)}: commit or stash them first "
                         "(each mutated file is restored to its committed content)")
     if baseline:
-        selected = list(tests) if tests else list(dict.fromkeys(t for m in mutations for t in m.tests))
+        selected = list(tests or dict.fromkeys(t for m in mutations for t in m.tests))
         status, test = run_tests(selected, root, timeout * 2, python)
         if status != "survived":  # "survived" = all passed
-            raise RuntimeError(f"the tests fail without any mutation ({status} {test}); fix that first")
+            raise RuntimeError(f"the tests fail without any mutation ({status} {test}); "
+                               "fix that first")
     outcomes = []
     for m in mutations:
         outcome = apply_and_test(m, root, timeout, python, tests)

@@ -127,7 +127,10 @@ class MoEForward:
     taken_per_token: list[int]  # [T] assignments each token took (below top_k only with top-p)
 
 
-def _keep_highest(assignments: list[tuple[float, int, int]], n: int) -> list[tuple[float, int, int]]:
+Assignment = tuple[float, int, int]  # (score, token t, position j)
+
+
+def _keep_highest(assignments: list[Assignment], n: int) -> list[Assignment]:
     """The n highest-score (score, t, j) assignments; ties: the earlier token is kept."""
     return sorted(assignments, key=lambda a: (-a[0], a[1]))[:n]
 
@@ -169,14 +172,16 @@ def moe_forward(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Ten
     if capacity_factor is not None:
         capacity = math.ceil(capacity_factor * T * K / E)
         for e in range(E):
-            mine = [(float(priority[t, e]), t, j) for t, j in (active & (idx == e)).nonzero().tolist()]
+            mine = [(float(priority[t, e]), t, j)
+                    for t, j in (active & (idx == e)).nonzero().tolist()]
             survivors = {(t, j) for _, t, j in _keep_highest(mine, capacity)}
             for _, t, j in mine:
                 keep[t, j] = (t, j) in survivors
     if moe.token_rounding is not None:
         tile = moe.token_rounding
         for e in range(E):
-            mine = [(float(priority[t, e]), t, j) for t, j in (keep & (idx == e)).nonzero().tolist()]
+            mine = [(float(priority[t, e]), t, j)
+                    for t, j in (keep & (idx == e)).nonzero().tolist()]
             rest = len(mine) % tile
             if 2 * rest < tile:
                 survivors = {(t, j) for _, t, j in _keep_highest(mine, len(mine) - rest)}
@@ -250,7 +255,8 @@ class Reference:
         self.moe_layers = list(range(moe.first_dense_layers, m.n_layers))
         expected = self._parameter_names()
         biases = {f"layers.{i}.moe.router.expert_bias" for i in self.moe_layers}
-        unknown = set(state_dict) - expected - biases - ({"output.weight"} if m.tie_embeddings else set())
+        tied = {"output.weight"} if m.tie_embeddings else set()
+        unknown = set(state_dict) - expected - biases - tied
         missing = (expected | biases) - set(state_dict)
         assert not unknown and not missing, f"state dict: unknown {unknown}, missing {missing}"
         self.params = {n: state_dict[n].detach().clone().float().requires_grad_(True)
@@ -379,7 +385,8 @@ class Reference:
         return StepOutput(
             loss=lm_total / tokens,
             aux_loss=moe.lbl.coeff * lbl,
-            z_loss=moe.z_loss_coeff * sum(float(o.z.detach()) for layer in per_layer for o in layer) / M,
+            z_loss=moe.z_loss_coeff * sum(float(o.z.detach()) for layer in per_layer
+                                          for o in layer) / M,
             grad_norm=norm, lr=lr, top_k=top_k,
             tokens_per_expert=[[int(c) for c in load] for load in loads],
             dropped_frac=(sum(active) - sum(kept)) / max(1, sum(active)),

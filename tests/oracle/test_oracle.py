@@ -19,9 +19,10 @@ CASES = {
     "seq-2mb": ("model.moe.lbl.scope=seq",),
     "global-4mb": ("model.moe.lbl.scope=global", "train.micro_batch_size=1"),
     "bias-norm": BIAS,
-    "bias-nonorm-sigmoid": (*BIAS, "model.moe.norm_topk_prob=false", "model.moe.score_func=sigmoid"),
-    "bias-capacity-global-4mb": (*BIAS, "model.moe.capacity_factor=0.8", "model.moe.lbl.scope=global",
-                                 "train.micro_batch_size=1"),
+    "bias-nonorm-sigmoid": (*BIAS, "model.moe.norm_topk_prob=false",
+                            "model.moe.score_func=sigmoid"),
+    "bias-capacity-global-4mb": (*BIAS, "model.moe.capacity_factor=0.8",
+                                 "model.moe.lbl.scope=global", "train.micro_batch_size=1"),
     "capacity-pad-rounding": ("model.moe.capacity_factor=0.8", "model.moe.pad_to_capacity=true",
                               "model.moe.token_rounding=4"),
     # top_k 4, 3 (2.5 rounded up), 1; dropless at step 0, capacity factor 1 from step 1.

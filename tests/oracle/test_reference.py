@@ -13,14 +13,16 @@ from tests.oracle import reference as ref
 def test_the_reference_imports_nothing_from_moetrain_but_the_config_schema():
     tree = ast.parse(Path(ref.__file__).read_text())
     modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    modules |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
     assert {m for m in modules if m.startswith("moetrain")} == {"moetrain.config.schema"}
 
 
 def test_lr_and_schedules_on_hand_values():
     optim = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=4, decay="cosine")
     assert [ref.lr_at(s, optim, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert math.isclose(ref.lr_at(9, optim, 14), 0.55) and math.isclose(ref.lr_at(20, optim, 14), 0.1)
+    assert math.isclose(ref.lr_at(9, optim, 14), 0.55)
+    assert math.isclose(ref.lr_at(20, optim, 14), 0.1)
     ramp = MoEConfig(num_experts=8, top_k=1)
     ramp.schedule.top_k = ValueSchedule(kind="linear", start=1, end=2, end_step=2)
     assert [ref.top_k_at(ramp, s) for s in range(3)] == [1, 2, 2]  # 1.5 rounds up
