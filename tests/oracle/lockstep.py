@@ -7,7 +7,8 @@ The trainer runs as a user runs it (`Trainer.fit` on a composed config, fp32, de
 thread); each optimizer step's micro-batches go to the reference too, before the trainer takes
 the step. Compared, per step, with the reference's values (only outputs, no trainer internals):
 
-- the logged record: loss, aux_loss, z_loss, grad_norm, dropped_frac, experts_per_token
+- the logged records (metrics.jsonl, routing.jsonl): loss, aux_loss, z_loss, grad_norm,
+  dropped_frac, experts_per_token, tokens_per_expert
   (rel. RTOL), per-layer tokens_per_expert (exactly), lr and top_k (metrics.jsonl);
 - the gradients AdamW receives (an optimizer step pre-hook: after accumulation and clipping),
   the weights after the step and AdamW's exp_avg / exp_avg_sq (per tensor, relative L2 error
@@ -144,9 +145,17 @@ def run_lockstep(run_dir: Path, overrides: list[str],
         trainer.fit()
     result.records = [json.loads(line)
                       for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for record, want in zip(result.records, result.outputs):
-        result.check(record["step"], "lr", rel(record["lr"], want.lr))
-        result.exact(record["step"], "top_k", record["top_k"], want.top_k)
+    routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
+    # What a user sees: metrics.jsonl and routing.jsonl against the reference's values.
+    for record, layers, want in zip(result.records, routing, result.outputs):
+        step = record["step"]
+        for key in SCALARS:
+            result.check(step, key, rel(record[key], getattr(want, key)))
+        result.exact(step, "tokens_per_expert",
+                     [layer["tokens_per_expert"] for layer in layers["layers"]],
+                     want.tokens_per_expert)
+        result.check(step, "lr", rel(record["lr"], want.lr))
+        result.exact(step, "top_k", record["top_k"], want.top_k)
     result.exact(0, "steps logged", [r["step"] for r in result.records], list(range(1, STEPS + 1)))
     return result
 
@@ -175,13 +184,8 @@ def _attach(trainer: Trainer, ref: Reference, result: LockstepResult,
         before = {n: p.detach().clone() for n, p in params.items()}
         want = ref.train_step([trainer.train_data.get_batch(ix) for ix in micro_batches])
         fed.clear()
-        record, routing = step_fn(micro_batches)
+        out = step_fn(micro_batches)
         result.outputs.append(want)
-        for key in SCALARS:
-            result.check(step, key, rel(record[key], getattr(want, key)))
-        result.exact(step, "tokens_per_expert",
-                     [layer["tokens_per_expert"] for layer in routing["layers"]],
-                     want.tokens_per_expert)
         result.exact(step, "gradients of", sorted(fed), sorted(want.grads))
         for name, g in want.grads.items():
             if name in fed:
@@ -206,7 +210,7 @@ def _attach(trainer: Trainer, ref: Reference, result: LockstepResult,
             if not torch.equal(got, bias):
                 result.failures.append(f"step {step} expert_bias of layer {i}: {got.tolist()} "
                                        f"!= reference {bias.tolist()}")
-        return record, routing
+        return out
 
     trainer.train_step = lockstep
 
