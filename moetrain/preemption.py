@@ -4,6 +4,9 @@ The handler only sets a flag; the trainer checks it after each optimizer step, a
 other ranks (any rank signalled = all stop), saves a checkpoint and exits 0 so the job can be
 requeued. Doing the work inside the handler would interrupt a collective half-way. A second
 Ctrl-C raises KeyboardInterrupt at once: the run ends without saving (exit code 130).
+
+launch/slurm/train.sbatch starts the ranks with these signals blocked, so one sent while a rank
+is still starting stays pending; the watcher unblocks them once its handlers are in place.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ class PreemptionWatcher:
         self.announce = announce
         self._interrupted = False
         self._previous = {}
+        self._previous_mask: set | None = None
         if threading.current_thread() is threading.main_thread():  # signal() works only there
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            # delivers a signal that arrived (blocked) during start-up to the handler just set
+            self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -44,6 +50,9 @@ class PreemptionWatcher:
         return self.signal_name is not None
 
     def close(self) -> None:
+        if self._previous_mask is not None:  # blocked again before the old handlers return
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
+            self._previous_mask = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

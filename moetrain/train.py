@@ -6,6 +6,7 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
-from moetrain.data import DataError
+from moetrain.data import DataError, ensure_prepared
 from moetrain.parallel import LayoutError, check_layout
 from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
 
@@ -50,6 +51,14 @@ def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryH
     root.handlers[root.handlers.index(buffer)] = file_handler
 
 
+def _scheduler_note() -> str:
+    """The SLURM job and how often it has been requeued, for the per-rank logs."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return ""
+    return f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 def run(cfg: DictConfig) -> int:
     """Validate, set up and train; returns the process exit code.
 
@@ -64,19 +73,25 @@ def run(cfg: DictConfig) -> int:
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if typed.model.init.from_hf or typed.model.init.upcycle_from:
-            from moetrain.hf.load import check_init  # transformers only when it is needed
+            from moetrain.hf.load import check_init, use_hf_tokenizer  # only when needed
 
             check_init(typed)
+            use_hf_tokenizer(typed)  # an imported model keeps its vocabulary
+        # Bad data is refused, and the data prepared, before any process group or run directory.
+        ensure_prepared(typed.data, typed.model.vocab_size)
         rt = init_runtime(typed)
         log_buffer = _setup_logging(rt)
         run_dir = resolve_run_dir(typed, rt)
         trainer = Trainer(typed, rt, run_dir)
         create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))})
         _start_log_file(run_dir, rt, log_buffer)
+        log.info("rank %d of %d on %s (pid %d, device %s)%s", rt.rank, rt.world_size,
+                 socket.gethostname(), os.getpid(), rt.device, _scheduler_note())
         if rt.is_main:
             log.info("run directory: %s", run_dir)
             _log_checkpoint_policy(typed.checkpoint.every, run_dir)
         trainer.fit()
+        log.info("rank %d exits at step %d", rt.rank, trainer.state.step)
         return 0
     except USER_ERRORS + (TrainingError,) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -20,9 +20,8 @@ from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import ModelTensors
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import (
-    GlobalBatchSampler, PackedTokenDataset, ensure_prepared, load_index, val_steps,
-)
+from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
+from moetrain.data.index import tokenizer_source
 from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.model import (
     Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
@@ -54,21 +53,19 @@ class Trainer:
         self.par = ParallelContext(dims, rt.device)
 
         init = cfg.model.init
-        hf_tokenizer = None
         if init.from_hf or init.upcycle_from:
-            from moetrain.hf.load import hf_tokenizer_folder
+            from moetrain.hf.load import use_hf_tokenizer
 
-            hf_tokenizer = hf_tokenizer_folder(cfg)  # an imported model keeps its vocabulary
-        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size, hf_tokenizer=hf_tokenizer)
-        self.tokenizer_path = prepared / load_index(prepared)["tokenizer"]
-        self.train_data = PackedTokenDataset(prepared, "train", cfg.data.seq_len)
-        self.val_data = (
-            PackedTokenDataset(prepared, "val", cfg.data.seq_len) if t.eval_every > 0 else None
-        )
-        self.sampler = GlobalBatchSampler(
-            num_samples=len(self.train_data), global_batch_size=t.global_batch_size,
+            use_hf_tokenizer(cfg)  # an imported model keeps its vocabulary
+        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        self.tokenizer_path = tokenizer_source(prepared)
+        self.train_data, self.val_data = mixture_datasets(
+            prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
+        self.sampler = MixtureSampler(
+            self.train_data.sizes, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
-            dp_size=self.par.dp_size, seed=t.seed,
+            dp_size=self.par.dp_size, seed=t.seed, weights=self.train_data.weights,
+            names=self.train_data.names, on_exhausted=cfg.data.on_exhausted,
         )
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.micro_batches_per_step = t.global_batch_size // t.micro_batch_size
@@ -150,8 +147,7 @@ class Trainer:
         self.state = self.ckpt.load(self.resumed_from, self.model, self.optimizer)
         if self.state.sampler is not None:
             self.sampler.load_state_dict(self.state.sampler)
-        if self.rt.is_main:
-            log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+        log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
 
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
@@ -182,8 +178,16 @@ class Trainer:
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
                 top_k = self._apply_sparsity_schedule(step)
+                try:
+                    micro_batches = self.sampler.next_step()
+                except DataExhausted as err:  # data.on_exhausted=stop
+                    if self.rt.is_main:
+                        log.info("stopping at step %d: %s", step, err)
+                    if c.every > 0 and step % c.every:
+                        self.save_checkpoint()
+                    break
                 start = time.monotonic()
-                record, moe_stats = self.train_step(self.sampler.next_step())
+                record, moe_stats = self.train_step(micro_batches)
                 elapsed = time.monotonic() - start
                 moe = self.cfg.model.moe
                 scalars, routing = summarize_routing(moe_stats, self.micro_batches_per_step,
@@ -211,6 +215,9 @@ class Trainer:
                     top_k=top_k, bad_steps_total=self.state.bad_steps_total,
                     step_time_s=elapsed,
                 )
+                # The realised mixture: training tokens drawn from each source so far.
+                record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
+                               for name, n in self.sampler.consumed().items()})
                 if t.eval_every and self.state.step % t.eval_every == 0:
                     record["val_loss"] = self.evaluate()
                 if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
@@ -233,7 +240,7 @@ class Trainer:
                 if stop_reason:
                     if self.rt.is_main:
                         mark_preempted(self.run_dir, self.state.step, stop_reason)
-                        log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
+                    log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
                     break
         finally:
             self.ckpt.wait()

@@ -29,8 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from moetrain.checkpoint.convert import load_model_state  # noqa: E402
 from moetrain.config import compose, to_object  # noqa: E402
-from moetrain.data.prepare import corpus_files, ensure_prepared  # noqa: E402
-from moetrain.data.tokenizer import Tokenizer  # noqa: E402
+from moetrain.data import ensure_prepared, load_prepared_tokenizer, resolve_sources  # noqa: E402
 from moetrain.metrics.specialisation import mutual_information, specialisation_summary  # noqa: E402
 from moetrain.model.moe import MoELayer, Router  # noqa: E402
 from moetrain.model.transformer import Transformer  # noqa: E402
@@ -86,9 +85,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def source_windows(cfg, windows: int) -> tuple[list[str], torch.Tensor]:
     """[S, windows, seq_len] token ids: the last windows*seq_len tokens of every corpus file."""
     prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
-    tok = Tokenizer.from_prepared(prepared)
-    _, files = corpus_files(cfg.data.corpus)
-    files = [f for f in files if f.name.lower() != "readme.md"]
+    tok = load_prepared_tokenizer(prepared)
+    files = [f.path for source in resolve_sources(cfg.data) for f in source.resolve()[1]]
     L = cfg.data.seq_len
     names, rows = [], []
     for f in files:

@@ -43,7 +43,7 @@ RUN: dict[str, tuple[str, ...]] = {
     "python scripts/lbl_experiment.py --steps 200":
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),
-    "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/hf": (),
+    "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/flat": (),
 }
 
 ENVIRONMENT = "sets up the environment these tests run in (a venv, packages from the network)"
@@ -59,9 +59,34 @@ SKIPPED: dict[str, str] = {
         "needs a GPU (real Mixtral / OLMoE / Qwen3 shapes in bf16); tests/test_bench_scripts.py "
         "runs the script at small CPU shapes",
     "launch/local.sh 8 +experiment=olmoe_1b_7b parallel.ep=8": "needs 8 GPUs for OLMoE-1B-7B",
+    "python scripts/bench_kernels.py":
+        "needs a GPU (compiled Triton); tests/test_bench_kernels.py runs it at small CPU shapes "
+        "through the interpreter",
+    "bash scripts/gpu_check.sh": "needs a GPU; tests/test_gpu_check.py tests its CPU-side logic",
+    "python -m moetrain.hf export outputs/olmoe-<time> /tmp/olmoe-hf":
+        "needs a run of the real-size OLMoE experiment; tests/hf/test_round_trip.py exports tiny "
+        "models of every family and loads them with transformers",
+    "python -m moetrain.hf overrides /models/OLMoE-1B-7B-0924":
+        "needs the released OLMoE weights; tests/hf/test_cli.py prints the overrides of local "
+        "tiny models of every family",
+    "torchrun --nproc_per_node 8 -m moetrain.train +experiment=olmoe_1b_7b $(python -m "
+    "moetrain.hf overrides /models/OLMoE-1B-7B-0924) model.init.from_hf=/models/OLMoE-1B-7B-0924 "
+    "parallel.ep=8": "needs 8 GPUs and the released weights; tests/hf/test_round_trip.py imports "
+                     "tiny models into ep2 x tp2",
+    "python scripts/prepare_data.py data=mixture_example model.vocab_size=128256 "
+    "--out /data/prepared/mix": "needs the user's data (/data/...); tests/e2e/test_data_cli.py "
+                                "prepares and trains a jsonl.gz + parquet mixture",
+    "torchrun --nproc_per_node 8 -m moetrain.train +experiment=olmoe_1b_7b data=mixture_example "
+    "model.vocab_size=128256 data.prepared_dir=/data/prepared/mix":
+        "needs 8 GPUs and the user's prepared data",
     "sbatch --nodes=4 launch/slurm/train.sbatch +experiment=mixtral_8x7b parallel.tp=2 "
     "parallel.ep=8 run.dir=/shared/runs/mixtral":
-        "needs a SLURM cluster; tests/launch/test_slurm.py runs the script with a fake SLURM",
+        "needs a multi-node GPU SLURM cluster; tests/launch/test_sbatch_command.py checks the "
+        "command it builds for GPU nodes",
+    "sbatch --nodes=1 --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 "
+    "launch/slurm/train.sbatch +experiment=tiny train.device=cpu run.dir=runs/tiny":
+        "needs a SLURM cluster; tests/launch/test_slurm.py submits exactly this on a real "
+        "single-node SLURM that it starts",
 }
 
 

@@ -42,6 +42,7 @@ DType = _choice("DType", "auto", "fp32", "bf16")
 Recompute = _choice("Recompute", "none", "moe", "full")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 MoEKernels = _choice("MoEKernels", "auto", "torch", "triton")
+OnExhausted = _choice("OnExhausted", "repeat", "stop")
 # Which Hugging Face architecture a model config is (moetrain/config/families.py, docs/families.md).
 ModelFamily = _choice("ModelFamily", "custom", "mixtral", "qwen3_moe", "olmoe", "deepseek_v2",
                       "deepseek_v3")
@@ -249,17 +250,51 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One text source of the training mixture (docs/data.md)."""
+
+    # A file, a folder or a glob of .txt / .jsonl / .jsonl.gz / .jsonl.zst / .parquet / .arrow
+    # files, or a folder written by datasets' save_to_disk.
+    path: str = ""
+    # Relative share of each global batch's sequences (normalised over the sources).
+    weight: float = 1.0
+    # The column / JSON key holding the document text (ignored for .txt: one file = one document).
+    text_field: str = "text"
+    # Shown in metrics.jsonl (source_tokens/<name>); null = from the path (file or folder name).
+    name: Optional[str] = None
+
+
+@dataclass
+class TokenizerConfig:
+    # An existing sentencepiece .model or Hugging Face tokenizer.json (or a folder holding one);
+    # null = train a sentencepiece BPE on the sources.
+    path: Optional[str] = None
+    # Pieces of the BPE trained when path is null; null = model.vocab_size.
+    vocab_size: Optional[int] = None
+    # The end-of-document token of an existing tokenizer, when the file does not say which it is.
+    eos_token: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    # A text file or a folder of .txt files; the default is the corpus shipped in the repo.
-    corpus: str = "${moetrain_root:}/data/corpus"
+    # Shorthand for one source: a text file or a folder of .txt files. With neither corpus nor
+    # sources set, the corpus shipped in data/corpus is used.
+    corpus: Optional[str] = None
+    sources: List[SourceConfig] = field(default_factory=list)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # Where the tokenizer and the token shards go; null = ~/.cache/moetrain (or $MOETRAIN_CACHE)
-    # under a fingerprint of corpus and vocabulary size.
+    # under a fingerprint of the tokenizer (and, for a trained one, of the sources).
     prepared_dir: Optional[str] = None
     seq_len: int = 128
-    # Fraction of the token stream held out for validation.
+    # Fraction of each source's token stream held out for validation.
     val_fraction: float = 0.02
-    # Prepare (train tokenizer, tokenize, pack) automatically when the prepared data is missing.
+    # Prepare (tokenizer, tokens, shards) automatically when the prepared data is missing.
     auto_prepare: bool = True
+    # Tokenising processes while preparing; null = every core this process may use.
+    num_workers: Optional[int] = None
+    # When a source has no sequences left for the next global batch: repeat (a new epoch of
+    # that source, a fresh permutation) or stop (cleanly, with a checkpoint and a message).
+    on_exhausted: OnExhausted = OnExhausted("repeat")
 
 
 @dataclass

@@ -128,10 +128,7 @@ def validate(cfg: MoetrainConfig) -> None:
                        moe.capacity_factor, _capacity_range)
     _validate_routing(moe)
 
-    d = cfg.data
-    _require(bool(d.corpus), "data.corpus", d.corpus, "must name a text file or a folder of .txt files")
-    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be an integer >= 2")
-    _require(0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
+    _validate_data(cfg)
 
     o = cfg.optim
     _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
@@ -203,6 +200,27 @@ def _validate_rope_scaling(rs: Any) -> None:
              f"must be > model.rope_scaling.beta_slow={rs.beta_slow} > 0")
     _non_negative("model.rope_scaling.mscale", rs.mscale)
     _non_negative("model.rope_scaling.mscale_all_dim", rs.mscale_all_dim)
+
+
+def _validate_data(cfg: MoetrainConfig) -> None:
+    """Keys and values of data.*; the files themselves are checked when the data is prepared."""
+    from moetrain.data.errors import DataError
+    from moetrain.data.sources import resolve_sources
+
+    d = cfg.data
+    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be an integer >= 2")
+    _require(0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
+    if d.num_workers is not None:
+        _positive("data.num_workers", d.num_workers)
+    if d.tokenizer.vocab_size is not None:
+        _positive("data.tokenizer.vocab_size", d.tokenizer.vocab_size)
+        _require(d.tokenizer.vocab_size <= cfg.model.vocab_size, "data.tokenizer.vocab_size",
+                 d.tokenizer.vocab_size, f"must be <= model.vocab_size={cfg.model.vocab_size} "
+                 "(the model embeds every token)")
+    try:
+        resolve_sources(d)  # names, weights, corpus vs sources
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_routing(moe: Any) -> None:

@@ -1,22 +1,21 @@
-"""Corpus -> tokenizer + packed token shards, prepared once and shared by every rank.
+"""Sources -> tokenizer + packed token shards, prepared once and shared by every rank.
 
-Layout of a prepared directory::
+`ensure_prepared` is what training calls (every rank, before any process group exists): it
+returns the prepared directory of `data.*`, preparing what is missing first. Checking that a
+prepared directory matches the config reads its index and the sources' file sizes and
+modification times, never the files' bytes, so start-up does not grow with the corpus; a source
+whose raw files are gone is taken from the index as it is.
 
-    index.json          format version, dtype, vocab size, per-split shards and token counts,
-                        tokenizer file name, corpus fingerprint
-    tokenizer.model     sentencepiece BPE model trained on the corpus
-    train_00000.bin ... raw little-endian token ids (uint16 when the vocabulary fits, else uint32)
-    val_00000.bin ...
+Incremental: sources are tokenised separately, each into a folder of its own. With an existing
+tokenizer (`data.tokenizer.path`), adding a source (or changing one) tokenises only that source.
+A trained BPE depends on all the sources, so a different set of sources is a different prepared
+directory (the default cache directory's name includes their fingerprints).
 
-Every corpus file is one document; an EOS token follows each document, and the documents are
-concatenated into one stream in sorted file order. The stream does not depend on seq_len:
-sequences are cut when the data is loaded (`PackedTokenDataset`). The validation split is
-`val_fraction` of the stream, taken as blocks of SPLIT_BLOCK tokens spread evenly over the stream
-(so that it samples every work, not only the last file).
-
-A directory becomes visible only complete: it is built in a temporary sibling and renamed into
-place with `os.replace`; concurrent callers of `ensure_prepared` serialise on a `flock` lock file
-next to the target, so one process prepares and the others wait and then load.
+Nothing becomes visible half-written: a new directory is built in a temporary sibling and renamed
+into place; a source added to an existing directory is built in a hidden folder, renamed into
+place, and only then listed by a new index.json (itself renamed over the old one). Concurrent
+callers serialise on a `flock` lock file next to the target (removed when done), so one process
+prepares and the others wait and then load.
 """
 
 from __future__ import annotations
@@ -30,30 +29,29 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
-from moetrain.data.tokenizer import HF_TOKENIZER_FILE, HFTokenizer, Tokenizer
+from moetrain.data.errors import DataError
+from moetrain.data.index import (
+    FORMAT_VERSION, INDEX_FILE, SPLIT_BLOCK, load_index, token_dtype,
+)
+from moetrain.data.sources import Source, SourceFile, config_value, iter_pieces, resolve_sources
+from moetrain.data.tokenize import default_num_workers, tokenize_source
+from moetrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-INDEX_FILE = "index.json"
-TOKENIZER_FILE = "tokenizer.model"
-SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB per uint16 shard
-SPLIT_BLOCK = 1024  # granularity (tokens) of the train/val split
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+# Characters of text a BPE is trained on at most (sentencepiece holds them all in memory): past
+# this, each source contributes the start of its stream, in proportion to its size on disk.
+BPE_TRAIN_CHARS = 100_000_000
+TRAINED_FILE = "tokenizer.model"
+_IN_TRAINING = "delete it, or point data.prepared_dir elsewhere"
 
-
-class DataError(RuntimeError):
-    """The data cannot be found, prepared or loaded; the message names the config key and the fix."""
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+__all__ = ["DEFAULT_SHARD_TOKENS", "DataError", "ensure_prepared", "prepare_data",
+           "default_cache_root"]
 
 
 def default_cache_root() -> Path:
@@ -61,214 +59,196 @@ def default_cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "moetrain"
 
 
-def resolve_corpus_path(corpus: str | os.PathLike) -> Path:
-    # The schema default "${moetrain_root:}/data/corpus" is normally resolved by the config layer;
-    # resolve it here too so a plain DataConfig() works.
-    return Path(str(corpus).replace("${moetrain_root:}", str(_REPO_ROOT))).expanduser()
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class _Raw:
+    """A source's files as they are on disk now (None fields: the raw files are absent)."""
+
+    fmt: str
+    files: list[SourceFile]
+    fingerprint: str
 
 
-def corpus_files(corpus: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """(root, sorted .txt files) of a corpus given as one text file or a folder of .txt files."""
-    path = resolve_corpus_path(corpus)
-    if path.is_file():
-        return path.parent, [path]
-    if not path.is_dir():
-        raise DataError(f"data.corpus={str(corpus)!r}: no such file or folder; point data.corpus at a "
-                        "text file or a folder of .txt files")
-    files = sorted(p for p in path.rglob("*.txt")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files or all(p.stat().st_size == 0 for p in files):
-        raise DataError(f"data.corpus={str(corpus)!r}: the folder has no non-empty .txt files")
-    return path, files
+@dataclass
+class _TokenizerSpec:
+    path: Path | None  # an existing tokenizer file; None = train a BPE
+    eos_token: str | None
+    vocab_size: int  # of the existing tokenizer, or of the BPE to train
+    sha256: str | None = None
+    kind: str = "sentencepiece"
 
 
-def corpus_fingerprint(root: Path, files: list[Path]) -> str:
-    """sha256 over the files' names (relative to the corpus root) and contents."""
-    h = hashlib.sha256()
-    for f in files:
-        name = f.relative_to(root).as_posix().encode()
-        h.update(len(name).to_bytes(8, "little") + name)
-        h.update(f.stat().st_size.to_bytes(8, "little"))
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def _tokenizer_spec(data_cfg: Any, model_vocab_size: int) -> _TokenizerSpec:
+    t = config_value(data_cfg, "tokenizer") or {}
+    path, eos_token = config_value(t, "path"), config_value(t, "eos_token")
+    if path:
+        tok = Tokenizer.load(os.path.expanduser(str(path)), eos_token)
+        if tok.vocab_size > model_vocab_size:
+            raise DataError(f"model.vocab_size={model_vocab_size} is smaller than the vocabulary of "
+                            f"data.tokenizer.path={str(path)!r} ({tok.vocab_size} tokens); set "
+                            f"model.vocab_size >= {tok.vocab_size}")
+        sha = hashlib.sha256(tok.model_file.read_bytes()).hexdigest()
+        return _TokenizerSpec(tok.model_file, eos_token, tok.vocab_size, sha, tok.kind)
+    vocab = config_value(t, "vocab_size") or model_vocab_size
+    if vocab > model_vocab_size:
+        raise DataError(f"data.tokenizer.vocab_size={vocab} is larger than model.vocab_size="
+                        f"{model_vocab_size}; the model must embed every token")
+    return _TokenizerSpec(None, None, vocab)
 
 
-# ----------------------------------------------------------------------------- validation
+def _raw(source: Source) -> _Raw | None:
+    if not source.exists():
+        return None
+    fmt, files = source.resolve()
+    return _Raw(fmt, files, source.fingerprint(fmt, files))
 
-def load_index(prepared_dir: str | os.PathLike) -> dict:
-    """Read index.json and check that the tokenizer and every shard have the recorded sizes."""
-    d = Path(prepared_dir)
+
+def _need_raw(source: Source, raw: _Raw | None) -> _Raw:
+    return raw if raw is not None else _Raw(*source.resolve(), "")  # resolve() raises: missing
+
+
+def _trained_on(sources: list[Source], raws: dict[str, _Raw | None], index: dict | None) -> dict:
+    """{name: fingerprint} of the sources a BPE is trained on (from the index where raw is gone)."""
+    out = {}
+    for s in sources:
+        raw = raws[s.name]
+        if raw is None:
+            entry = (index or {}).get("sources", {}).get(s.name)
+            raw = _need_raw(s, None) if entry is None else _Raw("", [], entry["fingerprint"])
+        out[s.name] = raw.fingerprint
+    return out
+
+
+def _default_target(spec: _TokenizerSpec, sources: list[Source], raws: dict, val_fraction: float) -> Path:
+    if spec.path is None:
+        key = json.dumps(["bpe", spec.vocab_size, sorted(_trained_on(sources, raws, None).items()),
+                          val_fraction])
+        name = f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-v{spec.vocab_size}-val{val_fraction:g}"
+    else:
+        name = f"tok-{spec.sha256[:16]}-val{val_fraction:g}"
+    return default_cache_root().absolute() / name
+
+
+def _stale(index: dict, target: Path, spec: _TokenizerSpec, sources: list[Source], raws: dict,
+           val_fraction: float, fix: str) -> list[Source]:
+    """The sources to (re)tokenise into an existing prepared directory; DataError when it cannot
+    be updated (another tokenizer or val_fraction)."""
+    where = f"data.prepared_dir={str(target)!r}"
+    if abs(index["val_fraction"] - val_fraction) > 1e-12:
+        raise DataError(f"{where} was prepared with val_fraction {index['val_fraction']}, but "
+                        f"data.val_fraction={val_fraction}; set it back, or {fix}")
+    tok = index["tokenizer"]
+    if spec.path is not None:
+        if tok.get("sha256") != spec.sha256:
+            origin = tok.get("source") or "a BPE trained on its sources"
+            raise DataError(f"{where} was prepared with another tokenizer ({origin}) than "
+                            f"data.tokenizer.path={str(spec.path)!r}; {fix}")
+        if tok.get("eos_token") != spec.eos_token:
+            raise DataError(f"{where} was prepared with data.tokenizer.eos_token="
+                            f"{tok.get('eos_token')!r}, not {spec.eos_token!r}; {fix}")
+    else:
+        if tok.get("source") is not None or tok["vocab_size"] != spec.vocab_size:
+            what = (f"the tokenizer {tok['source']}" if tok.get("source") else
+                    f"a {tok['vocab_size']}-piece BPE")
+            raise DataError(f"{where} was prepared with {what}, but the config trains a "
+                            f"{spec.vocab_size}-piece BPE (data.tokenizer.vocab_size, else "
+                            f"model.vocab_size); {fix}")
+        if tok["trained_on"] != _trained_on(sources, raws, index):
+            raise DataError(
+                f"{where} was prepared from other sources (its BPE was trained on "
+                f"{', '.join(tok['trained_on'])} as they were then); {fix}, or keep its tokenizer "
+                f"and add sources incrementally with data.tokenizer.path={target / TRAINED_FILE}")
+    todo = []
+    for s in sources:
+        entry, raw = index["sources"].get(s.name), raws[s.name]
+        if entry is None:
+            _need_raw(s, raw)
+            todo.append(s)
+        elif raw is not None and raw.fingerprint != entry["fingerprint"]:
+            todo.append(s)
+    return todo
+
+
+# ----------------------------------------------------------------------------- locking
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p; returns the folders it created, outermost first."""
+    made = []
+    for p in reversed([path, *path.parents]):
+        if not p.exists():
+            p.mkdir(exist_ok=True)
+            made.append(p)
+    return made
+
+
+@contextlib.contextmanager
+def _target_lock(target: Path) -> Iterator[None]:
+    """Exclusive flock on `.<name>.lock` next to `target` (works across processes on one host and
+    on shared filesystems with flock support, e.g. NFSv4, Lustre with -o flock). The holder
+    deletes the file when done, so a waiter re-checks that it locked the file still in place."""
+    lock = target.parent / f".{target.name}.lock"
+    while True:
+        fh = open(lock, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s", target)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()  # the previous holder removed it: lock the new one
     try:
-        index = json.loads((d / INDEX_FILE).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{d} is not a prepared dataset (no {INDEX_FILE}); prepare it with "
-                        "scripts/prepare_data.py or let data.auto_prepare do it") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{d / INDEX_FILE} is corrupt ({e}); delete {d} and prepare again") from None
-    if index.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{d / INDEX_FILE} has format_version {index.get('format_version')}, this "
-                        f"moetrain reads {FORMAT_VERSION}; delete {d} and prepare again")
-    if not (d / index["tokenizer"]).is_file():
-        raise DataError(f"{d}: tokenizer file {index['tokenizer']} is missing; delete {d} and prepare again")
-    itemsize = np.dtype(index["dtype"]).itemsize
-    for split, info in index["splits"].items():
-        for shard in info["shards"]:
-            f = d / shard["file"]
-            want = shard["tokens"] * itemsize
-            have = f.stat().st_size if f.is_file() else None
-            if have != want:
-                state = "is missing" if have is None else f"has {have} bytes"
-                raise DataError(f"shard {f} {state}, {INDEX_FILE} records {shard['tokens']} tokens "
-                                f"({want} bytes): the prepared data is truncated or corrupt; "
-                                f"delete {d} and prepare again")
-    return index
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 # ----------------------------------------------------------------------------- building
 
-class _ShardWriter:
-    """Appends tokens to <split>_NNNNN.bin files of at most `shard_tokens` tokens each."""
-
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self._fh = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self._fh is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self._open_next()
-            k = min(tokens.size, self.shard_tokens - self.shards[-1]["tokens"])
-            self._fh.write(tokens[:k].astype(self.dtype, copy=False).tobytes())
-            self.shards[-1]["tokens"] += k
-            tokens = tokens[k:]
-
-    def _open_next(self) -> None:
-        self.close()
-        name = f"{self.split}_{len(self.shards):05d}.bin"
-        self._fh = open(self.out_dir / name, "wb")
-        self.shards.append({"file": name, "tokens": 0})
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
-
-    def info(self) -> dict:
-        return {"tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+def _training_lines(sources: list[Source], raws: dict[str, _Raw], cache: Path) -> Iterator[str]:
+    """The lines a BPE is trained on: every source's documents in order, capped at BPE_TRAIN_CHARS."""
+    total = sum(f.size for s in sources for f in raws[s.name].files)
+    for s in sources:
+        raw = raws[s.name]
+        budget = None if total <= BPE_TRAIN_CHARS else BPE_TRAIN_CHARS * sum(f.size for f in raw.files) / total
+        used = 0
+        for text, end in iter_pieces(s, raw.fmt, raw.files, cache):
+            if not end and text.endswith("\n"):  # a piece of a .txt document: its lines, as if whole
+                text = text[:-1]
+            yield from text.split("\n")
+            used += len(text)
+            if budget is not None and used >= budget:
+                log.info("BPE: trained on the first %d characters of source %s", used, s.name)
+                break
 
 
-def _is_val_block(b: int, n_blocks: int, n_val: int) -> bool:
-    # Bresenham spreading: exactly n_val of the n_blocks blocks, evenly spaced.
-    return (b + 1) * n_val // n_blocks > b * n_val // n_blocks
+def _source_entry(source: Source, raw: _Raw, counts: dict, folder: str) -> dict:
+    return {"path": source.path, "format": raw.fmt,
+            "text_field": None if raw.fmt == "text" else source.text_field,
+            "fingerprint": raw.fingerprint, "dir": folder,
+            "files": [[f.rel, f.size, f.mtime_ns] for f in raw.files], **counts}
 
 
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[Any]:
-    # Never touch the network, and keep the console clean.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield datasets
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _build(root: Path, files: list[Path], out: Path, vocab_size: int, val_fraction: float,
-           shard_tokens: int, fingerprint: str, hf_tokenizer: Path | None = None) -> dict:
-    """Write tokenizer, shards and index.json into the (empty, private) directory `out`;
-    `hf_tokenizer` (a Hugging Face folder) is copied and used instead of training one."""
-    with _quiet_datasets() as datasets:
-        # The HF cache lives inside the private build dir, so nothing is written under ~.
-        cache = out / ".hf_cache"
-        ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
-                                   split="train", cache_dir=str(cache))
-        # sentencepiece trains on lines; a document's lines in order, documents in file order.
-        if hf_tokenizer is not None:
-            tok = _copy_hf_tokenizer(hf_tokenizer, out, vocab_size)
-        else:
-            lines = (line for batch in ds.iter(batch_size=16) for doc in batch["text"]
-                     for line in doc.split("\n"))
-            tok = Tokenizer.train(lines, out / TOKENIZER_FILE, vocab_size)
-            if tok.vocab_size != vocab_size:
-                raise DataError(f"the tokenizer has {tok.vocab_size} pieces, not model.vocab_size={vocab_size}")
-        eos = tok.eos_id
-
-        def encode(batch: dict) -> dict:
-            ids = tok.encode_batch(batch["text"])
-            return {"ids": ids, "n": [len(x) + 1 for x in ids]}
-
-        ds = ds.map(encode, batched=True, batch_size=16, num_proc=1, remove_columns=["text"],
-                    new_fingerprint=f"{fingerprint[:32]}-{vocab_size}")
-        total = int(sum(ds["n"]))
-
-        n_blocks = -(-total // SPLIT_BLOCK)
-        n_val = 0 if val_fraction <= 0 else max(1, round(n_blocks * val_fraction))
-        if n_val >= n_blocks:
-            raise DataError(f"data.val_fraction={val_fraction} leaves no training tokens "
-                            f"({total} tokens in all)")
-        dtype = token_dtype(vocab_size)
-        writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
-        pos = 0
-        for batch in ds.iter(batch_size=64):
-            for ids in batch["ids"]:
-                doc = np.asarray(ids + [eos], dtype=np.int64)
-                while doc.size:
-                    block = pos // SPLIT_BLOCK
-                    k = min(doc.size, (block + 1) * SPLIT_BLOCK - pos)
-                    split = "val" if _is_val_block(block, n_blocks, n_val) else "train"
-                    writers[split].write(doc[:k])
-                    doc, pos = doc[k:], pos + k
-        for w in writers.values():
-            w.close()
-        num_docs = len(ds)
-        del ds
-    shutil.rmtree(cache, ignore_errors=True)
-
-    index = {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "tokenizer": HF_TOKENIZER_FILE if hf_tokenizer is not None else TOKENIZER_FILE,
-        "eos_id": eos,
-        "bos_id": tok.bos_id,
-        "corpus_fingerprint": fingerprint,
-        "corpus_files": [f.relative_to(root).as_posix() for f in files],
-        "num_documents": num_docs,
-        "val_fraction": val_fraction,
-        "split_block": SPLIT_BLOCK,
-        "shard_tokens": shard_tokens,
-        "splits": {s: w.info() for s, w in writers.items()},
-    }
-    # index.json last: a directory without it is never taken for a prepared dataset.
-    _write_synced(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
-    return index
-
-
-def _copy_hf_tokenizer(src: Path, out: Path, vocab_size: int) -> HFTokenizer:
-    for f in src.iterdir():  # tokenizer.json and its configs, not the weights
-        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "added_tokens")):
-            shutil.copyfile(f, out / f.name)
-    tok = HFTokenizer(out)
-    if tok.vocab_size > vocab_size or tok.eos_id is None:
-        raise DataError(f"the tokenizer of {src} has {tok.vocab_size} tokens (EOS "
-                        f"{tok.eos_id}): it needs an EOS token and at most model.vocab_size="
-                        f"{vocab_size}")
-    return tok
-
-
-def tokenizer_fingerprint(folder: Path) -> str:
-    """sha256 of a Hugging Face folder's tokenizer.json."""
-    return hashlib.sha256((folder / HF_TOKENIZER_FILE).read_bytes()).hexdigest()
+def _build_sources(todo: list[Source], raws: dict[str, _Raw], tok: Tokenizer, work: Path,
+                   val_fraction: float, shard_tokens: int, num_workers: int) -> dict[str, dict]:
+    """Tokenise each source into work/<name>-<fingerprint>/; returns their index entries."""
+    entries = {}
+    for s in todo:
+        raw = raws[s.name]
+        folder = f"{s.name}-{raw.fingerprint[:12]}"
+        (work / folder).mkdir()
+        counts = tokenize_source(s, raw.fmt, raw.files, tok, work / folder, val_fraction,
+                                 shard_tokens, num_workers, work / ".hf_cache")
+        entries[s.name] = _source_entry(s, raw, counts, folder)
+    shutil.rmtree(work / ".hf_cache", ignore_errors=True)
+    return entries
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -278,37 +258,42 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-@contextlib.contextmanager
-def _target_lock(target: Path) -> Iterator[None]:
-    """Exclusive flock on `.<name>.lock` next to `target` (works across processes on one host and
-    on shared filesystems with flock support, e.g. NFSv4, Lustre with -o flock)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process preparing %s", target)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _write_index(directory: Path, index: dict) -> None:
+    # Written aside and renamed: a reader sees the old index or the new one, never a torn file.
+    tmp = directory / f".{INDEX_FILE}.tmp"
+    _write_synced(tmp, (json.dumps(index, indent=2) + "\n").encode())
+    os.replace(tmp, directory / INDEX_FILE)
 
 
-def _prepare_locked(root: Path, files: list[Path], target: Path, vocab_size: int,
-                    val_fraction: float, shard_tokens: int, fingerprint: str,
-                    overwrite: bool = False, hf_tokenizer: Path | None = None) -> dict:
-    # Holding the lock: leftovers of interrupted (killed) prepares of this target can go.
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def _build_new(target: Path, spec: _TokenizerSpec, sources: list[Source], raws: dict[str, _Raw],
+               val_fraction: float, shard_tokens: int, num_workers: int, overwrite: bool) -> dict:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    t0 = time.perf_counter()
-    size = sum(f.stat().st_size for f in files)
-    log.info("preparing %d corpus files (%.1f MB) into %s, vocab %d", len(files), size / 1e6, target, vocab_size)
     try:
-        index = _build(root, files, tmp, vocab_size, val_fraction, shard_tokens, fingerprint,
-                       hf_tokenizer)
+        if spec.path is None:
+            log.info("training a %d-piece BPE tokenizer on %s", spec.vocab_size,
+                     ", ".join(s.name for s in sources))
+            tok = Tokenizer.train(_training_lines(sources, raws, tmp / ".hf_cache"), tmp / TRAINED_FILE,
+                                  spec.vocab_size)
+            if tok.vocab_size != spec.vocab_size:
+                raise DataError(f"the trained tokenizer has {tok.vocab_size} pieces, not "
+                                f"{spec.vocab_size} (data.tokenizer.vocab_size, else model.vocab_size)")
+            tok_info = {"file": TRAINED_FILE, "source": None,
+                        "sha256": hashlib.sha256(tok.model_file.read_bytes()).hexdigest(),
+                        "trained_on": {s.name: raws[s.name].fingerprint for s in sources}}
+        else:
+            name = "tokenizer" + spec.path.suffix
+            shutil.copyfile(spec.path, tmp / name)
+            tok = Tokenizer.load(tmp / name, spec.eos_token)
+            tok_info = {"file": name, "source": str(spec.path), "sha256": spec.sha256}
+        tok_info.update(kind=tok.kind, vocab_size=tok.vocab_size, bos_id=tok.bos_id,
+                        eos_id=tok.eos_id, eos_token=spec.eos_token)
+        entries = _build_sources(sources, raws, tok, tmp, val_fraction, shard_tokens, num_workers)
+        index = {"format_version": FORMAT_VERSION, "dtype": token_dtype(tok.vocab_size).name,
+                 "tokenizer": tok_info, "val_fraction": val_fraction, "split_block": SPLIT_BLOCK,
+                 "shard_tokens": shard_tokens, "sources": entries}
+        # index.json last: a directory without it is never taken for a prepared dataset.
+        _write_index(tmp, index)
         if overwrite and target.exists():
             old = target.parent / f".{target.name}.tmp-old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
@@ -316,96 +301,104 @@ def _prepare_locked(root: Path, files: list[Path], target: Path, vocab_size: int
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("prepared %s: %d train / %d val tokens in %.1f s", target,
-             index["splits"]["train"]["tokens"], index["splits"]["val"]["tokens"], time.perf_counter() - t0)
     return index
 
 
-def _check_target_free(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise DataError(f"{target} exists and is not a prepared dataset (no {INDEX_FILE}); "
-                        "delete it or choose another data.prepared_dir / --out")
+def _add_sources(target: Path, index: dict, todo: list[Source], raws: dict[str, _Raw],
+                 shard_tokens: int, num_workers: int) -> dict:
+    """Tokenise `todo` into the existing `target` with its tokenizer; returns the new index."""
+    work = target / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        info = index["tokenizer"]
+        tok = Tokenizer.load(target / info["file"], info.get("eos_token"))
+        entries = _build_sources(todo, raws, tok, work, index["val_fraction"], shard_tokens, num_workers)
+        for entry in entries.values():
+            shutil.rmtree(target / entry["dir"], ignore_errors=True)  # left by an interrupted update
+            os.replace(work / entry["dir"], target / entry["dir"])
+        replaced = [index["sources"][n]["dir"] for n in entries if n in index["sources"]]
+        index = {**index, "sources": {**index["sources"], **entries}}
+        _write_index(target, index)
+        for folder in replaced:
+            shutil.rmtree(target / folder, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return index
 
 
-def prepare_dataset(corpus: str | os.PathLike, out_dir: str | os.PathLike, vocab_size: int,
-            val_fraction: float = 0.02, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            overwrite: bool = False) -> dict:
-    """Train the tokenizer and write the token shards of `corpus` into `out_dir`; returns the index.
+def _remove_leftovers(target: Path) -> None:
+    # Holding the lock: the temporary folders of interrupted (killed) prepares can go.
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.is_dir():
+        for stale in target.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
-    Refuses an existing prepared `out_dir` unless `overwrite` (which replaces it atomically)."""
+
+# ----------------------------------------------------------------------------- entry points
+
+def prepare_data(data_cfg: Any, model_vocab_size: int, *, overwrite: bool = False,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, fix: str = _IN_TRAINING) -> tuple[Path, list[str]]:
+    """Make the prepared directory of `data_cfg` (a DataConfig, DictConfig or dict) current.
+
+    Returns (directory, names of the sources tokenised now). `overwrite` rebuilds it from scratch
+    (atomically). `fix` is the advice in errors about a directory that cannot be reused. Safe to
+    call from every rank at once: one prepares under a file lock, the others wait."""
+    sources = resolve_sources(data_cfg)
+    val_fraction = float(config_value(data_cfg, "val_fraction", 0.02))
     if not 0 <= val_fraction < 1:
         raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens={shard_tokens} must be positive")
-    root, files = corpus_files(corpus)
-    target = Path(out_dir).expanduser().absolute()
-    with _target_lock(target):
-        if (target / INDEX_FILE).exists() and not overwrite:
-            raise DataError(f"{target} already holds a prepared dataset; pass overwrite=True (--force)")
-        _check_target_free(target, overwrite)
-        return _prepare_locked(root, files, target, vocab_size, val_fraction, shard_tokens,
-                               corpus_fingerprint(root, files), overwrite)
+    spec = _tokenizer_spec(data_cfg, model_vocab_size)
+    raws = {s.name: _raw(s) for s in sources}
+    prepared_dir = config_value(data_cfg, "prepared_dir")
+    target = (Path(prepared_dir).expanduser().absolute() if prepared_dir
+              else _default_target(spec, sources, raws, val_fraction))
+    workers = config_value(data_cfg, "num_workers") or default_num_workers()
+
+    # Fast path without the lock: an index.json is only ever renamed into place complete.
+    if not overwrite and (target / INDEX_FILE).exists():
+        if not _stale(load_index(target), target, spec, sources, raws, val_fraction, fix):
+            return target, []
+    made = _make_dirs(target.parent)
+    try:
+        with _target_lock(target):
+            _remove_leftovers(target)
+            index = None if overwrite or not (target / INDEX_FILE).exists() else load_index(target)
+            todo = sources if index is None else _stale(index, target, spec, sources, raws,
+                                                         val_fraction, fix)
+            if not todo:  # another process prepared it while we waited
+                return target, []
+            if index is None and target.exists() and not overwrite and (
+                    not target.is_dir() or any(target.iterdir())):
+                raise DataError(f"{target} exists and is not a prepared dataset (no {INDEX_FILE}); "
+                                f"{fix}")
+            if not config_value(data_cfg, "auto_prepare", True):
+                raise DataError(
+                    f"data.prepared_dir={str(target)!r} lacks the tokens of source(s) "
+                    f"{', '.join(s.name for s in todo)} and data.auto_prepare is false; run "
+                    f"`python scripts/prepare_data.py data.prepared_dir={target} ...` with this "
+                    "config's data.* and model.vocab_size, or set data.auto_prepare=true")
+            done = {s.name: _need_raw(s, raws[s.name]) for s in todo}
+            raws.update(done)
+            t0 = time.perf_counter()
+            size = sum(f.size for r in done.values() for f in r.files)
+            log.info("preparing %s (%.1f MB) into %s with %d workers",
+                     ", ".join(done), size / 1e6, target, workers)
+            if index is None:
+                _build_new(target, spec, sources, raws, val_fraction, shard_tokens, workers, overwrite)
+            else:
+                _add_sources(target, index, todo, raws, shard_tokens, workers)
+            log.info("prepared %s in %.1f s", target, time.perf_counter() - t0)
+    except BaseException:
+        for d in reversed(made):  # folders made for a target that never came to be
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    return target, list(done)
 
 
-def _cfg(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _check_matches(index: dict, target: Path, vocab_size: int, val_fraction: float, fingerprint: str) -> None:
-    if index["vocab_size"] != vocab_size:
-        raise DataError(f"data.prepared_dir={target} was prepared with vocab_size {index['vocab_size']}, "
-                        f"but model.vocab_size={vocab_size}; set model.vocab_size={index['vocab_size']} "
-                        "or use another data.prepared_dir")
-    if index["corpus_fingerprint"] != fingerprint:
-        raise DataError(f"data.prepared_dir={target} was prepared from a different corpus than "
-                        "data.corpus (fingerprints differ); delete it to re-prepare, or use another "
-                        "data.prepared_dir")
-    if abs(index["val_fraction"] - val_fraction) > 1e-12:
-        raise DataError(f"data.prepared_dir={target} was prepared with val_fraction "
-                        f"{index['val_fraction']}, but data.val_fraction={val_fraction}; set it back "
-                        "or use another data.prepared_dir")
-
-
-def ensure_prepared(data_cfg: Any, vocab_size: int, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                    hf_tokenizer: str | os.PathLike | None = None) -> Path:
-    """Return the prepared directory for `data_cfg` (a DataConfig, DictConfig or dict with corpus,
-    prepared_dir, val_fraction, auto_prepare), preparing it first if it is missing.
-
-    `hf_tokenizer`: a Hugging Face model folder whose tokenizer is used (an imported model's
-    vocabulary) instead of training one; it is part of the prepared data's identity.
-    Safe to call from every rank at once: one prepares under a file lock, the others wait."""
-    corpus = _cfg(data_cfg, "corpus")
-    val_fraction = float(_cfg(data_cfg, "val_fraction", 0.02))
-    auto_prepare = bool(_cfg(data_cfg, "auto_prepare", True))
-    root, files = corpus_files(corpus)
-    fingerprint = corpus_fingerprint(root, files)
-    hf_tok = Path(hf_tokenizer) if hf_tokenizer is not None else None
-    if hf_tok is not None:  # another vocabulary, another prepared dataset
-        fingerprint = hashlib.sha256(
-            (fingerprint + tokenizer_fingerprint(hf_tok)).encode()).hexdigest()
-    prepared_dir = _cfg(data_cfg, "prepared_dir")
-    if prepared_dir:
-        target = Path(prepared_dir).expanduser().absolute()
-    else:
-        target = default_cache_root().absolute() / f"{fingerprint[:16]}-v{vocab_size}-val{val_fraction:g}"
-
-    # Fast path without the lock: a directory with index.json was renamed into place complete.
-    if (target / INDEX_FILE).exists():
-        _check_matches(load_index(target), target, vocab_size, val_fraction, fingerprint)
-        return target
-    with _target_lock(target):
-        if (target / INDEX_FILE).exists():  # another process prepared it while we waited
-            _check_matches(load_index(target), target, vocab_size, val_fraction, fingerprint)
-            return target
-        _check_target_free(target, overwrite=False)
-        if not auto_prepare:
-            raise DataError(f"no prepared data at {target} (data.prepared_dir) and data.auto_prepare "
-                            f"is false; run `python scripts/prepare_data.py --corpus {corpus} --out "
-                            f"{target} --vocab-size {vocab_size} --val-fraction {val_fraction:g}` or set "
-                            "data.auto_prepare=true")
-        _prepare_locked(root, files, target, vocab_size, val_fraction, shard_tokens, fingerprint,
-                        hf_tokenizer=hf_tok)
-    load_index(target)
-    return target
+def ensure_prepared(data_cfg: Any, model_vocab_size: int, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
+    """The prepared directory for `data_cfg`, preparing what is missing first (see `prepare_data`)."""
+    return prepare_data(data_cfg, model_vocab_size, shard_tokens=shard_tokens)[0]

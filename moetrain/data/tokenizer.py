@@ -1,21 +1,24 @@
-"""A sentencepiece BPE tokenizer trained on the local corpus (never fetched from a hub).
+"""Tokenizers from local files: a sentencepiece `.model` or a Hugging Face `tokenizer.json`, and
+the sentencepiece BPE trained on the sources when no tokenizer is given (never fetched from a hub).
 
-Training settings are chosen so that the same corpus always gives the same model file and so
-that any text round-trips: identity normalisation (no NFKC, whitespace kept as written), no dummy
-prefix, and byte fallback for characters outside the vocabulary. Newlines are not part of the
-training sentences (sentencepiece trains on lines), so "\\n" encodes as the byte piece <0x0A>.
+The trained BPE is chosen so that the same text always gives the same model file and any text
+round-trips: identity normalisation (no NFKC, whitespace kept as written), no dummy prefix, and
+byte fallback for characters outside the vocabulary. Newlines are not part of the training
+sentences (sentencepiece trains on lines), so "\\n" encodes as the byte piece <0x0A>.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import sentencepiece as spm
+from moetrain.data.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+SENTENCEPIECE, HF = "sentencepiece", "tokenizers"
 
 _TRAINER_ARGS = dict(
     model_type="bpe",
@@ -38,102 +41,178 @@ _TRAINER_ARGS = dict(
     minloglevel=2,
 )
 
+# End-of-document tokens of common tokenizer.json files, tried in order when neither the file's
+# tokenizer_config.json nor data.tokenizer.eos_token names one.
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]")
+
 
 class Tokenizer:
-    """Thin wrapper over a sentencepiece model file."""
+    """What preparation and tools use of a tokenizer: ids of text, text of ids, BOS/EOS ids.
 
-    def __init__(self, model_file: str | Path):
-        self.model_file = Path(model_file)
-        if not self.model_file.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.model_file}")
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+    `encode_batch` is single-threaded: parallelism comes from the preparation's worker processes,
+    so that `data.num_workers` is the number of cores used.
+    """
 
-    @classmethod
-    def train(cls, lines: Iterable[str], model_file: str | Path, vocab_size: int) -> "Tokenizer":
-        """Train a BPE model on `lines` (one sentence each, without newlines) and write it."""
+    kind: str
+    model_file: Path
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    eos_token: str | None = None  # as configured (data.tokenizer.eos_token); None = the file's
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def load(path: str | os.PathLike, eos_token: str | None = None, key: str = "data.tokenizer.path") -> "Tokenizer":
+        """The tokenizer in `path`: a `.model` (sentencepiece), a `.json` (tokenizers), or a
+        folder holding tokenizer.json or tokenizer.model. Raises DataError naming `key`."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).is_file()]
+            if not found:
+                raise DataError(f"{key}={str(path)!r}: the folder holds neither tokenizer.json nor "
+                                "tokenizer.model")
+            p = found[0]
+        if not p.is_file():
+            raise DataError(f"{key}={str(path)!r}: no such file; give a sentencepiece .model or a "
+                            "Hugging Face tokenizer.json")
+        if p.suffix == ".model":
+            return SentencePieceTokenizer(p, eos_token, key)
+        if p.suffix == ".json":
+            return HFTokenizer(p, eos_token, key)
+        raise DataError(f"{key}={str(path)!r}: unknown tokenizer format {p.suffix!r}; give a "
+                        "sentencepiece .model or a Hugging Face tokenizer.json")
+
+    @staticmethod
+    def train(lines: Iterable[str], model_file: str | os.PathLike, vocab_size: int) -> "SentencePieceTokenizer":
+        """Train a sentencepiece BPE on `lines` (one sentence each, without newlines), write it to
+        `model_file`. Raises DataError when the vocabulary cannot be built."""
+        import sentencepiece as spm
+
         buf = io.BytesIO()
+        failed: list[BaseException] = []
+
+        def sentences() -> Iterator[str]:
+            # sentencepiece turns an error of the iterator into its own RuntimeError: keep ours.
+            try:
+                yield from lines
+            except BaseException as e:
+                failed.append(e)
+                raise
+
         try:
             # model_writer + sentence_iterator: the model records no file paths, so it is
             # byte-identical wherever it is trained.
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, **_TRAINER_ARGS
+                sentence_iterator=sentences(), model_writer=buf, vocab_size=vocab_size, **_TRAINER_ARGS
             )
         except RuntimeError as e:
-            raise ValueError(
-                f"training a {vocab_size}-piece BPE tokenizer failed ({e}); the vocabulary must hold "
-                "259 byte/special pieces plus the corpus characters, and the corpus must be large "
-                "enough for the requested number of merges (model.vocab_size)"
-            ) from e
+            if failed:
+                raise failed[0] from None
+            reason = " ".join(str(e).split())  # one line
+            raise DataError(
+                f"training a {vocab_size}-piece BPE tokenizer failed ({reason}); the vocabulary "
+                "(data.tokenizer.vocab_size, else model.vocab_size) must hold 259 byte/special "
+                "pieces plus the corpus characters, and the corpus must be large enough for the "
+                "requested number of merges"
+            ) from None
         with open(model_file, "wb") as fh:
             fh.write(buf.getvalue())
             fh.flush()
             os.fsync(fh.fileno())
-        return cls(model_file)
+        return SentencePieceTokenizer(Path(model_file))
 
-    @classmethod
-    def from_prepared(cls, prepared_dir: str | Path) -> "Tokenizer | HFTokenizer":
-        """The tokenizer of a prepared dataset directory (see moetrain.data.prepare)."""
-        from moetrain.data.prepare import load_index
 
-        path = Path(prepared_dir) / load_index(prepared_dir)["tokenizer"]
-        return HFTokenizer(path.parent) if path.name == HF_TOKENIZER_FILE else cls(path)
+class SentencePieceTokenizer(Tokenizer):
+    kind = SENTENCEPIECE
 
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+    def __init__(self, model_file: str | os.PathLike, eos_token: str | None = None,
+                 key: str = "data.tokenizer.path"):
+        import sentencepiece as spm
 
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        self.model_file, self.eos_token = Path(model_file), eos_token
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{key}={str(model_file)!r} is not a sentencepiece model ({e})") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        if eos_token is not None:
+            eos = self._sp.piece_to_id(eos_token)
+            if eos == self._sp.unk_id() and eos_token != self._sp.id_to_piece(eos):
+                raise DataError(f"data.tokenizer.eos_token={eos_token!r} is not a piece of {model_file}")
+        else:
+            eos = self._sp.eos_id()
+            if eos < 0:
+                raise DataError(f"{key}={str(model_file)!r} defines no end-of-sentence piece; name the "
+                                "token that ends a document with data.tokenizer.eos_token")
+        self.eos_id = int(eos)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        return self._sp.encode(list(texts), num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
 
-HF_TOKENIZER_FILE = "tokenizer.json"
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, through the `tokenizers` library (no special tokens added:
+    documents are separated by EOS only)."""
 
+    kind = HF
 
-class HFTokenizer:
-    """The tokenizer of a Hugging Face model folder (tokenizer.json and its config), loaded
-    with transformers so BOS/EOS are the model's; the same interface as `Tokenizer`. The
-    tokenizer of a model imported with model.init.from_hf / upcycle_from (moetrain/hf)."""
+    def __init__(self, model_file: str | os.PathLike, eos_token: str | None = None,
+                 key: str = "data.tokenizer.path"):
+        # One thread per process: the preparation's workers are the parallelism (data.num_workers).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from tokenizers import Tokenizer as _Tokenizer
 
-    def __init__(self, folder: str | Path):
-        from transformers import AutoTokenizer
-
-        self.folder = Path(folder)
-        self.model_file = self.folder / HF_TOKENIZER_FILE
-        if not self.model_file.is_file():
-            raise FileNotFoundError(f"tokenizer not found: {self.model_file}")
-        self._tok = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok)
-
-    @property
-    def eos_id(self) -> int:
-        return self._tok.eos_token_id
-
-    @property
-    def bos_id(self) -> int:
-        return self._tok.bos_token_id if self._tok.bos_token_id is not None else -1
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
+        self.model_file, self.eos_token = Path(model_file), eos_token
+        try:
+            self._tok = _Tokenizer.from_file(str(self.model_file))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise DataError(f"{key}={str(model_file)!r} is not a Hugging Face tokenizer.json ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        config = _special_tokens_config(self.model_file)
+        names = [eos_token] if eos_token is not None else [config.get("eos_token"), *_EOS_NAMES]
+        ids = [(n, self._tok.token_to_id(n)) for n in names if n]
+        found = [(n, i) for n, i in ids if i is not None]
+        if not found:
+            if eos_token is not None:
+                raise DataError(f"data.tokenizer.eos_token={eos_token!r} is not a token of {model_file}")
+            raise DataError(f"{key}={str(model_file)!r}: no end-of-text token found (tried "
+                            f"{', '.join(_EOS_NAMES)}); name it with data.tokenizer.eos_token")
+        self.eos_id = int(found[0][1])
+        bos = config.get("bos_token")
+        self.bos_id = self._tok.token_to_id(bos) if bos else None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _special_tokens_config(model_file: Path) -> dict:
+    """eos_token / bos_token from the tokenizer_config.json next to a tokenizer.json, if any."""
+    f = model_file.parent / "tokenizer_config.json"
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key in ("eos_token", "bos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):  # {"content": "</s>", ...} (AddedToken)
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out

@@ -207,6 +207,15 @@ def check_init(cfg: Any) -> None:
                 f"Hugging Face folder (config.json): {str(err).split(': ', 2)[-1]}") from None
 
 
+def use_hf_tokenizer(cfg: Any) -> None:
+    """Point `data.tokenizer.path` at the imported model's tokenizer (model.init.from_hf, or a
+    dense HF model to upcycle), unless the config names one: continued pretraining needs no new
+    vocabulary. Idempotent."""
+    folder = hf_tokenizer_folder(cfg)
+    if folder is not None and cfg.data.tokenizer.path is None:
+        cfg.data.tokenizer.path = str(folder)
+
+
 def hf_tokenizer_folder(cfg: Any) -> Optional[Path]:
     """The HF folder whose tokenizer the data uses: the imported model's, if it has one."""
     init = cfg.model.init
@@ -216,6 +225,6 @@ def hf_tokenizer_folder(cfg: Any) -> Optional[Path]:
     return None
 
 
-__all__ = ["HFCheckpointError", "check_init", "dense_config", "hf_tokenizer_folder",
+__all__ = ["HFCheckpointError", "check_init", "dense_config", "hf_tokenizer_folder", "use_hf_tokenizer",
            "is_hf_folder", "SafetensorsFolder", "check_folder", "load_hf_weights",
            "read_dense_state"]

@@ -67,6 +67,8 @@ def write_tokenizer(source: str | Path, out_dir: str | Path) -> tuple[Optional[i
     """A sentencepiece .model file, a tokenizer.json file or an HF folder -> HF tokenizer files
     in `out_dir`; returns (bos_id, eos_id)."""
     source = Path(source)
+    if source.name == "tokenizer.json" and (source.parent / "tokenizer_config.json").is_file():
+        source = source.parent  # the HF folder it belongs to: its configs name the special tokens
     if source.is_dir():
         return copy_hf_tokenizer(source, out_dir)
     if source.suffix == ".model":

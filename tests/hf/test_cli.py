@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from moetrain.checkpoint import CheckpointManager, TrainState
 from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import DataConfig
-from moetrain.data import Tokenizer, ensure_prepared, load_index
-from moetrain.data.prepare import corpus_files, corpus_fingerprint
+from moetrain.data import ensure_prepared, load_prepared_tokenizer, resolve_sources
+from moetrain.data.index import tokenizer_source
 from moetrain.hf.__main__ import main
 from moetrain.hf.config import differences, hf_overrides, load_hf_config
 from moetrain.hf.tokenizer import load_hf_tokenizer, sentencepiece_to_hf
@@ -52,8 +52,7 @@ def _run(tmp_path: Path, *overrides: str, bias: float = 0.0) -> Path:
 def test_exports_that_cannot_be_exact_are_refused_naming_the_feature(tmp_path, capsys):
     out = tmp_path / "hf"
     run = _run(tmp_path, "model.moe.first_dense_layers=0")
-    tok = ensure_prepared(DataConfig(), 8192)
-    tok = tok / load_index(tok)["tokenizer"]
+    tok = tokenizer_source(ensure_prepared(DataConfig(), 8192))
 
     def refused(*args):
         assert main(["export", str(run), str(out), *args]) == 2
@@ -75,40 +74,49 @@ def test_exports_that_cannot_be_exact_are_refused_naming_the_feature(tmp_path, c
 
 def test_a_non_zero_expert_bias_is_refused_by_a_family_without_one(tmp_path, capsys):
     run = _run(tmp_path, "model.moe.first_dense_layers=0", "model.family=mixtral", bias=0.1)
-    tok = ensure_prepared(DataConfig(), 8192)
-    assert main(["export", str(run), str(tmp_path / "hf"), "--tokenizer",
-                 str(tok / load_index(tok)["tokenizer"])]) == 2
+    tok = tokenizer_source(ensure_prepared(DataConfig(), 8192))
+    assert main(["export", str(run), str(tmp_path / "hf"), "--tokenizer", str(tok)]) == 2
     err = capsys.readouterr().err
     assert "expert_bias is non-zero" in err and "model.moe.routing.bias_rate" in err
 
 
 def test_the_converted_tokenizer_encodes_the_corpus_as_sentencepiece(tmp_path):
     prepared = ensure_prepared(DataConfig(), 8192)
-    spm = Tokenizer.from_prepared(prepared)
+    spm = load_prepared_tokenizer(prepared)
     sentencepiece_to_hf(spm.model_file, tmp_path)
     hf = load_hf_tokenizer(tmp_path)
-    _, files = corpus_files(DataConfig().corpus)
-    text = files[0].read_text()[:200_000] + " \t\n  ünïcödé ☃ 😀 12345"
+    text = _first_corpus_file().read_text()[:200_000] + " \t\n  ünïcödé ☃ 😀 12345"
     ids = spm.encode(text)
     assert hf.encode(text, add_special_tokens=False) == ids
     assert hf.decode(ids) == spm.decode(ids) == text
     assert (hf.eos_token_id, hf.bos_token_id) == (spm.eos_id, spm.bos_id)
 
 
-def test_an_imported_models_tokenizer_prepares_the_data(tmp_path):
-    """The prepared data of a run with model.init.from_hf uses the folder's tokenizer.json (a
-    different vocabulary is a different prepared dataset)."""
-    from moetrain.data import PackedTokenDataset
-    from moetrain.data.tokenizer import HFTokenizer
+def _first_corpus_file() -> Path:
+    (source,) = resolve_sources(DataConfig())  # the shipped corpus
+    _, files = source.resolve()
+    return files[0].path
 
-    spm = Tokenizer.from_prepared(ensure_prepared(DataConfig(), 8192))
-    sentencepiece_to_hf(spm.model_file, tmp_path)
-    prepared = ensure_prepared(DataConfig(), 9000, hf_tokenizer=tmp_path)  # padded embedding
-    assert load_index(prepared)["tokenizer"] == "tokenizer.json"
-    tok = Tokenizer.from_prepared(prepared)
-    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 8192
-    root, files = corpus_files(DataConfig().corpus)
-    first = PackedTokenDataset(prepared, "train", 64).get_batch([0])[0].tolist()
-    assert first == tok.encode(files[0].read_text())[:len(first)]  # the stream starts with doc 0
-    # the vocabulary is part of the prepared data's identity
-    assert load_index(prepared)["corpus_fingerprint"] != corpus_fingerprint(root, files)
+
+def test_an_imported_models_tokenizer_prepares_the_data(tmp_path):
+    """The prepared data of a run with model.init.from_hf uses the folder's tokenizer.json
+    (`use_hf_tokenizer` points data.tokenizer.path there); another vocabulary is another
+    prepared dataset."""
+    from moetrain.data import PackedTokenDataset
+    from moetrain.data.index import read_index
+    from moetrain.hf.load import use_hf_tokenizer
+
+    default = ensure_prepared(DataConfig(), 8192)
+    save_hf("mixtral", tmp_path)  # a model folder (config.json) with a tokenizer
+    sentencepiece_to_hf(load_prepared_tokenizer(default).model_file, tmp_path)
+    cfg = to_object(compose(["+experiment=tiny", "model.vocab_size=9000",  # padded embedding
+                             f"model.init.from_hf={tmp_path}"]))
+    use_hf_tokenizer(cfg)
+    assert cfg.data.tokenizer.path == str(tmp_path)
+    prepared = ensure_prepared(cfg.data, 9000)
+    assert read_index(prepared)["tokenizer"]["file"] == "tokenizer.json" and prepared != default
+    tok = load_prepared_tokenizer(prepared)
+    assert tok.kind != load_prepared_tokenizer(default).kind and tok.vocab_size == 8192
+    (source,) = resolve_sources(cfg.data)
+    first = PackedTokenDataset(prepared, "train", 64, source.name).get_batch([0])[0].tolist()
+    assert first == tok.encode(_first_corpus_file().read_text())[:len(first)]  # doc 0 first

@@ -25,9 +25,10 @@ from moetrain.checkpoint.convert import load_model_state
 from moetrain.config import compose, to_object, validate
 from moetrain.config.families import FAMILIES
 from moetrain.config.schema import DataConfig
-from moetrain.data import ensure_prepared, load_index
+from moetrain.data import ensure_prepared
+from moetrain.data.index import tokenizer_source
 from moetrain.hf.config import format_overrides, hf_overrides, load_hf_config
-from moetrain.hf.load import check_init, hf_tokenizer_folder
+from moetrain.hf.load import check_init, use_hf_tokenizer
 from moetrain.hf.tensors import to_hf_state
 from moetrain.hf.tokenizer import sentencepiece_to_hf
 from moetrain.model import Transformer
@@ -60,8 +61,7 @@ def _train(rank, world_size, jobs):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_round_trip")
-    spm = ensure_prepared(DataConfig(), VOCAB)
-    spm = spm / load_index(spm)["tokenizer"]
+    spm = tokenizer_source(ensure_prepared(DataConfig(), VOCAB))
     jobs, out = [], {}
     cases = [(family, family, LAYOUT) for family in FAMILIES]
     cases.append((f"{PP_CASE[0]}-pp2-etp2", PP_CASE[0], PP_CASE[1]))
@@ -74,7 +74,8 @@ def runs(tmp_path_factory):
         validate(cfg)
         check_layout(cfg, 4)
         check_init(cfg)
-        ensure_prepared(cfg.data, cfg.model.vocab_size, hf_tokenizer=hf_tokenizer_folder(cfg))
+        use_hf_tokenizer(cfg)
+        ensure_prepared(cfg.data, cfg.model.vocab_size)
         run_dir = root / f"run-{name}"
         run_dir.mkdir()
         # as moetrain.train writes it: the export reads the run's model config from it

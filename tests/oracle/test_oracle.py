@@ -1,0 +1,76 @@
+"""The single-process trainer equals an independent reference step by step (docs/testing.md).
+
+The layout equivalence tests compare every layout with the single-process `Trainer`; this file
+compares that trainer with `tests/oracle/reference.py`, written from docs/ without the trainer,
+the parallel context or the MoE layer's loss and statistics code, so what the trainer does at
+every layout (aux-loss bookkeeping, accumulation scales, bias, schedules) is checked too.
+"""
+
+import pytest
+
+from tests.oracle.lockstep import run_lockstep
+
+BIAS = ("model.moe.routing.bias_rate=0.01",)
+# Each case: the micro-batching (global batch 4), the LBL scope and the routing features it covers.
+CASES = {
+    "micro-1mb": ("train.micro_batch_size=4",),
+    "micro-2mb": (),
+    "micro-nonorm": ("model.moe.norm_topk_prob=false",),
+    "seq-2mb": ("model.moe.lbl.scope=seq",),
+    "global-4mb": ("model.moe.lbl.scope=global", "train.micro_batch_size=1"),
+    "bias-norm": BIAS,
+    "bias-nonorm-sigmoid": (*BIAS, "model.moe.norm_topk_prob=false",
+                            "model.moe.score_func=sigmoid"),
+    "bias-capacity-global-4mb": (*BIAS, "model.moe.capacity_factor=0.8",
+                                 "model.moe.lbl.scope=global", "train.micro_batch_size=1"),
+    "capacity-pad-rounding": ("model.moe.capacity_factor=0.8", "model.moe.pad_to_capacity=true",
+                              "model.moe.token_rounding=4"),
+    # top_k 4, 3 (2.5 rounded up), 1; dropless at step 0, capacity factor 1 from step 1.
+    "top-k-and-capacity-schedules": (
+        "model.moe.schedule.top_k.kind=linear", "model.moe.schedule.top_k.start=4",
+        "model.moe.schedule.top_k.end=1", "model.moe.schedule.top_k.end_step=2",
+        "model.moe.schedule.capacity_factor.kind=step",
+        "model.moe.schedule.capacity_factor.milestones=[[1,1.0]]"),
+    "recompute-moe-global-2mb": ("train.recompute=moe", "model.moe.lbl.scope=global"),
+    "recompute-full-seq-4mb": ("train.recompute=full", "model.moe.lbl.scope=seq",
+                               "train.micro_batch_size=1"),
+    # Near-uniform routing at init (~1/6 per slot): top_p 0.35 takes 2 or 3 experts.
+    "top-p-null-experts": ("model.moe.routing.top_p=0.35", "model.moe.routing.num_null_experts=2",
+                           "model.moe.top_k=3"),
+    # Shared expert, tied embeddings, linear LR decay, no clipping.
+    "shared-tied-noclip": ("model.moe.num_shared_experts=1", "model.tie_embeddings=true",
+                           "optim.decay=linear", "optim.grad_clip=0"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trainer_equals_the_independent_reference(case, tmp_path):
+    overrides = CASES[case]
+    result = run_lockstep(tmp_path / "run", list(overrides))
+    result.assert_equal()
+    # The case exercises what it names.
+    out = result.outputs
+    if any("capacity" in o for o in overrides):
+        assert any(step.dropped_frac > 0 for step in out)
+    if BIAS[0] in overrides:
+        assert all(b.abs().sum() > 0 for b in result.reference.bias.values())
+    if "grad_clip=0" not in " ".join(overrides):
+        assert any(step.grad_norm > 1.0 for step in out)  # clipped (optim.grad_clip=1)
+    if "top_p" in " ".join(overrides):  # the threshold cuts some tokens, not all, to fewer
+        assert all(len(set(step.taken_per_token)) > 1 for step in out)
+    if "null" in " ".join(overrides):
+        assert any(step.experts_per_token < 3 for step in out)
+    if case.startswith("top-k"):
+        assert [step.top_k for step in out] == [4, 3, 1]
+    print(f"{case}: worst rel. error {result.worst:.2e}",
+          {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
+
+
+def test_a_resumed_trainer_equals_the_reference_that_never_stopped(tmp_path):
+    """Saved at step 2 and resumed by a new trainer, against the reference that went on: the
+    checkpoint must hold all the state the next step depends on (weights, AdamW, expert biases,
+    step counter for the LR and sparsity schedules, sampler position) - in the global scope."""
+    overrides = [*BIAS, "model.moe.lbl.scope=global", *CASES["top-k-and-capacity-schedules"]]
+    result = run_lockstep(tmp_path / "run", overrides, resume_after=2)
+    result.assert_equal()
+    assert len(result.outputs) == 3 and result.records[-1]["step"] == 3
