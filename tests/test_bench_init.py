@@ -23,9 +23,11 @@ def test_bench_init_measures_each_rank_and_checks_the_peak(tmp_path):
         ("single", "1", "ok"), ("ep", "2", "ok")]
     single, ep2 = [json.loads(line) for line in out.read_text().splitlines()]
     (one,) = single["ranks"]
-    # 16 experts x 3 x 2048 x 1024 + attention 4 x 2048^2 + norms 2 x 2048 + router 16 x 2048,
-    # + embedding and output 2 x 1024 x 2048 + final norm, in fp32
-    n = 16 * 3 * 2048 * 1024 + 4 * 2048**2 + 2 * 2048 + 16 * 2048 + 2 * 1024 * 2048 + 2048
+    # 16 experts x 3 x 2048 x 1024 + attention 4 x 2048^2 + norms 2 x 2048 + OLMoE's q/k norms
+    # over the whole projections 2 x 2048 + router 16 x 2048, + embedding and output
+    # 2 x 1024 x 2048 + final norm, in fp32
+    n = (16 * 3 * 2048 * 1024 + 4 * 2048**2 + 2 * 2048 + 2 * 2048 + 16 * 2048 + 2 * 1024 * 2048
+         + 2048)
     assert one["params"] == 4 * n and one["n_local"] == n
     for rank in ep2["ranks"]:  # half of everything: experts by EP, the rest by FSDP
         assert rank["params"] == 2 * n

@@ -40,6 +40,11 @@ RUN: dict[str, tuple[str, ...]] = {
         ("--ranks", "2", "--tokens", "64", "--iters", "1", "--warmup", "0"),
     "python scripts/bench_checkpoint.py --steps 20 --save-every 5":
         ("train.global_batch_size=4", "--steps", "3", "--save-every", "1", "--warmup", "1"),
+    "python scripts/bench_init.py --experiments olmoe_1b_7b --layers 1 --ranks 1 2":
+        ("--layers", "1", "model.vocab_size=1024", "model.moe.num_experts=16"),
+    "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 --world-size 8": (),
+    "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 parallel.pp=2 "
+    "--world-size 16": (),
     "python scripts/lbl_experiment.py --steps 200":
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),

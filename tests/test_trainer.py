@@ -118,7 +118,9 @@ def test_evaluation_is_dropless_whatever_the_training_capacity(tmp_path):
     reference = dropless.evaluate()
     assert dropping.evaluate() == pytest.approx(reference, rel=1e-9, abs=0)
     assert {m.capacity_factor for m in dropping.model.modules() if isinstance(m, MoELayer)} == {0.5}
-    # The same weights evaluated with the training capacity: dropping tokens shows in the loss.
+    # The same weights evaluated with the training capacity: dropping tokens shows in the loss
+    # (fresh weights: the experts' outputs are small, so by ~1e-3 nats; the same evaluation
+    # agrees to ~1e-9).
     at_capacity = build(tmp_path / "c", *common, "model.moe.capacity_factor=0.5",
                         "train.eval_capacity_factor=0.5")
-    assert abs(at_capacity.evaluate() - reference) > 1e-3
+    assert abs(at_capacity.evaluate() - reference) > 1e-4
