@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor
@@ -89,7 +90,7 @@ def _build_and_step(rank, world_size, jobs, references):
             own_largest=_own_largest(model), params=params,
             grads=memory.gradient_bytes(model), optimizer=memory.optimizer_bytes(trainer.optimizer),
             plan=(plan.weights, plan.grads, plan.optimizer), records=records,
-            own_peak=memory.peak_bytes(torch.device("cpu")))
+            step_peak=trainer.step_peak_bytes)
     return out
 
 
@@ -128,9 +129,10 @@ def _run(world_size, layouts, tmp_path, dense_largest: int = 0):
         (record,) = per_rank[0]["records"]
         assert record["memory_init_peak_gib"] > 0
         logged = record["memory_peak_gib"] * memory.GIB
-        assert 0 < logged <= max(r["own_peak"] for r in per_rank)  # peaks only grow in a step
-        if name == "dp2":  # the maximum over ranks: rank 1's spike, not rank 0's own peak
-            assert logged > per_rank[0]["own_peak"] + SPIKE // 2, (logged, per_rank[0]["own_peak"])
+        # the maximum over ranks of each rank's peak during the step
+        assert logged == pytest.approx(max(r["step_peak"] for r in per_rank), rel=1e-12)
+        if name == "dp2":  # rank 1's spike, not rank 0's own peak
+            assert logged > per_rank[0]["step_peak"] + SPIKE // 2, (logged, per_rank[0]["step_peak"])
         every = {n for r in per_rank for n in r["seen"]}
         assert every == names[name], f"{name}: parameters missing"
         print(f"{name}: parameter bytes {[r['params'] for r in per_rank]}, planned "
