@@ -61,6 +61,14 @@ class Trainer:
         self.tokenizer_path = tokenizer_source(prepared)
         self.train_data, self.val_data = mixture_datasets(
             prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
+        if t.eval_every > 0:  # refused now, not at the first evaluation
+            n_val = 0 if self.val_data is None else len(self.val_data)
+            if n_val < t.global_batch_size:
+                raise ConfigError(
+                    f"train.eval_every={t.eval_every}: the validation split gives {n_val} evaluation sequences "
+                    f"of data.seq_len={cfg.data.seq_len}, fewer than one global batch "
+                    f"(train.global_batch_size={t.global_batch_size}); raise data.val_fraction "
+                    "(more data per source) or set train.eval_every=0")
         self.sampler = MixtureSampler(
             self.train_data.sizes, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moetrain.config import compose, to_object, validate
+from moetrain.config import ConfigError, compose, to_object, validate
 from moetrain.model.moe import MoELayer
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer, TrainingError
@@ -124,3 +124,13 @@ def test_evaluation_is_dropless_whatever_the_training_capacity(tmp_path):
     at_capacity = build(tmp_path / "c", *common, "model.moe.capacity_factor=0.5",
                         "train.eval_capacity_factor=0.5")
     assert abs(at_capacity.evaluate() - reference) > 1e-4
+
+
+def test_a_validation_split_too_small_to_evaluate_is_refused_before_training(tmp_path):
+    # The split sizes are known once the data is prepared: refused then, not at the first
+    # evaluation after steps whose work would be lost.
+    with pytest.raises(ConfigError, match=r"^train\.eval_every=20: the validation split gives 0 "
+                       r"evaluation sequences .*train\.global_batch_size=4\).*train\.eval_every=0"):
+        build(tmp_path / "a", "data.val_fraction=0", "train.eval_every=20")
+    trainer = build(tmp_path / "b", "data.val_fraction=0", "train.eval_every=0")
+    assert trainer.val_data is None

@@ -117,6 +117,41 @@ def unknown_key_message(full_key: str, schema: type | None = None, where: str = 
     return f"unknown key {full_key!r}{where}{hint}; valid {scope}: {', '.join(valid)}"
 
 
+def _located_key(cause: Any) -> tuple[str, type | None]:
+    """The full key of an unknown key and the section's dataclass: OmegaConf names a key inside
+    a list element (a source of data.sources) without its path, so the section is found from
+    the dataclass the key is missing from."""
+    key, schema = str(cause.full_key), getattr(cause, "object_type", None)
+    section = key.rpartition(".")[0]
+    if not dataclasses.is_dataclass(schema) or _schema_at(section) is schema:
+        return key, None
+    path = _path_of(schema, MoetrainConfig, "")
+    return (f"{path}.{key.rpartition('.')[2]}", schema) if path else (key, None)
+
+
+def _path_of(target: type, schema: type, prefix: str) -> str | None:
+    """Where the section `target` sits in the config tree ("data.tokenizer", or
+    "data.sources[]" for an element of a list of sections); None if nowhere."""
+    for name, hint in typing.get_type_hints(schema).items():
+        sub, path = _list_element(hint), prefix + name + "[]"
+        if sub is None:
+            sub, path = _dataclass_of(hint), prefix + name
+        if sub is target:
+            return path
+        found = _path_of(target, sub, path + ".") if sub is not None else None
+        if found:
+            return found
+    return None
+
+
+def _list_element(hint: Any) -> type | None:
+    """The dataclass of a List[...] field's elements (also through Optional), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if typing.get_origin(candidate) is list:
+            return _dataclass_of(typing.get_args(candidate)[0])
+    return None
+
+
 def composition_error(err: BaseException) -> str:
     """One line for an error Hydra raised while composing, naming the key where it can."""
     head = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -126,7 +161,7 @@ def composition_error(err: BaseException) -> str:
     cause = _omegaconf_cause(err)
     if cause is not None and cause.full_key:
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in" in str(cause):
-            return unknown_key_message(cause.full_key, where=where)
+            return unknown_key_message(*_located_key(cause), where=where)
         reason = str(cause).strip().splitlines()[0]
         return f"{cause.full_key}{where}: {reason}"
     # Missing group options, unparsable overrides, '+' on an existing key: Hydra's own words,

@@ -46,6 +46,19 @@ def test_a_misspelt_key_in_a_yaml_group_names_the_key_and_the_file(tmp_path):
                               "train.eval_every?)")
 
 
+def test_a_misspelt_key_in_a_list_of_sections_names_the_list_and_its_keys(tmp_path):
+    # OmegaConf names a key inside a list element without its path.
+    message = refused("data.sources=[{path: a.jsonl, weight: 1}, {path: b.jsonl, text_feild: t}]")
+    assert message == ("unknown key 'data.sources[].text_feild' (did you mean "
+                       "data.sources[].text_field?); valid keys of data.sources[]: path, weight, "
+                       "text_field, name")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text("sources:\n  - path: a.jsonl\n    wieght: 1\n")
+    message = refused(f"hydra.searchpath=[file://{tmp_path}]", "data=mine")
+    assert message.startswith("unknown key 'data.sources[].wieght' in data/mine.yaml (did you mean "
+                              "data.sources[].weight?)")
+
+
 def test_wrong_types_and_missing_options_are_one_line_naming_the_key():
     assert refused("train.max_steps=many").startswith("train.max_steps: Value 'many'")
     assert "experiment/nope" in refused(experiment="+experiment=nope")
