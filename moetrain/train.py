@@ -25,11 +25,11 @@ log = logging.getLogger("moetrain")
 USER_ERRORS = (ConfigError, CheckpointError, DataError, LayoutError)
 
 
-def _setup_logging(rt: Runtime) -> logging.handlers.MemoryHandler:
+def _setup_logging(is_main: bool) -> logging.handlers.MemoryHandler:
     """Console on rank 0 now; the file log is buffered until the run directory exists."""
     buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     handlers: list[logging.Handler] = [buffer]
-    if rt.is_main:
+    if is_main:
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
         console.setLevel(logging.INFO)  # per-rank details (DEBUG) go to the rank's file only
@@ -77,10 +77,12 @@ def run(cfg: DictConfig) -> int:
 
             check_init(typed)
             use_hf_tokenizer(typed)  # an imported model keeps its vocabulary
+        # Before the process group exists: rank 0 by torchrun's environment. The preparation's
+        # progress shows on the console and lands in the rank's log file later.
+        log_buffer = _setup_logging(int(os.environ.get("RANK", "0")) == 0)
         # Bad data is refused, and the data prepared, before any process group or run directory.
         ensure_prepared(typed.data, typed.model.vocab_size)
         rt = init_runtime(typed)
-        log_buffer = _setup_logging(rt)
         run_dir = resolve_run_dir(typed, rt)
         trainer = Trainer(typed, rt, run_dir)
         create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))})

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a sharded checkpoint to one consolidated file, or to Hugging Face safetensors.
+"""Convert a sharded checkpoint to one consolidated file, or to a flat safetensors copy (Hugging
+Face-style tensor names, not a model folder transformers loads: `python -m moetrain.hf export`).
 
     python scripts/convert_checkpoint.py CKPT --to torch OUT.pt          # {name: tensor}, moetrain names
     python scripts/convert_checkpoint.py CKPT --to safetensors OUT_DIR    # model.safetensors + moetrain.json
@@ -12,15 +13,14 @@ the name mapping; every expert of every layer is written as its own tensor.
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moetrain.checkpoint import CheckpointError, CheckpointManager
-from moetrain.checkpoint.convert import from_hf, inspect, load_model_state, to_hf
+from moetrain.checkpoint.convert import from_hf, inspect, load_model_state, save_safetensors, to_hf
 
 
 def main(argv=None) -> int:
@@ -60,18 +60,10 @@ def write(state, info, fmt: str, out: Path) -> dict[str, torch.Tensor]:
     out.mkdir(parents=True, exist_ok=True)
     hf = to_hf(state)
     tmp = out / "model.safetensors.tmp"
-    save_file(hf, str(tmp), metadata={"format": "pt"})
-    # safetensors creates its file with mode 0600; give it the mode any new file gets.
-    tmp.chmod(0o666 & ~_umask())
+    save_safetensors(hf, tmp)
     tmp.replace(out / "model.safetensors")
     (out / "moetrain.json").write_text(json.dumps(info, indent=2))
     return hf
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":

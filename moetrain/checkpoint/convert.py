@@ -9,6 +9,7 @@ expert weights are a known failure elsewhere); anything unmatched is an error na
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -128,6 +129,17 @@ def inspect(path: Path) -> dict[str, Any]:
         "files": files,
         "total_bytes": sum(files.values()),
     }
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """`safetensors.torch.save_file` (metadata format "pt"), leaving the file with the mode any
+    new file gets under the umask: safetensors itself creates it 0600."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _numel(shape: list[int]) -> int:

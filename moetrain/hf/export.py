@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moetrain.checkpoint import CheckpointManager
-from moetrain.checkpoint.convert import load_model_state
+from moetrain.checkpoint.convert import load_model_state, save_safetensors
 from moetrain.config.families import FAMILIES, family_problems
 from moetrain.config.schema import MoetrainConfig
 from moetrain.hf.config import HFConfigError, require_transformers, to_hf_config
@@ -148,14 +148,12 @@ def export(source: Path, out: Path, *, family: Optional[str] = None,
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> list[str]:
-    from safetensors.torch import save_file
-
     shards = _shards(tensors, max_bytes)
     n = len(shards)
     weight_map, files = {}, []
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        save_safetensors(shard, out / name)
         weight_map.update({k: name for k in shard})
         files.append(name)
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},

@@ -44,7 +44,10 @@ def mixture(tmp_path_factory):
 def test_mixture_trains_resumes_bit_identically_and_logs_the_realised_mixture(mixture, tmp_path):
     d, args = mixture
     full, split = tmp_path / "full", tmp_path / "split"
-    train(*args, f"run.dir={full}", "train.max_steps=6")
+    proc = train(*args, f"run.dir={full}", "train.max_steps=6")
+    for source in ("web", "sonnets"):  # prepared on first use, saying so on the console and in the log
+        assert f"tokenised {source}: " in proc.stderr
+        assert f"tokenised {source}: " in (full / "logs" / "rank0.log").read_text()
     index = json.loads((d / "prepared" / "index.json").read_text())
     assert sorted(index["sources"]) == ["sonnets", "web"] and index["tokenizer"]["kind"] == "tokenizers"
     assert 4 <= index["sources"]["sonnets"]["tokens"] // SEQ <= 6  # one epoch within the run
@@ -110,7 +113,9 @@ def test_bad_sources_are_refused_before_anything_is_written(tmp_path, case, caps
                             "model.vocab_size=384"]))
     assert code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error:") and key in err and path in err, err
+    *progress, last = err.splitlines()  # the preparation's progress lines, then the error
+    assert last.startswith("error:") and key in last and path in last, err
+    assert all(line.startswith(("preparing ", "training a ")) for line in progress), err
     assert not (tmp_path / "out").exists(), "no run directory, no .lock, no partial prepared directory"
 
 

@@ -5,6 +5,8 @@ same ids on the corpus."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,10 @@ def test_exports_that_cannot_be_exact_are_refused_naming_the_feature(tmp_path, c
     names = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert not any("e_score_correction_bias" in n for n in names)  # a family without a bias
     assert "model.layers.1.block_sparse_moe.experts.7.w2.weight" in names
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():  # every file as the umask says (safetensors alone writes 0600)
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
 def test_a_non_zero_expert_bias_is_refused_by_a_family_without_one(tmp_path, capsys):
