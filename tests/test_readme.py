@@ -122,12 +122,11 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    argv = shlex.split(command)
-    if argv[0] == "python":
+    argv = [_localise(arg, cwd) for arg in shlex.split(command)] + list(RUN[command])
+    if argv[0] == "python":  # after localising: the interpreter may itself live under /tmp
         argv[0] = sys.executable
     elif argv[0] == "torchrun":
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-    argv = [_localise(arg, cwd) for arg in argv] + list(RUN[command])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{command}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
