@@ -61,14 +61,19 @@ class Trainer:
         self.tokenizer_path = tokenizer_source(prepared)
         self.train_data, self.val_data = mixture_datasets(
             prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
-        if t.eval_every > 0:  # refused now, not at the first evaluation
+        # This rank's evaluation micro-batches, fixed for the run: a split too small for one
+        # batch is refused now, not at the first evaluation after steps whose work is lost.
+        self.eval_steps: list[list[list[int]]] = []
+        if t.eval_every > 0:
             n_val = 0 if self.val_data is None else len(self.val_data)
             if n_val < t.global_batch_size:
                 raise ConfigError(
-                    f"train.eval_every={t.eval_every}: the validation split gives {n_val} evaluation sequences "
-                    f"of data.seq_len={cfg.data.seq_len}, fewer than one global batch "
-                    f"(train.global_batch_size={t.global_batch_size}); raise data.val_fraction "
-                    "(more data per source) or set train.eval_every=0")
+                    f"train.eval_every={t.eval_every}: the validation split gives {n_val} "
+                    f"evaluation sequences of data.seq_len={cfg.data.seq_len}, fewer than one "
+                    f"global batch (train.global_batch_size={t.global_batch_size}); raise "
+                    "data.val_fraction (more data per source) or set train.eval_every=0")
+            self.eval_steps = val_steps(n_val, t.eval_batches, t.global_batch_size,
+                                        t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
         self.sampler = MixtureSampler(
             self.train_data.sizes, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
@@ -337,12 +342,10 @@ class Trainer:
     def _validation_loss(self) -> float:
         """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
         assert self.val_data is not None
-        model, t = self.model, self.cfg.train
+        model = self.model
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        steps = val_steps(len(self.val_data), t.eval_batches, t.global_batch_size,
-                          t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
-        for micro_batches in steps:
+        for micro_batches in self.eval_steps:
             batches = [self.val_data.get_batch(indices).to(self.rt.device)
                        for indices in micro_batches]
             sums += self.par.eval_sums(model, batches, self.rt.autocast).to(sums.device)
