@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +136,19 @@ def test_a_validation_split_too_small_to_evaluate_is_refused_before_training(tmp
         build(tmp_path / "a", "data.val_fraction=0", "train.eval_every=20")
     trainer = build(tmp_path / "b", "data.val_fraction=0", "train.eval_every=0")
     assert trainer.val_data is None
+
+
+def _documented_metrics_keys() -> set[str]:
+    """The keys of docs/design.md's metrics.jsonl table (first column, backticked)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    table = text.split("**metrics.jsonl.**", 1)[1].split("\n\n", 2)[1]
+    return {key for row in table.splitlines()[2:]
+            for key in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def test_metrics_records_have_exactly_the_keys_the_design_documents(tmp_path):
+    trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1")
+    trainer.fit()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {re.sub(r"^source_tokens/.+$", "source_tokens/<name>", k) for r in recs for k in r}
+    assert logged == _documented_metrics_keys()
