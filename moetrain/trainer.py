@@ -23,17 +23,14 @@ from moetrain.config.schema import MoetrainConfig
 from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
 from moetrain.data.index import tokenizer_source
 from moetrain.metrics import MetricsLogger, summarize_routing
-from moetrain.model import (
-    Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
-    update_expert_bias,
-)
-from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
-from moetrain.model.moe.stats import StatsColumns
+from moetrain.model import MoEControl, Transformer, set_recompute
+from moetrain.model.init import init_parameters
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
-from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
+from moetrain.parallel.parallelize import BatchShape, parallelize
+from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from moetrain.runtime import Runtime
 
@@ -50,7 +47,7 @@ class Trainer:
         self.start_time = time.monotonic()
         t = cfg.train
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
-        self.par = ParallelContext(dims, rt.device)
+        self.rank = RankLayout.create(dims, rt.device)
 
         init = cfg.model.init
         if init.from_hf or init.upcycle_from:
@@ -73,23 +70,33 @@ class Trainer:
                     f"global batch (train.global_batch_size={t.global_batch_size}); raise "
                     "data.val_fraction (more data per source) or set train.eval_every=0")
             self.eval_steps = val_steps(n_val, t.eval_batches, t.global_batch_size,
-                                        t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
+                                        t.micro_batch_size, self.rank.dp_rank, dims.dp)
         self.sampler = MixtureSampler(
             self.train_data.sizes, global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
-            dp_size=self.par.dp_size, seed=t.seed, weights=self.train_data.weights,
+            micro_batch_size=t.micro_batch_size, dp_rank=self.rank.dp_rank,
+            dp_size=dims.dp, seed=t.seed, weights=self.train_data.weights,
             names=self.train_data.names, on_exhausted=cfg.data.on_exhausted,
         )
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.micro_batches_per_step = t.global_batch_size // t.micro_batch_size
-        self.num_moe_layers = cfg.model.n_layers - cfg.model.moe.first_dense_layers
-        self.stats_columns = StatsColumns.of(cfg.model.moe)
 
         # Built on the meta device and parallelized there; each rank allocates and initialises
         # only its own shards, with values that do not depend on the layout (train.seed).
         memory.reset_peak(rt.device)
-        self.model = self.par.build_model(cfg)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        batch = BatchShape(t.micro_batch_size, self.micro_batches_per_step // dims.dp,
+                           cfg.data.seq_len)
+        self.model, self.runner = parallelize(model, self.rank, cfg.parallel, batch,
+                                              compile=t.compile)
+        init_parameters(self.model, cfg.model, t.seed)
         set_recompute(self.model, t.recompute)
+        # The MoE layers' per-step state: schedules, aux-loss scale, statistics, expert bias.
+        self.moe = MoEControl(
+            self.model, cfg.model.moe,
+            num_moe_layers=cfg.model.n_layers - cfg.model.moe.first_dense_layers,
+            micro_batches_per_step=self.micro_batches_per_step,
+            eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         fresh = self.ckpt.resolve(cfg.checkpoint.resume) is None
         if init.upcycle_from and fresh:
@@ -119,7 +126,7 @@ class Trainer:
         peak = memory.peak_bytes(self.rt.device)
         memory.rank_log.debug("peak memory after init %.3f GiB (parameters %.3f GiB)",
                               peak / memory.GIB, memory.parameter_bytes(self.model) / memory.GIB)
-        top = self.par.max_over_ranks([peak])[0] / memory.GIB
+        top = self.rank.max_over_ranks([peak])[0] / memory.GIB
         memory.reset_peak(self.rt.device)
         if self.rt.is_main:
             log.info("initialised: peak memory %.2f GiB (max over ranks)", top)
@@ -190,7 +197,6 @@ class Trainer:
                 step = self.state.step
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
-                top_k = self._apply_sparsity_schedule(step)
                 try:
                     micro_batches = self.sampler.next_step()
                 except DataExhausted as err:  # data.on_exhausted=stop
@@ -225,7 +231,7 @@ class Trainer:
                 record.update(
                     lr=lr, tokens=self.state.consumed_tokens,
                     tokens_per_s=self.tokens_per_step / max(elapsed, 1e-9),
-                    top_k=top_k, bad_steps_total=self.state.bad_steps_total,
+                    bad_steps_total=self.state.bad_steps_total,
                     step_time_s=elapsed,
                 )
                 # The realised mixture: training tokens drawn from each source so far.
@@ -261,14 +267,6 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
 
-    def _apply_sparsity_schedule(self, step: int) -> int:
-        """Set this step's top_k and capacity factor on every MoE layer (pure functions of the step)."""
-        moe = self.cfg.model.moe
-        top_k = top_k_at(moe, step)
-        set_top_k(self.model, top_k)
-        set_capacity_factor(self.model, capacity_factor_at(moe, step))
-        return top_k
-
     def _out_of_time(self) -> bool:
         t = self.cfg.train
         return t.max_time is not None and time.monotonic() - self.start_time > t.max_time
@@ -289,54 +287,54 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], Any]:
-        """One optimizer step over this rank's micro-batches. Returns the step's global loss,
-        gradient norm and skip flag, and the MoE statistics summed over every rank, on the host
-        (None without MoE layers). Reads the device once (plus the expert-parallel count
-        exchanges inside the MoE layers)."""
-        model, rt, par = self.model, self.rt, self.par
+        """Optimizer step `self.state.step` over this rank's micro-batches. Returns the step's
+        global loss, gradient norm, skip flag and top-k, and the MoE statistics summed over
+        every rank, on the host (None without MoE layers). Reads the device once (plus the
+        expert-parallel count exchanges inside the MoE layers)."""
+        model, rt, runner = self.model, self.rt, self.runner
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # Scales are chosen so that summing gradients over all micro-batches of all ranks gives
-        # the gradient of (mean LM loss over the global batch + mean aux loss per micro-batch).
-        start_moe_step(model, aux_loss_scale=1.0 / self.micro_batches_per_step)
+        # The step's top-k and capacity (its schedules), and the aux losses' gradient: summing
+        # gradients over all micro-batches of all ranks gives the gradient of (mean LM loss over
+        # the global batch + mean aux loss per micro-batch).
+        routing = self.moe.start_step(self.state.step)
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
         # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
         # loss is backpropagated divided by the global batch's token count.
-        lm_sum = par.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
-        stats = moe_step_stats(model, self.num_moe_layers, self.stats_columns, rt.device)
+        lm_sum = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
+        stats = self.moe.step_stats()
         # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
         # reduction and the routing statistics: one reduction, one host read.
         self.step_peak_bytes = memory.peak_bytes(rt.device)
-        sums = par.step_sums(model, lm_sum, self._wants_to_stop(),
-                             None if stats is None else stats.rows_LC, self.step_peak_bytes)
+        sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
+        if stats is not None:
+            sums["moe"] = stats.rows_LC
+        summed = runner.reduce_step(model, token_sums={"lm_sum": lm_sum}, sums=sums,
+                                    per_rank={"memory_peak": self.step_peak_bytes})
         memory.reset_peak(rt.device)  # the next step's window starts here
-        self._stop_requested = sums.stop
-        lm_loss, grad_norm = sums.lm_sum / self.tokens_per_step, sums.grad_norm
+        self._stop_requested = summed.item("stop") > 0
+        lm_loss, grad_norm = summed.item("lm_sum") / self.tokens_per_step, summed.grad_norm
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
-        moe = self.cfg.model.moe
+        columns = self.moe.columns
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
-            if moe.routing.bias_rate > 0 and stats is not None:
-                # Aux-loss-free balancing from this step's global load (on the device).
-                update_expert_bias(model, self.stats_columns.view(sums.moe_rows).tokens_per_expert)
-        host = None if stats is None else self.stats_columns.view(sums.moe_rows_host)
+            # Aux-loss-free balancing from this step's global load (on the device).
+            self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
+        host = None if stats is None else columns.view(summed.host["moe"])
         return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
-                "memory_peak_gib": max(sums.rank_values) / memory.GIB}, host
+                "top_k": routing.top_k,
+                "memory_peak_gib": float(summed.host["memory_peak"].max()) / memory.GIB}, host
 
     def evaluate(self) -> float:
         """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
         so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
-        the two apart); the scheduled training capacity is restored afterwards."""
-        set_capacity_factor(self.model, self.cfg.train.eval_capacity_factor)
-        try:
+        the two apart); the step's training routing is set again afterwards."""
+        with self.moe.evaluation():
             return self._validation_loss()
-        finally:
-            step = max(self.state.step - 1, 0)  # the step just trained (the next one resets it)
-            set_capacity_factor(self.model, capacity_factor_at(self.cfg.model.moe, step))
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
@@ -348,7 +346,7 @@ class Trainer:
         for micro_batches in self.eval_steps:
             batches = [self.val_data.get_batch(indices).to(self.rt.device)
                        for indices in micro_batches]
-            sums += self.par.eval_sums(model, batches, self.rt.autocast).to(sums.device)
+            sums += self.runner.eval_sums(model, batches, self.rt.autocast).to(sums.device)
         model.train()
-        loss_sum, targets = self.par.sum_over_tokens(sums).tolist()
+        loss_sum, targets = self.runner.sum_over_tokens(sums).tolist()
         return loss_sum / targets

@@ -123,7 +123,7 @@ def _count_step(trainer) -> list[str]:
 ])
 def test_one_host_read_per_step(tmp_path, overrides):
     events = _count_step(_trainer(tmp_path, overrides))
-    assert len(events) == 1 and events[0].startswith("Tensor.tolist (parallel/context.py"), events
+    assert len(events) == 1 and events[0].startswith("Tensor.tolist (parallel/step.py"), events
 
 
 def _ep_events(rank, world_size, tmp_path):
@@ -138,7 +138,7 @@ def test_expert_parallel_adds_only_the_count_exchange(tmp_path):
         exchanges = [e for e in events if "parallel/expert_parallel.py" in e]
         others = [e for e in events if e not in exchanges]
         assert len(exchanges) == n_layers and all(e.startswith("Tensor.tolist") for e in exchanges)
-        assert len(others) == 1 and others[0].startswith("Tensor.tolist (parallel/context.py"), events
+        assert len(others) == 1 and others[0].startswith("Tensor.tolist (parallel/step.py"), events
 
 
 def test_the_counter_sees_reads_and_dynamic_shapes():

@@ -92,11 +92,6 @@ class MixtureSampler:
         self.credit, self.drawn = [0.0] * n, [0] * n
         self._orders: dict[tuple[int, int], np.ndarray] = {}
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Global batches per epoch of a one-source sampler."""
-        return self.sizes[0] // self.global_batch_size
-
     def _order(self, s: int, epoch: int) -> np.ndarray:
         key = (s, epoch)
         if key not in self._orders:

@@ -4,7 +4,8 @@ tokenizer copied (export), and an HF folder's tokenizer read for the data (impor
 The conversion is transformers' own (`SpmConverter.build_tokenizer_from_spm_proto`, which
 follows the sentencepiece model's normaliser, dummy-prefix, byte-fallback and merge settings),
 so the exported `tokenizer.json` encodes every text to the ids sentencepiece gives
-(tests/hf/test_tokenizer.py checks it on the corpus).
+(tests/hf/test_cli.py, `test_the_converted_tokenizer_encodes_the_corpus_as_sentencepiece`,
+checks it on the corpus).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import ensure_prepared
 from moetrain.parallel import check_layout
-from moetrain.parallel import context  # noqa: F401 - imported in the parent for the ranks
+from moetrain.parallel import parallelize  # noqa: F401 - imported in the parent for the ranks
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
 from tests.distributed.launcher import run_distributed
@@ -78,7 +78,7 @@ def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Pat
         rt = init_runtime(cfg)
         trainer = Trainer(cfg, rt, run_dir)
         state = trainer.sampler.state_dict()
-        samples[name] = (trainer.par.dp_rank, trainer.sampler.next_step())
+        samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
         trainer.sampler.load_state_dict(state)
         trainer.fit()
         del trainer  # before the next job builds its model (real shapes: two would not fit)

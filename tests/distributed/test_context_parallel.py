@@ -1,7 +1,6 @@
 """Context parallelism against the single-process computation (forked gloo ranks, fp32).
 
 One 4-rank launch checks, on every rank, for CP groups of size 2 ({0,1}, {2,3}) and 4:
-- zig-zag helpers: `unshard(shard_sequence(x))` round-trips (and its backward sums);
 - causal GQA attention, both `cp_comm` modes: the local output and dq/dk/dv after backward
   equal this rank's slices of the unsplit SDPA and its gradients;
 - a whole tiny `Transformer` (the tiny experiment's model, same seed everywhere) with
@@ -25,18 +24,18 @@ import torch.nn.functional as F
 
 from moetrain.config import compose, to_object
 from moetrain.config.schema import CPComm
-from moetrain.model import Transformer, moe_layers, moe_step_stats
+from moetrain.model import Transformer, moe_layers
 from moetrain.parallel.context_parallel import (
     ContextParallelAttention,
     apply_context_parallel,
     shard_positions,
     shard_sequence,
-    unshard,
 )
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.mesh import build_meshes
 from moetrain.parallel.tensor_parallel import apply_tensor_parallel
 from tests.distributed.launcher import run_distributed
+from tests.model.tiny import step_rows
 
 TOL = 1e-5
 B, S = 2, 32
@@ -102,15 +101,6 @@ def _attention_checks(group: dist.ProcessGroup, comm: str, batch_positions: bool
     errs = {"out": rel_err(out_l, shard_sequence(out, r, cp, dim=2))}
     for name, local, full in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
         errs[name] = rel_err(local.grad, shard_sequence(full.grad, r, cp, dim=2))
-
-    # unshard is the inverse of shard_sequence, and its backward sums the ranks' gradients
-    x = torch.randn(B, S, 3, generator=gen)
-    xl = shard_sequence(x, r, cp).requires_grad_()
-    xu = unshard(xl, group)
-    errs["unshard"] = rel_err(xu, x)
-    (xu * torch.arange(S).view(1, S, 1)).sum().backward()
-    errs["unshard_grad"] = rel_err(xl.grad, cp * shard_positions(S, r, cp).view(1, -1, 1)
-                                   .expand(B, -1, 3).float())
     return errs
 
 
@@ -133,7 +123,7 @@ def _reference(cfg, tokens, targets):
     logits = ref(tokens)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
     grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    stats = moe_step_stats(ref)
+    stats = step_rows(ref)
     counts, lbl = stats.tokens_per_expert.sum(0), stats.scalar("lbl").sum()
     return model, logits.detach(), grads, counts, lbl
 
@@ -155,7 +145,7 @@ def _transformer_checks(cfg, group, comm, tokens, targets, reference) -> dict:
     loss = F.cross_entropy(logits.flatten(0, 1), shard_sequence(targets, r, cp).flatten(),
                            reduction="sum")
     loss.backward()
-    stats = moe_step_stats(model)
+    stats = step_rows(model)
     errs = {
         "logits": rel_err(logits.detach(), shard_sequence(ref_logits, r, cp)),
         "loss": rel_err(_sum_over(loss.detach(), group),
@@ -217,7 +207,7 @@ def test_context_parallel_matches_single_process(model_cfg):
 def _tp_cp_rank_main(rank, world, cfg):
     dims = ParallelDims(world, tp=2, cp=2)
     meshes = build_meshes(dims, "cpu")
-    cp_group, tp_group = meshes.group("cp"), meshes.group("tp")
+    cp_group = meshes.group("cp")
     shard_group = meshes.group("dp_cp_tp")  # = the cp x tp ranks of one micro-batch (dp = 1)
     r, cp = meshes.local_rank("cp"), dims.cp
     gen = torch.Generator().manual_seed(7)

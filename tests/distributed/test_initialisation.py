@@ -84,7 +84,7 @@ def _build_and_step(rank, world_size, jobs, references):
         trainer.fit()
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
                    .splitlines()] if rank == 0 else None
-        plan = memory_per_rank(cfg, trainer.par.dims)[trainer.par.pp_rank]
+        plan = memory_per_rank(cfg, trainer.rank.dims)[trainer.rank.pp_rank]
         out[name] = dict(
             mismatched=mismatched, seen=seen, largest=largest.numel, largest_op=largest.op,
             own_largest=_own_largest(model), params=params,

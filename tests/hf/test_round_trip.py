@@ -33,7 +33,7 @@ from moetrain.hf.tensors import to_hf_state
 from moetrain.hf.tokenizer import sentencepiece_to_hf
 from moetrain.model import Transformer
 from moetrain.parallel import check_layout
-from moetrain.parallel import context  # noqa: F401
+from moetrain.parallel import parallelize  # noqa: F401
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
 from tests.distributed.launcher import run_distributed

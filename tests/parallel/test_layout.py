@@ -158,7 +158,7 @@ def test_model_fit_names_keys(degrees, model, train, seq_len, key, text):
     assert key in info.value.keys
 
 
-def test_model_fit_accepts_good_and_replicated_kv():
+def test_model_fit_accepts_good_and_refuses_too_few_kv_heads():
     dims = ParallelDims(8, tp=2, cp=2, ep=4)
     check_model_fit(dims, ModelConfig(), TrainConfig(global_batch_size=16, micro_batch_size=4),
                        128)
@@ -166,7 +166,6 @@ def test_model_fit_accepts_good_and_replicated_kv():
     model = _model(n_heads=8, n_kv_heads=2)
     with pytest.raises(LayoutError):
         check_model_fit(dims, model, TrainConfig(global_batch_size=8), 128)
-    check_model_fit(dims, model, TrainConfig(global_batch_size=8), 128, replicate_kv_heads=True)
 
 
 @pytest.mark.parametrize(
