@@ -324,10 +324,10 @@ class Trainer:
             self.optimizer.step()
             # Aux-loss-free balancing from this step's global load (on the device).
             self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
-        host = None if stats is None else columns.view(summed.host["moe"])
+        host = None if stats is None else columns.view(summed.host("moe"))
         return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
                 "top_k": routing.top_k,
-                "memory_peak_gib": float(summed.host["memory_peak"].max()) / memory.GIB}, host
+                "memory_peak_gib": max(summed.values("memory_peak")) / memory.GIB}, host
 
     def evaluate(self) -> float:
         """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),

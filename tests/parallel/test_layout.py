@@ -352,9 +352,16 @@ def test_every_layout_equals_megatron(world_size, megatron_groups):
 # -- torch DeviceMesh views (4 forked gloo ranks) ------------------------------------------------
 
 
-def _check_meshes(rank, world_size, degrees, strategy):
+DEGREES = [dict(tp=2, ep=4), dict(tp=2, cp=2, ep=2, etp=2), dict(pp=2, cp=2, ep=2)]
+
+
+def _check_meshes(rank, world_size):
+    return [_check_layout_meshes(rank, world_size, degrees) for degrees in DEGREES]
+
+
+def _check_layout_meshes(rank, world_size, degrees):
     dims = ParallelDims(world_size, **degrees)
-    meshes = build_meshes(dims, "cpu", strategy=strategy)  # asserts against dims itself, too
+    meshes = build_meshes(dims, "cpu")  # asserts against dims itself, too
     seen = {}
     for kind in GROUP_KINDS:
         want = dims.group_of(kind, rank)
@@ -371,17 +378,13 @@ def _check_meshes(rank, world_size, degrees, strategy):
     return seen
 
 
-@pytest.mark.parametrize("strategy", ["auto", "explicit"])
-@pytest.mark.parametrize(
-    "degrees",
-    [dict(tp=2, ep=4), dict(tp=2, cp=2, ep=2, etp=2), dict(pp=2, cp=2, ep=2)],
-    ids=["tp2-dp2-ep4", "tp2-cp2-ep2-etp2", "pp2-cp2-ep2"],
-)
-def test_meshes_match_groups_on_4_ranks(degrees, strategy):
-    seen = run_distributed(_check_meshes, 4, degrees, strategy, timeout=60, pg_timeout=20)
-    dims = ParallelDims(4, **degrees)
-    for kind in GROUP_KINDS:
-        assert _as_sets(s[kind] for s in seen) == _as_sets(dims.groups_of(kind))
+def test_meshes_match_groups_on_4_ranks():
+    """tp2-dp2-ep4, tp2-cp2-ep2-etp2 and pp2-cp2-ep2, one launch."""
+    per_rank = run_distributed(_check_meshes, 4, timeout=90, pg_timeout=20)
+    for i, degrees in enumerate(DEGREES):
+        dims = ParallelDims(4, **degrees)
+        for kind in GROUP_KINDS:
+            assert _as_sets(s[i][kind] for s in per_rank) == _as_sets(dims.groups_of(kind))
 
 
 def test_unknown_pipeline_schedule_is_refused_by_the_schema():
