@@ -87,6 +87,7 @@ def check_model_fit(
             f"data.seq_len = {seq_len} is not divisible by 2*parallel.cp = {2 * dims.cp}",
             ("data.seq_len", "parallel.cp"),
         )
+    check_fp8_fit(dims, moe.expert_hidden, train, seq_len)
     if dims.pp * dims.vpp > 1 or pp_layers is not None:
         split_layers(model.n_layers, dims.pp, dims.vpp, pp_layers)
     per_step = train.micro_batch_size * dims.dp
@@ -100,6 +101,39 @@ def check_model_fit(
     if pp_schedule is not None:
         check_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step,
                        tie_embeddings=bool(getattr(model, "tie_embeddings", False)))
+
+
+def check_fp8_fit(dims: ParallelDims, expert_hidden: int, train: Any, seq_len: int) -> None:
+    """train.fp8 against the layout (docs/fp8.md): every dimension an FP8 GEMM quantizes along
+    must stay a multiple of the recipe's alignment (16; MXFP8's block: 32) on each rank."""
+    recipe = str(getattr(train, "fp8", "none"))
+    if recipe == "none":
+        return
+    align = 32 if recipe == "mxfp8" else 16
+    if recipe in ("tensorwise", "rowwise") and dims.etp > 1:
+        raise LayoutError(
+            f"train.fp8={recipe} with parallel.etp={dims.etp}: the FP8 rowwise scales of the "
+            "routed experts span the hidden dimension that ETP splits, and torchao's kernels "
+            "would scale each shard apart; use train.fp8=mxfp8 (its 32-element blocks stay "
+            "within a shard) or parallel.etp=1", ("train.fp8", "parallel.etp"))
+    if (expert_hidden // dims.etp) % align:
+        raise LayoutError(
+            f"train.fp8={recipe} with parallel.etp={dims.etp}: each rank's "
+            f"{expert_hidden // dims.etp} of model.moe.expert_hidden = {expert_hidden} is not a "
+            f"multiple of {align}", ("train.fp8", "parallel.etp", "model.moe.expert_hidden"))
+    tokens = train.micro_batch_size * seq_len // (dims.cp * dims.tp)
+    if tokens % align:
+        raise LayoutError(
+            f"train.fp8={recipe}: a rank's {tokens} tokens per micro-batch "
+            f"(train.micro_batch_size*data.seq_len/(parallel.cp*parallel.tp) = "
+            f"{train.micro_batch_size}*{seq_len}/({dims.cp}*{dims.tp})) are not a multiple of "
+            f"{align}, along which the weight gradients are quantized",
+            ("train.fp8", "train.micro_batch_size", "data.seq_len"))
+    if str(getattr(train, "fp8_backend", "torchao")) == "te" and dims.tp > 1:
+        raise LayoutError(
+            f"train.fp8_backend=te with parallel.tp={dims.tp}: Transformer Engine's linears "
+            "shard through their own process groups, not moetrain's DTensor plans; use "
+            "train.fp8_backend=torchao or parallel.tp=1", ("train.fp8_backend", "parallel.tp"))
 
 
 def check_pipeline(
@@ -135,4 +169,5 @@ def check_pipeline(
             ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
 
 
-__all__ = ["MULTI_STAGE_SCHEDULES", "check_layout", "check_model_fit", "check_pipeline"]
+__all__ = ["MULTI_STAGE_SCHEDULES", "check_fp8_fit", "check_layout", "check_model_fit",
+           "check_pipeline"]
