@@ -17,7 +17,10 @@ from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
 from moetrain.data import DataError, ensure_prepared
 from moetrain.parallel import LayoutError, check_layout
-from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
+from moetrain.fp8 import resolve_fp8
+from moetrain.runtime import (
+    Runtime, create_run_dir, init_runtime, planned_device, resolve_run_dir, shutdown,
+)
 
 log = logging.getLogger("moetrain")
 
@@ -72,6 +75,7 @@ def run(cfg: DictConfig) -> int:
         typed = to_object(cfg)
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        resolve_fp8(typed.train, planned_device(typed.train))  # a recipe this device cannot run
         if typed.model.init.from_hf or typed.model.init.upcycle_from:
             from moetrain.hf.load import check_init, use_hf_tokenizer  # only when needed
 
