@@ -16,18 +16,18 @@ Each GEMM of the experts' forward and backward quantizes both operands to float8
               dimension (OCP MX, RCEIL rounding: 2^ceil(log2(amax / 448))).
 
 On an NVIDIA GPU these are torchao's kernels (Hopper: FP8 rowwise, Blackwell: MXFP8). On the CPU
-MXFP8 runs torchao's own EMULATED path; torchao's FP8 rowwise grouped GEMM has no CPU route (its
-quantizers are Triton kernels and torch._scaled_grouped_mm is CUDA-only), so `_RowwiseEmulated`
-below reproduces it: the same scales (torchao's torch quantizers), the product of the
-dequantized operands by grouped_mm in fp32 (exact products of e4m3 values; only the
-accumulation order differs from the kernel). Groups must be multiples of `group_multiple`
-rows (the kernels' alignment; GroupedExperts pads them): MXFP8's weight gradient quantizes
-32-row blocks along the tokens, which must not straddle two experts.
+they are emulated: the operands quantized as the kernel does (torchao's own torch quantizers:
+tensor_to_scale / to_fp8_saturated, to_mx), dequantized, and multiplied by grouped_mm in the
+run's precision (products of e4m3 values are exact in fp32; only the accumulation order differs
+from a kernel). torchao's FP8 rowwise grouped GEMM has no CPU route (its quantizers are Triton
+kernels, torch._scaled_grouped_mm is CUDA-only); its MXFP8 EMULATED path multiplies in bf16,
+so in an fp32 run its output is rounded to bf16 - and under ETP each rank's partial sum would
+be rounded before the sum, unlike one process's. Groups must be multiples of
+`group_multiple` rows (the kernels' alignment; GroupedExperts pads them): MXFP8's weight
+gradient quantizes 32-row blocks along the tokens, which must not straddle two experts.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from moetrain.fp8.plan import FP8Plan
 
 E4M3 = torch.float8_e4m3fn
+MX_BLOCK = 32  # elements per MXFP8 scale
 
 
 def _column_major(w_EKO: torch.Tensor) -> torch.Tensor:
@@ -76,9 +77,8 @@ class Float8RowwiseGemm:
 
 
 class MXFP8Gemm:
-    """MXFP8 grouped GEMM (module docstring): torchao's, with its Blackwell kernels or its
-    EMULATED path (dequantized to bf16, then a bf16 grouped GEMM: the output is rounded to
-    bf16 even in an fp32 run)."""
+    """MXFP8 grouped GEMM (module docstring): torchao's with its Blackwell kernels, or
+    emulated."""
 
     group_multiple = 32
 
@@ -87,16 +87,18 @@ class MXFP8Gemm:
 
     def __call__(self, x_NK: torch.Tensor, w_EKO: torch.Tensor,
                  offsets_E: torch.Tensor) -> torch.Tensor:
+        if self.emulate:
+            return _contiguous_grad(_MXFP8Emulated.apply(x_NK, w_EKO, offsets_E))
         from torchao.prototype.moe_training.mxfp8_grouped_mm import (
             _to_mxfp8_then_scaled_grouped_mm,
         )
         from torchao.prototype.mx_formats.config import ScaleCalculationMode
         from torchao.quantization.quantize_.common import KernelPreference
 
-        kernel = KernelPreference.EMULATED if self.emulate else KernelPreference.AUTO
         out = _to_mxfp8_then_scaled_grouped_mm(
             x_NK.contiguous(), _column_major(w_EKO), offsets_E, out_dtype=torch.bfloat16,
-            kernel_preference=kernel, scale_calculation_mode=ScaleCalculationMode.RCEIL,
+            kernel_preference=KernelPreference.AUTO,
+            scale_calculation_mode=ScaleCalculationMode.RCEIL,
             pad_token_groups_for_grouped_mm=False)
         return _contiguous_grad(out.to(x_NK.dtype))
 
@@ -112,7 +114,7 @@ def grouped_gemm(plan: FP8Plan):
     return Float8RowwiseGemm(plan.emulate)
 
 
-# -- the emulation of torchao's FP8 rowwise grouped GEMM ----------------------------------------
+# -- the emulations ------------------------------------------------------------------------------
 
 
 def fake_quantize(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -143,6 +145,41 @@ def fake_quantize_group_columns(t_NC: torch.Tensor, offsets_E: torch.Tensor) -> 
     return to_fp8_saturated(t_NC.float() * scale_NC, E4M3).float() / scale_NC
 
 
+def fake_quantize_mx(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t quantized to MXFP8 (e4m3, one e8m0 scale per 32 elements along `dim`, RCEIL: torchao's
+    to_mx), dequantized to fp32."""
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+    from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
+
+    moved = t.movedim(dim, -1).contiguous()
+    scale, data = to_mx(moved, E4M3, MX_BLOCK, ScaleCalculationMode.RCEIL)
+    deq = to_dtype(data, scale, E4M3, MX_BLOCK, torch.float32).reshape(moved.shape)
+    return deq.movedim(-1, dim)
+
+
+class _MXFP8Emulated(torch.autograd.Function):
+    """torchao's _MXFP8GroupedMM (RCEIL, weight gradient in MXFP8) with the GEMMs in fp32 on the
+    dequantized operands: blocks along K in the forward, along O for the input gradient, along
+    the (32-aligned) groups' rows for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x_NK: torch.Tensor, w_EKO: torch.Tensor,
+                offsets_E: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_NK, w_EKO, offsets_E)
+        out = F.grouped_mm(fake_quantize_mx(x_NK, -1), fake_quantize_mx(w_EKO, -2),
+                           offs=offsets_E)
+        return out.to(x_NK.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_NO: torch.Tensor):
+        x_NK, w_EKO, offsets_E = ctx.saved_tensors
+        wq_EOK = fake_quantize_mx(w_EKO, -1).transpose(-2, -1)
+        dx_NK = F.grouped_mm(fake_quantize_mx(dy_NO, -1), wq_EOK, offs=offsets_E)
+        dw_EKO = F.grouped_mm(fake_quantize_mx(x_NK, 0).t(), fake_quantize_mx(dy_NO, 0),
+                              offs=offsets_E)
+        return dx_NK.to(x_NK.dtype), dw_EKO.to(w_EKO.dtype), None
+
+
 class _RowwiseEmulated(torch.autograd.Function):
     """torchao's _Float8GroupedMM with its operands quantized as the kernel does and the GEMMs
     in fp32 on the dequantized values (module docstring)."""
@@ -169,4 +206,4 @@ class _RowwiseEmulated(torch.autograd.Function):
 
 
 __all__ = ["Float8RowwiseGemm", "MXFP8Gemm", "fake_quantize", "fake_quantize_group_columns",
-           "grouped_gemm"]
+           "fake_quantize_mx", "grouped_gemm"]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
@@ -68,20 +69,22 @@ def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
     return cfg
 
 
-def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]]):
-    """In every rank: train each job; returns (rank 0's records by job, this rank's
-    (dp_rank, first step's micro-batches) by job)."""
+def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]],
+           faults: Optional[dict[str, Callable[[], ContextManager]]] = None):
+    """In every rank: train each job (inside its fault's context, if any); returns (rank 0's
+    records by job, this rank's (dp_rank, first step's micro-batches) by job)."""
     torch.set_num_threads(1)  # the launcher did already; also for a direct call
     records: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, tuple[int, list[list[int]]]] = {}
     for name, cfg, run_dir in jobs:
-        rt = init_runtime(cfg)
-        trainer = Trainer(cfg, rt, run_dir)
-        state = trainer.sampler.state_dict()
-        samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
-        trainer.sampler.load_state_dict(state)
-        trainer.fit()
-        del trainer  # before the next job builds its model (real shapes: two would not fit)
+        with (faults or {}).get(name, nullcontext)():
+            rt = init_runtime(cfg)
+            trainer = Trainer(cfg, rt, run_dir)
+            state = trainer.sampler.state_dict()
+            samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
+            trainer.sampler.load_state_dict(state)
+            trainer.fit()
+            del trainer  # before the next job builds its model (real shapes: two would not fit)
         if rank == 0:
             records[name] = _records(run_dir)
     return records, samples
@@ -107,10 +110,12 @@ class LayoutRuns:
 
 
 def run_layouts(
-    world_size: int, layouts: dict[str, list[str]], tmp_dir: Path, timeout: float = 300
+    world_size: int, layouts: dict[str, list[str]], tmp_dir: Path, timeout: float = 300,
+    faults: Optional[dict[str, Callable[[], ContextManager]]] = None,
 ) -> LayoutRuns:
     """Train every layout (name -> overrides) on `world_size` forked ranks, one after another in
-    one launch."""
+    one launch. `faults`: layout name -> a context manager factory every rank enters around that
+    layout's run (a bug put back on purpose, to show that a comparison fails)."""
     jobs = []
     for name, overrides in layouts.items():
         cfg = layout_config(world_size, overrides)
@@ -119,7 +124,7 @@ def run_layouts(
         jobs.append((name, cfg, run_dir))
     # Tokenizer and shards once, in the parent, before any rank looks for them.
     ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
-    results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
+    results = run_distributed(_train, world_size, jobs, faults, timeout=timeout, pg_timeout=60)
     samples = {name: [per_rank[name] for _, per_rank in results] for name in layouts}
     return LayoutRuns(records=results[0][0], samples=samples,
                       run_dirs={name: run_dir for name, _, run_dir in jobs})
@@ -202,11 +207,12 @@ class Layout:
 
 
 def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path,
-              references: dict[str, list[str]] = REFERENCES) -> LayoutRuns:
+              references: dict[str, list[str]] = REFERENCES,
+              faults: Optional[dict[str, Callable[[], ContextManager]]] = None) -> LayoutRuns:
     """`run_layouts` for `Layout`s: the reference's overrides (from `references`), then the
     layout's."""
     layouts = {name: [*references[c.reference], *c.overrides] for name, c in cases.items()}
-    return run_layouts(world_size, layouts, tmp_dir, timeout=600)
+    return run_layouts(world_size, layouts, tmp_dir, timeout=600, faults=faults)
 
 
 def check_case(runs: LayoutRuns, name: str, case: Layout,
