@@ -29,7 +29,9 @@ from contextlib import contextmanager
 
 import pytest
 
-pytest.importorskip("torchao")
+from tests.fp8 import require_torchao
+
+require_torchao()
 
 import torchao.float8.float8_utils as float8_utils  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402

@@ -19,7 +19,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-pytest.importorskip("torchao")
+from tests.fp8 import require_torchao
+
+require_torchao()
 
 from moetrain.checkpoint.convert import load_model_state  # noqa: E402
 from moetrain.model import Transformer  # noqa: E402

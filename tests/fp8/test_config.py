@@ -12,6 +12,7 @@ from moetrain.config import ConfigError, compose, to_object, validate
 from moetrain.fp8 import plan as fp8_plan
 from moetrain.fp8 import resolve_fp8
 from moetrain.parallel import LayoutError, ParallelDims, check_layout
+from tests.fp8 import TORCHAO_MISSING, needs_torchao
 from tests.harness import run_train
 
 
@@ -76,6 +77,7 @@ def test_the_layout_accepts(world, overrides):
     check_layout(config(*overrides), world)
 
 
+@needs_torchao
 def test_a_tensor_parallel_shard_off_the_mxfp8_blocks_is_refused():
     """parallelize (on the meta device, 4 ranks of a fake process group): MXFP8 at tp4 splits
     attention.wk's 64 output features into 16 per rank, not a block of 32."""
@@ -112,6 +114,7 @@ class _Train:
         self.__dict__.update(kw)
 
 
+@needs_torchao
 def test_on_the_cpu_every_torchao_recipe_runs_emulated():
     assert resolve_fp8(_Train(), torch.device("cpu")) is None
     for recipe in ("tensorwise", "rowwise", "mxfp8"):
@@ -125,9 +128,19 @@ def test_on_the_cpu_every_torchao_recipe_runs_emulated():
      "train.fp8_backend=torchao runs every recipe here, emulated"),
     (_Train(fp8="mxfp8", compile=True), "train.compile=true is invalid with train.fp8=mxfp8"),
 ])
+@needs_torchao
 def test_the_cpu_refuses(train, needle):
     with pytest.raises(ConfigError, match="^" + needle.replace(".", r"\.")):
         resolve_fp8(train, torch.device("cpu"))
+
+
+def test_without_torchao_a_recipe_is_refused(monkeypatch):
+    monkeypatch.setattr(fp8_plan, "torchao_available", lambda: False)
+    assert resolve_fp8(_Train(), torch.device("cpu")) is None  # train.fp8=none needs no torchao
+    with pytest.raises(ConfigError) as err:
+        resolve_fp8(_Train(fp8="rowwise"), torch.device("cpu"))
+    assert str(err.value) == ("train.fp8=rowwise is invalid here: torchao is not installed "
+                              "(pip install 'moetrain[fp8]'), or set train.fp8=none")
 
 
 @pytest.fixture
@@ -145,6 +158,7 @@ def gpu(monkeypatch):
     return make
 
 
+@needs_torchao
 def test_a_hopper_runs_the_fp8_recipes_and_refuses_mxfp8(gpu):
     device = gpu((9, 0))
     for recipe in ("tensorwise", "rowwise"):
@@ -157,11 +171,13 @@ def test_a_hopper_runs_the_fp8_recipes_and_refuses_mxfp8(gpu):
         "compute capability 10.0; tensorwise and rowwise would run here")
 
 
+@needs_torchao
 def test_an_ampere_runs_no_fp8(gpu):
     with pytest.raises(ConfigError, match="no FP8 recipe runs here: set train.fp8=none$"):
         resolve_fp8(_Train(fp8="tensorwise"), gpu((8, 0), name="NVIDIA A100"))
 
 
+@needs_torchao
 def test_a_blackwell_needs_torchao_kernels_for_mxfp8(gpu):
     with pytest.raises(ConfigError, match="needs torchao's SM100 kernels .* tensorwise and "
                                           "rowwise would run here"):
@@ -171,12 +187,14 @@ def test_a_blackwell_needs_torchao_kernels_for_mxfp8(gpu):
     assert (plan.recipe, plan.backend, plan.emulate) == ("mxfp8", "te", False)
 
 
+@needs_torchao
 def test_transformer_engine_must_be_installed(gpu):
     with pytest.raises(ConfigError, match="^train.fp8_backend=te is invalid here: "
                                           "transformer_engine is not installed"):
         resolve_fp8(_Train(fp8="tensorwise", fp8_backend="te"), gpu((9, 0)))
 
 
+@needs_torchao
 def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
     proc = run_train([f"run.dir={run}", "train.fp8=mxfp8", "train.fp8_backend=te"])

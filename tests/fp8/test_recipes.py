@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytest.importorskip("torchao")
+from tests.fp8 import require_torchao
+
+require_torchao()
 
 from moetrain.fp8 import FP8Plan, apply_fp8  # noqa: E402
 from moetrain.fp8.grouped import grouped_gemm  # noqa: E402
