@@ -10,7 +10,8 @@ the recipe and the same seed, data and batches (by default one micro-batch of 8 
 concurrently (one thread each), the models one after the other. Writes OUT/fp8_quality.json (every run's
 validation losses, wall time, the machine and its load) and prints a markdown table: the final
 validation loss of each recipe and its relative difference from `none` (the criterion: within
-1%).
+1%), next to the control `none-2mb` (module constant CONTROL) that shows how far a mere
+rounding difference moves it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("none", "tensorwise", "rowwise", "mxfp8")
+# The control: `none` with the batch in two micro-batches - the same training up to fp32
+# summation order, so its distance from `none` is what a rounding-level perturbation alone does
+# to the validation loss after N steps (training amplifies it).
+CONTROL = "none-2mb"
 MODELS = {
     # the tiny experiment: d 128, 4 layers (1 dense), 8 experts of width 192, top-2
     "tiny": ["+experiment=tiny"],
@@ -38,9 +43,10 @@ MODELS = {
 
 
 def run_overrides(model: str, recipe: str, args, run_dir: Path) -> list[str]:
-    return [*MODELS[model], f"train.fp8={recipe}", f"train.max_steps={args.steps}",
-            f"train.global_batch_size={args.global_batch}",
-            f"train.micro_batch_size={args.global_batch}", f"data.seq_len={args.seq_len}",
+    micro = args.global_batch // 2 if recipe == CONTROL else args.global_batch
+    return [*MODELS[model], f"train.fp8={'none' if recipe == CONTROL else recipe}",
+            f"train.max_steps={args.steps}", f"train.global_batch_size={args.global_batch}",
+            f"train.micro_batch_size={micro}", f"data.seq_len={args.seq_len}",
             f"train.eval_every={args.eval_every}", f"train.eval_batches={args.eval_batches}",
             "train.device=cpu", "train.dtype=fp32", f"train.seed={args.seed}",
             "checkpoint.every=0", "logging.progress=false", f"run.dir={run_dir}"]
@@ -65,7 +71,8 @@ def load_average() -> Optional[list[float]]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES))
+    p.add_argument("--recipes", default=",".join((*RECIPES, CONTROL)),
+                   help="comma list of " + ", ".join((*RECIPES, CONTROL)))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
@@ -76,7 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="outputs/fp8_quality")
     args = p.parse_args(argv)
     models, recipes = args.models.split(","), args.recipes.split(",")
-    bad = [m for m in models if m not in MODELS] + [r for r in recipes if r not in RECIPES]
+    bad = [m for m in models if m not in MODELS] + [r for r in recipes
+                                                    if r not in (*RECIPES, CONTROL)]
     if bad or "none" not in recipes or args.steps < 1 or args.eval_every < 1:
         print(f"error: unknown model/recipe {bad}, or --recipes without none, or a count < 1",
               file=sys.stderr)
@@ -85,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --steps {args.steps} must be a multiple of --eval-every {args.eval_every} "
               "(the final step must evaluate)", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs start in the repository root
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
