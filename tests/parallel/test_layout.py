@@ -232,7 +232,8 @@ def test_cli_table_lists_groups_and_ranks():
     assert "dp_cp 4 x 2: [0,2,4,6] [1,3,5,7]" in table
     assert "dp_cp_tp 8 x 1: [0,1,2,3,4,5,6,7]" in table
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("7 ")]
-    assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0"]]
+    assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0", "|", "0"]]
+    assert "nodes: 1 of 8 GPUs" in out.stdout
 
 
 @pytest.mark.parametrize(
