@@ -44,7 +44,7 @@ from moetrain.planning import (
 
 #: Fraction of the dense bf16 peak moetrain's matrix multiplies reach (calibrated on one
 #: published run, docs/planning.md "Step time").
-MATMUL_EFFICIENCY = 0.52
+MATMUL_EFFICIENCY = 0.39
 #: Fraction of a link's datasheet bandwidth a collective reaches (NCCL bus bandwidth).
 LINK_EFFICIENCY = 0.8
 #: Fixed cost of one collective call, seconds.
