@@ -145,13 +145,15 @@ def _fsdp_units(model: nn.Module) -> list[tuple[Any, int, tuple[int, ...]]]:
     """(module, all-gather output elements, mesh ranks) of every FSDP2 unit under `model`."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = []
+    units, seen = [], set()
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        group = module._get_fsdp_state()._fsdp_param_group
-        if group is None:
+        state = module._get_fsdp_state()
+        group = state._fsdp_param_group
+        if group is None or id(state) in seen:  # modules sharded together share one state
             continue
+        seen.add(id(state))
         mesh = group.mesh_info.mesh
         ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
         gathered = sum(fp._sharded_param_data.numel() for fp in group.fsdp_params) * len(ranks)

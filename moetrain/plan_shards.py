@@ -21,8 +21,11 @@ tensor-free against it; the planner's memory (`planning.memory_per_rank`) and co
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from moetrain.config.schema import head_dim_of
@@ -82,33 +85,53 @@ def _specs_attention(model: Any, prefix: str) -> list[ParamSpec]:
 
 def block_specs(model: Any, layer: int) -> list[ParamSpec]:
     """The parameters of transformer block `layer`, in registration order."""
-    d, moe = model.d_model, model.moe
-    p = f"layers.{layer}"
+    dense = layer < model.moe.first_dense_layers
+    return [dataclasses.replace(s, name=s.name.format(layer=layer))
+            for s in _block_template(_shape_key(model), dense)]
+
+
+def _shape_key(model: Any) -> tuple:
+    """Every ModelConfig field a block's parameter shapes depend on (a hashable cache key)."""
+    moe, mla = model.moe, model.mla
+    return (model.d_model, model.n_heads, model.n_kv_heads, head_dim_of(model),
+            getattr(model, "attention", "gqa"), getattr(model, "qk_norm", "none"),
+            (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim,
+             mla.v_head_dim), model.ffn_hidden, moe.num_experts, moe.expert_hidden,
+            moe.routing.num_null_experts, moe.num_shared_experts, moe.shared_expert_hidden,
+            moe.shared_expert_gate)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_template(key: tuple, dense: bool) -> tuple[ParamSpec, ...]:
+    (d, H, Hkv, h, attention, qk_norm, mla, F, E, Fe, null, n_shared, Fs_one, gate) = key
+    model = SimpleNamespace(
+        d_model=d, n_heads=H, n_kv_heads=Hkv, head_dim=h, attention=attention, qk_norm=qk_norm,
+        mla=SimpleNamespace(q_lora_rank=mla[0], kv_lora_rank=mla[1], qk_nope_head_dim=mla[2],
+                            qk_rope_head_dim=mla[3], v_head_dim=mla[4]))
+    p = "layers.{layer}"
     norm = dict(component="norms", kind="dense", tp_replicated=True)
     out = [ParamSpec(f"{p}.attention_norm.weight", (d,), **norm)]
     out += _specs_attention(model, f"{p}.attention")
     out.append(ParamSpec(f"{p}.ffn_norm.weight", (d,), **norm))
-    if layer < moe.first_dense_layers:
-        F = model.ffn_hidden
+    if dense:
         out += [ParamSpec(f"{p}.mlp.w1.weight", (F, d), "dense_mlp", "dense", 0),
                 ParamSpec(f"{p}.mlp.w3.weight", (F, d), "dense_mlp", "dense", 0),
                 ParamSpec(f"{p}.mlp.w2.weight", (d, F), "dense_mlp", "dense", 1)]
-        return out
-    E, Fe = moe.num_experts, moe.expert_hidden
-    slots = E + moe.routing.num_null_experts  # null experts are router columns without weights
+        return tuple(out)
+    slots = E + null  # null experts are router columns without weights
     out += [ParamSpec(f"{p}.moe.router.weight", (slots, d), "router", "router"),
             ParamSpec(f"{p}.moe.experts.w1", (E, d, Fe), "routed_experts", "experts"),
             ParamSpec(f"{p}.moe.experts.w3", (E, d, Fe), "routed_experts", "experts"),
             ParamSpec(f"{p}.moe.experts.w2", (E, Fe, d), "routed_experts", "experts")]
-    if moe.num_shared_experts:
-        Fs = moe.num_shared_experts * (moe.shared_expert_hidden or Fe)
+    if n_shared:
+        Fs = n_shared * (Fs_one or Fe)
         out += [ParamSpec(f"{p}.moe.shared_experts.w1.weight", (Fs, d), "shared_experts", "shared"),
                 ParamSpec(f"{p}.moe.shared_experts.w3.weight", (Fs, d), "shared_experts", "shared"),
                 ParamSpec(f"{p}.moe.shared_experts.w2.weight", (d, Fs), "shared_experts", "shared")]
-        if moe.shared_expert_gate:
+        if gate:
             out.append(ParamSpec(f"{p}.moe.shared_expert_gate.weight", (1, d), "shared_experts",
                                  "shared"))
-    return out
+    return tuple(out)
 
 
 def _expert_hidden_dim(spec: ParamSpec) -> int:
@@ -210,9 +233,17 @@ def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
     ranks = {k: dims.group_of(k, rank) for k in ("dp_cp", "dp_cp_tp", "edp")}
     experts_group = "dp_cp_tp" if ranks["edp"] == ranks["dp_cp_tp"] else "edp"
     units: list[Unit] = []
+    shards: dict[tuple, LocalParam] = {}  # every layer of a kind shards alike: compute once
+
+    def local(spec: ParamSpec, group: str) -> LocalParam:
+        key = (spec.shape, spec.kind, spec.tp_dim, group)
+        hit = shards.get(key)
+        if hit is None:
+            hit = shards[key] = _local_param(spec, dims, rank, ranks[group], fsdp)
+        return LocalParam(spec, hit.local, hit.held, hit.allocated)
 
     def unit(name, group, specs, root, v):
-        params = [_local_param(s, dims, rank, ranks[group], fsdp) for s in specs]
+        params = [local(s, group) for s in specs]
         units.append(Unit(name, group, len(ranks[group]), params, root, v))
 
     for v, layers, first, last in stage_modules(model, dims, par.pp_layers, pp_rank):
@@ -234,7 +265,8 @@ def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
                     block += part
                 else:
                     unit(name, group, part, False, v)
-            block.sort(key=lambda s: [x.name for x in specs].index(s.name))
+            order = {s.name: i for i, s in enumerate(specs)}
+            block.sort(key=lambda s: order[s.name])
             unit(f"layers.{layer}", "dp_cp", block, False, v)
         root = []
         if first:
