@@ -234,7 +234,7 @@ def dry_run_rank(cfg: Any, dims: ParallelDims, rank: int) -> RoleReport:
     finally:
         dist.destroy_process_group()
     units = rank_units(cfg, dims, rank)
-    planned = {p.spec.name: (p.held, p.allocated) for u in units for p in u.params}
+    planned = {name: (p.held, p.allocated) for u in units for name, p in zip(u.names(), u.params)}
     mem = rank_memory(cfg, dims, rank)
     held = sum(b.held for b in built.values())
     allocated = sum(b.allocated for b in built.values())

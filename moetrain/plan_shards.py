@@ -171,6 +171,11 @@ class Unit:
     params: list[LocalParam]
     root: bool  # a stage module's root unit (FSDP: not resharded after forward)
     virtual_stage: int  # the pipeline's virtual stage holding it (0 without PP)
+    layer: Optional[int] = None  # the block it belongs to: fills "{layer}" in the names
+
+    def names(self) -> list[str]:
+        """The model's names of the unit's parameters."""
+        return [p.spec.name.format(layer=self.layer) for p in self.params]
 
     @property
     def held(self) -> int:
@@ -233,41 +238,44 @@ def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
     ranks = {k: dims.group_of(k, rank) for k in ("dp_cp", "dp_cp_tp", "edp")}
     experts_group = "dp_cp_tp" if ranks["edp"] == ranks["dp_cp_tp"] else "edp"
     units: list[Unit] = []
-    shards: dict[tuple, LocalParam] = {}  # every layer of a kind shards alike: compute once
+    # Every block of a kind (dense, MoE) holds the same shards: its units are made once and
+    # shared by the blocks, which only differ in the name's "{layer}".
+    templates: dict[bool, list[tuple[str, str, list[LocalParam]]]] = {}
 
-    def local(spec: ParamSpec, group: str) -> LocalParam:
-        key = (spec.shape, spec.kind, spec.tp_dim, group)
-        hit = shards.get(key)
-        if hit is None:
-            hit = shards[key] = _local_param(spec, dims, rank, ranks[group], fsdp)
-        return LocalParam(spec, hit.local, hit.held, hit.allocated)
+    def local(specs: list[ParamSpec], group: str) -> list[LocalParam]:
+        return [_local_param(s, dims, rank, ranks[group], fsdp) for s in specs]
 
-    def unit(name, group, specs, root, v):
-        params = [local(s, group) for s in specs]
-        units.append(Unit(name, group, len(ranks[group]), params, root, v))
+    def block_units(dense: bool) -> list[tuple[str, str, list[LocalParam]]]:
+        specs = list(_block_template(_shape_key(model), dense))
+        block = [s for s in specs if s.kind == "dense"]
+        if experts_group == "dp_cp_tp":  # moe_units: the whole MoE layer over dp_cp_tp
+            moe_parts = [("layers.{layer}.moe", "dp_cp_tp", [s for s in specs if s.kind != "dense"])]
+        else:
+            moe_parts = [("layers.{layer}.moe.experts", "edp",
+                          [s for s in specs if s.kind == "experts"]),
+                         ("layers.{layer}.moe.router", "dp_cp_tp",
+                          [s for s in specs if s.kind in ("router", "shared")])]
+        out = []
+        for name, group, part in moe_parts:
+            if not part:
+                continue
+            if ranks[group] == ranks["dp_cp"]:  # same ranks as the block: one unit
+                block += part
+            else:
+                out.append((name, group, local(part, group)))
+        order = {s.name: i for i, s in enumerate(specs)}
+        block.sort(key=lambda s: order[s.name])
+        out.append(("layers.{layer}", "dp_cp", local(block, "dp_cp")))
+        return out
 
     for v, layers, first, last in stage_modules(model, dims, par.pp_layers, pp_rank):
         for layer in layers:
-            specs = block_specs(model, layer)
-            block = [s for s in specs if s.kind == "dense"]
-            if experts_group == "dp_cp_tp":  # moe_units: the whole MoE layer over dp_cp_tp
-                moe_parts = [(f"layers.{layer}.moe", "dp_cp_tp",
-                              [s for s in specs if s.kind != "dense"])]
-            else:
-                moe_parts = [(f"layers.{layer}.moe.experts", "edp",
-                              [s for s in specs if s.kind == "experts"]),
-                             (f"layers.{layer}.moe.router", "dp_cp_tp",
-                              [s for s in specs if s.kind in ("router", "shared")])]
-            for name, group, part in moe_parts:
-                if not part:
-                    continue
-                if ranks[group] == ranks["dp_cp"]:  # same ranks as the block: one unit
-                    block += part
-                else:
-                    unit(name, group, part, False, v)
-            order = {s.name: i for i, s in enumerate(specs)}
-            block.sort(key=lambda s: order[s.name])
-            unit(f"layers.{layer}", "dp_cp", block, False, v)
+            dense = layer < model.moe.first_dense_layers
+            if dense not in templates:
+                templates[dense] = block_units(dense)
+            for name, group, params in templates[dense]:
+                units.append(Unit(name.format(layer=layer), group, len(ranks[group]), params,
+                                  False, v, layer))
         root = []
         if first:
             root.append(ParamSpec("tok_embeddings.weight", (model.vocab_size, model.d_model),
@@ -278,7 +286,7 @@ def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
             if not (model.tie_embeddings and first):  # tied: the output is the embedding
                 root.append(ParamSpec("output.weight", (model.vocab_size, model.d_model),
                                       "output", "dense", 0))
-        unit("", "dp_cp", root, True, v)
+        units.append(Unit("", "dp_cp", len(ranks["dp_cp"]), local(root, "dp_cp"), True, v))
     return units
 
 

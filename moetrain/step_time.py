@@ -32,6 +32,7 @@ docs/planning.md ("Step time"), with its error against published runs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -87,8 +88,16 @@ def node_of(rank: int, gpus_per_node: int) -> int:
     return rank // gpus_per_node
 
 
+@functools.lru_cache(maxsize=4096)
 def nodes_spanned(ranks: tuple[int, ...], gpus_per_node: int) -> int:
-    return len({node_of(r, gpus_per_node) for r in ranks})
+    return len({r // gpus_per_node for r in ranks})
+
+
+@functools.lru_cache(maxsize=4096)
+def _same_node(ranks: tuple[int, ...], gpus_per_node: int, rank: int) -> int:
+    """Ranks of the group on `rank`'s node (itself included)."""
+    node = rank // gpus_per_node
+    return sum(1 for r in ranks if r // gpus_per_node == node)
 
 
 def collective_seconds(c: Collective, gpu: Hardware, rank: int) -> float:
@@ -101,8 +110,7 @@ def collective_seconds(c: Collective, gpu: Hardware, rank: int) -> float:
     crosses = nodes_spanned(c.ranks, gpu.gpus_per_node) > 1
     bw = net if crosses else nvlink
     if c.op == "all_to_all":
-        local = sum(1 for r in c.ranks if node_of(r, gpu.gpus_per_node) ==
-                    node_of(rank, gpu.gpus_per_node))
+        local = _same_node(c.ranks, gpu.gpus_per_node, rank)
         t = max((local - 1) / n * c.bytes / nvlink, (n - local) / n * c.bytes / net)
     elif c.op in ("all_gather", "reduce_scatter"):
         t = (n - 1) / n * c.bytes / bw

@@ -408,3 +408,19 @@ def test_check_layout_from_whole_config():
         check_layout(cfg, 8)
     with pytest.raises(Exception):  # frozen
         dims.tp = 4
+
+
+@pytest.mark.parametrize("world_size", [8, 24, 64])
+def test_group_of_is_the_group_holding_the_rank(world_size):
+    """group_of computes a rank's group from its coordinates; it is the one groups_of lists."""
+    import itertools
+
+    for tp, cp, pp, ep, etp in itertools.product((1, 2, 4), (1, 2), (1, 2), (1, 2, 4), (1, 2)):
+        try:
+            dims = ParallelDims(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+        except LayoutError:
+            continue
+        for kind in GROUP_KINDS:
+            for group in dims.groups_of(kind):
+                for rank in group:
+                    assert dims.group_of(kind, rank) == group
