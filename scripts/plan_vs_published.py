@@ -80,6 +80,9 @@ def overrides(row: Row) -> list[str]:
     return out
 
 
+_CONFIGS: dict = {}
+
+
 def predict(row: Row, efficiency: float | None = None, gpus_per_node: int | None = None) -> dict:
     from moetrain import step_time
     from moetrain.config import compose, to_object
@@ -87,7 +90,10 @@ def predict(row: Row, efficiency: float | None = None, gpus_per_node: int | None
     from moetrain.parallel import check_layout
     from moetrain.planning import memory_per_rank
 
-    cfg = to_object(compose(overrides(row)))
+    key = tuple(overrides(row))
+    if key not in _CONFIGS:  # composing is the slow part; calibration predicts one row often
+        _CONFIGS[key] = to_object(compose(list(key)))
+    cfg = _CONFIGS[key]
     dims = check_layout(cfg, row.gpus)
     saved = step_time.MATMUL_EFFICIENCY
     if efficiency is not None:
@@ -112,7 +118,7 @@ def hardware_default(gpu: str) -> int:
 def calibrate(row: Row) -> float:
     """The MATMUL_EFFICIENCY at which the model reproduces `row` (bisection)."""
     lo, hi = 0.05, 1.0
-    for _ in range(50):
+    for _ in range(30):
         mid = (lo + hi) / 2
         if predict(row, mid)["tokens_per_s_per_gpu"] < row.published:
             lo = mid

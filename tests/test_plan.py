@@ -430,3 +430,22 @@ def test_cli_bad_hardware_or_layout_is_refused_in_one_line(args, flag, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and flag in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: ")
+
+
+def test_the_step_time_efficiency_is_the_one_calibrated_on_the_published_run():
+    """docs/planning.md's table: MATMUL_EFFICIENCY reproduces its calibration row (rounded to
+    two digits), so the code, the script and the docs say the same."""
+    import importlib.util
+    from pathlib import Path
+
+    from moetrain import step_time
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_vs_published.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_published", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["plan_vs_published"] = script  # its dataclasses look the module up
+    spec.loader.exec_module(script)
+    (row,) = [r for r in script.ROWS if r.calibrate]
+    assert round(script.calibrate(row), 2) == step_time.MATMUL_EFFICIENCY
+    predicted = script.predict(row)["tokens_per_s_per_gpu"]
+    assert predicted == pytest.approx(row.published, rel=0.02)
