@@ -40,7 +40,8 @@ from torch import nn
 from moetrain.parallel.dims import ParallelDims
 from moetrain.plan_comm import Collective, by_op_and_group, micro_batches, step_collectives
 from moetrain.plan_shards import rank_units
-from moetrain.planning import GRAD_BYTES, OPTIM_BYTES, WEIGHT_BYTES, rank_memory
+from moetrain import planning
+from moetrain.planning import GRAD_BYTES, WEIGHT_BYTES, rank_memory
 
 
 def build_parallel_model(cfg: Any, dims: ParallelDims) -> tuple[nn.Module, Any]:
@@ -235,6 +236,12 @@ def dry_run_rank(cfg: Any, dims: ParallelDims, rank: int) -> RoleReport:
         dist.destroy_process_group()
     units = rank_units(cfg, dims, rank)
     planned = {name: (p.held, p.allocated) for u in units for name, p in zip(u.names(), u.params)}
+    specs = {name: p.spec for u in units for name, p in zip(u.names(), u.params)}
+    optim = getattr(cfg, "optim", None)
+    # The state's bytes per element depend on the tensor (by its planned spec); a built tensor
+    # the planner lacks is reported by name below.
+    optim_bytes = sum(b.held * planning.optimizer_state_bytes(optim, specs[n])
+                      for n, b in built.items() if n in specs)
     mem = rank_memory(cfg, dims, rank)
     held = sum(b.held for b in built.values())
     allocated = sum(b.allocated for b in built.values())
@@ -242,7 +249,7 @@ def dry_run_rank(cfg: Any, dims: ParallelDims, rank: int) -> RoleReport:
         "parameters": (float(held), mem.dense_params + mem.expert_params),
         "weight bytes": (float(WEIGHT_BYTES * allocated), mem.weights),
         "gradient bytes": (float(GRAD_BYTES * allocated), mem.grads),
-        "optimizer bytes": (float(OPTIM_BYTES * held), mem.optimizer),
+        "optimizer bytes": (float(optim_bytes), mem.optimizer),
     }
     return RoleReport(rank, dims.dense_coord(rank).pp, built, planned, memory,
                       by_op_and_group(built_calls), by_op_and_group(planned_calls), built_calls)

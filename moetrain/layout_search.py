@@ -138,9 +138,8 @@ def search_layouts(cfg: Any, world_size: int, gpu: Hardware, recompute: tuple[st
             if peak > usable_bytes(gpu):
                 continue
             extra = [] if mode == "none" else [f"train.recompute={mode}"]
-            held = max(m.dense_params + m.expert_params for m in memory)
             fits.append(Candidate(over + extra, c, dims, memory,
-                                  estimate_step(c, dims, gpu, held_params=held)))
+                                  estimate_step(c, dims, gpu, memory=memory)))
             break
     fits.sort(key=lambda cand: cand.estimate.step_s)
     return fits, checked

@@ -22,8 +22,26 @@ from moetrain.parallel.dims import ParallelDims
 #: fp32 exp_avg and exp_avg_sq. 16 in all (Megatron's bf16-weights-plus-fp32-master is 18).
 WEIGHT_BYTES = 4
 GRAD_BYTES = 4
-OPTIM_BYTES = 8
+OPTIM_BYTES = 8  # AdamW's; other optimizers: optimizer_state_bytes
 ACT_BYTES = 2  # bf16 activations
+
+def optimizer_state_bytes(optim: Any, spec: Any) -> int:
+    """Bytes of optimizer state per element of one parameter tensor, by optimizer kind.
+
+    `optim`: the config's `optim` section (its `name`, "adamw" when it has none); `spec`: the
+    tensor (`plan_shards.ParamSpec`: model name, global shape, component, kind). The one place
+    the planner learns an optimizer's state: the memory per rank, the dry run's check and the
+    step-time model's optimizer pass (`step_time.optimizer_traffic_bytes`) all read it. AdamW:
+    fp32 exp_avg and exp_avg_sq, 8 B for every tensor. An optimizer whose state differs by
+    tensor (Muon: one momentum buffer for the hidden matrices, AdamW's two for the rest) adds
+    its rule here. Raises ValueError for an optimizer the planner does not know.
+    """
+    name = str(getattr(optim, "name", "adamw"))
+    if name == "adamw":
+        return OPTIM_BYTES
+    raise ValueError(f"optim.name={name}: the planner knows the optimizer state of adamw only "
+                     "(moetrain.planning.optimizer_state_bytes)")
+
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
               "norms", "output")
@@ -322,10 +340,12 @@ def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = 
                                  getattr(train, "recompute", "none"), in_flight)
     logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp if stage == dims.pp - 1 else 0.0
     largest = max((p.allocated for p in params), default=0)
+    optim = getattr(cfg, "optim", None)
     return StageMemory(
         stage=stage, dense_params=dense, expert_params=experts,
         weights=WEIGHT_BYTES * allocated, grads=GRAD_BYTES * allocated,
-        optimizer=OPTIM_BYTES * (dense + experts), fsdp_buffers=buffers,
+        optimizer=float(sum(optimizer_state_bytes(optim, p.spec) * p.held for p in params)),
+        fsdp_buffers=buffers,
         activations=act, logits=logits,
         init_peak=WEIGHT_BYTES * allocated + TEMP_BYTES_PER_ELEMENT * min(chunk, largest),
         grad_accum=grad_accum, rank=rank,

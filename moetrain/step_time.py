@@ -14,8 +14,8 @@ Per pipeline stage (its first rank, `planning.stage_first_rank`), per optimizer 
                 with compute in moetrain)
     fsdp        FSDP2's all-gathers and reduce-scatters run on their own streams, prefetched one
                 unit ahead: hidden behind the stage's compute, only the excess is exposed
-    optimizer   AdamW and the gradient norm read and write 32 B per parameter held at the HBM
-                bandwidth
+    optimizer   the update and the gradient norm read and write 16 B per parameter held + the
+                optimizer state twice (AdamW: 32 B in all) at the HBM bandwidth
 
     stage time  = compute + exposed + max(0, fsdp - compute)
     step time   = max over stages of stage time x (1 + bubble / m) + optimizer
@@ -50,8 +50,10 @@ MATMUL_EFFICIENCY = 0.39
 LINK_EFFICIENCY = 0.8
 #: Fixed cost of one collective call, seconds.
 LATENCY_S = 20e-6
-#: Bytes AdamW (+ the gradient norm) reads and writes per parameter held.
-OPTIMIZER_BYTES_PER_PARAM = 32
+#: Bytes the optimizer pass reads and writes per parameter held besides the optimizer state:
+#: weight read and written, gradient read by the update and by the gradient norm (fp32).
+#: The state is read and written once (planning.optimizer_state_bytes): 16 + 2 x 8 for AdamW.
+PARAM_PASS_BYTES = 16
 
 
 @dataclass
@@ -171,10 +173,18 @@ def stage_time(cfg: Any, dims: ParallelDims, gpu: Hardware, rank: int,
     return StageTime(dims.dense_coord(rank).pp, rank, compute, exposed, fsdp, by_what)
 
 
+def optimizer_traffic_bytes(memory: list[Any]) -> float:
+    """HBM bytes the optimizer pass (update + gradient norm) moves on the busiest rank, from
+    `planning.memory_per_rank`'s stages: PARAM_PASS_BYTES per parameter held + the optimizer
+    state read and written."""
+    return max(PARAM_PASS_BYTES * (s.dense_params + s.expert_params) + 2 * s.optimizer
+               for s in memory)
+
+
 def estimate_step(cfg: Any, dims: ParallelDims, gpu: Hardware, top_k: Optional[int] = None,
-                  held_params: Optional[float] = None) -> StepEstimate:
-    """The step-time model for `cfg` on `dims` and `gpu` (module docstring). `held_params`:
-    the largest number of parameters a rank holds (default: from `planning.memory_per_rank`)."""
+                  memory: Optional[list[Any]] = None) -> StepEstimate:
+    """The step-time model for `cfg` on `dims` and `gpu` (module docstring). `memory`: the
+    stages' `planning.memory_per_rank` (computed when not given)."""
     from moetrain.planning import memory_per_rank
 
     model = cfg.model
@@ -188,9 +198,9 @@ def estimate_step(cfg: Any, dims: ParallelDims, gpu: Hardware, top_k: Optional[i
         if cfg.parallel.pp_schedule == "zero_bubble":
             bubble_slots /= 3
     bubble = slowest * bubble_slots / m
-    if held_params is None:
-        held_params = max(s.dense_params + s.expert_params for s in memory_per_rank(cfg, dims, k))
-    optimizer = held_params * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_tb_s * 1e12)
+    if memory is None:
+        memory = memory_per_rank(cfg, dims, k)
+    optimizer = optimizer_traffic_bytes(memory) / (gpu.hbm_tb_s * 1e12)
     step = slowest + bubble + optimizer
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     per_gpu = tokens / step / dims.world_size
@@ -201,5 +211,5 @@ def estimate_step(cfg: Any, dims: ParallelDims, gpu: Hardware, top_k: Optional[i
 
 
 __all__ = ["LATENCY_S", "LINK_EFFICIENCY", "MATMUL_EFFICIENCY", "StageTime", "StepEstimate",
-           "collective_seconds", "estimate_step", "nodes_spanned", "rank_forward_flops",
+           "collective_seconds", "estimate_step", "optimizer_traffic_bytes", "nodes_spanned", "rank_forward_flops",
            "stage_time"]

@@ -5,6 +5,7 @@ command line."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -373,6 +374,34 @@ def test_step_estimate_is_consistent():
     assert slow.compute_s > 0 and slow.exposed_comm_s > 0 and est.bubble_s == 0
     on_b200 = estimate_step(cfg, dims, hardware("b200"))
     assert on_b200.step_s < est.step_s  # faster everything
+
+
+def test_optimizer_state_is_read_per_tensor_from_one_hook(monkeypatch):
+    """Memory, the optimizer pass and the dry run take the state's bytes per element from
+    `planning.optimizer_state_bytes`: AdamW's 8 B everywhere, and a per-tensor rule (as Muon's
+    one momentum buffer for the experts would be) changes exactly the tensors it names."""
+    import moetrain.planning as planning
+
+    cfg = config("tiny", "parallel.tp=2", "parallel.ep=2")
+    dims = ParallelDims.from_config(cfg.parallel, 4)
+    (adam,) = memory_per_rank(cfg, dims)
+    n = adam.dense_params + adam.expert_params
+    assert adam.optimizer == 8 * n
+    est = estimate_step(cfg, dims, hardware("h100"))
+    assert est.optimizer_s == pytest.approx(32 * n / 3.35e12)  # 16 B + AdamW's 8 B twice
+    with pytest.raises(ValueError, match="optim.name=sgd"):
+        planning.optimizer_state_bytes(SimpleNamespace(name="sgd"), None)
+    monkeypatch.setattr(planning, "optimizer_state_bytes",
+                        lambda optim, spec: 4 if spec.kind == "experts" else 8)
+    (muon_like,) = memory_per_rank(cfg, dims)
+    assert muon_like.optimizer == 8 * adam.dense_params + 4 * adam.expert_params
+    est = estimate_step(cfg, dims, hardware("h100"))
+    assert est.optimizer_s == pytest.approx(
+        (16 * n + 2 * muon_like.optimizer) / 3.35e12)
+    from moetrain.dryrun import dry_run
+
+    run = dry_run(cfg, dims)  # the built tensors, under the same rule, equal the planner
+    assert run.ok and run.roles[0].memory["optimizer bytes"] == (muon_like.optimizer,) * 2
 
 
 def test_hardware_table_and_overrides():
