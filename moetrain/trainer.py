@@ -18,11 +18,14 @@ from omegaconf import OmegaConf
 from moetrain import memory
 from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import ModelTensors
+from moetrain.checkpoint.identity import check_resume, checkpoint_identity
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
+from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets
 from moetrain.data.index import tokenizer_source
+from moetrain.evaluation import Evaluator
 from moetrain.metrics import MetricsLogger, summarize_routing
+from moetrain.metrics.throughput import Throughput, device_peak
 from moetrain.model import (
     Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
     update_expert_bias,
@@ -57,23 +60,14 @@ class Trainer:
             from moetrain.hf.load import use_hf_tokenizer
 
             use_hf_tokenizer(cfg)  # an imported model keeps its vocabulary
-        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
-        self.tokenizer_path = tokenizer_source(prepared)
+        self.prepared_dir = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        self.tokenizer_path = tokenizer_source(self.prepared_dir)
         self.train_data, self.val_data = mixture_datasets(
-            prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
+            self.prepared_dir, cfg.data, t.eval_batches if t.eval_every > 0 else 0)
         # This rank's evaluation micro-batches, fixed for the run: a split too small for one
         # batch is refused now, not at the first evaluation after steps whose work is lost.
-        self.eval_steps: list[list[list[int]]] = []
-        if t.eval_every > 0:
-            n_val = 0 if self.val_data is None else len(self.val_data)
-            if n_val < t.global_batch_size:
-                raise ConfigError(
-                    f"train.eval_every={t.eval_every}: the validation split gives {n_val} "
-                    f"evaluation sequences of data.seq_len={cfg.data.seq_len}, fewer than one "
-                    f"global batch (train.global_batch_size={t.global_batch_size}); raise "
-                    "data.val_fraction (more data per source) or set train.eval_every=0")
-            self.eval_steps = val_steps(n_val, t.eval_batches, t.global_batch_size,
-                                        t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
+        self.evaluator = Evaluator(self.val_data, cfg, self.par.dp_rank, self.par.dp_size,
+                                   announce=rt.is_main)
         self.sampler = MixtureSampler(
             self.train_data.sizes, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
@@ -106,6 +100,7 @@ class Trainer:
 
         self.state = TrainState()
         self._resume()
+        self._apply_sparsity_schedule(max(self.state.step - 1, 0))  # the weights' routing
         self.init_peak_gib: float | None = self._log_init_memory()
         self.step_peak_bytes = 0  # this rank's peak of the last step's window (train_step)
         self.preemption: PreemptionWatcher | None = None  # signal handlers while fit() runs
@@ -157,17 +152,25 @@ class Trainer:
         self.resumed_from = self.ckpt.resolve(self.cfg.checkpoint.resume)
         if self.resumed_from is None:
             return
+        # Refused when the checkpoint is of another architecture or tokenizer, shapes or not.
+        changes = check_resume(self.resumed_from, self.cfg, self.prepared_dir)
         self.state = self.ckpt.load(self.resumed_from, self.model, self.optimizer)
         if self.state.sampler is not None:
             self.sampler.load_state_dict(self.state.sampler)
         log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+        if changes and self.rt.is_main:
+            log.info("changed since that checkpoint: %s", "; ".join(changes))
 
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
         meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
                 "world_size": self.rt.world_size,
                 # what `python -m moetrain.hf export` writes as the model's tokenizer
-                "tokenizer": str(self.tokenizer_path)}
+                "tokenizer": str(self.tokenizer_path),
+                # the routing the weights were trained with at their last step (the export's)
+                "routing": self.routing,
+                # what resuming checks: the config, its architecture, the tokenizer's identity
+                "identity": checkpoint_identity(self.cfg, self.prepared_dir)}
         path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
         if self.rt.is_main:
             log.info("%s checkpoint %s", "saving" if background else "saved", path)
@@ -178,6 +181,7 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         bad_in_row = 0
         self.preemption = PreemptionWatcher(announce=self.rt.is_main)
+        throughput = self._throughput() if self.rt.is_main else None
         if self.rt.is_main:
             self.metrics = MetricsLogger(
                 self.run_dir, self.cfg.logging, t.max_steps,
@@ -213,13 +217,9 @@ class Trainer:
                 if record["skipped"]:
                     bad_in_row += 1
                     self.state.bad_steps_total += 1
-                    if bad_in_row >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"loss or gradient was NaN/inf for {bad_in_row} steps in a row "
-                            f"(train.max_bad_steps={t.max_bad_steps}); stopping at step {self.state.step}"
-                        )
                 else:
                     bad_in_row = 0
+                failing = bad_in_row >= t.max_bad_steps  # logged first, then raised
 
                 record = {"step": self.state.step, **record}
                 record.update(
@@ -231,9 +231,12 @@ class Trainer:
                 # The realised mixture: training tokens drawn from each source so far.
                 record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
                                for name, n in self.sampler.consumed().items()})
-                if t.eval_every and self.state.step % t.eval_every == 0:
-                    record["val_loss"] = self.evaluate()
-                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                if throughput is not None:
+                    record.update(throughput.record(record["tokens_per_s"], top_k))
+                if t.eval_every and self.state.step % t.eval_every == 0 and not failing:
+                    record.update(self.evaluate())
+                if (self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+                        or failing):
                     memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
                                           self.step_peak_bytes / memory.GIB)
                     if self.metrics is not None:
@@ -241,6 +244,10 @@ class Trainer:
                             record["memory_init_peak_gib"] = self.init_peak_gib
                             self.init_peak_gib = None
                         self.metrics.log(record, {"step": self.state.step, **routing})
+                if failing:
+                    raise TrainingError(
+                        f"loss or gradient was NaN/inf for {bad_in_row} steps in a row "
+                        f"(train.max_bad_steps={t.max_bad_steps}); stopping at step {self.state.step}")
 
                 stop_reason = self._stop_reason()
                 due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
@@ -262,12 +269,21 @@ class Trainer:
                 self.metrics.close()
 
     def _apply_sparsity_schedule(self, step: int) -> int:
-        """Set this step's top_k and capacity factor on every MoE layer (pure functions of the step)."""
+        """Set this step's top_k and capacity factor on every MoE layer (pure functions of the
+        step); `self.routing` records them for the next checkpoint."""
         moe = self.cfg.model.moe
-        top_k = top_k_at(moe, step)
+        top_k, capacity = top_k_at(moe, step), capacity_factor_at(moe, step)
         set_top_k(self.model, top_k)
-        set_capacity_factor(self.model, capacity_factor_at(moe, step))
+        set_capacity_factor(self.model, capacity)
+        self.routing = {"step": step, "top_k": top_k, "capacity_factor": capacity,
+                        "top_p": moe.routing.top_p}
         return top_k
+
+    def _throughput(self) -> Throughput:
+        """MFU bookkeeping of the run (rank 0): the peak of its device, named in each record."""
+        peak = device_peak(self.rt.device, self.rt.autocast_dtype or torch.float32)
+        log.info("MFU is measured against %.4g TFLOP/s per device: %s", peak.tflops, peak.name)
+        return Throughput(self.cfg.model, self.cfg.data.seq_len, self.rt.world_size, peak)
 
     def _out_of_time(self) -> bool:
         t = self.cfg.train
@@ -327,28 +343,14 @@ class Trainer:
         return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
                 "memory_peak_gib": max(sums.rank_values) / memory.GIB}, host
 
-    def evaluate(self) -> float:
-        """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
-        so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
-        the two apart); the scheduled training capacity is restored afterwards."""
+    def evaluate(self) -> dict[str, float]:
+        """`val_loss` and `val_loss/<source>` (moetrain/evaluation.py) with the MoE layers at
+        `train.eval_capacity_factor` (null = dropless), so that they do not depend on the
+        training capacity (Megatron and DeepSpeed also keep the two apart); the scheduled
+        training capacity is restored afterwards."""
         set_capacity_factor(self.model, self.cfg.train.eval_capacity_factor)
         try:
-            return self._validation_loss()
+            return self.evaluator(self.model, self.par, self.rt.autocast, self.rt.device)
         finally:
             step = max(self.state.step - 1, 0)  # the step just trained (the next one resets it)
             set_capacity_factor(self.model, capacity_factor_at(self.cfg.model.moe, step))
-
-    @torch.no_grad()
-    def _validation_loss(self) -> float:
-        """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
-        assert self.val_data is not None
-        model = self.model
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        for micro_batches in self.eval_steps:
-            batches = [self.val_data.get_batch(indices).to(self.rt.device)
-                       for indices in micro_batches]
-            sums += self.par.eval_sums(model, batches, self.rt.autocast).to(sums.device)
-        model.train()
-        loss_sum, targets = self.par.sum_over_tokens(sums).tolist()
-        return loss_sum / targets
