@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moetrain.config import ConfigError, compose, to_object, validate
 from moetrain.model.moe import MoELayer
@@ -167,3 +168,63 @@ def test_metrics_records_have_exactly_the_keys_the_design_documents(tmp_path):
     logged = {re.sub(r"^(source_tokens|val_loss)/.+$", r"\1/<name>", k) for r in recs for k in r}
     # `nonfinite` only in a record with a NaN (test_a_nan_step_is_skipped_counted_and_training_goes_on)
     assert logged == _documented_metrics_keys() - {"nonfinite"}
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "corpus"
+
+
+def test_a_mixture_logs_each_sources_validation_loss_and_the_mfu(tmp_path, capfd):
+    """val_loss/<source> equals a plain forward over that source's first validation batch,
+    val_loss is their mixture-weighted mean; MFU is the planner's FLOPs over the named peak, on
+    the console too."""
+    from moetrain.config.schema import DataConfig
+    from moetrain.data import PackedTokenDataset, ensure_prepared
+    from moetrain.data.index import tokenizer_source
+    from moetrain.planning import flops_per_token
+
+    spm = tokenizer_source(ensure_prepared(DataConfig(), 8192))  # the shipped corpus's BPE
+    sources = (f"data.sources=[{{path: '{SHIPPED}/hamlet.txt', weight: 3}}, "
+               f"{{path: '{SHIPPED}/macbeth.txt', weight: 1}}]")
+    trainer = build(tmp_path, "train.max_steps=1", "train.eval_every=1", "train.eval_batches=1",
+                    "train.dtype=fp32", "logging.progress=true", "data.val_fraction=0.1", sources,
+                    f"data.tokenizer.path={spm}")
+    trainer.fit()
+    (rec,) = strict_records(tmp_path / "metrics.jsonl")
+    model = trainer.model.eval()
+    for name in ("hamlet", "macbeth"):  # the reference: the model's forward, F.cross_entropy
+        tokens = PackedTokenDataset(trainer.prepared_dir, "val", 128, name).get_batch(range(4))
+        with torch.no_grad():
+            logits = model(tokens[:, :-1])
+        want = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+        assert rec[f"val_loss/{name}"] == pytest.approx(want, rel=1e-6), name
+    assert rec["val_loss"] == pytest.approx(
+        (3 * rec["val_loss/hamlet"] + rec["val_loss/macbeth"]) / 4, rel=1e-12)
+    per_token = flops_per_token(trainer.cfg.model, 128, top_k=2).train
+    assert rec["model_tflops"] == pytest.approx(per_token * rec["tokens_per_s"] / 1e12, rel=1e-9)
+    assert rec["mfu"] == pytest.approx(rec["model_tflops"] / rec["peak_tflops"], rel=1e-12)
+    assert "fp32 matmul ceiling" in rec["peak_name"] and 0 < rec["mfu"] < 1.5
+    assert f"| MFU {100 * rec['mfu']:.2f}% (" in capfd.readouterr().out
+
+
+def test_the_batch_any_step_trained_is_what_moetrain_batches_shows(tmp_path):
+    """`python -m moetrain.batches`: the ids of each step's global batch as trained, step 3's
+    from the sampler state of the step-2 checkpoint."""
+    from moetrain.batches import batches
+
+    trainer = build(tmp_path, "train.max_steps=3", "train.eval_every=0", "checkpoint.every=2",
+                    "data.seq_len=32")
+    trained = []
+    draw = trainer.sampler.next_step
+
+    def spy():
+        micro_batches = draw()
+        trained.append(trainer.train_data.get_batch([i for mb in micro_batches for i in mb]))
+        return micro_batches
+
+    trainer.sampler.next_step = spy
+    trainer.fit()
+    assert (tmp_path / "checkpoints" / "step_2").is_dir()
+    for step in (1, 2, 3):
+        rows = list(batches(trainer.cfg, tmp_path, step, val=False))
+        assert [r["ids"] for r in rows] == trained[step - 1].tolist(), step
+        assert {r["source"] for r in rows} == {"corpus"} and rows[0]["text"]

@@ -77,10 +77,10 @@ def _fmt_duration(seconds: float) -> str:
 class ProgressLine:
     """One status line: rewritten in place on a terminal, a printed line per log step otherwise."""
 
-    def __init__(self, max_steps: int, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, max_steps: int, stream: TextIO | None = None) -> None:
         self.max_steps = max_steps
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream or sys.stdout  # at construction: a replaced sys.stdout counts
+        self.tty = self.stream.isatty()
         self.start = time.monotonic()
         self.start_step: int | None = None
 
