@@ -22,6 +22,7 @@ object per sequence with every id and the whole text: {"split", "step" | "batch"
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -109,6 +110,7 @@ def batches(cfg: Any, run: Optional[Path], step: Optional[int], val: bool) -> It
         for row in _rows(train, sampler.next_global_batch().tolist(), tokenizer):
             yield {"split": "train", "step": step, **row}
     if val:
+        cfg = copy.deepcopy(cfg)
         cfg.train.eval_every = max(cfg.train.eval_every, 1)  # the batches it would evaluate
         evaluator = Evaluator(val_data, cfg, dp_rank=0, dp_size=1)
         for name, steps in zip(evaluator.names, evaluator.steps):

@@ -10,8 +10,9 @@
   (kill -9 included: its children are re-parented and nothing tells them), exits within
   `POLL_S`, so a relaunch never meets orphans still training and writing checkpoints.
 - `unblock_interrupt`: `moetrain.torchrun` blocks SIGINT so that torchrun never acts on it and
-  relays it to the ranks, which inherit the block; a rank takes SIGINT again from its start, as
-  any process does (a Ctrl-C while it starts aborts it; once training, PreemptionWatcher's).
+  relays it to the ranks, which inherit the block; a rank takes SIGINT again once it can report
+  it (moetrain.train's `run`), as any process does: a Ctrl-C while it starts aborts it (exit
+  130), once training PreemptionWatcher takes it.
 """
 
 from __future__ import annotations

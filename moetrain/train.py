@@ -74,6 +74,9 @@ def run(cfg: DictConfig) -> int:
 
     lock = None
     try:
+        # moetrain.torchrun's ranks inherit SIGINT blocked: a Ctrl-C relayed while this rank
+        # started is taken here (KeyboardInterrupt below), later ones as in any process.
+        unblock_interrupt()
         typed = to_object(cfg)
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -157,7 +160,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     exit_with_launcher()  # under torchrun: end with the launcher, however it ends
-    unblock_interrupt()  # moetrain.torchrun's ranks inherit SIGINT blocked (rank_exit.py)
     sys.argv = _alias_async_key(sys.argv)
     if code := check_command_line(sys.argv[1:]):
         sys.exit(code)
