@@ -215,7 +215,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_trainer.py::test_a_nan_step_is_skipped_counted_and_training_goes_on",),
              "metrics.jsonl writes NaN (not JSON)"),
     Mutation("failing-step-record-lost", "moetrain/trainer.py",
-             "or failing):", "and not failing):",
+             "failing = bad_in_row >= t.max_bad_steps  # logged first, then raised",
+             "failing = bad_in_row >= t.max_bad_steps\n                if failing:\n"
+             "                    raise TrainingError('too many bad steps')",
              ("tests/test_trainer.py::test_too_many_bad_steps_in_a_row_abort_with_a_clear_message",),
              "the record of the step that stops the run is lost"),
     Mutation("val-loss-ignores-mixture-weights", "moetrain/evaluation.py",

@@ -70,14 +70,15 @@ def strict_records(path):
 
 
 def test_too_many_bad_steps_in_a_row_abort_with_a_clear_message(tmp_path):
-    trainer = build(tmp_path, "train.max_steps=10", "train.max_bad_steps=3", "train.eval_every=0")
+    trainer = build(tmp_path, "train.max_steps=10", "train.max_bad_steps=3", "train.eval_every=0",
+                    "train.log_every=3")
     poison(trainer, {2, 3, 4, 5})
     with pytest.raises(TrainingError, match="3 steps in a row.*train.max_bad_steps=3"):
         trainer.fit()
     assert trainer.state.step == 4
-    # the failing step's record is written before the run stops
+    # the failing step's record is written before the run stops, off the logging interval too
     recs = strict_records(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["skipped"]
+    assert [r["step"] for r in recs] == [3, 4] and recs[-1]["skipped"]
 
 
 def test_evaluation_logs_a_validation_loss(tmp_path):
