@@ -158,6 +158,9 @@ class InitConfig:
     # rank reads only its own slices of the safetensors files; model.* must equal its config
     # (`python -m moetrain.hf overrides DIR` prints them). Not applied when resuming.
     from_hf: Optional[str] = None
+    # Starting from a Hugging Face model (from_hf, or a dense one to upcycle), data.tokenizer.path
+    # must be that model's tokenizer (by default it is); true allows another vocabulary on purpose.
+    allow_other_tokenizer: bool = False
 
 
 @dataclass

@@ -92,7 +92,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in ("step", *KEYS, "val_loss") if key in m}
+        rec = {key: v for key, v in m.items() if key in ("step", *KEYS) or key.startswith("val_loss")}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -131,15 +131,18 @@ def rel_err(a: float, b: float) -> float:
 
 def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
     """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses,
-    load CV and (where the layout evaluated) the validation loss to rel. RTOL, expert token
+    load CV and (where the layout evaluated) the validation losses (`val_loss`, and
+    `val_loss/<source>` of each source) to rel. RTOL, expert token
     counts exactly. Returns the largest rel. error per key."""
     assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
     worst = {key: 0.0 for key in KEYS}
     bad = []
     for got, want in zip(records, reference):
-        if "val_loss" in got:
-            assert "val_loss" in want, f"step {got['step']}: the reference did not evaluate"
-        for key in KEYS + (("val_loss",) if "val_loss" in got else ()):
+        evaluated = tuple(sorted(k for k in got if k.startswith("val_loss")))  # and per source
+        if evaluated:
+            assert set(evaluated) == {k for k in want if k.startswith("val_loss")}, \
+                f"step {got['step']}: the reference did not evaluate the same sources"
+        for key in KEYS + evaluated:
             err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
             if not err < RTOL:
                 bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")
