@@ -237,7 +237,7 @@ class Trainer:
                 record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
                                for name, n in self.sampler.consumed().items()})
                 if throughput is not None:
-                    record.update(throughput.record(record["tokens_per_s"], top_k))
+                    record.update(throughput.record(record["tokens_per_s"], record["top_k"]))
                 if t.eval_every and self.state.step % t.eval_every == 0 and not failing:
                     record.update(self.evaluate())
                 if (self.state.step % t.log_every == 0 or self.state.step == t.max_steps

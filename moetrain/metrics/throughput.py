@@ -8,7 +8,7 @@ report for the same config. Model TFLOP/s per device = FLOPs per token x tokens/
 The peak it is divided by is named in every record (`peak_name`): the device's dense peak from
 `PEAK_TFLOPS` (vendor datasheets, no sparsity) for the run's compute dtype, or, for a CPU or a
 device not in the table, the ceiling of one square matmul measured in this process at the start
-(`moetrain.benchmark.matmul_ceiling`: a measured ceiling, so MFU on a CPU says how close the
+(`moetrain.metrics.timing.matmul_ceiling`: a measured ceiling, so MFU on a CPU says how close the
 model's matmuls come to the best this process can do, not to a datasheet).
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from moetrain.metrics.timing import device_name, matmul_ceiling
 
 from moetrain.planning import flops_per_token
 
@@ -57,8 +59,6 @@ def table_peak(device_name: str, dtype: str) -> Peak | None:
 
 def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
     """The peak MFU is measured against on this rank's device (module docstring)."""
-    from moetrain.benchmark import device_name, matmul_ceiling
-
     name = device_name(device)
     short = "bf16" if dtype == torch.bfloat16 else "fp32"
     if device.type == "cuda":
