@@ -13,14 +13,16 @@ Runs torch.distributed.run (torchrun) in this process with SIGUSR1 and SIGTERM b
 - torchrun itself never acts on these signals (its own SIGTERM handling would stop the ranks and
   exit 1): it waits for its ranks, which finish their step, save a checkpoint and exit 0.
 
-launch/slurm/train.sbatch starts one of these per node. Outside a batch system plain torchrun is
-the same thing.
+It also restarts the worker group in-job when a rank dies or hangs (moetrain/elastic.py):
+`--max-restarts` defaults to 2 ($MOETRAIN_MAX_RESTARTS), each attempt gets a fresh rendezvous
+store, and a rank that refuses its config (exit code 2) is not restarted.
+
+launch/slurm/train.sbatch starts one of these per node.
 """
 
 from __future__ import annotations
 
 import os
-import runpy
 import signal
 import threading
 from pathlib import Path
@@ -69,7 +71,9 @@ def main() -> None:
     for sig in RELAYED:  # the launcher may have ignored them until now; ranks must not inherit that
         signal.signal(sig, signal.SIG_DFL)
     threading.Thread(target=relay_forever, name="signal-relay", daemon=True).start()
-    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    from moetrain.elastic import run_torchrun  # in-job restarts (moetrain/elastic.py)
+
+    run_torchrun()
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class Watchdog:
         self.log_path = Path(run_dir) / "logs" / f"rank{rank}.log"
         self.interval = max(0.5, min(5.0, cfg.heartbeat_timeout / 5))
         self._lock = threading.Lock()
-        self._phase, self._step, self._since = "start", 0, time.monotonic()
+        self._phase, self._step, self._since = "start", -1, time.monotonic()
         self._first_step_done = False
         self._recent: deque[float] = deque(maxlen=_RECENT)
         self._step_started: float | None = None
@@ -179,11 +179,11 @@ class Watchdog:
             where = f"rank {r} ({b['host']}, pid {b['pid']}"
             age = now - b["time"]
             if age > self.cfg.heartbeat_timeout:
-                lines.append(f"{where}: no heartbeat for {age:.0f} s, last in step {b['step'] + 1} "
-                             f"{b['phase']})")
+                lines.append(f"{where}: no heartbeat for {age:.0f} s, last seen in "
+                             f"{_where(b['step'], b['phase'])})")
                 silent.append(b)
             elif (b["step"], b["phase"]) != (self._step, self._phase):
-                lines.append(f"{where}: alive, in step {b['step'] + 1} {b['phase']})")
+                lines.append(f"{where}: alive, in {_where(b['step'], b['phase'])})")
         return lines, silent
 
     def _run(self) -> None:
@@ -197,12 +197,12 @@ class Watchdog:
                 phase, step, elapsed = self._phase, self._step, now - self._since
                 median = statistics.median(self._recent) if self._recent else None
             if elapsed > self._limit():
-                self._hang(f"{phase} of step {step + 1} has not finished after {elapsed:.0f} s "
+                self._hang(f"{_where(step, phase)} has not finished after {elapsed:.0f} s "
                            f"(90% of its collective timeout, {self._limit() / _ACT_AT:.0f} s)")
             if elapsed > self.cfg.heartbeat_timeout:
                 lines, silent = self._missing()
                 if silent:
-                    self._hang(f"{phase} of step {step + 1} has waited {elapsed:.0f} s for ranks "
+                    self._hang(f"{_where(step, phase)} has waited {elapsed:.0f} s for ranks "
                                "whose heartbeat stopped", lines, silent)
             if (phase == "step" and median is not None and step != self._warned_slow
                     and elapsed > max(_SLOW_MIN_S, self.cfg.slow_step_factor * median)):
@@ -223,7 +223,7 @@ class Watchdog:
         log.error(message)
         silent_ranks = {b["rank"] for b in silent or []}
         alive = [r for r in range(self.world_size) if r not in silent_ranks]
-        if alive and alive[0] == self.rank:
+        if self.rank != 0 and alive and alive[0] == self.rank:  # rank 0 logs to the console
             print(f"error: {message}", file=sys.stderr, flush=True)
         if self._stacks is not None:
             self._stacks.write(f"--- Python stacks of rank {self.rank} (pid {os.getpid()}) at the hang\n")
@@ -240,6 +240,13 @@ class Watchdog:
         for handler in logging.getLogger("moetrain").handlers:
             handler.flush()
         os._exit(EXIT_HANG)
+
+
+def _where(step: int, phase: str) -> str:
+    """`step` is 0-based: the step running, or the last one run before a checkpoint/eval."""
+    if phase == "step":
+        return f"step {step + 1}"
+    return "start-up" if phase == "start" else f"the {phase} after step {step + 1}"
 
 
 def _is_rank_process(pid: int) -> bool:
