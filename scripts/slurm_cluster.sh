@@ -204,8 +204,9 @@ cmd_kill_node() {
   local node=$1 pid pids=() env
   pid=$(cat "$DIR/slurmd-$node.pid" 2>/dev/null || true)
   [[ $pid =~ ^[0-9]+$ ]] && pids+=("$pid")
-  for env in /proc/[0-9]*/environ; do
-    if tr '\0' '\n' <"$env" 2>/dev/null | grep -qx "SLURMD_NODENAME=$node"; then
+  # one grep over every environment (-z: NUL-separated entries)
+  for env in $(grep -lzx "SLURMD_NODENAME=$node" /proc/[0-9]*/environ 2>/dev/null); do
+    {
       pid=${env#/proc/}; pid=${pid%/environ}
       pids+=("$pid")
       local parent
@@ -213,7 +214,7 @@ cmd_kill_node() {
       if [[ $parent =~ ^[0-9]+$ ]] && grep -q '^slurmstepd' "/proc/$parent/cmdline" 2>/dev/null; then
         pids+=("$parent")
       fi
-    fi
+    }
   done
   ((${#pids[@]})) && kill -KILL "${pids[@]}" 2>/dev/null || true
   rm -f "$DIR/slurmd-$node.pid"

@@ -163,9 +163,13 @@ def ranks_up(name: str):
 def lose_a_node_after(step: int):
     """Kill the second node (its slurmd and job processes, scripts/slurm_cluster.sh kill-node)
     once the first run has logged `step` steps; start its slurmd again once the job has been
-    requeued (or after 60 s), so that the requeued job can have two nodes again."""
+    requeued (or after 60 s), so that the requeued job can have two nodes again. The ranks are
+    paused (SIGSTOP) first, so that the run cannot finish while the node is being killed; SLURM's
+    kill sequence (SIGCONT, SIGTERM, SIGKILL) ends the ones on the surviving node."""
     def act(case, rec, cluster, info):
         if first_run(rec) and last_step(rec.run_dir) >= step and once(rec, "node_killed_at_s"):
+            signal_all(rank_pids(rec.run_dir), signal.SIGSTOP)
+            rec.notes["killed_after_step"] = last_step(rec.run_dir)
             subprocess.run(["bash", str(CLUSTER_SCRIPT), "kill-node", "moetrain-node2"],
                            check=True, capture_output=True, timeout=60)
         if "node_killed_at_s" in rec.notes and "node_back_at_s" not in rec.notes:
@@ -212,7 +216,7 @@ def build_cases(silent_port: int) -> list[Case]:
         Case("one_process_mb1", max_steps=20, args=["train.micro_batch_size=1"]),
         Case("nodes2", nodes=2, ranks=2, max_steps=20, args=["train.micro_batch_size=1"]),
         Case("node_lost", nodes=2, ranks=2, max_steps=20, args=["train.micro_batch_size=1"],
-             act=lose_a_node_after(12)),
+             act=lose_a_node_after(11)),
     ]
 
 
@@ -406,6 +410,8 @@ def test_two_nodes_of_two_ranks_equal_one_process(campaign, slurm):
 def test_a_lost_node_ends_in_a_requeue_and_a_resume_with_the_same_losses(campaign, slurm):
     rec, ref = campaign["node_lost"], campaign["nodes2"]
     assert "node_killed_at_s" in rec.notes and "node_back_at_s" in rec.notes, rec.describe()
+    assert 10 < rec.notes["killed_after_step"] < 20, rec.describe()
+    assert "Node failure on moetrain-node2" in rec.output(), rec.describe()
     assert rec.state == "COMPLETED" and rec.exit_code == "0:0" and rec.restarts >= 1, rec.describe()
     log = rec.rank_log(0)
     assert re.search(r"resumed from \S*/checkpoints/step_10 at step 10\n", log), rec.describe()
