@@ -136,8 +136,18 @@ class CheckpointManager:
         except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             self._failed(partial, err)
         _barrier()
-        self._commit(partial, final, meta)
-        _barrier()
+        error = None
+        if _rank() == 0:
+            try:
+                self._commit(partial, final, meta)
+            except OSError as err:  # meta.json or the manifest did not fit
+                error = err
+        # every rank learns whether rank 0's commit worked (also the barrier)
+        box = [None if error is None else storage.write_error(error, partial)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            self._failed(partial, error or OSError(box[0]))
         return final
 
     @staticmethod
@@ -191,11 +201,11 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()  # re-raises a failed save: `latest` then still names the previous one
+            # DCP's coordinator (rank 0) writes .metadata only after every rank's shards are
+            # written, so rank 0 may commit without a barrier once its own future is done.
+            self._commit(partial, final, meta)
         except (Exception, CheckpointException) as err:
             self._failed(partial, err)
-        # DCP's coordinator (rank 0) writes .metadata only after every rank's shards are written,
-        # so rank 0 may commit without a barrier once its own future is done.
-        self._commit(partial, final, meta)
 
     def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         if _rank() != 0:
