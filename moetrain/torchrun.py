@@ -22,7 +22,10 @@ Also, unlike plain torchrun:
   checkpoint and exit 0; a second aborts them without saving (exit 130);
 - a refused start is one line and exit 2, not torchrun's report (moetrain/launcher_exit.py);
 - the ranks exit within a second when this process is gone, even killed with SIGKILL
-  (moetrain/rank_exit.py, `MOETRAIN_LAUNCHER_PID`).
+  (moetrain/rank_exit.py, `MOETRAIN_LAUNCHER_PID`);
+- the worker group is restarted in-job when a rank dies or hangs (moetrain/elastic.py):
+  `--max-restarts` defaults to 2 ($MOETRAIN_MAX_RESTARTS), each attempt gets a fresh rendezvous
+  store, and a rank that refuses its config (exit code 2) is not restarted.
 
 launch/local.sh and launch/slurm/train.sbatch start it; the README's multi-process commands
 use it.
@@ -91,7 +94,9 @@ def main() -> None:
     os.environ[LAUNCHER_REPORTS] = "1"  # their error lines are printed here, once
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(sys.argv[1:])
+    from moetrain.elastic import configure  # in-job restarts (moetrain/elastic.py)
+
+    args = parse_args(configure(sys.argv[1:]))
     sys.exit(run_reporting(lambda: run(args)))
 
 

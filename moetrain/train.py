@@ -57,9 +57,11 @@ def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryH
 def _scheduler_note() -> str:
     """The SLURM job and how often it has been requeued, for the per-rank logs."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return ""
-    return f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    note = f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt not in ("", "0"):  # moetrain.torchrun restarted the worker group (elastic.py)
+        note += f", worker group restart {attempt}"
+    return note
 
 
 def run(cfg: DictConfig) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixtur
 from moetrain.data.index import tokenizer_source
 from moetrain.evaluation import Evaluator
 from moetrain.metrics import MetricsLogger, summarize_routing
+from moetrain.metrics.throughput import Throughput, device_peak
 from moetrain.model import MoEControl, Transformer, set_recompute
 from moetrain.model.init import init_parameters
-from moetrain.metrics.throughput import Throughput, device_peak
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
@@ -35,13 +36,14 @@ from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
 from moetrain.parallel.parallelize import BatchShape, parallelize
 from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
+from moetrain.recovery import TrainingError, count_bad_step, rollback
 from moetrain.runtime import Runtime
+from moetrain.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+__all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
@@ -92,7 +94,9 @@ class Trainer:
             micro_batches_per_step=self.micro_batches_per_step,
             eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
-        fresh = self.ckpt.resolve(cfg.checkpoint.resume) is None
+        # verified against its checksums; `auto` passes over ones that fail (self.rejected)
+        self.resumed_from, self.rejected = self.ckpt.choose(cfg.checkpoint.resume)
+        fresh = self.resumed_from is None
         if init.upcycle_from and fresh:
             self._upcycle(self.model)
         if init.from_hf and fresh:
@@ -155,7 +159,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        self.resumed_from = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        for r in self.rejected if self.rt.is_main else []:
+            log.warning("checkpoint.resume=auto: passing over %s: %s", r.path, r.reason)
         if self.resumed_from is None:
             return
         # Refused when the checkpoint is of another architecture or tokenizer, shapes or not.
@@ -177,7 +182,9 @@ class Trainer:
                 "routing": self._routing_record(),
                 # what resuming checks: the config, its architecture, the tokenizer's identity
                 "identity": checkpoint_identity(self.cfg, self.prepared_dir)}
-        path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
+        with self._phase("checkpoint"):
+            path = self.ckpt.save(self.model, self.optimizer, self.state, meta,
+                                  async_save=background)
         if self.rt.is_main:
             log.info("%s checkpoint %s", "saving" if background else "saved", path)
         return path
@@ -185,9 +192,11 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
-        bad_in_row = 0
+        rolled_back_to: Path | None = None
         self.preemption = PreemptionWatcher(announce=self.rt.is_main)
         throughput = self._throughput() if self.rt.is_main else None
+        self.watchdog = Watchdog(self.cfg.fault, self.run_dir, self.rt.rank, self.rt.world_size)
+        self.ckpt.remove_stale_partials()
         if self.rt.is_main:
             self.metrics = MetricsLogger(
                 self.run_dir, self.cfg.logging, t.max_steps,
@@ -195,9 +204,13 @@ class Trainer:
                 config_dict=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
             )
             clear_preempted(self.run_dir)
+            if self.rejected:
+                self.metrics.event("resume_fallback", self.state.step, resumed_from=str(
+                    self.resumed_from), rejected=[r.record() for r in self.rejected])
         try:
             while self.state.step < t.max_steps:
                 step = self.state.step
+                self.watchdog.step(step)
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
                 try:
@@ -205,7 +218,7 @@ class Trainer:
                 except DataExhausted as err:  # data.on_exhausted=stop
                     if self.rt.is_main:
                         log.info("stopping at step %d: %s", step, err)
-                    if c.every > 0 and step % c.every:
+                    if c.every > 0 and step % c.every and self.state.bad_in_row == 0:
                         self.save_checkpoint()
                     break
                 start = time.monotonic()
@@ -219,12 +232,11 @@ class Trainer:
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
-                if record["skipped"]:
-                    bad_in_row += 1
-                    self.state.bad_steps_total += 1
-                else:
-                    bad_in_row = 0
-                failing = bad_in_row >= t.max_bad_steps  # logged first, then raised
+                try:  # the record of a failing step is written before the run stops
+                    roll_back, failing = count_bad_step(self.state, record["skipped"],
+                                                        t.max_bad_steps, t.on_bad_steps), None
+                except TrainingError as err:
+                    roll_back, failing = False, err
 
                 record = {"step": self.state.step, **record}
                 record.update(
@@ -238,10 +250,10 @@ class Trainer:
                                for name, n in self.sampler.consumed().items()})
                 if throughput is not None:
                     record.update(throughput.record(record["tokens_per_s"], record["top_k"]))
-                if t.eval_every and self.state.step % t.eval_every == 0 and not failing:
+                if t.eval_every and self.state.step % t.eval_every == 0 and failing is None:
                     record.update(self.evaluate())
                 if (self.state.step % t.log_every == 0 or self.state.step == t.max_steps
-                        or failing):
+                        or failing is not None):
                     memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
                                           self.step_peak_bytes / memory.GIB)
                     if self.metrics is not None:
@@ -249,29 +261,53 @@ class Trainer:
                             record["memory_init_peak_gib"] = self.init_peak_gib
                             self.init_peak_gib = None
                         self.metrics.log(record, {"step": self.state.step, **routing})
-                if failing:
-                    raise TrainingError(
-                        f"loss or gradient was NaN/inf for {bad_in_row} steps in a row "
-                        f"(train.max_bad_steps={t.max_bad_steps}); stopping at step {self.state.step}")
+                if failing is not None:
+                    raise failing
 
+                if roll_back:
+                    rolled_back_to = self._roll_back(rolled_back_to)
+                    continue
                 stop_reason = self._stop_reason()
-                due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
+                finished = self.state.step == t.max_steps
+                due = c.every > 0 and (self.state.step % c.every == 0 or finished)
                 # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
                 self.ckpt.poll()
-                if due or stop_reason:
+                # Never a checkpoint of weights that may be poisoned (moetrain/recovery.py).
+                saved = (due or stop_reason) and not record["skipped"]
+                if saved:
                     # The last checkpoint of a run is written in the foreground: the job ends next.
-                    last = stop_reason is not None or self.state.step == t.max_steps
+                    last = stop_reason is not None or finished
                     self.save_checkpoint(background=c.async_save and not last)
+                elif due or stop_reason:
+                    log.warning("no checkpoint at step %d: the step was not finite (%d in a row); "
+                                "latest stays %s", self.state.step, self.state.bad_in_row,
+                                self.ckpt.latest_name())
                 if stop_reason:
-                    if self.rt.is_main:
+                    if self.rt.is_main and not finished:  # a finished run is not requeued
                         mark_preempted(self.run_dir, self.state.step, stop_reason)
-                    log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
+                    log.info("stopping at step %d: %s; %s", self.state.step, stop_reason,
+                             "checkpoint saved" if saved else "no checkpoint (non-finite step)")
                     break
         finally:
             self.ckpt.wait()
             self.preemption.close()
+            self.watchdog.close()
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _phase(self, name: str):
+        """A checkpoint or an evaluation, for the watchdog (the generous timeout applies)."""
+        watchdog = getattr(self, "watchdog", None)
+        return watchdog.phase(name) if watchdog is not None else nullcontext()
+
+    def _roll_back(self, previous: Path | None) -> Path:
+        """train.on_bad_steps=rollback (moetrain/recovery.py); returns the checkpoint used."""
+        at = self.state.step
+        with self._phase("checkpoint"):
+            self.state, path = rollback(self.ckpt, self.model, self.optimizer, self.state, previous)
+        if self.metrics is not None:
+            self.metrics.event("rollback", at, resumed_from=str(path), to_step=self.state.step)
+        return path
 
     def _routing_record(self) -> dict:
         """The routing the weights were last trained with (the step's schedules, set by
@@ -355,5 +391,5 @@ class Trainer:
         `train.eval_capacity_factor` (null = dropless), so that they do not depend on the
         training capacity (Megatron and DeepSpeed also keep the two apart); the step's training
         routing is set again afterwards."""
-        with self.moe.evaluation():
+        with self.moe.evaluation(), self._phase("eval"):
             return self.evaluator(self.model, self.runner, self.rt.autocast, self.rt.device)

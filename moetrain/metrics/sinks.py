@@ -147,6 +147,14 @@ class MetricsLogger:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, record["step"])
 
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        """A record of something that happened to the run (not a step's numbers): it has
+        `event` instead of the step keys (docs/design.md); the caller logs it too."""
+        record = {"step": step, "event": name, **fields}
+        self.metrics.write(record)
+        if self.wandb is not None:
+            self.wandb.log({"event": name}, step=step)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
