@@ -70,11 +70,8 @@ def _no_restart_after_a_refusal() -> None:
             return result
         codes = sorted({f.exitcode for f in result.failures.values()})
         left = self._remaining_restarts
-        if EXIT_REFUSED in codes:
+        if EXIT_REFUSED in codes:  # the ranks' one line says why (moetrain/launcher_exit.py)
             self._remaining_restarts = 0
-            if left:
-                print("moetrain.torchrun: a rank refused to run (exit code 2); not restarting",
-                      file=sys.stderr, flush=True)
         elif left:
             ranks = ", ".join(f"rank {r}: exit code {f.exitcode}"
                               for r, f in sorted(result.failures.items()))
