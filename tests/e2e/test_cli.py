@@ -44,7 +44,7 @@ def test_run_writes_the_run_directory_contract(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:
         assert CONTRACT_KEYS <= r.keys(), CONTRACT_KEYS - r.keys()
-        assert r["loss"] == r["lm_loss"] and 5 < r["loss"] < 10  # ln(8192) = 9.01 at the start
+        assert r["loss"] == r["lm_loss"] and 5 < r["loss"] < 10  # near ln(8192) = 9.01 at the start
         assert r["tokens"] == r["step"] * 4 * 128 and r["top_k"] == 2
         assert r["aux_loss"] > 0 and r["z_loss"] > 0 and r["dropped_frac"] == 0.0
     routing = [json.loads(line) for line in (run / "routing.jsonl").read_text().splitlines()]
