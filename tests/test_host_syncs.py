@@ -23,7 +23,7 @@ from moetrain.config import compose, to_object, validate
 from moetrain.model import moe_layers
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed
 
 DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default", "aten.bincount.default",
                   "aten._unique2.default", "aten.unique_dim.default",

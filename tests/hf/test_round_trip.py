@@ -36,7 +36,7 @@ from moetrain.parallel import check_layout
 from moetrain.parallel import parallelize  # noqa: F401
 from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed
 from tests.hf.families import VOCAB, rel_err, save_hf
 
 REPO = Path(__file__).resolve().parents[2]
