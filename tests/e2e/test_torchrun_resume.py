@@ -6,26 +6,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.harness import start_train, torchrun
+
 pytestmark = pytest.mark.slow
 
-ARGS = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
-        "train.max_steps=18", "checkpoint.every=6"]
 
-
-def torchrun(run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "moetrain.train", *ARGS, f"run.dir={run_dir}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen,
-    )
+def two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """18 steps of a global batch of 4 on 2 ranks under torchrun, a checkpoint every 6."""
+    return start_train(["train.global_batch_size=4", "train.max_steps=18", "checkpoint.every=6",
+                        f"run.dir={run_dir}", *extra], launcher=torchrun(2),
+                       stderr=subprocess.STDOUT)
 
 
 def descendants(pid: int) -> list[int]:
@@ -57,9 +52,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_sigkill_after_the_step_6_checkpoint_then_resume_is_bit_identical(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    finish(torchrun(full))
+    finish(two_ranks(full))
 
-    proc = torchrun(killed)
+    proc = two_ranks(killed)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists():
@@ -74,7 +69,7 @@ def test_sigkill_after_the_step_6_checkpoint_then_resume_is_bit_identical(tmp_pa
     saved = int(latest.read_text().strip().split("_")[1])
     assert saved < 18, "the run finished before it could be killed"
 
-    finish(torchrun(killed, "checkpoint.resume=auto"))
+    finish(two_ranks(killed, "checkpoint.resume=auto"))
     a, b = losses(full), losses(killed)
     assert sorted(b) == list(range(1, 19))
     assert all(a[s] == b[s] for s in range(1, 19)), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
