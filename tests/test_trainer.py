@@ -9,19 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moetrain.config import ConfigError, compose, to_object, validate
+from moetrain.config import ConfigError
 from moetrain.model.moe import MoELayer
-from moetrain.runtime import init_runtime
-from moetrain.trainer import Trainer, TrainingError
+from moetrain.trainer import TrainingError
+from tests.harness import build_trainer
 
 
 def build(tmp_path, *overrides):
-    cfg = to_object(compose(["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-                             "logging.progress=false", "checkpoint.every=0", f"run.dir={tmp_path}",
-                             *overrides]))
-    validate(cfg)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, init_runtime(cfg), tmp_path)
+    return build_trainer(tmp_path, ["train.global_batch_size=4", f"run.dir={tmp_path}", *overrides])
 
 
 def poison(trainer, steps):
@@ -109,7 +104,7 @@ def test_aux_loss_free_bias_moves_and_is_checkpointed(tmp_path):
     assert bias.abs().sum() > 0
     torch.testing.assert_close(steps_moved, steps_moved.round())
     assert set(steps_moved.round().tolist()) <= {1.0, 3.0}
-    resumed = build(tmp_path, "train.max_steps=3", "train.eval_every=0",
+    resumed = build(tmp_path, "train.max_steps=3", "train.eval_every=0", "checkpoint.resume=auto",
                     "model.moe.routing.bias_rate=0.001", "model.moe.lbl.coeff=0")
     assert torch.equal(resumed.model.layers["1"].moe.router.expert_bias, bias)
 

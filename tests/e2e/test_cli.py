@@ -3,34 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.harness import run_train, start_train
+
 pytestmark = pytest.mark.slow
 
-# Small and fast, still the tiny experiment's model and data.
-FAST = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true"]
+# Over the harness's tiny run (tests/harness): a global batch of 4, and resuming as a user's run
+# does (checkpoint.resume=auto).
+CLI = ("train.global_batch_size=4", "checkpoint.resume=auto")
 
 CONTRACT_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens",
                  "tokens_per_s", "top_k", "dropped_frac", "load_cv"}
 
 
 def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "moetrain.train", *FAST, *overrides],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+    return run_train([*CLI, *overrides], check=check, timeout=300)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -145,12 +138,7 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
 
 def start_training(run: Path, *overrides: str) -> subprocess.Popen:
     """A long run in the background, returned once its first step is logged."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000",
-         *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
+    proc = start_train([*CLI, f"run.dir={run}", "train.max_steps=10000", *overrides])
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -161,12 +149,8 @@ def start_training(run: Path, *overrides: str) -> subprocess.Popen:
 def test_the_defaults_checkpoint_and_say_where(tmp_path):
     """No experiment: the config tree's defaults alone must not train a run that never saves."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "moetrain.train", f"run.dir={run}", "train.max_steps=2",
-         "train.global_batch_size=4", "logging.progress=false"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    proc = run_train([f"run.dir={run}", "train.max_steps=2", "train.global_batch_size=4",
+                      "logging.progress=false"], base=(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"checkpoints: every 100 steps and at the last step, into {run / 'checkpoints'}" in proc.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"

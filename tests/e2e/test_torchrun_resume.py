@@ -8,28 +8,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from moetrain.torchrun import children
+from tests.harness import start_train, torchrun
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
-        "train.max_steps=18", "checkpoint.every=6"]
 
-
-def torchrun(run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "moetrain.torchrun", "--standalone", "--nproc_per_node", "2",
-         "-m", "moetrain.train", *ARGS, f"run.dir={run_dir}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen,
-    )
+def two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """18 steps of a global batch of 4 on 2 ranks under moetrain.torchrun (the README's
+    launcher), a checkpoint every 6."""
+    return start_train(["train.global_batch_size=4", "train.max_steps=18", "checkpoint.every=6",
+                        f"run.dir={run_dir}", *extra], launcher=torchrun(2, relay=True),
+                       stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -52,9 +47,9 @@ def alive(pid: int) -> bool:
 
 def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_identically(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    finish(torchrun(full))
+    finish(two_ranks(full))
 
-    proc = torchrun(killed)
+    proc = two_ranks(killed)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists():
@@ -75,7 +70,7 @@ def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_ide
     # (the first rank to notice exits; the other may instead see its collective fail)
     assert any("the launcher (pid" in (killed / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
 
-    finish(torchrun(killed, "checkpoint.resume=auto"))
+    finish(two_ranks(killed, "checkpoint.resume=auto"))
     assert "which is no longer running" in (killed / "logs" / "rank0.log").read_text()  # took over
     a, b = losses(full), losses(killed)
     assert sorted(b) == list(range(1, 19))

@@ -24,14 +24,14 @@ from typing import Callable
 
 import pytest
 
+from tests.harness import TINY
 from tests.launch.slurm_jobs import (
     CLUSTER_SCRIPT, TERMINAL, Cluster, JobRecord, last_step, losses, rank_pids, signal_all,
     torchrun_pids,
 )
 
-COMMON = ["+experiment=tiny", "train.device=cpu", "train.deterministic=true",
-          "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_every=0",
-          "logging.progress=false", "checkpoint.every=10",
+# Over the harness's tiny run (tests/harness): resumed as a requeued job resumes.
+COMMON = [*TINY, "train.global_batch_size=4", "checkpoint.every=10", "checkpoint.resume=auto",
           # the learning rate then does not depend on train.max_steps: a shorter job's losses
           # are the first steps of its reference job's
           "optim.decay=constant"]
