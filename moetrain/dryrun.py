@@ -6,8 +6,9 @@ on the meta device under a fake process group, checked against the planner.
 For one rank of every role of the layout - the first and the last rank of each pipeline stage
 (with uneven shards the first holds the most, the last the least; every other coordinate holds
 the same tensors) - the model is built exactly as training builds it
-(`build_parallel_model`: `Transformer` on the meta device, then the parallel layout applied
-under `init_process_group("fake")`), nothing is allocated, and:
+(`build_parallel_model`: `Transformer` on the meta device, then the trainer's own
+`parallelize(model, rank, cfg.parallel, batch)` under `init_process_group("fake")`), nothing
+is allocated, and:
 
 - every parameter tensor the rank holds is compared with `plan_shards` (elements held,
   elements of its storage - FSDP2's padded shard - and name); the stage's parameters and bytes of
@@ -16,7 +17,8 @@ under `init_process_group("fake")`), nothing is allocated, and:
   padded shards, AdamW allocates the unpadded ones; tests/distributed/test_initialisation.py
   measures both on real ranks). A difference is an error.
 - the collectives of one training step are counted from the code's own plan as built: each
-  FSDP unit from the built FSDP2 modules (their parameters' padded shards and mesh) and, under
+  FSDP unit from the built FSDP2 modules (their parameters' padded shards and mesh; a
+  replicated unit, on a (replicate, shard = 1) mesh, all-reduces its gradient) and, under
   pipeline parallelism, the schedule's real action order; the activation collectives (tensor,
   context and expert parallelism, pipeline sends, load-balancing counts, the step's reduction)
   by `plan_comm`'s per-call rules, which tests/distributed/test_plan_collectives.py checks
@@ -29,6 +31,7 @@ do not have, and running the real compute of a frontier layer on a CPU is out of
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,16 +48,22 @@ from moetrain.planning import GRAD_BYTES, WEIGHT_BYTES, rank_memory
 
 
 def build_parallel_model(cfg: Any, dims: ParallelDims) -> tuple[nn.Module, Any]:
-    """The one call into the parallel build: this rank's model as training builds it, on the
-    meta device (nothing allocated), and the object holding its step runner. Needs an
-    initialised (fake) default process group of dims.world_size ranks."""
+    """The one call into the parallel build: this rank's model as the trainer builds it
+    (`parallelize` of the meta-device `Transformer`), left on the meta device (nothing
+    allocated), and its step runner (under PP its `pipe` holds the stages and the schedule).
+    Needs an initialised (fake) default process group of dims.world_size ranks."""
     from moetrain.model.transformer import Transformer
-    from moetrain.parallel.context import ParallelContext
+    from moetrain.parallel.parallelize import BatchShape, parallelize
+    from moetrain.parallel.rank import RankLayout
 
-    ctx = ParallelContext(dims, torch.device("cpu"))
+    t = cfg.train
+    # The meshes as on CPU ranks, the rank's device meta: parallelize allocates nothing there.
+    cpu = RankLayout.create(dims, torch.device("cpu"))
+    rank = dataclasses.replace(cpu, device=torch.device("meta"))
+    batch = BatchShape(t.micro_batch_size, micro_batches(cfg, dims), cfg.data.seq_len)
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    return ctx.parallelize(model, cfg), ctx
+    return parallelize(model, rank, cfg.parallel, batch, compile=False)
 
 
 @dataclass
@@ -142,8 +151,10 @@ def _built_params(model: nn.Module) -> dict[str, BuiltParam]:
     return out
 
 
-def _fsdp_units(model: nn.Module) -> list[tuple[Any, int, tuple[int, ...]]]:
-    """(module, all-gather output elements, mesh ranks) of every FSDP2 unit under `model`."""
+def _fsdp_units(model: nn.Module) -> list[tuple[Any, int, tuple[int, ...], bool]]:
+    """(module, all-gather output elements, ranks its gradients are reduced over, replicated)
+    of every FSDP2 unit under `model`. A replicated unit's mesh is 2-D (replicate, shard) with
+    a shard dimension of 1: its all-gather output is its own storage."""
     from torch.distributed.fsdp import FSDPModule
 
     units, seen = [], set()
@@ -157,8 +168,10 @@ def _fsdp_units(model: nn.Module) -> list[tuple[Any, int, tuple[int, ...]]]:
         seen.add(id(state))
         mesh = group.mesh_info.mesh
         ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
-        gathered = sum(fp._sharded_param_data.numel() for fp in group.fsdp_params) * len(ranks)
-        units.append((module, gathered, ranks))
+        replicated = mesh.ndim == 2
+        shard = mesh.size(-1)
+        gathered = sum(fp._sharded_param_data.numel() for fp in group.fsdp_params) * shard
+        units.append((module, gathered, ranks, replicated))
     return units
 
 
@@ -177,9 +190,9 @@ def _all_gathers_by_order(actions: list[str], root: bool) -> int:
     return gathers
 
 
-def _schedule_actions(ctx: Any, pp_rank: int) -> dict[int, list[str]]:
+def _schedule_actions(runner: Any, pp_rank: int) -> dict[int, list[str]]:
     """{stage index: [computation type, ...]} of this rank's pipeline order (F, B, I, W)."""
-    order = getattr(ctx.steps.pipe.schedule, "pipeline_order", None)
+    order = getattr(runner.pipe.schedule, "pipeline_order", None)
     if not order:
         return {}
     out: dict[int, list[str]] = defaultdict(list)
@@ -192,31 +205,33 @@ def _schedule_actions(ctx: Any, pp_rank: int) -> dict[int, list[str]]:
     return out
 
 
-def _built_collectives(cfg, dims, model, ctx, rank, planned: list[Collective]) -> list[Collective]:
+def _built_collectives(cfg, dims, model, runner, rank, planned: list[Collective]) -> list[Collective]:
     """The step's collectives counted from the built model (module docstring)."""
-    from moetrain.model.transformer import Transformer
-
     m = micro_batches(cfg, dims)
-    out = [c for c in planned if c.what != "fsdp"]
-    if not cfg.parallel.fsdp.enabled:
-        return out
-    actions = _schedule_actions(ctx, dims.dense_coord(rank).pp) if dims.pp > 1 else {}
+    out = [c for c in planned if c.what not in ("fsdp", "replicated grads")]
+    actions = _schedule_actions(runner, dims.dense_coord(rank).pp) if dims.pp > 1 else {}
     stage_of: dict[int, int] = {}
     if dims.pp > 1:
-        for sm in ctx.steps.pipe.stage_modules:
+        for sm in runner.pipe.stage_modules:
             for module in sm.module.modules():
                 stage_of[id(module)] = sm.index
     kinds = {tuple(dims.group_of(k, rank)): k for k in ("edp", "dp_cp_tp", "dp_cp")}
-    roots = [model] if dims.pp == 1 else [sm.module for sm in ctx.steps.pipe.stage_modules]
-    for module, gathered, ranks in (u for r in roots for u in _fsdp_units(r)):
-        if len(ranks) == 1 or gathered == 0:
+    roots = [model] if dims.pp == 1 else [sm.module for sm in runner.pipe.stage_modules]
+    for module, gathered, ranks, replicated in (u for r in roots for u in _fsdp_units(r)):
+        nbytes = gathered * WEIGHT_BYTES
+        if gathered == 0:
             continue
-        root = isinstance(module, Transformer)
+        if replicated:  # one all-reduce of the whole gradient, even over one rank
+            out.append(Collective("all_reduce", kinds[ranks], ranks, nbytes, 1,
+                                  "replicated grads"))
+            continue
+        if len(ranks) == 1:
+            continue
+        root = any(module is r for r in roots)  # a stage root (not resharded after forward)
         if dims.pp == 1:
             gathers = m if root else 2 * m
         else:
             gathers = _all_gathers_by_order(actions.get(stage_of[id(module)], []), root)
-        nbytes = gathered * WEIGHT_BYTES
         out.append(Collective("all_gather", kinds[ranks], ranks, nbytes, gathers, "fsdp"))
         out.append(Collective("reduce_scatter", kinds[ranks], ranks, nbytes, 1, "fsdp"))
     return out
@@ -228,10 +243,10 @@ def dry_run_rank(cfg: Any, dims: ParallelDims, rank: int) -> RoleReport:
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
     try:
-        model, ctx = build_parallel_model(cfg, dims)
+        model, runner = build_parallel_model(cfg, dims)
         built = _built_params(model)
         planned_calls = step_collectives(cfg, dims, rank)
-        built_calls = _built_collectives(cfg, dims, model, ctx, rank, planned_calls)
+        built_calls = _built_collectives(cfg, dims, model, runner, rank, planned_calls)
     finally:
         dist.destroy_process_group()
     units = rank_units(cfg, dims, rank)

@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from moetrain.model.moe.stats import StatsColumns
-from moetrain.parallel.context import lbl_count_group
+from moetrain.model.moe.losses import STEP, counts_unit
 from moetrain.parallel.dims import ParallelDims
 from moetrain.plan_shards import Unit, rank_units, stage_modules
 
-#: Bytes of one bucket of the replicated gradient all-reduce (data_parallel.ReplicatedGradReducer).
-REDUCER_BUCKET_BYTES = 25 * 2**20
 PARAM_BYTES = 4  # fp32 parameters and gradients
 
 
@@ -159,7 +157,8 @@ def step_collectives(cfg: Any, dims: ParallelDims, rank: int) -> list[Collective
                                                                         "wkv_a.weight")):
                     add("all_reduce", "tp", p.unsharded * PARAM_BYTES, 1, "tp replicated grad")
     # load-balancing counts of every MoE layer and micro-batch over the scope's ranks
-    kind = lbl_count_group(moe.lbl.scope)
+    # (the ranks holding the other tokens of the scope's unit, as parallelize wires them)
+    kind = "dp_cp_tp" if counts_unit(moe.lbl.scope) == STEP else "cp_tp"
     if dims.size(kind) > 1:
         slots = moe.num_experts + moe.routing.num_null_experts
         shape = slots * (mb if moe.lbl.scope == "seq" else 1)
@@ -184,26 +183,12 @@ def _data_parallel(cfg, dims, units: list[Unit], m: int, add) -> None:
                     "fsdp")
                 add("reduce_scatter", u.group, nbytes, 1, "fsdp")
         return
-    # ReplicatedGradReducer: per group (MoE parameters first, then the dense ones, in model
-    # order), buckets closed once they reach REDUCER_BUCKET_BYTES
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for u in sorted(units, key=lambda u: (u.name == "", _layer_of(u.name), u.group == "dp_cp")):
-        by_group[u.group].extend(p.unsharded * PARAM_BYTES for p in u.params)
-    for group, sizes in by_group.items():
-        if dims.size(group) == 1:
-            continue
-        bucket = 0
-        for s in sizes:
-            bucket += s
-            if bucket >= REDUCER_BUCKET_BYTES:
-                add("all_reduce", group, bucket, 1, "replicated grads")
-                bucket = 0
-        if bucket:
-            add("all_reduce", group, bucket, 1, "replicated grads")
-
-
-def _layer_of(name: str) -> int:
-    return int(name.split(".")[1]) if name.startswith("layers.") else 1 << 30
+    # Replicated (FSDP2's replicate dimension, shard size 1): no all-gather, no reduce-scatter;
+    # each unit's whole gradient all-reduced once per step over its group - a one-rank group
+    # included (FSDP2 issues it; no bytes move)
+    for u in units:
+        if u.params:
+            add("all_reduce", u.group, u.unsharded * PARAM_BYTES, 1, "replicated grads")
 
 
 def _context_parallel(cfg, dims, layers, m, tokens_seq, act, recompute, add) -> None:

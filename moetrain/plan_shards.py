@@ -8,11 +8,12 @@ colwise / rowwise / vocab-parallel weights with `torch.chunk`'s sizes (DTensor's
 keeps norms and MLA's latent path as Replicate DTensors; expert parallelism gives EP rank r
 experts [r E/ep, (r+1) E/ep) and ETP rank s hidden columns [s F/etp, (s+1) F/etp); pipeline
 stages take their layers (`split_layers`), the first the embedding, the last the final norm and
-output. FSDP2 (`data_parallel.apply_fsdp`) groups them into units - each block, its MoE
-experts (over edp) and its router + shared experts (over dp_cp_tp) where those ranks differ
-from the block's dp_cp, and a root per stage module (embedding, norm, output) - and shards dim 0
-of each tensor over the unit's group, padding it to a multiple of the group size. Without FSDP
-the same groups are the replicated gradient all-reduces (`ReplicatedGradReducer`).
+output. FSDP2 (`data_parallel.apply_data_parallel`) groups them into units - each block, its
+MoE experts (over edp, where those ranks differ from dp_cp_tp) and the rest of its MoE layer
+(over dp_cp_tp, where those differ from the block's dp_cp), and a root per stage module
+(embedding, norm, output) - and shards dim 0 of each tensor over the unit's group, padding it
+to a multiple of the group size. Without FSDP the same units replicate (FSDP2's replicate
+dimension): whole tensors, their gradients all-reduced over the unit's group.
 
 `moetrain.dryrun` builds the real model under a fake process group and checks these numbers
 tensor-free against it; the planner's memory (`planning.memory_per_rank`) and communication
@@ -230,13 +231,12 @@ def stage_modules(model: Any, dims: ParallelDims, pp_layers: Optional[list[int]]
 
 def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
     """The parameters `rank` holds under `cfg` (a `MoetrainConfig`) and `dims`, grouped as the
-    code groups them: FSDP units in the order `apply_fsdp` creates them (each block's MoE units,
+    code groups them: FSDP units in the order `apply_data_parallel` creates them (each block's MoE units,
     the block, then the stage root), or, without FSDP, the same groups one per module."""
     model, par = cfg.model, cfg.parallel
     fsdp = par.fsdp.enabled
     pp_rank = dims.dense_coord(rank).pp
     ranks = {k: dims.group_of(k, rank) for k in ("dp_cp", "dp_cp_tp", "edp")}
-    experts_group = "dp_cp_tp" if ranks["edp"] == ranks["dp_cp_tp"] else "edp"
     units: list[Unit] = []
     # Every block of a kind (dense, MoE) holds the same shards: its units are made once and
     # shared by the blocks, which only differ in the name's "{layer}".
@@ -248,21 +248,20 @@ def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
     def block_units(dense: bool) -> list[tuple[str, str, list[LocalParam]]]:
         specs = list(_block_template(_shape_key(model), dense))
         block = [s for s in specs if s.kind == "dense"]
-        if experts_group == "dp_cp_tp":  # moe_units: the whole MoE layer over dp_cp_tp
-            moe_parts = [("layers.{layer}.moe", "dp_cp_tp", [s for s in specs if s.kind != "dense"])]
-        else:
-            moe_parts = [("layers.{layer}.moe.experts", "edp",
-                          [s for s in specs if s.kind == "experts"]),
-                         ("layers.{layer}.moe.router", "dp_cp_tp",
-                          [s for s in specs if s.kind in ("router", "shared")])]
+        experts = [s for s in specs if s.kind == "experts"]
+        rest = [s for s in specs if s.kind in ("router", "shared")]
         out = []
-        for name, group, part in moe_parts:
-            if not part:
-                continue
-            if ranks[group] == ranks["dp_cp"]:  # same ranks as the block: one unit
-                block += part
-            else:
-                out.append((name, group, local(part, group)))
+        # apply_data_parallel: the experts their own unit over edp unless those are the ranks of
+        # the MoE layer's other parameters (dp_cp_tp); the MoE layer (what is not yet wrapped)
+        # one over dp_cp_tp unless those are the block's ranks (dp_cp); the rest the block's.
+        if experts and ranks["edp"] != ranks["dp_cp_tp"]:
+            out.append(("layers.{layer}.moe.experts", "edp", local(experts, "edp")))
+        else:
+            rest += experts
+        if rest and ranks["dp_cp_tp"] != ranks["dp_cp"]:
+            out.append(("layers.{layer}.moe", "dp_cp_tp", local(rest, "dp_cp_tp")))
+        else:
+            block += rest
         order = {s.name: i for i, s in enumerate(specs)}
         block.sort(key=lambda s: order[s.name])
         out.append(("layers.{layer}", "dp_cp", local(block, "dp_cp")))

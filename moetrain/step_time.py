@@ -9,11 +9,11 @@ Per pipeline stage (its first rank, `planning.stage_first_rank`), per optimizer 
                 under train.recompute) / (peak x MATMUL_EFFICIENCY); causal attention counted at
                 the half a causal kernel computes
     exposed     the collectives moetrain issues on the critical path: tensor, context and expert
-                parallelism, pipeline sends, load-balancing counts, the step's reduction, and
-                without FSDP the replicated gradient all-reduce (none of them is overlapped
-                with compute in moetrain)
-    fsdp        FSDP2's all-gathers and reduce-scatters run on their own streams, prefetched one
-                unit ahead: hidden behind the stage's compute, only the excess is exposed
+                parallelism, pipeline sends, load-balancing counts, the step's reduction (none
+                of them is overlapped with compute in moetrain)
+    fsdp        FSDP2's all-gathers and reduce-scatters (and, replicated, its all-reduces) run
+                on their own streams, prefetched one unit ahead or launched as each unit's
+                backward ends: hidden behind the stage's compute, only the excess is exposed
     optimizer   the update and the gradient norm read and write 16 B per parameter held + the
                 optimizer state twice (AdamW: 32 B in all) at the HBM bandwidth
 
@@ -165,7 +165,7 @@ def stage_time(cfg: Any, dims: ParallelDims, gpu: Hardware, rank: int,
     by_what: dict[str, float] = {}
     for c in calls:
         t = collective_seconds(c, gpu, rank) * c.count
-        if c.what == "fsdp":
+        if c.what in ("fsdp", "replicated grads"):  # FSDP2's own streams
             fsdp += t
         else:
             exposed += t

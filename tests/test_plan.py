@@ -168,12 +168,16 @@ def test_tiny_parameters_and_flops_by_hand():
 def test_counts_equal_the_built_model(overrides):
     import torch
 
-    from moetrain.model import Transformer, count_params
+    from moetrain.model import MoELayer, Transformer
 
     model_cfg = config("tiny", *overrides).model
-    torch.manual_seed(0)
-    model = Transformer(model_cfg)
-    total, active = count_params(model)
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    total = sum(p.numel() for p in model.parameters())  # a tied weight once
+    # Per token, each MoE layer uses top_k of its E routed experts.
+    idle = sum(sum(p.numel() for p in m.experts.parameters()) * (m.router.num_experts - m.top_k)
+               // m.router.num_experts for m in model.modules() if isinstance(m, MoELayer))
+    active = total - idle
     p = count_parameters(model_cfg)
     assert (p.n_total, p.n_active) == (total, active)
 
@@ -374,6 +378,11 @@ def test_step_estimate_is_consistent():
     assert slow.compute_s > 0 and slow.exposed_comm_s > 0 and est.bubble_s == 0
     on_b200 = estimate_step(cfg, dims, hardware("b200"))
     assert on_b200.step_s < est.step_s  # faster everything
+    # replicated data parallelism: FSDP2's all-reduces run on its stream, hidden like FSDP's
+    replicated = estimate_step(config("qwen3_30b_a3b", "parallel.ep=8",
+                                      "parallel.fsdp.enabled=false"), dims, hardware("h100"))
+    slow = replicated.slowest
+    assert slow.fsdp_s > 0 and "replicated grads" not in slow.by_what
 
 
 def test_optimizer_state_is_read_per_tensor_from_one_hook(monkeypatch):

@@ -23,10 +23,8 @@ from moetrain.dryrun import dry_run
 from moetrain.parallel import check_layout
 from moetrain.parallel.comm_record import CollectiveRecorder
 from moetrain.plan_comm import by_op_and_group, step_collectives
-from moetrain.runtime import init_runtime
-from moetrain.trainer import Trainer
 from tests.distributed.equivalence import layout_config
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed, trainer_for
 
 MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.n_kv_heads=8"]
 LAUNCHES = {
@@ -59,7 +57,7 @@ def _record(rank, world_size, jobs):
     """In every rank: one step to settle, then the second step under the recorder."""
     out = {}
     for name, cfg, run_dir in jobs:
-        trainer = Trainer(cfg, init_runtime(cfg), run_dir)
+        trainer = trainer_for(cfg, run_dir)
         trainer.train_step(trainer.sampler.next_step())
         with CollectiveRecorder() as rec:
             trainer.train_step(trainer.sampler.next_step())
