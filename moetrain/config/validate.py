@@ -155,6 +155,11 @@ def validate(cfg: MoetrainConfig) -> None:
         _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
     _validate_fp8(cfg)
 
+    f = cfg.fault
+    for key in ("init_timeout", "step_timeout", "heartbeat_timeout"):
+        _require(getattr(f, key) > 0, f"fault.{key}", getattr(f, key), "must be > 0 seconds")
+    _require(f.slow_step_factor > 1, "fault.slow_step_factor", f.slow_step_factor, "must be > 1")
+
     c = cfg.checkpoint
     _non_negative("checkpoint.every", c.every)
     _require(bool(c.resume), "checkpoint.resume", c.resume, "must be auto, never or a checkpoint path")
@@ -221,8 +226,9 @@ def _validate_rope_scaling(rs: Any) -> None:
     _require(rs.factor >= 1, "model.rope_scaling.factor", rs.factor, "must be >= 1")
     _positive("model.rope_scaling.original_max_position_embeddings",
               rs.original_max_position_embeddings)
-    _require(rs.beta_fast > rs.beta_slow > 0, "model.rope_scaling.beta_fast", rs.beta_fast,
-             f"must be > model.rope_scaling.beta_slow={rs.beta_slow} > 0")
+    # Equal counts are a step instead of a ramp (Kimi K2 ships beta_fast = beta_slow = 1).
+    _require(rs.beta_fast >= rs.beta_slow > 0, "model.rope_scaling.beta_fast", rs.beta_fast,
+             f"must be >= model.rope_scaling.beta_slow={rs.beta_slow} > 0")
     _non_negative("model.rope_scaling.mscale", rs.mscale)
     _non_negative("model.rope_scaling.mscale_all_dim", rs.mscale_all_dim)
 

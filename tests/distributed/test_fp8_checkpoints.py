@@ -30,7 +30,7 @@ from moetrain.trainer import Trainer  # noqa: E402
 from tests.distributed.equivalence import (  # noqa: E402
     B4, KEYS, RTOL, _records, layout_config, rel_err, run_layouts,
 )
-from tests.distributed.launcher import run_distributed  # noqa: E402
+from tests.harness import run_distributed  # noqa: E402
 
 RUN = [*B4, "checkpoint.every=2"]
 MIXTRAL = ["model.family=mixtral", "model.moe.first_dense_layers=0", "model.n_layers=2"]

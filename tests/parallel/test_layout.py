@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +13,7 @@ from moetrain.config.schema import ModelConfig, TrainConfig
 from moetrain.parallel.checks import check_layout, check_model_fit
 from moetrain.parallel.dims import GROUP_KINDS, LayoutError, ParallelDims
 from moetrain.parallel.mesh import build_meshes
-from tests.distributed.launcher import run_distributed
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import ranks_fixture, run_python
 
 
 # -- hand-checked cases --------------------------------------------------------------------------
@@ -211,10 +206,7 @@ def test_pipeline_schedules_that_fit():
 
 
 def _layout_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "moetrain.layout", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    return run_python("-m", "moetrain.layout", *args, timeout=60)
 
 
 def test_cli_json_matches_groups():
@@ -231,7 +223,8 @@ def test_cli_table_lists_groups_and_ranks():
     assert "dp_cp 4 x 2: [0,2,4,6] [1,3,5,7]" in table
     assert "dp_cp_tp 8 x 1: [0,1,2,3,4,5,6,7]" in table
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("7 ")]
-    assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0"]]
+    assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0", "|", "0"]]
+    assert "nodes: 1 of 8 GPUs" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -352,14 +345,7 @@ def test_every_layout_equals_megatron(world_size, megatron_groups):
 # -- torch DeviceMesh views (4 forked gloo ranks) ------------------------------------------------
 
 
-DEGREES = [dict(tp=2, ep=4), dict(tp=2, cp=2, ep=2, etp=2), dict(pp=2, cp=2, ep=2)]
-
-
-def _check_meshes(rank, world_size):
-    return [_check_layout_meshes(rank, world_size, degrees) for degrees in DEGREES]
-
-
-def _check_layout_meshes(rank, world_size, degrees):
+def _check_meshes(rank, world_size, degrees):
     dims = ParallelDims(world_size, **degrees)
     meshes = build_meshes(dims, "cpu")  # asserts against dims itself, too
     seen = {}
@@ -378,13 +364,21 @@ def _check_layout_meshes(rank, world_size, degrees):
     return seen
 
 
-def test_meshes_match_groups_on_4_ranks():
-    """tp2-dp2-ep4, tp2-cp2-ep2-etp2 and pp2-cp2-ep2, one launch."""
-    per_rank = run_distributed(_check_meshes, 4, timeout=90, pg_timeout=20)
-    for i, degrees in enumerate(DEGREES):
-        dims = ParallelDims(4, **degrees)
-        for kind in GROUP_KINDS:
-            assert _as_sets(s[i][kind] for s in per_rank) == _as_sets(dims.groups_of(kind))
+MESH_DEGREES = {"tp2-dp2-ep4": dict(tp=2, ep=4), "tp2-cp2-ep2-etp2": dict(tp=2, cp=2, ep=2, etp=2),
+                "pp2-cp2-ep2": dict(pp=2, cp=2, ep=2)}
+# One 4-rank launch builds the meshes of every layout.
+four_ranks = ranks_fixture(
+    lambda rank, world_size: {name: _check_meshes(rank, world_size, degrees)
+                              for name, degrees in MESH_DEGREES.items()},
+    4, timeout=90, pg_timeout=20)
+
+
+@pytest.mark.parametrize("name", MESH_DEGREES)
+def test_meshes_match_groups_on_4_ranks(name, four_ranks):
+    seen = [per_rank[name] for per_rank in four_ranks]
+    dims = ParallelDims(4, **MESH_DEGREES[name])
+    for kind in GROUP_KINDS:
+        assert _as_sets(s[kind] for s in seen) == _as_sets(dims.groups_of(kind))
 
 
 def test_unknown_pipeline_schedule_is_refused_by_the_schema():
@@ -409,3 +403,19 @@ def test_check_layout_from_whole_config():
         check_layout(cfg, 8)
     with pytest.raises(Exception):  # frozen
         dims.tp = 4
+
+
+@pytest.mark.parametrize("world_size", [8, 24, 64])
+def test_group_of_is_the_group_holding_the_rank(world_size):
+    """group_of computes a rank's group from its coordinates; it is the one groups_of lists."""
+    import itertools
+
+    for tp, cp, pp, ep, etp in itertools.product((1, 2, 4), (1, 2), (1, 2), (1, 2, 4), (1, 2)):
+        try:
+            dims = ParallelDims(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+        except LayoutError:
+            continue
+        for kind in GROUP_KINDS:
+            for group in dims.groups_of(kind):
+                for rank in group:
+                    assert dims.group_of(kind, rank) == group
