@@ -28,7 +28,7 @@ from tests.test_trainer import build, poison
 # optim.decay=constant: the learning rate does not depend on train.max_steps, so a run of 6
 # steps is the first 6 steps of a run of 8
 RUN = ("train.eval_every=0", "train.deterministic=true", "optim.decay=constant",
-       "checkpoint.every=2")
+       "checkpoint.every=2", "checkpoint.resume=auto")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
