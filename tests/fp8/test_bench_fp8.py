@@ -44,8 +44,10 @@ def test_train_bench_runs_the_variants_side_by_side(tmp_path):
         "train.fp8_backend=te is invalid on the cpu: Transformer Engine runs on NVIDIA GPUs only; "
         "train.fp8_backend=torchao runs every recipe here, emulated")}
     # the same initial weights and batches: the first losses differ by FP8's rounding only
+    # (measured 2.1e-3 relative with the tiny recipe's init_std 0.05, 5e-5 with 0.02: the larger
+    # logits carry more of the ~10% FP8 error of this 2-layer model's output into the loss)
     a, b = variants["none"]["first_loss"], variants["rowwise"]["first_loss"]
-    assert a != b and abs(a - b) < 1e-3 * a
+    assert a != b and abs(a - b) < 5e-3 * a
 
 
 def test_gpu_check_summarizes_the_fp8_steps():

@@ -12,7 +12,7 @@ from moetrain.config import ConfigError, compose, to_object, validate
 from moetrain.fp8 import plan as fp8_plan
 from moetrain.fp8 import resolve_fp8
 from moetrain.parallel import LayoutError, ParallelDims, check_layout
-from tests.fp8 import TORCHAO_MISSING, needs_torchao
+from tests.fp8 import needs_torchao
 from tests.harness import run_train
 
 
