@@ -59,8 +59,10 @@ def _caller() -> str:
 
 
 @contextlib.contextmanager
-def counting(trainer: Trainer):
-    """Count during `train_step`, except inside `optimizer.step`; Python-level reads too."""
+def count_reads():
+    """Count host reads and data-dependent shapes inside: the aten ops (`SyncCounter`) and the
+    Python-level reads (`Tensor.tolist/.cpu/.numpy`). Yields the events list and a one-item
+    list whose True pauses the Python-level count."""
     counter = SyncCounter()
     originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
     paused = [False]
@@ -72,26 +74,34 @@ def counting(trainer: Trainer):
             return originals[name](self, *args, **kwargs)
         return method
 
-    step = trainer.optimizer.step
-
-    def optimizer_step(*args, **kwargs):
-        paused[0] = True
-        with torch.utils._python_dispatch._disable_current_modes():
-            try:
-                return step(*args, **kwargs)
-            finally:
-                paused[0] = False
-
-    trainer.optimizer.step = optimizer_step
     for name in originals:
         setattr(torch.Tensor, name, wrap(name))
     try:
         with counter:
-            yield counter.events
+            yield counter.events, paused
     finally:
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
-        trainer.optimizer.step = step
+
+
+@contextlib.contextmanager
+def counting(trainer: Trainer):
+    """Count during `train_step`, except inside `optimizer.step`; Python-level reads too."""
+    step = trainer.optimizer.step
+    with count_reads() as (events, paused):
+        def optimizer_step(*args, **kwargs):
+            paused[0] = True
+            with torch.utils._python_dispatch._disable_current_modes():
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    paused[0] = False
+
+        trainer.optimizer.step = optimizer_step
+        try:
+            yield events
+        finally:
+            trainer.optimizer.step = step
 
 
 BASE = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
