@@ -15,6 +15,7 @@ launch of the tiny model costs a few seconds of process and group start-up on 2 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ BASE = [
     "model.moe.lbl.scope=micro",
 ]
 KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
+EXCHANGE_KEYS = ("ep_budget", "ep_need", "ep_overflows", "ep_wasted_rows")  # with ep_budget
 RTOL = 1e-5
 
 
@@ -68,12 +70,27 @@ def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
     return cfg
 
 
+def digest(model: torch.nn.Module) -> str:
+    """SHA-256 of this rank's parameters and gradients (local shards, by name, bytes): equal
+    digests of two runs of one layout mean bitwise equal weights and last-step gradients."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        for t in (p, p.grad):
+            if t is not None:
+                t = t.to_local() if hasattr(t, "to_local") else t
+                h.update(name.encode())
+                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]]):
     """In every rank: train each job; returns (rank 0's records by job, this rank's
-    (dp_rank, first step's micro-batches) by job)."""
+    (dp_rank, first step's micro-batches) by job, this rank's `digest` after the last step by
+    job)."""
     torch.set_num_threads(1)  # the launcher did already; also for a direct call
     records: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, tuple[int, list[list[int]]]] = {}
+    digests: dict[str, str] = {}
     for name, cfg, run_dir in jobs:
         rt = init_runtime(cfg)
         trainer = Trainer(cfg, rt, run_dir)
@@ -81,10 +98,11 @@ def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Pat
         samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
         trainer.sampler.load_state_dict(state)
         trainer.fit()
+        digests[name] = digest(trainer.model)
         del trainer  # before the next job builds its model (real shapes: two would not fit)
         if rank == 0:
             records[name] = _records(run_dir)
-    return records, samples
+    return records, samples, digests
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -92,7 +110,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in ("step", *KEYS, "val_loss") if key in m}
+        rec = {key: m[key] for key in ("step", *KEYS, "val_loss", *EXCHANGE_KEYS) if key in m}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -104,6 +122,7 @@ class LayoutRuns:
     # layout -> per rank: (dp_rank, the micro-batches (sample indices) of its first step)
     samples: dict[str, list[tuple[int, list[list[int]]]]]
     run_dirs: dict[str, Path]  # layout -> its run directory
+    digests: dict[str, list[str]]  # layout -> per rank, `digest` of its model after the last step
 
 
 def run_layouts(
@@ -120,9 +139,10 @@ def run_layouts(
     # Tokenizer and shards once, in the parent, before any rank looks for them.
     ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
     results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
-    samples = {name: [per_rank[name] for _, per_rank in results] for name in layouts}
+    samples = {name: [per_rank[name] for _, per_rank, _ in results] for name in layouts}
+    digests = {name: [per_rank[name] for _, _, per_rank in results] for name in layouts}
     return LayoutRuns(records=results[0][0], samples=samples,
-                      run_dirs={name: run_dir for name, _, run_dir in jobs})
+                      run_dirs={name: run_dir for name, _, run_dir in jobs}, digests=digests)
 
 
 def rel_err(a: float, b: float) -> float:
@@ -207,6 +227,18 @@ def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path,
     layout's."""
     layouts = {name: [*references[c.reference], *c.overrides] for name, c in cases.items()}
     return run_layouts(world_size, layouts, tmp_dir, timeout=600)
+
+
+def assert_bitwise_equal(runs: LayoutRuns, name: str, other: str) -> None:
+    """Layouts `name` and `other` (one world size, one launch) logged the same numbers and end
+    with the same weights and gradients on every rank, bit for bit."""
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in EXCHANGE_KEYS}  # noqa: E731
+                          for r in recs]
+    assert strip(runs.records[name]) == strip(runs.records[other]), \
+        f"{name} and {other} logged different numbers"
+    assert runs.digests[name] == runs.digests[other], \
+        f"{name} and {other} end with different weights or gradients (per rank: " + ", ".join(
+            str(a == b) for a, b in zip(runs.digests[name], runs.digests[other])) + ")"
 
 
 def check_case(runs: LayoutRuns, name: str, case: Layout,
