@@ -337,7 +337,7 @@ class _SyncFreeFlow(_Flow):
             valid_JS = p < sends_J[:, None]
             src_JS = (starts_JL[:, lo, None] + p).clamp(0, max(A - 1, 0))
             # Receiving side: rows of source s up to its counts, then padding (key n).
-            cum_SL = torch.cumsum(counts_SL[:, lo:hi], 1).clamp(max=S)
+            cum_SL = torch.cumsum(counts_SL[:, lo:hi], 1).clamp(max=S).contiguous()
             arrived_SL = torch.diff(cum_SL, dim=1, prepend=torch.zeros_like(cum_SL[:, :1]))
             key = torch.searchsorted(cum_SL, p.expand(cum_SL.shape[0], S).contiguous(),
                                      right=True)
