@@ -120,6 +120,10 @@ def wait_rows(link: torch.Tensor, flight: Flight) -> torch.Tensor:
     return _Receive.apply(link, flight)
 
 
+# torch 2.13 renamed funcol.all_gather_tensor (still there, deprecated); 2.11 has only that name.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 # -- the two all-to-all backends -------------------------------------------------------------------
 
 
@@ -313,7 +317,7 @@ class _SyncFreeFlow(_Flow):
         counts_E = counts_E.contiguous()
         recv_counts = funcol.all_to_all_single(counts_E, None, None, ex.ep_group)
         if etp > 1:
-            recv_counts = funcol.all_gather_tensor(recv_counts, 0, ex.etp_group)
+            recv_counts = _all_gather(recv_counts, 0, ex.etp_group)
         counts_SL = recv_counts.view(-1, L)  # [(ETP rank,) EP rank of the source, local expert]
         send_JL = counts_E.view(ep, L)
         starts_JL = (torch.cumsum(counts_E, 0) - counts_E).view(ep, L)
