@@ -321,7 +321,7 @@ class Trainer:
             # The redo decision: an attempt whose sync-free expert exchange overflowed its budget
             # on any rank is not the dropless step; it runs again on the same batch, with a
             # budget grown to cover it (nothing of it was applied).
-            if not self.moe.exchange_overflowed(summed.host):
+            if not self.moe.exchange_overflowed(summed):
                 break
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = summed.item("stop") > 0
@@ -338,7 +338,7 @@ class Trainer:
         host = None if stats is None else columns.view(summed.host["moe"])
         return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
                 "top_k": routing.top_k,
-                "memory_peak_gib": float(summed.host["memory_peak"].max()) / memory.GIB,
+                "memory_peak_gib": summed.maximum("memory_peak") / memory.GIB,
                 **self.moe.exchange_record()}, host
 
     def evaluate(self) -> float:

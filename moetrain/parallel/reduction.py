@@ -38,13 +38,33 @@ class Packed:
 @dataclass(frozen=True)
 class StepSums:
     """A step's named sums over every rank: `device[name]` stays on the device (for updates that
-    must not wait for the host), `host[name]` is the same value on the host (float64)."""
+    must not wait for the host), `host[name]` is the same value on the host (float64), and
+    `values[name]` its numbers as Python floats (what `item` and `maximum` read: no tensor op,
+    so nothing that could look like a device read)."""
 
     device: dict[str, torch.Tensor]
     host: dict[str, torch.Tensor]
+    values: dict[str, list[float]]
+
+    @classmethod
+    def of(cls, packed: Packed, summed: torch.Tensor, host: list[float]) -> "StepSums":
+        """From the reduced flat vector (`summed`, on the device) and its one read (`host`)."""
+        values, offset = {}, 0
+        for name, shape in packed.shapes.items():
+            n = math.prod(shape)
+            values[name] = host[offset:offset + n]
+            offset += n
+        return cls(device=packed.unpack(summed),
+                   host=packed.unpack(torch.tensor(host, dtype=torch.float64)), values=values)
 
     def item(self, name: str) -> float:
-        return float(self.host[name])
+        """The value of a one-element sum."""
+        (value,) = self.values[name]
+        return value
+
+    def maximum(self, name: str) -> float:
+        """The largest element of a sum (of a per-rank vector: the largest rank's value)."""
+        return max(self.values[name])
 
     @property
     def grad_norm(self) -> float:

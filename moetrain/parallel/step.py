@@ -157,8 +157,7 @@ class StepRunner:
             named[name] = slots
         packed = Packed(named, device)
         summed = layout.all_reduce(packed.flat)
-        host = torch.tensor(summed.tolist(), dtype=torch.float64)  # the step's one host read
-        return StepSums(device=packed.unpack(summed), host=packed.unpack(host))
+        return StepSums.of(packed, summed, summed.tolist())  # the step's one host read
 
     def sum_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-token statistics of the LM loss (a loss sum, a target count) over the ranks

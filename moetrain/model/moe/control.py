@@ -7,7 +7,7 @@
     ... forward and backward of the step's micro-batches ...
     rows = control.step_stats()          # this rank's statistics rows, for the step's reduction
     sums, per_rank = control.exchange_sums()   # the sync-free exchange's counters (ep_budget)
-    if control.exchange_overflowed(host):      # after the reduction: redo the step (the trainer
+    if control.exchange_overflowed(summed):    # after the reduction: redo the step (the trainer
         ...                                    # decides), the budget has grown
     control.finish_step(summed)          # after the optimizer step: the expert bias
     with control.evaluation(): ...       # evaluation capacity, exact-size exchange; the step's
@@ -115,16 +115,17 @@ class MoEControl:
         return ({"ep_overflow": stats[0], "ep_rows": stats[2], "ep_slots": stats[3]},
                 {"ep_need": stats[1]})
 
-    def exchange_overflowed(self, host: dict[str, torch.Tensor]) -> bool:
-        """After the step's reduction (`host`: its named sums on the host, with
-        `exchange_sums`' names): True when the attempt overflowed the budget on some rank - the
-        step's results are not the dropless ones and it must be redone; the budget has grown to
-        cover it (`ExchangeBudget`). False without a budget."""
+    def exchange_overflowed(self, summed) -> bool:
+        """After the step's reduction (`summed`: its named sums, with `exchange_sums`' names,
+        read through `item(name)` and `maximum(name)` - moetrain.parallel.reduction.StepSums):
+        True when the attempt overflowed the budget on some rank - the step's results are not
+        the dropless ones and it must be redone; the budget has grown to cover it
+        (`ExchangeBudget`). False without a budget."""
         if self.budget is None:
             return False
-        self.last_need = float(host["ep_need"].max())
-        self.last_wasted = float(host["ep_slots"] - host["ep_rows"])
-        redo = self.budget.after_attempt(overflowed=float(host["ep_overflow"]) > 0,
+        self.last_need = summed.maximum("ep_need")
+        self.last_wasted = summed.item("ep_slots") - summed.item("ep_rows")
+        redo = self.budget.after_attempt(overflowed=summed.item("ep_overflow") > 0,
                                          need=self.last_need)
         self.redos = self.redos + 1 if redo else self.redos
         return redo
