@@ -210,6 +210,8 @@ REFERENCES: dict[str, list[str]] = {
     "b4-global": [*B4, "model.moe.lbl.scope=global"],
     "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],
     "b4-mla": [*B4, *MLA],
+    # a shared expert: what the overlapped exchange computes while the rows travel
+    "b4-shared": [*B4, "model.moe.num_shared_experts=1"],
 }
 
 

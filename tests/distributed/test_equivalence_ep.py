@@ -28,6 +28,9 @@ TWO_RANKS = {
     "ep2-sync-free": Layout((*EP2, *SYNC_FREE)),
     "ep2-sync-free-overlap": Layout((*EP2, *SYNC_FREE, *OVERLAP)),
     "ep2-overflow": Layout((*EP2, *OVERFLOW)),
+    # a shared expert, computed while the pieces travel
+    "ep2-shared": Layout(EP2, "b4-shared"),
+    "ep2-shared-sync-free-overlap": Layout((*EP2, *SYNC_FREE, *OVERLAP), "b4-shared"),
 }
 FOUR_RANKS = {
     # EP folded over TP (sequence parallelism: the TP ranks route different tokens); the EDP
