@@ -2,7 +2,7 @@
 
     python scripts/bench_dispatcher.py [--ranks 2 4] [--tokens 2048] [--dim 1024]
                                        [--expert-hidden 64] [--experts 8] [--top-k 2]
-                                       [--shared-hidden 256] [--budget 2.0] [--iters 10]
+                                       [--shared-hidden 256] [--budget 1.5] [--iters 10]
                                        [--warmup 2] [--device cpu|cuda] [--dtype fp32|bf16]
                                        [--json OUT]
 
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--shared-hidden", type=int, default=256,
                    help="width of the one shared expert (0: none)")
-    p.add_argument("--budget", type=float, default=2.0, help="the sync-free exchange's budget")
+    p.add_argument("--budget", type=float, default=1.5, help="the sync-free exchange's budget")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
