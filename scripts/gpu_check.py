@@ -287,7 +287,8 @@ def summarize(steps: dict) -> dict:
         for impl in moe.get("impls", []):
             t = shape.get(impl)
             if t:
-                summary[f"moe_{name}_{impl}_tflops"] = round(t["tflops"], 4)
+                # 4 significant digits (not decimals: a loaded CPU's smoke run is < 1e-4)
+                summary[f"moe_{name}_{impl}_tflops"] = float(f"{t['tflops']:.4g}")
                 if t.get("act_bytes") is not None:
                     summary[f"moe_{name}_{impl}_act_mib"] = round(t["act_bytes"] / 2**20, 1)
         summary[f"moe_{name}_agree"] = shape.get("agree")

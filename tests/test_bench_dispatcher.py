@@ -1,10 +1,16 @@
-"""scripts/bench_dispatcher.py and scripts/bench_checkpoint.py at tiny sizes (subprocess)."""
+"""scripts/bench_dispatcher.py and scripts/bench_checkpoint.py at tiny sizes: the dispatcher's in a
+subprocess (it forks its ranks), the checkpoint bench's main() in this process with one intra-op
+thread (a subprocess repeats the import of torch, and two threads per process thrash a loaded
+2-core machine: 54 s instead of 8; its command line is run by tests/test_readme.py)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -48,16 +54,25 @@ def test_dispatcher_bench_refuses_bad_arguments():
     assert proc.returncode == 2 and "--ranks 3" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_checkpoint_bench_runs_all_three_modes(tmp_path):
+def test_checkpoint_bench_runs_all_three_modes(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_checkpoint",
+                                                  SCRIPTS / "bench_checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     out = tmp_path / "ckpt.json"
     # a smaller model than tiny's (2 layers of width 64, 32-token sequences): the script's
     # loop and its three modes are under test, not the model
-    proc = run_script(SCRIPTS / "bench_checkpoint.py", "train.global_batch_size=2",
-                      "train.micro_batch_size=2", "model.n_layers=2", "model.d_model=64",
-                      "model.ffn_hidden=128", "model.moe.expert_hidden=64", "data.seq_len=32",
-                      "--steps", "3", "--save-every", "1", "--warmup", "1", "--json", out)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    modes = [line.split("|")[1].strip() for line in proc.stdout.splitlines()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_script's OMP_NUM_THREADS=1: 2 threads thrash a busy machine
+    try:
+        assert bench.main(["train.global_batch_size=2", "train.micro_batch_size=2",
+                           "model.n_layers=2", "model.d_model=64", "model.ffn_hidden=128",
+                           "model.moe.expert_hidden=64", "data.seq_len=32", "--steps", "3",
+                           "--save-every", "1", "--warmup", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    stdout = capsys.readouterr().out
+    modes = [line.split("|")[1].strip() for line in stdout.splitlines()
              if line.startswith("| ") and not line.startswith("| mode")]
     assert modes == ["none", "sync", "async"]
     results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}

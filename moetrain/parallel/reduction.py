@@ -25,46 +25,44 @@ class Packed:
         self.flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64,
                                                                 device=device)
 
-    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The values of a vector laid out like `self.flat`, by name, in their shapes."""
+    def slices(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
+        """Where each named value sits in `flat`, and its shape."""
         out, offset = {}, 0
         for name, shape in self.shapes.items():
             n = math.prod(shape)
-            out[name] = flat[offset:offset + n].view(shape)
+            out[name] = (slice(offset, offset + n), shape)
             offset += n
         return out
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The values of a vector laid out like `self.flat`, by name, in their shapes."""
+        return {name: flat[where].view(shape) for name, (where, shape) in self.slices().items()}
 
 
 @dataclass(frozen=True)
 class StepSums:
     """A step's named sums over every rank: `device[name]` stays on the device (for updates that
-    must not wait for the host), `host[name]` is the same value on the host (float64), and
-    `values[name]` its numbers as Python floats (what `item` and `maximum` read: no tensor op,
-    so nothing that could look like a device read)."""
+    must not wait for the host); `values(name)` / `item(name)` / `host(name)` are the same sums
+    read by the host once, as Python floats or a CPU float64 tensor of the value's shape."""
 
     device: dict[str, torch.Tensor]
-    host: dict[str, torch.Tensor]
-    values: dict[str, list[float]]
+    packed: Packed
+    host_values: list[float]  # the one host read of the summed vector
 
-    @classmethod
-    def of(cls, packed: Packed, summed: torch.Tensor, host: list[float]) -> "StepSums":
-        """From the reduced flat vector (`summed`, on the device) and its one read (`host`)."""
-        values, offset = {}, 0
-        for name, shape in packed.shapes.items():
-            n = math.prod(shape)
-            values[name] = host[offset:offset + n]
-            offset += n
-        return cls(device=packed.unpack(summed),
-                   host=packed.unpack(torch.tensor(host, dtype=torch.float64)), values=values)
+    def values(self, name: str) -> list[float]:
+        return self.host_values[self.packed.slices()[name][0]]
 
     def item(self, name: str) -> float:
-        """The value of a one-element sum."""
-        (value,) = self.values[name]
+        (value,) = self.values(name)
         return value
 
     def maximum(self, name: str) -> float:
         """The largest element of a sum (of a per-rank vector: the largest rank's value)."""
-        return max(self.values[name])
+        return max(self.values(name))
+
+    def host(self, name: str) -> torch.Tensor:
+        return torch.tensor(self.values(name), dtype=torch.float64).view(
+            self.packed.shapes[name])
 
     @property
     def grad_norm(self) -> float:

@@ -157,7 +157,8 @@ class StepRunner:
             named[name] = slots
         packed = Packed(named, device)
         summed = layout.all_reduce(packed.flat)
-        return StepSums.of(packed, summed, summed.tolist())  # the step's one host read
+        # The step's one host read.
+        return StepSums(device=packed.unpack(summed), packed=packed, host_values=summed.tolist())
 
     def sum_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-token statistics of the LM loss (a loss sum, a target count) over the ranks

@@ -6,15 +6,14 @@ exchange compiles with fullgraph=True (no graph break: nothing read on the host)
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from moetrain.model import Transformer
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.mesh import build_meshes
-from tests.distributed.equivalence import Layout, check_case, run_cases
-from tests.distributed.launcher import run_distributed
+from tests.distributed.equivalence import Layout, check_case, layouts_fixture
+from tests.harness import run_distributed
 from tests.model.tiny import control, make_cfg
 
 COMPILE = ("train.compile=true",)
@@ -22,14 +21,10 @@ ONE_RANK = {"compiled": Layout(COMPILE, "b4-l2")}
 TWO_RANKS = {"tp2-ep2-compiled": Layout(("parallel.tp=2", "parallel.ep=2", *COMPILE), "b4-l2")}
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    return run_cases(1, ONE_RANK, tmp_path_factory.mktemp("compile_one"))
+one_rank = layouts_fixture(1, ONE_RANK)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("compile_two"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
 def test_compiled_one_process_equals_eager(one_rank, references):

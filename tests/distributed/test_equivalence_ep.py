@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.equivalence import Layout, assert_bitwise_equal, check_case, run_cases
+from tests.distributed.equivalence import Layout, assert_bitwise_equal, check_case, layouts_fixture
 
 OVERLAP = ("model.moe.ep_overlap=true",)
 SYNC_FREE = ("model.moe.ep_budget=2.0",)
@@ -62,19 +62,13 @@ SAME_AS = {name: name.split("-overlap")[0].split("-sync-free")[0].split("-overfl
 OVERFLOWING = ("ep2-overflow", "ep2-etp2-overlap-overflow")
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("ep_two"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return run_cases(4, FOUR_RANKS, tmp_path_factory.mktemp("ep_four"))
+four_ranks = layouts_fixture(4, FOUR_RANKS)
 
 
-@pytest.fixture(scope="module")
-def eight_ranks(tmp_path_factory):
-    return run_cases(8, EIGHT_RANKS, tmp_path_factory.mktemp("ep_eight"))
+eight_ranks = layouts_fixture(8, EIGHT_RANKS)
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)
