@@ -57,6 +57,13 @@ def check_model_fit(
             f"parallel.etp = {dims.etp}",
             ("model.moe.expert_hidden", "parallel.etp"),
         )
+    for key, value in (("model.moe.ep_budget", moe.ep_budget is not None),
+                       ("model.moe.ep_overlap", moe.ep_overlap)):
+        if value and dims.ep == 1:
+            raise LayoutError(
+                f"{key} = {getattr(moe, key.rsplit('.', 1)[1])} needs expert parallelism "
+                "(parallel.ep > 1): without it no token leaves its rank; unset it",
+                (key, "parallel.ep"))
     if model.n_heads % dims.tp:
         raise LayoutError(
             f"model.n_heads = {model.n_heads} is not divisible by parallel.tp = {dims.tp}",

@@ -59,14 +59,16 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
         raise ValueError("parallelize takes a model on the meta device: each rank allocates "
                          "only its own shards afterwards")
     dims = rank.dims
+    # The sync-free all-to-all where the model has an expert-parallel budget.
+    sync_free = model.cfg.moe.ep_budget is not None
     if dims.pp == 1:
-        units = _parallelize_stage(model, rank, parallel, compile)
+        units = _parallelize_stage(model, rank, parallel, compile, sync_free)
         roots, runner = [model], StepRunner(rank, units)
     else:
         stage_modules = build_stage_modules(model, rank.pp_rank, dims.pp, dims.vpp,
                                             parallel.pp_layers)
         units = [u for sm in stage_modules
-                 for u in _parallelize_stage(sm.module, rank, parallel, compile)]
+                 for u in _parallelize_stage(sm.module, rank, parallel, compile, sync_free)]
         shell = stage_modules[0].module
         pipe = build_pipeline(
             stage_modules, schedule=parallel.pp_schedule, group=rank.meshes.group("pp"),
@@ -84,7 +86,7 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
 
 
 def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelConfig,
-                       compile: bool) -> list:
+                       compile: bool, sync_free: bool) -> list:
     """EP, TP, CP, the MoE layers' layout, compilation, FSDP: on the full model or one pipeline
     stage. Returns the FSDP units."""
     dims, meshes = rank.dims, rank.meshes
@@ -93,7 +95,7 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
             apply_compile(module)
         return []
     if dims.ep * dims.etp > 1:  # on the meta weights, before anything wraps them
-        apply_expert_parallel(module, meshes.experts)
+        apply_expert_parallel(module, meshes.experts, sync_free=sync_free)
     if dims.tp > 1:
         apply_tensor_parallel(module, meshes.mesh("tp"))
     if dims.cp > 1:
