@@ -3,7 +3,8 @@ layout pp2 x tp2 x cp2 x ep2 (K=3 steps, fp32, dropless, micro-batch LBL; docs/e
 
 CP: both ways of seeing the other ranks' keys and values (`parallel.cp_comm`), inputs, targets
 and positions zig-zag sharded by the context. PP: every schedule the trainer offers with one
-stage per rank and interleaved with two virtual stages per rank; the loss comes from the last
+stage per rank, interleaved with two virtual stages per rank, and zero bubble (its split
+backward) with FSDP over dp2; the loss comes from the last
 stage, the routing statistics from every stage, the grad norm is summed over the stages.
 The layouts compared with the "b4" run also evaluate after the last step (`eval_sums`: the
 CP-local targets counted, the last stage's loss); one moves aux-loss-free expert biases (each
@@ -36,6 +37,9 @@ FOUR_RANKS = {
     "pp4-interleaved": Layout((*PP4, *INTERLEAVED), "b4-mb1-l8"),  # 8 stages: 8 layers
     "pp4-gpipe": Layout((*PP4, "parallel.pp_schedule=gpipe"), "b4-mb1"),
     "pp2-ep2": Layout(("parallel.pp=2", "parallel.ep=2"), "b4-mb1"),  # dp2, EP over DP
+    # zero bubble (input- and weight-gradient steps) with FSDP over dp2: 4 virtual stages
+    "pp2-zero_bubble-dp2": Layout((*PP2, "parallel.vpp=2", "parallel.pp_schedule=zero_bubble"),
+                                  "b4-mb1"),
 }
 # Every dimension at once: dp1, EP folded over the TP x CP ranks of each stage (edp 2).
 EIGHT_RANKS = {
