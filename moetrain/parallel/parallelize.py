@@ -24,6 +24,7 @@ from torch import nn
 from moetrain.config.schema import ParallelConfig
 from moetrain.model.moe.layer import moe_layers
 from moetrain.model.moe.losses import STEP
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context_parallel import apply_context_parallel
 from moetrain.parallel.data_parallel import apply_data_parallel
@@ -107,9 +108,8 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
         layer.use_layout(token_shards=dims.cp_tp, sum_counts=rank.sum_over(kind))
     if compile:  # inside FSDP's hooks, outside the layout's module swaps
         apply_compile(module)
-    fsdp = parallel.fsdp
-    return apply_data_parallel(module, meshes, shard=fsdp.enabled,
-                               reshard_after_forward=fsdp.reshard_after_forward)
+    return apply_data_parallel(module, meshes, shard=parallel.fsdp.enabled,
+                               reshard_after_forward=fsdp_reshards_after_forward(parallel))
 
 
 def _to_empty(module: nn.Module, device: torch.device) -> None:

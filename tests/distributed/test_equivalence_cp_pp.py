@@ -3,7 +3,8 @@ layout pp2 x tp2 x cp2 x ep2 (K=3 steps, fp32, dropless, micro-batch LBL; docs/e
 
 CP: both ways of seeing the other ranks' keys and values (`parallel.cp_comm`), inputs, targets
 and positions zig-zag sharded by the context. PP: every schedule the trainer offers with one
-stage per rank and interleaved with two virtual stages per rank; the loss comes from the last
+stage per rank, interleaved with two virtual stages per rank, and zero bubble (its split
+backward) with FSDP over dp2; the loss comes from the last
 stage, the routing statistics from every stage, the grad norm is summed over the stages.
 The layouts compared with the "b4" run also evaluate after the last step (`eval_sums`: the
 CP-local targets counted, the last stage's loss); one moves aux-loss-free expert biases (each
@@ -49,6 +50,9 @@ FOUR_RANKS = {
     "pp2-interleaved-ep2": Layout(("parallel.pp=2", "parallel.ep=2", *INTERLEAVED), "b4-mb1"),
     "pp2-interleaved-ep2-overlap": Layout(("parallel.pp=2", "parallel.ep=2", *INTERLEAVED,
                                            "model.moe.ep_overlap=true"), "b4-mb1"),
+    # zero bubble (input- and weight-gradient steps) with FSDP over dp2: 4 virtual stages
+    "pp2-zero_bubble-dp2": Layout((*PP2, "parallel.vpp=2", "parallel.pp_schedule=zero_bubble"),
+                                  "b4-mb1"),
 }
 SAME_AS = {"pp2-ep2-overlap": "pp2-ep2", "pp2-ep2-overflow": "pp2-ep2",
            "pp2-interleaved-ep2-overlap": "pp2-interleaved-ep2"}
