@@ -16,6 +16,7 @@ from typing import Any, Optional
 from moetrain.config.schema import head_dim_of
 from moetrain.model.init import TEMP_BYTES_PER_ELEMENT, chunk_elements
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 
 #: Bytes per parameter, as moetrain allocates them on every device: fp32 weights (bf16 runs
 #: autocast, which casts them per op; there is no separate bf16 copy), fp32 gradients, AdamW's
@@ -304,7 +305,8 @@ def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = 
     allocates (a test compares them with real ranks' allocations, the dry run with the built
     model). FSDP's transient buffers: without PP the stage root (not resharded after forward)
     and the two largest other units (the current and the prefetched); under PP every unit,
-    which torch's stages keep gathered after each backward but the last. With several
+    which torch's stages keep gathered after each backward but the last, and every unit when
+    they are not resharded after forward (`checks.fsdp_reshards_after_forward`). With several
     micro-batches per step FSDP2 also keeps their unsharded gradients (`grad_accum`).
     """
     from moetrain.plan_shards import rank_units, stage_modules
@@ -325,7 +327,7 @@ def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = 
     gathered = [u.gathered * WEIGHT_BYTES for u in units if fsdp and u.size > 1 and u.params]
     if not gathered:
         buffers = 0.0
-    elif dims.pp > 1:
+    elif dims.pp > 1 or not fsdp_reshards_after_forward(par):
         buffers = float(sum(gathered))
     else:
         roots = [u.gathered * WEIGHT_BYTES for u in units if u.root and u.size > 1 and u.params]

@@ -41,8 +41,8 @@ RUN: dict[str, tuple[str, ...]] = {
     "python -m moetrain.plan +experiment=mixtral_8x7b parallel.tp=2 parallel.ep=8 parallel.pp=4 "
     "--world-size 64": (),
     "python scripts/plot_routing.py outputs/tiny-<time>": (),
-    "python scripts/bench_dispatcher.py --ranks 2 4 8":
-        ("--ranks", "2", "--tokens", "64", "--iters", "1", "--warmup", "0"),
+    "python scripts/bench_dispatcher.py --ranks 2 4":
+        ("--ranks", "2", "--tokens", "64", "--dim", "32", "--iters", "1", "--warmup", "0"),
     "python scripts/bench_checkpoint.py --steps 20 --save-every 5":
         ("train.global_batch_size=4", "--steps", "3", "--save-every", "1", "--warmup", "1"),
     "python scripts/bench_init.py --experiments olmoe_1b_7b --layers 1 --ranks 1 2":

@@ -30,6 +30,7 @@ from moetrain.config.schema import ParallelConfig
 from moetrain.fp8 import FP8Plan, apply_fp8
 from moetrain.model.moe.layer import moe_layers
 from moetrain.model.moe.losses import STEP
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context_parallel import apply_context_parallel
 from moetrain.parallel.data_parallel import apply_data_parallel
@@ -69,14 +70,17 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
         raise ValueError("parallelize takes a model on the meta device: each rank allocates "
                          "only its own shards afterwards")
     dims = rank.dims
+    # The sync-free all-to-all where the model has an expert-parallel budget.
+    sync_free = model.cfg.moe.ep_budget is not None
     if dims.pp == 1:
-        units = _parallelize_stage(model, rank, parallel, compile, fp8)
+        units = _parallelize_stage(model, rank, parallel, compile, sync_free, fp8)
         roots, runner = [model], StepRunner(rank, units)
     else:
         stage_modules = build_stage_modules(model, rank.pp_rank, dims.pp, dims.vpp,
                                             parallel.pp_layers)
         units = [u for sm in stage_modules
-                 for u in _parallelize_stage(sm.module, rank, parallel, compile, fp8)]
+                 for u in _parallelize_stage(sm.module, rank, parallel, compile, sync_free,
+                                             fp8)]
         shell = stage_modules[0].module
         pipe = build_pipeline(
             stage_modules, schedule=parallel.pp_schedule, group=rank.meshes.group("pp"),
@@ -94,7 +98,7 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
 
 
 def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelConfig,
-                       compile: bool, fp8: Optional[FP8Plan] = None) -> list:
+                       compile: bool, sync_free: bool, fp8: Optional[FP8Plan] = None) -> list:
     """FP8, EP, TP, CP, the MoE layers' layout, compilation, FSDP: on the full model or one
     pipeline stage. Returns the FSDP units."""
     dims, meshes = rank.dims, rank.meshes
@@ -107,7 +111,7 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
             apply_compile(module)
         return []
     if dims.ep * dims.etp > 1:  # on the meta weights, before anything wraps them
-        apply_expert_parallel(module, meshes.experts)
+        apply_expert_parallel(module, meshes.experts, sync_free=sync_free)
     if dims.tp > 1:
         apply_tensor_parallel(module, meshes.mesh("tp"))
         if fp8 is not None:
@@ -121,9 +125,8 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
         layer.use_layout(token_shards=dims.cp_tp, sum_counts=rank.sum_over(kind))
     if compile:  # inside FSDP's hooks, outside the layout's module swaps
         apply_compile(module)
-    fsdp = parallel.fsdp
-    return apply_data_parallel(module, meshes, shard=fsdp.enabled,
-                               reshard_after_forward=fsdp.reshard_after_forward)
+    return apply_data_parallel(module, meshes, shard=parallel.fsdp.enabled,
+                               reshard_after_forward=fsdp_reshards_after_forward(parallel))
 
 
 def _check_fp8_shards(module: nn.Module, fp8: FP8Plan, names: list[str], tp: int) -> None:
