@@ -71,7 +71,7 @@ FOUR_RANKS = {
 MUTANTS = ("tp2-shard-amax", "fsdp2-shard-amax")
 REGROUPED = ("etp2-ep2",)
 STEP1_REGROUPED = 1e-4  # grad norm; measured 2.6e-5
-# Steps 2-3: about 3x the largest deviation measured over every recipe and layout.
+# Steps 2-3: at least 2.7x the largest deviation measured over every recipe and layout (docs/fp8.md).
 LOOSE = {"loss": 3e-4, "grad_norm": 2e-2, "aux_loss": 1e-2, "z_loss": 1e-2, "load_cv": 1e-1}
 
 
