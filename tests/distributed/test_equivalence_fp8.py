@@ -17,8 +17,8 @@ is docs/fp8.md's, "Layouts"):
 The recipes are spread over the layouts where their scales could go wrong: tensorwise under
 tp2 (DTensor computes a sharded weight's amax over the whole tensor) and fsdp2 (FSDP2's float8
 all-gather reduces the amax over the shards), rowwise under ep2 and cp2 (weight-gradient scales
-over tokens from other ranks), MXFP8 under etp2 x ep2 (32-element blocks within ETP shards) and
-pp2. A tensorwise scale taken from the local shard instead (`shard_local_amax`, the bug the
+over tokens from other ranks; under ep2 also with the sync-free, overlapped exchange), MXFP8
+under etp2 x ep2 (32-element blocks within ETP shards) and pp2. A tensorwise scale taken from the local shard instead (`shard_local_amax`, the bug the
 equivalence must catch) fails step 1 under tp2 and fsdp2.
 """
 
@@ -59,6 +59,10 @@ TWO_RANKS = {
     "tp2": Layout(("parallel.tp=2",), "tensorwise"),
     "fsdp2": Layout((), "tensorwise"),  # dp2, sharded: the float8 all-gather
     "ep2": Layout(("parallel.ep=2",), "rowwise"),
+    # the sync-free exchange (padding rows after the counted ones) with overlapped pieces (the
+    # experts in ranges of local experts): rowwise scales per expert, so the same numbers
+    "ep2-sync-free-overlap": Layout(("parallel.ep=2", "model.moe.ep_budget=2.0",
+                                     "model.moe.ep_overlap=true"), "rowwise"),
     "cp2": Layout(("parallel.cp=2",), "rowwise"),
     "pp2": Layout(("parallel.pp=2",), "mxfp8"),
     # the bug put back: each rank's tensorwise amax of its own shard
@@ -146,6 +150,13 @@ def _check(runs, name, case, references):
 @pytest.mark.parametrize("name", [n for n in TWO_RANKS if n not in MUTANTS])
 def test_two_rank_fp8_layout_equals_one_process(name, two_ranks, fp8_references):
     _check(two_ranks, name, TWO_RANKS[name], fp8_references)
+
+
+def test_the_sync_free_layout_ran_the_sync_free_exchange(two_ranks):
+    """ep2-sync-free-overlap equals one process like ep2 (above) because its FP8 experts see the
+    same rows, not because it fell back to the exact exchange: it logged its budget."""
+    assert all("ep_budget" in r for r in two_ranks.records["ep2-sync-free-overlap"])
+    assert not any("ep_budget" in r for r in two_ranks.records["ep2"])
 
 
 @pytest.mark.parametrize("name", FOUR_RANKS)
