@@ -6,7 +6,7 @@ the same run without FP8 (fp32), side by side in one invocation (docs/fp8.md, "Q
 
 Each (model, recipe) is `python -m moetrain.train` with the model's overrides, `train.fp8=`
 the recipe and the same seed, data and batches (by default one micro-batch of 8 sequences of
-64 tokens a step: emulated FP8 costs 2-3x fp32 on the CPU); the runs of one model go
+64 tokens a step: emulated FP8 costs 1.2-2x fp32 on the CPU); the runs of one model go
 concurrently (one thread each), the models one after the other. Writes OUT/fp8_quality.json (every run's
 validation losses, wall time, the machine and its load) and prints a markdown table: the final
 validation loss of each recipe and its relative difference from `none` (the criterion: within
