@@ -25,6 +25,7 @@ from moetrain.config.schema import MoetrainConfig
 from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets
 from moetrain.data.index import tokenizer_source
 from moetrain.evaluation import Evaluator
+from moetrain.fp8 import resolve_fp8
 from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.metrics.throughput import Throughput, device_peak
 from moetrain.model import MoEControl, Transformer, set_recompute
@@ -53,6 +54,7 @@ class Trainer:
         t = cfg.train
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
         self.rank = RankLayout.create(dims, rt.device)
+        self.fp8 = resolve_fp8(t, rt.device)  # None: train.fp8=none (moetrain/fp8)
 
         init = cfg.model.init
         if init.from_hf or init.upcycle_from:
@@ -84,7 +86,7 @@ class Trainer:
         batch = BatchShape(t.micro_batch_size, self.micro_batches_per_step // dims.dp,
                            cfg.data.seq_len)
         self.model, self.runner = parallelize(model, self.rank, cfg.parallel, batch,
-                                              compile=t.compile)
+                                              compile=t.compile, fp8=self.fp8)
         init_parameters(self.model, cfg.model, t.seed)
         set_recompute(self.model, t.recompute)
         # The MoE layers' per-step state: schedules, aux-loss scale, statistics, expert bias.

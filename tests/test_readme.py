@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from moetrain.fp8 import torchao_available
+from tests.fp8 import TORCHAO_MISSING
+
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL_RUN = ("train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -58,7 +61,15 @@ RUN: dict[str, tuple[str, ...]] = {
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),
     "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/flat": (),
+    "python -m moetrain.train +experiment=tiny train.fp8=rowwise run.dir=outputs/fp8": SMALL_RUN,
+    "python scripts/bench_fp8_quality.py --models tiny":
+        ("--recipes", "none,mxfp8", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+         "--global-batch", "2", "--seq-len", "32"),
 }
+
+# README commands that train or measure with train.fp8: skipped where torchao is missing
+NEEDS_TORCHAO = {"python -m moetrain.train +experiment=tiny train.fp8=rowwise run.dir=outputs/fp8",
+                 "python scripts/bench_fp8_quality.py --models tiny"}
 
 ENVIRONMENT = "sets up the environment these tests run in (a venv, packages from the network)"
 SKIPPED: dict[str, str] = {
@@ -77,6 +88,9 @@ SKIPPED: dict[str, str] = {
         "needs a GPU (compiled Triton); tests/test_bench_kernels.py runs it at small CPU shapes "
         "through the interpreter",
     "bash scripts/gpu_check.sh": "needs a GPU; tests/test_gpu_check.py tests its CPU-side logic",
+    "python scripts/bench_fp8.py":
+        "needs a GPU (real shapes, FP8 kernels); tests/fp8/test_bench_fp8.py runs it at a small "
+        "CPU shape, emulated",
     "python -m moetrain.hf export outputs/olmoe-<time> /tmp/olmoe-hf":
         "needs a run of the real-size OLMoE experiment; tests/hf/test_round_trip.py exports tiny "
         "models of every family and loads them with transformers",
@@ -119,6 +133,7 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
     commands = readme_commands()
     assert commands, "no ```bash blocks found in README.md"
     assert not set(RUN) & set(SKIPPED)
+    assert NEEDS_TORCHAO <= set(RUN)
     unlisted = [c for c in commands if c not in RUN and c not in SKIPPED]
     assert not unlisted, f"README commands neither run nor listed as skipped: {unlisted}"
     stale = [c for c in [*RUN, *SKIPPED] if c not in commands]
@@ -166,6 +181,8 @@ def tiny_run(workdir) -> Path:
 def test_readme_command(command, workdir, tiny_run):
     if command in SKIPPED:
         pytest.skip(SKIPPED[command])
+    if command in NEEDS_TORCHAO and not torchao_available():
+        pytest.skip(TORCHAO_MISSING)
     if command == TINY_TRAIN:  # ran for the fixture
         assert (tiny_run / "checkpoints" / "latest").read_text().strip() == "step_2"
         return

@@ -50,6 +50,9 @@ ModelFamily = _choice("ModelFamily", "custom", "mixtral", "qwen3_moe", "olmoe", 
 AttentionKind = _choice("AttentionKind", "gqa", "mla")
 QKNorm = _choice("QKNorm", "none", "head", "full")
 RopeScaling = _choice("RopeScaling", "none", "yarn")
+# FP8 training recipes and their implementations (moetrain/fp8, docs/fp8.md).
+FP8Recipe = _choice("FP8Recipe", "none", "tensorwise", "rowwise", "mxfp8")
+FP8Backend = _choice("FP8Backend", "torchao", "te")
 GroupScore = _choice("GroupScore", "top2_sum", "max")
 
 
@@ -354,6 +357,17 @@ class TrainConfig:
     recompute: Recompute = Recompute("none")
     # Compile every transformer block with torch.compile (regional compilation; docs/performance.md).
     compile: bool = False
+    # FP8 training (docs/fp8.md): none | tensorwise | rowwise | mxfp8. The linears of attention,
+    # dense MLPs and shared experts compute in float8, the routed experts' grouped GEMMs through
+    # torchao's MoE training ops; router, norms, embeddings (and the output head, unless
+    # fp8_output_head) stay in high precision, and so do the weights and checkpoints. On the CPU
+    # every recipe runs emulated (quantize -> dequantize -> high-precision GEMM); on a GPU a
+    # recipe its hardware cannot run is refused.
+    fp8: FP8Recipe = FP8Recipe("none")
+    # torchao | te (Transformer Engine for the dense linears: NVIDIA GPUs where it is installed).
+    fp8_backend: FP8Backend = FP8Backend("torchao")
+    # The output head as a float8 linear too (off by default: the logits are the most sensitive).
+    fp8_output_head: bool = False
 
 
 @dataclass

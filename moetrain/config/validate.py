@@ -157,6 +157,7 @@ def validate(cfg: MoetrainConfig) -> None:
                  "must be > 0, or null for dropless evaluation")
     if t.max_time is not None:
         _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
+    _validate_fp8(cfg)
 
     f = cfg.fault
     for key in ("init_timeout", "step_timeout", "heartbeat_timeout"):
@@ -175,6 +176,30 @@ def validate(cfg: MoetrainConfig) -> None:
     if cfg.logging.tensorboard:
         _require(_importable("tensorboard"), "logging.tensorboard", True,
                  "tensorboard is not installed: pip install 'moetrain[tensorboard]', or set it to false")
+
+
+def _validate_fp8(cfg: MoetrainConfig) -> None:
+    """train.fp8 and its companions (docs/fp8.md); what the device runs is checked by
+    moetrain.fp8.resolve_fp8, what the layout allows by moetrain.parallel.check_layout."""
+    t, m = cfg.train, cfg.model
+    if t.fp8 == "none":
+        _require(t.fp8_backend == "torchao", "train.fp8_backend", str(t.fp8_backend),
+                 "needs train.fp8 set (tensorwise, rowwise or mxfp8)")
+        _require(not t.fp8_output_head, "train.fp8_output_head", t.fp8_output_head,
+                 "needs train.fp8 set (tensorwise, rowwise or mxfp8)")
+        return
+    _require(not (t.fp8_backend == "te" and t.fp8 == "rowwise"), "train.fp8", str(t.fp8),
+             "has no Transformer Engine recipe (it scales per tensor or per block): use "
+             "tensorwise or mxfp8 with train.fp8_backend=te, or train.fp8_backend=torchao")
+    _require(not (t.fp8_output_head and m.tie_embeddings), "train.fp8_output_head",
+             t.fp8_output_head, "cannot be combined with model.tie_embeddings=true (the "
+             "embedding shares the output head's weight); untie them or set it to false")
+    align = 32 if t.fp8 == "mxfp8" else 16
+    for key, value in (("model.d_model", m.d_model),
+                       ("model.moe.expert_hidden", m.moe.expert_hidden)):
+        _require(value % align == 0, key, value,
+                 f"must be a multiple of {align} with train.fp8={t.fp8} (the routed experts' "
+                 "FP8 GEMMs quantize along it)")
 
 
 def _value_of(cfg: Any, key: str) -> Any:

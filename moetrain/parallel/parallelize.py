@@ -2,10 +2,13 @@
 
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model, runner = parallelize(model, rank, cfg.parallel, batch, compile=cfg.train.compile)
+    model, runner = parallelize(model, rank, cfg.parallel, batch, compile=cfg.train.compile,
+                                fp8=resolve_fp8(cfg.train, device))
     init_parameters(model, cfg.model, seed)       # this rank's shards (moetrain/model/init.py)
 
-`parallelize` takes the model on the meta device, applies expert, tensor and context parallelism,
+`parallelize` takes the model on the meta device, converts it to FP8 (train.fp8: before anything
+shards it, so that FSDP2's float8 all-gather applies and every scale is the whole tensor's;
+moetrain/fp8), applies expert, tensor and context parallelism,
 wires the MoE layers to the layout (`MoELayer.use_layout`), compiles, applies FSDP2 (sharded or
 replicated data parallelism) and, under pipeline parallelism, cuts this rank's stages and builds
 the schedule; then it allocates this rank's shards on its device, uninitialised. It returns what
@@ -17,17 +20,21 @@ docs/parallelism.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.config.schema import ParallelConfig
+from moetrain.fp8 import FP8Plan, apply_fp8
 from moetrain.model.moe.layer import moe_layers
 from moetrain.model.moe.losses import STEP
 from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context_parallel import apply_context_parallel
 from moetrain.parallel.data_parallel import apply_data_parallel
+from moetrain.parallel.dims import LayoutError
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.pipeline.schedule import build_pipeline
 from moetrain.parallel.pipeline.stages import build_stage_modules
@@ -48,13 +55,16 @@ class BatchShape:
 
 
 def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, batch: BatchShape,
-                *, compile: bool = False) -> tuple[nn.Module, StepRunner]:
+                *, compile: bool = False,
+                fp8: Optional[FP8Plan] = None) -> tuple[nn.Module, StepRunner]:
     """Apply the layout to `model` (a `Transformer` on the meta device) and allocate this rank's
-    shards on `rank.device` (uninitialised; on the meta device nothing is allocated).
+    shards on `rank.device` (uninitialised; on the meta device nothing is allocated). `fp8`:
+    compute in FP8 (`moetrain.fp8.resolve_fp8`; None: high precision).
 
     Returns (the model the trainer takes: under PP this rank's stages as one module with the
     full model's parameter names, `model` having given its blocks to them; the step runner).
-    Raises ValueError for a model not on the meta device.
+    Raises ValueError for a model not on the meta device, LayoutError for an FP8 linear whose
+    tensor-parallel shard is not a multiple of the recipe's alignment.
     """
     if not all(p.is_meta for p in model.parameters()):
         raise ValueError("parallelize takes a model on the meta device: each rank allocates "
@@ -63,13 +73,14 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
     # The sync-free all-to-all where the model has an expert-parallel budget.
     sync_free = model.cfg.moe.ep_budget is not None
     if dims.pp == 1:
-        units = _parallelize_stage(model, rank, parallel, compile, sync_free)
+        units = _parallelize_stage(model, rank, parallel, compile, sync_free, fp8)
         roots, runner = [model], StepRunner(rank, units)
     else:
         stage_modules = build_stage_modules(model, rank.pp_rank, dims.pp, dims.vpp,
                                             parallel.pp_layers)
         units = [u for sm in stage_modules
-                 for u in _parallelize_stage(sm.module, rank, parallel, compile, sync_free)]
+                 for u in _parallelize_stage(sm.module, rank, parallel, compile, sync_free,
+                                             fp8)]
         shell = stage_modules[0].module
         pipe = build_pipeline(
             stage_modules, schedule=parallel.pp_schedule, group=rank.meshes.group("pp"),
@@ -87,10 +98,14 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
 
 
 def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelConfig,
-                       compile: bool, sync_free: bool) -> list:
-    """EP, TP, CP, the MoE layers' layout, compilation, FSDP: on the full model or one pipeline
-    stage. Returns the FSDP units."""
+                       compile: bool, sync_free: bool, fp8: Optional[FP8Plan] = None) -> list:
+    """FP8, EP, TP, CP, the MoE layers' layout, compilation, FSDP: on the full model or one
+    pipeline stage. Returns the FSDP units."""
     dims, meshes = rank.dims, rank.meshes
+    fp8_linears: list[str] = []
+    if fp8 is not None:  # first: TP and FSDP then shard float8 linears (torchtitan's order)
+        sharded = meshes is not None and parallel.fsdp.enabled and dims.dp_cp > 1
+        fp8_linears = apply_fp8(module, fp8.with_fsdp_all_gather(sharded))
     if meshes is None:
         if compile:
             apply_compile(module)
@@ -99,6 +114,8 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
         apply_expert_parallel(module, meshes.experts, sync_free=sync_free)
     if dims.tp > 1:
         apply_tensor_parallel(module, meshes.mesh("tp"))
+        if fp8 is not None:
+            _check_fp8_shards(module, fp8, fp8_linears, dims.tp)
     if dims.cp > 1:
         apply_context_parallel(module, meshes.group("cp"), parallel.cp_comm)
     for layer in moe_layers(module):
@@ -110,6 +127,21 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
         apply_compile(module)
     return apply_data_parallel(module, meshes, shard=parallel.fsdp.enabled,
                                reshard_after_forward=fsdp_reshards_after_forward(parallel))
+
+
+def _check_fp8_shards(module: nn.Module, fp8: FP8Plan, names: list[str], tp: int) -> None:
+    """Every tensor-parallel shard of an FP8 linear must keep the recipe's alignment (the FP8
+    GEMMs' 16-byte rows; MXFP8's 32-element blocks along both weight dimensions)."""
+    for name in names:
+        weight = module.get_submodule(name).weight
+        local = weight.to_local() if isinstance(weight, DTensor) else weight
+        for dim, what in ((0, "output"), (1, "input")):
+            if local.shape[dim] % fp8.alignment:
+                raise LayoutError(
+                    f"train.fp8={fp8.recipe} with parallel.tp={tp}: {name} holds "
+                    f"{local.shape[dim]} of its {weight.shape[dim]} {what} features per rank, "
+                    f"not a multiple of {fp8.alignment}; use a smaller parallel.tp",
+                    ("train.fp8", "parallel.tp"))
 
 
 def _to_empty(module: nn.Module, device: torch.device) -> None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Optional
 
 import pytest
 import torch
@@ -67,22 +68,24 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]]):
-    """In every rank: train each job; returns (rank 0's records by job, this rank's
-    (dp_rank, first step's micro-batches) by job, this rank's `digest` after the last step by
-    job)."""
+def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]],
+           faults: Optional[dict[str, Callable[[], ContextManager]]] = None):
+    """In every rank: train each job (inside its fault's context, if any); returns (rank 0's
+    records by job, this rank's (dp_rank, first step's micro-batches) by job, this rank's
+    `digest` after the last step by job)."""
     torch.set_num_threads(1)  # the launcher did already; also for a direct call
     records: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, tuple[int, list[list[int]]]] = {}
     digests: dict[str, str] = {}
     for name, cfg, run_dir in jobs:
-        trainer = trainer_for(cfg, run_dir)
-        state = trainer.sampler.state_dict()
-        samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
-        trainer.sampler.load_state_dict(state)
-        trainer.fit()
-        digests[name] = digest(trainer.model)
-        del trainer  # before the next job builds its model (real shapes: two would not fit)
+        with (faults or {}).get(name, nullcontext)():
+            trainer = trainer_for(cfg, run_dir)
+            state = trainer.sampler.state_dict()
+            samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
+            trainer.sampler.load_state_dict(state)
+            trainer.fit()
+            digests[name] = digest(trainer.model)
+            del trainer  # before the next job builds its model (real shapes: two would not fit)
         if rank == 0:
             records[name] = _records(run_dir)
     return records, samples, digests
@@ -110,10 +113,12 @@ class LayoutRuns:
 
 
 def run_layouts(
-    world_size: int, layouts: dict[str, list[str]], tmp_dir: Path, timeout: float = 300
+    world_size: int, layouts: dict[str, list[str]], tmp_dir: Path, timeout: float = 300,
+    faults: Optional[dict[str, Callable[[], ContextManager]]] = None,
 ) -> LayoutRuns:
     """Train every layout (name -> overrides) on `world_size` forked ranks, one after another in
-    one launch."""
+    one launch. `faults`: layout name -> a context manager factory every rank enters around that
+    layout's run (a bug put back on purpose, to show that a comparison fails)."""
     jobs = []
     for name, overrides in layouts.items():
         cfg = layout_config(world_size, overrides)
@@ -122,7 +127,7 @@ def run_layouts(
         jobs.append((name, cfg, run_dir))
     # Tokenizer and shards once, in the parent, before any rank looks for them.
     ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
-    results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
+    results = run_distributed(_train, world_size, jobs, faults, timeout=timeout, pg_timeout=60)
     samples = {name: [per_rank[name] for _, per_rank, _ in results] for name in layouts}
     digests = {name: [per_rank[name] for _, _, per_rank in results] for name in layouts}
     return LayoutRuns(records=results[0][0], samples=samples,
@@ -211,11 +216,12 @@ class Layout:
 
 
 def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path,
-              references: dict[str, list[str]] = REFERENCES) -> LayoutRuns:
+              references: dict[str, list[str]] = REFERENCES,
+              faults: Optional[dict[str, Callable[[], ContextManager]]] = None) -> LayoutRuns:
     """`run_layouts` for `Layout`s: the reference's overrides (from `references`), then the
     layout's."""
     layouts = {name: [*references[c.reference], *c.overrides] for name, c in cases.items()}
-    return run_layouts(world_size, layouts, tmp_dir, timeout=600)
+    return run_layouts(world_size, layouts, tmp_dir, timeout=600, faults=faults)
 
 
 def assert_bitwise_equal(runs: LayoutRuns, name: str, other: str) -> None:
