@@ -23,8 +23,10 @@ from moetrain.config.schema import MoetrainConfig
 from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
 from moetrain.data.index import tokenizer_source
 from moetrain.metrics import MetricsLogger, summarize_routing
-from moetrain.model import MoEControl, Transformer, set_recompute
+from moetrain.model import MoEControl, Transformer, num_moe_layers, set_recompute
 from moetrain.model.init import init_parameters
+from moetrain.model.inputs import InputSpec
+from moetrain.model.mtp import mtp_loss_scale_at
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
@@ -85,16 +87,19 @@ class Trainer:
         memory.reset_peak(rt.device)
         with torch.device("meta"):
             model = Transformer(cfg.model)
+        # How windows become inputs and targets: MTP, documents (the data's EOS id).
+        inputs = InputSpec(mtp_depth=cfg.model.mtp.depth, eos_id=self.train_data.eos_id,
+                           document_mask=cfg.data.document_mask,
+                           mask_boundary=cfg.data.boundary_loss == "mask")
         batch = BatchShape(t.micro_batch_size, self.micro_batches_per_step // dims.dp,
-                           cfg.data.seq_len)
+                           cfg.data.seq_len, inputs)
         self.model, self.runner = parallelize(model, self.rank, cfg.parallel, batch,
                                               compile=t.compile)
         init_parameters(self.model, cfg.model, t.seed)
         set_recompute(self.model, t.recompute)
         # The MoE layers' per-step state: schedules, aux-loss scale, statistics, expert bias.
         self.moe = MoEControl(
-            self.model, cfg.model.moe,
-            num_moe_layers=cfg.model.n_layers - cfg.model.moe.first_dense_layers,
+            self.model, cfg.model.moe, num_moe_layers=num_moe_layers(cfg.model),
             micro_batches_per_step=self.micro_batches_per_step,
             eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
@@ -212,7 +217,7 @@ class Trainer:
                 scalars, routing = summarize_routing(moe_stats, self.micro_batches_per_step,
                                                      moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
                 record.update(scalars, total_loss=record["lm_loss"] + scalars["aux_loss"]
-                              + scalars["z_loss"])
+                              + scalars["z_loss"] + record.get("mtp_loss", 0.0))
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
@@ -238,7 +243,7 @@ class Trainer:
                 record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
                                for name, n in self.sampler.consumed().items()})
                 if t.eval_every and self.state.step % t.eval_every == 0:
-                    record["val_loss"] = self.evaluate()
+                    record.update(self.evaluate())
                 if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
                     memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
                                           self.step_peak_bytes / memory.GIB)
@@ -301,8 +306,10 @@ class Trainer:
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
         # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
-        # loss is backpropagated divided by the global batch's token count.
-        lm_sum = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
+        # (and MTP) loss is backpropagated divided by the global batch's token count.
+        mtp_scale = mtp_loss_scale_at(self.cfg.model.mtp, self.state.step)
+        token_sums = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast,
+                                             mtp_loss_scale=mtp_scale)
         stats = self.moe.step_stats()
         # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
         # reduction and the routing statistics: one reduction, one host read.
@@ -310,12 +317,16 @@ class Trainer:
         sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
         if stats is not None:
             sums["moe"] = stats.rows_LC
-        summed = runner.reduce_step(model, token_sums={"lm_sum": lm_sum}, sums=sums,
+        summed = runner.reduce_step(model, token_sums=token_sums, sums=sums,
                                     per_rank={"memory_peak": self.step_peak_bytes})
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = summed.item("stop") > 0
-        lm_loss, grad_norm = summed.item("lm_sum") / self.tokens_per_step, summed.grad_norm
-        skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
+        losses = _loss_means(summed.host, "")
+        lm_loss, grad_norm = losses["loss"], summed.grad_norm
+        mtp = {k: v for k, v in losses.items() if k.startswith("mtp_loss/")}
+        if mtp:  # what the MTP term adds to the total loss: lambda / D * sum_k mean CE_k
+            losses["mtp_loss"] = mtp_scale / len(mtp) * sum(mtp.values())
+        skipped = not all(math.isfinite(v) for v in (*losses.values(), grad_norm))
         columns = self.moe.columns
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -325,28 +336,41 @@ class Trainer:
             # Aux-loss-free balancing from this step's global load (on the device).
             self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
         host = None if stats is None else columns.view(summed.host["moe"])
-        return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
-                "top_k": routing.top_k,
+        return {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
+                "skipped": skipped, "top_k": routing.top_k,
                 "memory_peak_gib": float(summed.host["memory_peak"].max()) / memory.GIB}, host
 
-    def evaluate(self) -> float:
-        """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
-        so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
-        the two apart); the step's training routing is set again afterwards."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation losses with the MoE layers at `train.eval_capacity_factor` (null =
+        dropless), so that they do not depend on the training capacity (Megatron and DeepSpeed
+        also keep the two apart); the step's training routing is set again afterwards.
+        {"val_loss": the main-token loss, "val_mtp_loss/<k>": each MTP depth's}."""
         with self.moe.evaluation():
-            return self._validation_loss()
+            return self._validation_losses()
 
     @torch.no_grad()
-    def _validation_loss(self) -> float:
-        """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
+    def _validation_losses(self) -> dict[str, float]:
+        """Mean losses over the scored targets of the first `train.eval_batches` global batches
+        of the validation split."""
         assert self.val_data is not None
         model = self.model
         model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro_batches in self.eval_steps:
             batches = [self.val_data.get_batch(indices).to(self.rt.device)
                        for indices in micro_batches]
-            sums += self.runner.eval_sums(model, batches, self.rt.autocast).to(sums.device)
+            for name, value in self.runner.eval_sums(model, batches, self.rt.autocast).items():
+                sums[name] = sums[name] + value if name in sums else value
         model.train()
-        loss_sum, targets = self.runner.sum_over_tokens(sums).tolist()
-        return loss_sum / targets
+        summed = self.runner.sum_over_tokens(sums)
+        return _loss_means({k: v.cpu() for k, v in summed.items()}, "val_")
+
+
+def _loss_means(sums: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    """{prefix + "loss": the LM loss's mean over its scored targets, prefix + "mtp_loss/<k>":
+    MTP depth k's} from the token sums of `StepLoss.sums` (summed over the ranks)."""
+    out = {f"{prefix}loss": float(sums["lm_sum"]) / max(float(sums["lm_targets"]), 1.0)}
+    for k, (total, n) in enumerate(zip(sums["mtp_sum"].tolist(), sums["mtp_targets"].tolist()),
+                                   start=1):
+        out[f"{prefix}mtp_loss/{k}"] = total / max(n, 1.0)
+    return out

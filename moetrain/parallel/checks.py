@@ -98,23 +98,17 @@ def check_model_fit(
             ("train.global_batch_size", "train.micro_batch_size"),
         )
     if pp_schedule is not None:
-        check_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step,
-                       tie_embeddings=bool(getattr(model, "tie_embeddings", False)))
+        check_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step)
 
 
-def check_pipeline(
-    schedule: str, pp: int, vpp: int, n_microbatches: int, *, tie_embeddings: bool = False
-) -> None:
+def check_pipeline(schedule: str, pp: int, vpp: int, n_microbatches: int) -> None:
     """Check a pipeline schedule (`parallel.pp_schedule`, one of the schema's PPSchedule) against
     pp, vpp and the micro-batches per data-parallel rank and step (train.global_batch_size /
     (train.micro_batch_size * dp)); LayoutError naming the keys. Everything passes for pp = 1."""
     if pp * vpp == 1:
         return
-    if tie_embeddings:
-        raise LayoutError(
-            "model.tie_embeddings = true is not supported with pipeline parallelism "
-            f"(parallel.pp*parallel.vpp = {pp}*{vpp}): the embedding and the output head sit "
-            "on different stages; untie them", ("model.tie_embeddings", "parallel.pp"))
+    # Tied embeddings and multi-token prediction are fine: the last stage holds a copy of the
+    # embedding whose gradient is summed with the first stage's (pipeline/stages.py).
     multi = schedule in MULTI_STAGE_SCHEDULES
     if not multi and vpp != 1:
         raise LayoutError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ BASE = [
     "model.moe.lbl.scope=micro",
 ]
 KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
+# Compared too where the runs log them: the MTP losses per depth (model.mtp.depth > 0) and the
+# validation losses (train.eval_every).
+OPTIONAL = re.compile(r"^(val_loss|val_mtp_loss/\d+|mtp_loss/\d+)$")
 RTOL = 1e-5
 
 
@@ -92,7 +96,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in ("step", *KEYS, "val_loss") if key in m}
+        rec = {key: m[key] for key in m if key in ("step", *KEYS) or OPTIONAL.match(key)}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -118,7 +122,8 @@ def run_layouts(
         run_dir.mkdir(parents=True)
         jobs.append((name, cfg, run_dir))
     # Tokenizer and shards once, in the parent, before any rank looks for them.
-    ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
+    for data in {repr(cfg.data): cfg.data for _, cfg, _ in jobs}.values():
+        ensure_prepared(data, jobs[0][1].model.vocab_size)
     results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
     samples = {name: [per_rank[name] for _, per_rank in results] for name in layouts}
     return LayoutRuns(records=results[0][0], samples=samples,
@@ -131,15 +136,18 @@ def rel_err(a: float, b: float) -> float:
 
 def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
     """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses,
-    load CV and (where the layout evaluated) the validation loss to rel. RTOL, expert token
-    counts exactly. Returns the largest rel. error per key."""
+    load CV, the MTP losses and (where the layout evaluated) the validation losses to rel.
+    RTOL, expert token counts exactly. Returns the largest rel. error per key."""
     assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
     worst = {key: 0.0 for key in KEYS}
     bad = []
     for got, want in zip(records, reference):
-        if "val_loss" in got:
-            assert "val_loss" in want, f"step {got['step']}: the reference did not evaluate"
-        for key in KEYS + (("val_loss",) if "val_loss" in got else ()):
+        optional = tuple(k for k in got if OPTIONAL.match(k))
+        missing = [k for k in optional if k not in want]
+        assert not missing, f"step {got['step']}: the reference did not log {missing}"
+        lost = [k for k in want if k.startswith("mtp_loss/") and k not in got]
+        assert not lost, f"step {got['step']}: the layout did not log {lost}"
+        for key in KEYS + optional:
             err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
             if not err < RTOL:
                 bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")

@@ -183,8 +183,6 @@ def test_model_fit_accepts_good_and_refuses_too_few_kv_heads():
         (dict(pp=2, vpp=2), "interleaved", {}, dict(global_batch_size=40, micro_batch_size=2),
          ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"),
          "(5) to be a multiple of max(1, micro-batches // parallel.pp) = 2"),
-        (dict(pp=2), "1f1b", dict(tie_embeddings=True), {}, ("model.tie_embeddings",),
-         "model.tie_embeddings = true is not supported with pipeline parallelism"),
     ],
 )
 def test_pipeline_schedule_is_checked_before_any_process_group(degrees, schedule, model, train,
@@ -203,8 +201,10 @@ def test_pipeline_schedules_that_fit():
     for schedule in ("interleaved", "zero_bubble"):
         check_model_fit(ParallelDims(2, pp=2, vpp=2), ModelConfig(), train, 128,
                            pp_schedule=schedule)
-    # pp = 1: the schedule and tied embeddings do not matter
+    # tied embeddings fit any layout (the last stage's copy: docs/pipeline_parallel.md)
     check_model_fit(ParallelDims(2), _model(tie_embeddings=True), train, 128, pp_schedule="1f1b")
+    check_model_fit(ParallelDims(4, pp=2), _model(tie_embeddings=True), train, 128,
+                    pp_schedule="1f1b")
 
 
 # -- the layout tool -----------------------------------------------------------------------------
