@@ -27,7 +27,7 @@ OPTIM_BYTES = 8
 ACT_BYTES = 2  # bf16 activations
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
-              "norms", "output")
+              "norms", "output", "mtp")
 
 
 @dataclass
@@ -45,22 +45,39 @@ class ParamCounts:
     def n_active(self) -> int:
         return sum(self.active.values())
 
+    # Multi-token prediction: active parameters of its modules that take part in a matmul, and
+    # how many more times each token goes through the shared output head (its depth D).
+    mtp_matmul: int = 0
+    mtp_heads: int = 0
+
+    @property
+    def n_main(self) -> int:
+        """Parameters of the main model (without the multi-token-prediction modules)."""
+        return self.n_total - self.total["mtp"]
+
     @property
     def n_active_matmul(self) -> int:
-        """Active parameters that take part in a matrix multiply (N_mm of the FLOPs formula)."""
+        """Active parameters applied to each token in a matrix multiply (N_mm of the FLOPs
+        formula): the main model's, and the MTP modules' with the shared output head once per
+        depth (its parameters are counted once, its multiply D + 1 times)."""
         a = self.active
         output = a["output"] or a["embedding"]  # tied: the embedding matrix is the output matmul
         return a["attention"] + a["dense_mlp"] + a["routed_experts"] + a["shared_experts"] + \
-            a["router"] + output
+            a["router"] + output * (1 + self.mtp_heads) + self.mtp_matmul
 
 
 def layer_params(model: Any, layer: int) -> dict[str, int]:
     """Parameters of transformer block `layer` by component (all routed experts)."""
+    return block_params(model, dense=layer < model.moe.first_dense_layers)
+
+
+def block_params(model: Any, dense: bool) -> dict[str, int]:
+    """Parameters of one transformer block by component (all routed experts): dense MLP or MoE."""
     d, moe = model.d_model, model.moe
     out = dict.fromkeys(COMPONENTS, 0)
     out["attention"] = attention_params(model)
     out["norms"] = 2 * d
-    if layer < moe.first_dense_layers:
+    if dense:
         out["dense_mlp"] = 3 * d * model.ffn_hidden
     else:
         out["routed_experts"] = 3 * d * moe.expert_hidden * moe.num_experts
@@ -107,8 +124,25 @@ def shared_hidden(model: Any) -> int:
     return moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
 
 
+def mtp_module_params(model: Any, top_k: Optional[int] = None) -> dict[str, int]:
+    """Parameters of one multi-token-prediction module by component (moetrain/model/mtp.py):
+    its block, its RMSNorms of the embedding, the hidden state and the output (3 d) and its
+    projection [2d -> d]; {"active": ...} counts k of E routed experts. The embedding and the
+    output head are the main model's (shared, not counted)."""
+    mtp, moe, d = model.mtp, model.moe, model.d_model
+    parts = block_params(model, dense=mtp.block == "dense")
+    parts["norms"] += 3 * d
+    total = sum(parts.values()) + 2 * d * d
+    k = moe.top_k if top_k is None else top_k
+    routed_active = 0 if mtp.block == "dense" else k * 3 * d * moe.expert_hidden
+    matmul = total - parts["norms"] - parts["routed_experts"] + routed_active
+    return {"total": total, "active": total - parts["routed_experts"] + routed_active,
+            "matmul": matmul}
+
+
 def count_parameters(model: Any, top_k: Optional[int] = None) -> ParamCounts:
-    """Total and active parameters of a `ModelConfig`; `top_k` overrides model.moe.top_k."""
+    """Total and active parameters of a `ModelConfig`; `top_k` overrides model.moe.top_k.
+    Component "mtp": the multi-token-prediction modules (model.mtp.depth of them)."""
     moe = model.moe
     k = moe.top_k if top_k is None else top_k
     total = dict.fromkeys(COMPONENTS, 0)
@@ -122,7 +156,10 @@ def count_parameters(model: Any, top_k: Optional[int] = None) -> ParamCounts:
     # Exact integer: every routed expert has 3 d F_e parameters.
     moe_layers = model.n_layers - moe.first_dense_layers
     active["routed_experts"] = moe_layers * k * 3 * model.d_model * moe.expert_hidden
-    return ParamCounts(total, active)
+    depth = model.mtp.depth
+    module = mtp_module_params(model, k)
+    total["mtp"], active["mtp"] = depth * module["total"], depth * module["active"]
+    return ParamCounts(total, active, mtp_matmul=depth * module["matmul"], mtp_heads=depth)
 
 
 @dataclass
@@ -146,7 +183,8 @@ def flops_per_token(model: Any, seq_len: int, top_k: Optional[int] = None,
     """Training FLOPs per token of a `ModelConfig` at sequence length `seq_len` (module docstring)."""
     n_mm = count_parameters(model, top_k).n_active_matmul
     qk, v = attention_widths(model)
-    attention = 2.0 * model.n_layers * seq_len * model.n_heads * (qk + v)
+    # every block attends: the main model's layers and the MTP modules' blocks
+    attention = 2.0 * (model.n_layers + model.mtp.depth) * seq_len * model.n_heads * (qk + v)
     return Flops(2.0 * n_mm, attention / 2 if causal else attention)
 
 
@@ -178,6 +216,13 @@ def in_flight_micro_batches(stage: int, dims: ParallelDims, n_micro: int, schedu
 
 def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: ParallelDims,
                            top_k: int) -> float:
+    """`block_activation_bytes` of transformer block `layer`."""
+    return block_activation_bytes(model, layer < model.moe.first_dense_layers, tokens, dims,
+                                  top_k)
+
+
+def block_activation_bytes(model: Any, dense: bool, tokens: float, dims: ParallelDims,
+                           top_k: int) -> float:
     """Bytes one rank keeps for backward of block `layer` for one micro-batch (bf16, no recompute).
 
     `tokens` = micro_batch * seq_len / cp (the tokens of the rank's sequence chunk). Per token,
@@ -197,7 +242,7 @@ def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: Parallel
     # MLA keeps per-head keys and values (rebuilt from the latent) like GQA with Hkv = H.
     q, kv = model.n_heads * qk, model.n_kv_heads * (qk + v) // 2
     per_token = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
-    if layer < moe.first_dense_layers:
+    if dense:
         per_token += 3 * model.ffn_hidden
     else:
         per_token += top_k * dims.etp * (2 * d + 3 * moe.expert_hidden / dims.etp)
@@ -272,19 +317,33 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
             largest_layer = max(largest_layer, layer_expert + sum(
                 n / _dense_shards(c, dims, False) for c, n in parts.items() if c != "routed_experts"))
         vocab = model.vocab_size * model.d_model / _dense_shards("embedding", dims, fsdp)
+        last, depth, mtp_dense = s == dims.pp - 1, model.mtp.depth, model.mtp.block == "dense"
         if s == 0:
             dense_rank += vocab
-        if s == dims.pp - 1:
+        if last:
             dense_rank += model.d_model / _dense_shards("norms", dims, fsdp)
             dense_rank += vocab if not model.tie_embeddings or dims.pp > 1 else 0
+            if depth and dims.pp > 1 and not model.tie_embeddings:
+                dense_rank += vocab  # the MTP modules' copy of the shared embedding
+            for _ in range(depth):  # the MTP modules sit on the last stage
+                parts = block_params(model, dense=mtp_dense)
+                parts["norms"] += 3 * model.d_model
+                parts["attention"] += 2 * model.d_model ** 2  # its projection: TP colwise
+                dense_rank += sum(n / _dense_shards(c, dims, fsdp)
+                                  for c, n in parts.items() if c != "routed_experts")
+                expert_rank += parts["routed_experts"] / (dims.ep * dims.etp) / (
+                    dims.edp if fsdp else 1)
         n = dense_rank + expert_rank
-        largest = _largest_local_tensor(model, layers, s == 0 or s == dims.pp - 1, dims, fsdp)
+        largest = _largest_local_tensor(model, layers, s == 0 or last, dims, fsdp)
         gathered = fsdp and (dims.dp_cp > 1 or dims.edp > 1)
         act = sum(layer_activation_bytes(model, layer, tokens, dims, k) for layer in layers)
+        if last:  # each MTP block, its two normalised inputs and their concatenation (4 d)
+            act += depth * (block_activation_bytes(model, mtp_dense, tokens, dims, k)
+                            + ACT_BYTES * 4 * model.d_model * tokens / dims.tp)
         act *= in_flight_micro_batches(s, dims, n_micro, par.pp_schedule)
         logits = 0.0
-        if s == dims.pp - 1:
-            logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp
+        if last:  # the main and every MTP depth's logits
+            logits = (1 + depth) * (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp
         stages.append(StageMemory(
             stage=s, dense_params=dense_rank, expert_params=expert_rank,
             weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n, optimizer=OPTIM_BYTES * n,
@@ -356,6 +415,7 @@ class Plan:
             "params": {
                 "total": self.params.n_total,
                 "active": self.params.n_active,
+                "main": self.params.n_main,
                 "active_matmul": self.params.n_active_matmul,
                 "by_component": {c: {"total": self.params.total[c], "active": self.params.active[c]}
                                  for c in COMPONENTS},
@@ -458,8 +518,11 @@ def format_plan(plan: Plan) -> str:
         if p.total[c]:
             lines.append(f"  {c:<16}{human(p.total[c]):>12}{human(p.active[c]):>12}")
     embed = p.total["embedding"] + p.total["output"]
+    lines += [f"  {'all':<16}{human(p.n_total):>12}{human(p.n_active):>12}"]
+    if p.total["mtp"]:  # DeepSeek-V3 reports the main model and its MTP modules apart
+        lines.append(f"  {'main model':<16}{human(p.n_main):>12}"
+                     f"{human(p.n_active - p.active['mtp']):>12}")
     lines += [
-        f"  {'all':<16}{human(p.n_total):>12}{human(p.n_active):>12}",
         f"  {'non-embedding':<16}{human(p.n_total - embed):>12}{human(p.n_active - embed):>12}",
         "",
         f"  activation ratio (active / total)        {plan.activation_ratio:.3f}",
