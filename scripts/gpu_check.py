@@ -15,6 +15,8 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
     gpu_tests        pytest -m gpu over the rest of tests/ (none collected: status 'none')
     bench_kernels    scripts/bench_kernels.py: each Triton kernel against the PyTorch path
     bench_moe_layer  scripts/bench_moe_layer.py: mixtral, olmoe, qwen3; baseline, moetrain, triton
+    bench_documents  scripts/bench_documents.py: document-masked attention, SDPA through the dense
+                     mask vs compiled flex attention (the path `data.document_mask` takes on CUDA)
     train_eager      scripts/bench_train.py: OLMoE-1B-7B-shaped, 4 layers, seq 4096
     train_compiled   the same with train.compile=true; 'unavailable' where the config has no
                      train.compile
@@ -128,6 +130,11 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
                                     "cpu", "--iters", "2", "--warmup", "1"] if smoke
                                    else ["--iters", "10", "--warmup", "3"])],
              210, "bench_moe_layer.json"),
+        Step("bench_documents", [PY, "scripts/bench_documents.py", "--json", str(work / "bench_documents.json"),
+                                 *(["--shape", "1,4,2,256,32", "--doc", "50", "--device", "cpu",
+                                    "--iters", "2", "--warmup", "1"] if smoke
+                                   else ["--iters", "20", "--warmup", "5"])],
+             90, "bench_documents.json"),
     ]
     train = TRAIN_SMOKE if smoke else TRAIN
     counts = ["--steps", "2", "--warmup", "1"] if smoke else ["--steps", "8", "--warmup", "3"]
@@ -144,7 +151,7 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
 
 
 STEP_NAMES = ("install", "env", "kernel_tests", "gpu_tests", "bench_kernels", "bench_moe_layer",
-              "train_eager", "train_compiled")
+              "bench_documents", "train_eager", "train_compiled")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -274,6 +281,10 @@ def summarize(steps: dict) -> dict:
         if r:
             summary[f"train_{mode}_tokens_per_s"] = round(r["tokens_per_s"], 1)
             summary[f"train_{mode}_mfu"] = round(r["mfu"], 4)
+    docs = (steps.get("bench_documents") or {}).get("result") or {}
+    if docs:
+        summary["documents_flex_speedup"] = round(docs["speedup"], 3)
+        summary["documents_flex_rel_err"] = docs["rel_err"]
     kern = (steps.get("bench_kernels") or {}).get("result") or {}
     for e in kern.get("entries", []):
         if e.get("triton_ms"):

@@ -137,6 +137,28 @@ def test_flex_attention_path_equals_the_masked_sdpa_path():
                                                                scale=0.3), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_flex_attention_equals_the_masked_sdpa_path_on_cuda():
+    """The fused path `document_attention` takes on CUDA, forward and backward, fp32."""
+    from moetrain.model.documents import document_attention, flex_available
+
+    torch.manual_seed(0)
+    B, H, K, S, d, dv = 2, 4, 2, 256, 32, 16
+    tokens = torch.stack([_window([40, 100, 116], seed=1), _window([3, 200, 53], seed=2)])
+    doc = document_positions(tokens, EOS).cuda()
+    positions = torch.arange(S, device="cuda")
+    q, k, v = (torch.randn(B, h, S, w, device="cuda", requires_grad=True)
+               for h, w in ((H, d), (K, d), (K, dv)))
+    assert flex_available(q)
+    ref = dense_document_attention(q, k, v, positions, doc, scale=0.2)
+    got = document_attention(q, k, v, positions, doc, scale=0.2)
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
 # ------------------------------------------------------------------------ inputs and targets
 
 
