@@ -67,7 +67,9 @@ def check_model_fit(
             f"model.n_kv_heads = {model.n_kv_heads} is not divisible by parallel.tp = {dims.tp}",
             ("model.n_kv_heads", "parallel.tp"),
         )
-    if moe.first_dense_layers > 0 and model.ffn_hidden % dims.tp:
+    mtp = getattr(model, "mtp", None)
+    dense_mtp = mtp is not None and mtp.depth > 0 and mtp.block == "dense"
+    if (moe.first_dense_layers > 0 or dense_mtp) and model.ffn_hidden % dims.tp:
         raise LayoutError(
             f"model.ffn_hidden = {model.ffn_hidden} is not divisible by parallel.tp = {dims.tp}",
             ("model.ffn_hidden", "parallel.tp"),

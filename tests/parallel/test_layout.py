@@ -120,9 +120,12 @@ def test_validate_names_keys(world_size, degrees, keys, text):
 
 def _model(**kw):
     moe = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith("moe_")}
+    mtp = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith("mtp_")}
     model = ModelConfig(**kw)
     for k, v in moe.items():
         setattr(model.moe, k, v)
+    for k, v in mtp.items():
+        setattr(model.mtp, k, v)
     return model
 
 
@@ -139,6 +142,9 @@ def _model(**kw):
          "model.n_kv_heads = 2 is not divisible by parallel.tp = 4"),
         (dict(tp=2), dict(moe_first_dense_layers=1, ffn_hidden=511), {}, 128, "model.ffn_hidden",
          "model.ffn_hidden = 511"),
+        # a dense MTP block is a dense MLP too
+        (dict(tp=2), dict(moe_first_dense_layers=0, ffn_hidden=511, mtp_depth=1,
+                          mtp_block="dense"), {}, 128, "model.ffn_hidden", "model.ffn_hidden = 511"),
         (dict(cp=2), {}, {}, 130, "data.seq_len",
          "data.seq_len = 130 is not divisible by 2*parallel.cp = 4"),
         (dict(tp=2), {}, {}, 127, "data.seq_len",
