@@ -6,7 +6,7 @@ sonnet of data/corpus/*.txt (blank-line-separated paragraphs) as one JSON line.
         data.document_mask=true
 
 The shipped corpus is twelve documents of 100-175 kB, so a window of 128 tokens almost never
-holds a document boundary; this one (about 14,000 documents of ~30 tokens) puts several in
+holds a document boundary; this one (about 12,000 documents) puts several in
 every window - what document masking and the MTP boundary rules are tested and measured on
 (tests/documents.py, docs/documents.md). Deterministic: the same file every time.
 """
