@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ from omegaconf import OmegaConf
 from moetrain import memory
 from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import ModelTensors
+from moetrain.checkpoint.identity import check_resume, checkpoint_identity
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
+from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets
 from moetrain.data.index import tokenizer_source
+from moetrain.evaluation import Evaluator
 from moetrain.metrics import MetricsLogger, summarize_routing
+from moetrain.metrics.throughput import Throughput, device_peak
 from moetrain.model import MoEControl, Transformer, num_moe_layers, set_recompute
 from moetrain.model.init import init_parameters
 from moetrain.model.inputs import InputSpec
@@ -31,16 +35,18 @@ from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
+from moetrain.parallel.loss import loss_means
 from moetrain.parallel.parallelize import BatchShape, parallelize
 from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
+from moetrain.recovery import TrainingError, count_bad_step, rollback
 from moetrain.runtime import Runtime
+from moetrain.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+__all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
@@ -56,23 +62,14 @@ class Trainer:
             from moetrain.hf.load import use_hf_tokenizer
 
             use_hf_tokenizer(cfg)  # an imported model keeps its vocabulary
-        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
-        self.tokenizer_path = tokenizer_source(prepared)
+        self.prepared_dir = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        self.tokenizer_path = tokenizer_source(self.prepared_dir)
         self.train_data, self.val_data = mixture_datasets(
-            prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
+            self.prepared_dir, cfg.data, t.eval_batches if t.eval_every > 0 else 0)
         # This rank's evaluation micro-batches, fixed for the run: a split too small for one
         # batch is refused now, not at the first evaluation after steps whose work is lost.
-        self.eval_steps: list[list[list[int]]] = []
-        if t.eval_every > 0:
-            n_val = 0 if self.val_data is None else len(self.val_data)
-            if n_val < t.global_batch_size:
-                raise ConfigError(
-                    f"train.eval_every={t.eval_every}: the validation split gives {n_val} "
-                    f"evaluation sequences of data.seq_len={cfg.data.seq_len}, fewer than one "
-                    f"global batch (train.global_batch_size={t.global_batch_size}); raise "
-                    "data.val_fraction (more data per source) or set train.eval_every=0")
-            self.eval_steps = val_steps(n_val, t.eval_batches, t.global_batch_size,
-                                        t.micro_batch_size, self.rank.dp_rank, dims.dp)
+        self.evaluator = Evaluator(self.val_data, cfg, self.rank.dp_rank, dims.dp,
+                                   announce=rt.is_main)
         self.sampler = MixtureSampler(
             self.train_data.sizes, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.rank.dp_rank,
@@ -103,7 +100,9 @@ class Trainer:
             micro_batches_per_step=self.micro_batches_per_step,
             eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
-        fresh = self.ckpt.resolve(cfg.checkpoint.resume) is None
+        # verified against its checksums; `auto` passes over ones that fail (self.rejected)
+        self.resumed_from, self.rejected = self.ckpt.choose(cfg.checkpoint.resume)
+        fresh = self.resumed_from is None
         if init.upcycle_from and fresh:
             self._upcycle(self.model)
         if init.from_hf and fresh:
@@ -166,21 +165,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        self.resumed_from = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        for r in self.rejected if self.rt.is_main else []:
+            log.warning("checkpoint.resume=auto: passing over %s: %s", r.path, r.reason)
         if self.resumed_from is None:
             return
+        # Refused when the checkpoint is of another architecture or tokenizer, shapes or not.
+        changes = check_resume(self.resumed_from, self.cfg, self.prepared_dir)
         self.state = self.ckpt.load(self.resumed_from, self.model, self.optimizer)
         if self.state.sampler is not None:
             self.sampler.load_state_dict(self.state.sampler)
         log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+        if changes and self.rt.is_main:
+            log.info("changed since that checkpoint: %s", "; ".join(changes))
 
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
         meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
                 "world_size": self.rt.world_size,
                 # what `python -m moetrain.hf export` writes as the model's tokenizer
-                "tokenizer": str(self.tokenizer_path)}
-        path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
+                "tokenizer": str(self.tokenizer_path),
+                # the routing the weights were trained with at their last step (the export's)
+                "routing": self._routing_record(),
+                # what resuming checks: the config, its architecture, the tokenizer's identity
+                "identity": checkpoint_identity(self.cfg, self.prepared_dir)}
+        with self._phase("checkpoint"):
+            path = self.ckpt.save(self.model, self.optimizer, self.state, meta,
+                                  async_save=background)
         if self.rt.is_main:
             log.info("%s checkpoint %s", "saving" if background else "saved", path)
         return path
@@ -188,8 +198,11 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
-        bad_in_row = 0
+        rolled_back_to: Path | None = None
         self.preemption = PreemptionWatcher(announce=self.rt.is_main)
+        throughput = self._throughput() if self.rt.is_main else None
+        self.watchdog = Watchdog(self.cfg.fault, self.run_dir, self.rt.rank, self.rt.world_size)
+        self.ckpt.remove_stale_partials()
         if self.rt.is_main:
             self.metrics = MetricsLogger(
                 self.run_dir, self.cfg.logging, t.max_steps,
@@ -197,9 +210,13 @@ class Trainer:
                 config_dict=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
             )
             clear_preempted(self.run_dir)
+            if self.rejected:
+                self.metrics.event("resume_fallback", self.state.step, resumed_from=str(
+                    self.resumed_from), rejected=[r.record() for r in self.rejected])
         try:
             while self.state.step < t.max_steps:
                 step = self.state.step
+                self.watchdog.step(step)
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
                 try:
@@ -207,7 +224,7 @@ class Trainer:
                 except DataExhausted as err:  # data.on_exhausted=stop
                     if self.rt.is_main:
                         log.info("stopping at step %d: %s", step, err)
-                    if c.every > 0 and step % c.every:
+                    if c.every > 0 and step % c.every and self.state.bad_in_row == 0:
                         self.save_checkpoint()
                     break
                 start = time.monotonic()
@@ -221,16 +238,11 @@ class Trainer:
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
-                if record["skipped"]:
-                    bad_in_row += 1
-                    self.state.bad_steps_total += 1
-                    if bad_in_row >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"loss or gradient was NaN/inf for {bad_in_row} steps in a row "
-                            f"(train.max_bad_steps={t.max_bad_steps}); stopping at step {self.state.step}"
-                        )
-                else:
-                    bad_in_row = 0
+                try:  # the record of a failing step is written before the run stops
+                    roll_back, failing = count_bad_step(self.state, record["skipped"],
+                                                        t.max_bad_steps, t.on_bad_steps), None
+                except TrainingError as err:
+                    roll_back, failing = False, err
 
                 record = {"step": self.state.step, **record}
                 record.update(
@@ -242,9 +254,12 @@ class Trainer:
                 # The realised mixture: training tokens drawn from each source so far.
                 record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
                                for name, n in self.sampler.consumed().items()})
-                if t.eval_every and self.state.step % t.eval_every == 0:
+                if throughput is not None:
+                    record.update(throughput.record(record["tokens_per_s"], record["top_k"]))
+                if t.eval_every and self.state.step % t.eval_every == 0 and failing is None:
                     record.update(self.evaluate())
-                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                if (self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+                        or failing is not None):
                     memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
                                           self.step_peak_bytes / memory.GIB)
                     if self.metrics is not None:
@@ -252,25 +267,68 @@ class Trainer:
                             record["memory_init_peak_gib"] = self.init_peak_gib
                             self.init_peak_gib = None
                         self.metrics.log(record, {"step": self.state.step, **routing})
+                if failing is not None:
+                    raise failing
 
+                if roll_back:
+                    rolled_back_to = self._roll_back(rolled_back_to)
+                    continue
                 stop_reason = self._stop_reason()
-                due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
+                finished = self.state.step == t.max_steps
+                due = c.every > 0 and (self.state.step % c.every == 0 or finished)
                 # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
                 self.ckpt.poll()
-                if due or stop_reason:
+                # Never a checkpoint of weights that may be poisoned (moetrain/recovery.py).
+                saved = (due or stop_reason) and not record["skipped"]
+                if saved:
                     # The last checkpoint of a run is written in the foreground: the job ends next.
-                    last = stop_reason is not None or self.state.step == t.max_steps
+                    last = stop_reason is not None or finished
                     self.save_checkpoint(background=c.async_save and not last)
+                elif due or stop_reason:
+                    log.warning("no checkpoint at step %d: the step was not finite (%d in a row); "
+                                "latest stays %s", self.state.step, self.state.bad_in_row,
+                                self.ckpt.latest_name())
                 if stop_reason:
-                    if self.rt.is_main:
+                    if self.rt.is_main and not finished:  # a finished run is not requeued
                         mark_preempted(self.run_dir, self.state.step, stop_reason)
-                    log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
+                    log.info("stopping at step %d: %s; %s", self.state.step, stop_reason,
+                             "checkpoint saved" if saved else "no checkpoint (non-finite step)")
                     break
         finally:
             self.ckpt.wait()
             self.preemption.close()
+            self.watchdog.close()
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _phase(self, name: str):
+        """A checkpoint or an evaluation, for the watchdog (the generous timeout applies)."""
+        watchdog = getattr(self, "watchdog", None)
+        return watchdog.phase(name) if watchdog is not None else nullcontext()
+
+    def _roll_back(self, previous: Path | None) -> Path:
+        """train.on_bad_steps=rollback (moetrain/recovery.py); returns the checkpoint used."""
+        at = self.state.step
+        with self._phase("checkpoint"):
+            self.state, path = rollback(self.ckpt, self.model, self.optimizer, self.state, previous)
+        if self.metrics is not None:
+            self.metrics.event("rollback", at, resumed_from=str(path), to_step=self.state.step)
+        return path
+
+    def _routing_record(self) -> dict:
+        """The routing the weights were last trained with (the step's schedules, set by
+        `MoEControl`), recorded in each checkpoint for the export."""
+        moe = self.cfg.model.moe
+        step = max(self.state.step - 1, 0)
+        routing = self.moe.routing or self.moe.routing_at(step)
+        return {"step": step, "top_k": routing.top_k, "capacity_factor": routing.capacity_factor,
+                "top_p": moe.routing.top_p}
+
+    def _throughput(self) -> Throughput:
+        """MFU bookkeeping of the run (rank 0): the peak of its device, named in each record."""
+        peak = device_peak(self.rt.device, self.rt.autocast_dtype or torch.float32)
+        log.info("MFU is measured against %.4g TFLOP/s per device: %s", peak.tflops, peak.name)
+        return Throughput(self.cfg.model, self.cfg.data.seq_len, self.rt.world_size, peak)
 
     def _out_of_time(self) -> bool:
         t = self.cfg.train
@@ -321,7 +379,7 @@ class Trainer:
                                     per_rank={"memory_peak": self.step_peak_bytes})
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = summed.item("stop") > 0
-        losses = _loss_means(summed.host, "")
+        losses = loss_means({name: summed.values(name) for name in token_sums})
         lm_loss, grad_norm = losses["loss"], summed.grad_norm
         mtp = {k: v for k, v in losses.items() if k.startswith("mtp_loss/")}
         if mtp:  # what the MTP term adds to the total loss: lambda / D * sum_k mean CE_k
@@ -335,42 +393,15 @@ class Trainer:
             self.optimizer.step()
             # Aux-loss-free balancing from this step's global load (on the device).
             self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
-        host = None if stats is None else columns.view(summed.host["moe"])
+        host = None if stats is None else columns.view(summed.host("moe"))
         return {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
                 "skipped": skipped, "top_k": routing.top_k,
-                "memory_peak_gib": float(summed.host["memory_peak"].max()) / memory.GIB}, host
+                "memory_peak_gib": max(summed.values("memory_peak")) / memory.GIB}, host
 
     def evaluate(self) -> dict[str, float]:
-        """Validation losses with the MoE layers at `train.eval_capacity_factor` (null =
-        dropless), so that they do not depend on the training capacity (Megatron and DeepSpeed
-        also keep the two apart); the step's training routing is set again afterwards.
-        {"val_loss": the main-token loss, "val_mtp_loss/<k>": each MTP depth's}."""
-        with self.moe.evaluation():
-            return self._validation_losses()
-
-    @torch.no_grad()
-    def _validation_losses(self) -> dict[str, float]:
-        """Mean losses over the scored targets of the first `train.eval_batches` global batches
-        of the validation split."""
-        assert self.val_data is not None
-        model = self.model
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        for micro_batches in self.eval_steps:
-            batches = [self.val_data.get_batch(indices).to(self.rt.device)
-                       for indices in micro_batches]
-            for name, value in self.runner.eval_sums(model, batches, self.rt.autocast).items():
-                sums[name] = sums[name] + value if name in sums else value
-        model.train()
-        summed = self.runner.sum_over_tokens(sums)
-        return _loss_means({k: v.cpu() for k, v in summed.items()}, "val_")
-
-
-def _loss_means(sums: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
-    """{prefix + "loss": the LM loss's mean over its scored targets, prefix + "mtp_loss/<k>":
-    MTP depth k's} from the token sums of `StepLoss.sums` (summed over the ranks)."""
-    out = {f"{prefix}loss": float(sums["lm_sum"]) / max(float(sums["lm_targets"]), 1.0)}
-    for k, (total, n) in enumerate(zip(sums["mtp_sum"].tolist(), sums["mtp_targets"].tolist()),
-                                   start=1):
-        out[f"{prefix}mtp_loss/{k}"] = total / max(n, 1.0)
-    return out
+        """`val_loss`, `val_loss/<source>` and `val_mtp_loss/<k>` (moetrain/evaluation.py) with
+        the MoE layers at `train.eval_capacity_factor` (null = dropless), so that they do not
+        depend on the training capacity (Megatron and DeepSpeed also keep the two apart); the
+        step's training routing is set again afterwards."""
+        with self.moe.evaluation(), self._phase("eval"):
+            return self.evaluator(self.model, self.runner, self.rt.autocast, self.rt.device)

@@ -19,11 +19,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moetrain.config import compose, to_object, validate
 from moetrain.model import moe_layers
-from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
-from tests.distributed.launcher import run_distributed
+from tests.harness import build_trainer, run_distributed
 
 DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default", "aten.bincount.default",
                   "aten._unique2.default", "aten.unique_dim.default",
@@ -94,17 +92,9 @@ def counting(trainer: Trainer):
         trainer.optimizer.step = step
 
 
-BASE = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
-        "train.eval_every=0", "train.device=cpu", "train.dtype=fp32", "checkpoint.every=0",
-        "checkpoint.resume=never", "logging.progress=false"]
-
-
 def _trainer(tmp_path, overrides, world_size=1):
-    cfg = to_object(compose(BASE + list(overrides)))
-    validate(cfg)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, init_runtime(cfg), run_dir)
+    return build_trainer(tmp_path / "run", ["train.global_batch_size=4", "data.seq_len=32",
+                                            *overrides], world_size)
 
 
 def _count_step(trainer) -> list[str]:

@@ -19,8 +19,7 @@ from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.layer import MoELayer
 from moetrain.model.moe.losses import LoadBalancingLoss
 from moetrain.model.moe.router import Router
-from tests.distributed.launcher import run_distributed
-from tests.harness import build_trainer, tiny_model_config
+from tests.harness import build_trainer, run_distributed, tiny_model_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moetrain"
 OWNER = PACKAGE / "model" / "moe"

@@ -20,7 +20,7 @@ over the scored targets (`lm_sum / lm_targets`, `mtp_sum[k] / mtp_targets[k]`).
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,4 +88,15 @@ class StepLoss:
                 "mtp_targets": total[2 + D:]}
 
 
-__all__ = ["StepLoss", "cross_entropy_sum"]
+def loss_means(sums: Mapping[str, Sequence[float]], prefix: str = "") -> dict[str, float]:
+    """{prefix + "loss": the LM loss's mean over its scored targets, prefix + "mtp_loss/<k>":
+    MTP depth k's} from the token sums of `StepLoss.sums` summed over the ranks and read by the
+    host (each name's values as a list: one for the scalars, D for the MTP depths)."""
+    (lm,), (n,) = sums["lm_sum"], sums["lm_targets"]
+    out = {f"{prefix}loss": lm / max(n, 1.0)}
+    for k, (total, count) in enumerate(zip(sums["mtp_sum"], sums["mtp_targets"]), start=1):
+        out[f"{prefix}mtp_loss/{k}"] = total / max(count, 1.0)
+    return out
+
+
+__all__ = ["StepLoss", "cross_entropy_sum", "loss_means"]

@@ -25,26 +25,40 @@ class Packed:
         self.flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64,
                                                                 device=device)
 
-    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The values of a vector laid out like `self.flat`, by name, in their shapes."""
+    def slices(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
+        """Where each named value sits in `flat`, and its shape."""
         out, offset = {}, 0
         for name, shape in self.shapes.items():
             n = math.prod(shape)
-            out[name] = flat[offset:offset + n].view(shape)
+            out[name] = (slice(offset, offset + n), shape)
             offset += n
         return out
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The values of a vector laid out like `self.flat`, by name, in their shapes."""
+        return {name: flat[where].view(shape) for name, (where, shape) in self.slices().items()}
 
 
 @dataclass(frozen=True)
 class StepSums:
     """A step's named sums over every rank: `device[name]` stays on the device (for updates that
-    must not wait for the host), `host[name]` is the same value on the host (float64)."""
+    must not wait for the host); `values(name)` / `item(name)` / `host(name)` are the same sums
+    read by the host once, as Python floats or a CPU float64 tensor of the value's shape."""
 
     device: dict[str, torch.Tensor]
-    host: dict[str, torch.Tensor]
+    packed: Packed
+    host_values: list[float]  # the one host read of the summed vector
+
+    def values(self, name: str) -> list[float]:
+        return self.host_values[self.packed.slices()[name][0]]
 
     def item(self, name: str) -> float:
-        return float(self.host[name])
+        (value,) = self.values(name)
+        return value
+
+    def host(self, name: str) -> torch.Tensor:
+        return torch.tensor(self.values(name), dtype=torch.float64).view(
+            self.packed.shapes[name])
 
     @property
     def grad_norm(self) -> float:

@@ -163,8 +163,8 @@ class StepRunner:
             named[name] = slots
         packed = Packed(named, device)
         summed = layout.all_reduce(packed.flat)
-        host = torch.tensor(summed.tolist(), dtype=torch.float64)  # the step's one host read
-        return StepSums(device=packed.unpack(summed), host=packed.unpack(host))
+        # The step's one host read.
+        return StepSums(device=packed.unpack(summed), packed=packed, host_values=summed.tolist())
 
     def sum_over_tokens(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum named per-token statistics of the loss (loss sums, target counts) over the ranks

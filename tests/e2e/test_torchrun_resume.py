@@ -1,4 +1,6 @@
-"""Two ranks under torchrun: SIGKILL after a checkpoint, resume, and get bit-identical losses."""
+"""Two ranks under the README's launcher: SIGKILL of the launcher alone after a checkpoint ends
+every rank within seconds (no orphan keeps training and writing); the relaunch takes the dead
+run's lock over, resumes, and gets bit-identical losses."""
 
 from __future__ import annotations
 
@@ -6,43 +8,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from moetrain.torchrun import children
+from tests.harness import start_train, torchrun
+
 pytestmark = pytest.mark.slow
 
-ARGS = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
-        "train.max_steps=18", "checkpoint.every=6"]
 
-
-def torchrun(run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "moetrain.train", *ARGS, f"run.dir={run_dir}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen,
-    )
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its ranks in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+def two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """18 steps of a global batch of 4 on 2 ranks under moetrain.torchrun (the README's
+    launcher), a checkpoint every 6."""
+    return start_train(["train.global_batch_size=4", "train.max_steps=18", "checkpoint.every=6",
+                        f"run.dir={run_dir}", *extra], launcher=torchrun(2, relay=True),
+                       stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -55,26 +37,41 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
-def test_sigkill_after_the_step_6_checkpoint_then_resume_is_bit_identical(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    finish(torchrun(full))
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (nobody reaps an orphan's child at once)
 
-    proc = torchrun(killed)
+
+def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_identically(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    finish(two_ranks(full))
+
+    proc = two_ranks(killed)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.02)
-    for pid in [*descendants(proc.pid), proc.pid]:  # the ranks and torchrun: no chance to clean up
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    ranks = sorted(children(proc.pid))  # torchrun's agent runs in the launcher's process
+    assert len(ranks) == 2, ranks
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone: nothing tells its ranks
+    killed_at = time.monotonic()
     proc.communicate()
+    while any(alive(pid) for pid in ranks) and time.monotonic() - killed_at < 10:
+        time.sleep(0.05)
+    gone_after = time.monotonic() - killed_at
+    print(f"ranks gone {gone_after:.2f} s after the launcher's SIGKILL")
+    assert not any(alive(pid) for pid in ranks), "ranks outlived their launcher by 10 s"
     saved = int(latest.read_text().strip().split("_")[1])
     assert saved < 18, "the run finished before it could be killed"
+    # (the first rank to notice exits; the other may instead see its collective fail)
+    assert any("the launcher (pid" in (killed / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
 
-    finish(torchrun(killed, "checkpoint.resume=auto"))
+    finish(two_ranks(killed, "checkpoint.resume=auto"))
+    assert "which is no longer running" in (killed / "logs" / "rank0.log").read_text()  # took over
     a, b = losses(full), losses(killed)
     assert sorted(b) == list(range(1, 19))
     assert all(a[s] == b[s] for s in range(1, 19)), [(s, a[s], b[s]) for s in a if a[s] != b[s]]

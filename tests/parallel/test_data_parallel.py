@@ -16,7 +16,7 @@ from moetrain.parallel.data_parallel import apply_data_parallel, unit_meshes
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.mesh import build_meshes
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed
 from tests.model.tiny import make_cfg
 
 
@@ -53,20 +53,31 @@ def _units_and_sums(rank, world_size, ep, shard, model, tokens, per_rank_grads):
     return kinds, errors
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp"])
-def test_each_unit_sums_its_gradients_over_its_mesh(shard):
+def _both(rank, world_size, ep, model, tokens, per_rank_grads):
+    return {shard: _units_and_sums(rank, world_size, ep, shard, model, tokens, per_rank_grads)
+            for shard in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """One launch per world size, replicated and sharded in each: {world size: results by rank}."""
     model = _model()
     tokens = _tokens(4, model.cfg.vocab_size)
     per_rank = [_grads_of(copy.deepcopy(model), tokens[q:q + 1]) for q in range(4)]
+    return {2: run_distributed(_both, 2, 1, model, tokens, per_rank[:2], timeout=90),
+            4: run_distributed(_both, 4, 2, model, tokens, per_rank, timeout=120)}
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp"])
+def test_each_unit_sums_its_gradients_over_its_mesh(shard, launches):
     # ep = 1 on 2 ranks: the MoE layer's ranks are the block's: a unit per block, then the root
-    results = run_distributed(_units_and_sums, 2, 1, shard, model, tokens, per_rank[:2],
-                              timeout=60)
+    results = [by_shard[shard] for by_shard in launches[2]]
     kinds, _ = results[0]
     assert kinds == [("TransformerBlock", [0, 1])] * 2 + [("Transformer", [0, 1])]
     assert max(e for _, errs in results for e in errs.values()) < 1e-6
     # ep = 2 on 4 ranks: the experts over edp ({0, 2}, {1, 3}), router and shared experts with
     # the block over all four
-    results = run_distributed(_units_and_sums, 4, 2, shard, model, tokens, per_rank, timeout=90)
+    results = [by_shard[shard] for by_shard in launches[4]]
     kinds, _ = results[1]
     assert kinds == [("TransformerBlock", [0, 1, 2, 3]), ("GroupedExperts", [1, 3]),
                      ("TransformerBlock", [0, 1, 2, 3]), ("Transformer", [0, 1, 2, 3])]

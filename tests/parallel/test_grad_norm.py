@@ -13,7 +13,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import torch.distributed as dist
 
 from moetrain.parallel.grad_norm import clip_coefficient, grad_sq_norm_share, scale_grads_
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed
 
 
 def clip_grad_norm_(params, max_norm, ranks_per_stage=1):

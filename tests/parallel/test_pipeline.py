@@ -1,4 +1,5 @@
-"""Pipeline parallelism against one process: loss, every gradient, grad norm, routing statistics.
+"""moetrain.parallel.pipeline (split, stages, schedule) against one process: loss, every
+gradient, grad norm, routing statistics.
 
 One launch per world size (2, 4 ranks) runs every schedule on the tiny experiment's model
 (8 layers) and a fixed batch of token ids, with nonzero LBL and z-loss coefficients, and
@@ -19,7 +20,6 @@ import torch
 import torch.distributed.fsdp  # noqa: F401 - imported in the parent for the forked ranks
 import torch.nn.functional as F
 
-from moetrain.config import compose, to_object
 from moetrain.model import MoEControl, Transformer, moe_layers
 from moetrain.parallel.data_parallel import apply_data_parallel
 from moetrain.parallel.dims import LayoutError, ParallelDims
@@ -31,7 +31,7 @@ from moetrain.parallel.pipeline.schedule import (
 from moetrain.parallel.pipeline.split import rank_layers, split_layers, stage_indices
 from moetrain.parallel.pipeline.stages import RankModel, build_stage_modules
 from moetrain.parallel.loss import StepLoss
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed, tiny_model_config
 
 N_MB, MB, SEQ = 4, 2, 32  # micro-batches per step and DP rank, sequences each, tokens per sequence
 TOKENS = N_MB * MB * SEQ  # tokens of one DP rank's step
@@ -40,12 +40,9 @@ coords = [ParallelDims(4, pp=2).dense_coord(rank) for rank in range(4)]  # pp2 x
 
 
 def _model_cfg(scope: str = "micro"):
-    cfg = to_object(compose([
-        "+experiment=tiny", "model.n_layers=8", "model.moe.lbl.coeff=0.1",
-        "model.moe.z_loss_coeff=0.01", f"model.moe.lbl.scope={scope}",
-        "model.moe.capacity_factor=null",
-    ]))
-    return cfg.model
+    return tiny_model_config("model.n_layers=8", "model.moe.lbl.coeff=0.1",
+                             "model.moe.z_loss_coeff=0.01", f"model.moe.lbl.scope={scope}",
+                             "model.moe.capacity_factor=null")
 
 
 def _sum_over(value, group) -> torch.Tensor:

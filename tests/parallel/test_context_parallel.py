@@ -9,7 +9,7 @@ One 4-rank launch checks, on every rank, for CP groups of size 2 ({0,1}, {2,3}) 
   single-process ones, and the parameter gradients of the local LM loss (+ the MoE aux losses,
   wired the way the parallel code must wire them under CP) summed over CP equal the
   single-process gradients.
-A second 4-rank launch repeats the Transformer check with TP=2 x CP=2 (DTensor TP + CP).
+The same launch repeats the Transformer check with TP=2 x CP=2 (DTensor TP + CP).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moetrain.config import compose, to_object
 from moetrain.config.schema import CPComm
 from moetrain.model import Transformer, moe_layers
 from moetrain.parallel.context_parallel import (
@@ -34,7 +33,7 @@ from moetrain.parallel.context_parallel import (
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.mesh import build_meshes
 from moetrain.parallel.tensor_parallel import apply_tensor_parallel
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed, tiny_model_config
 from tests.model.tiny import step_rows
 
 TOL = 1e-5
@@ -46,11 +45,6 @@ WORLD = 4
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| (the scale of the tensor, so near-zero entries are fine)."""
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
-
-
-@pytest.fixture(scope="module")
-def model_cfg():
-    return to_object(compose(["+experiment=tiny"])).model
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -196,8 +190,18 @@ def _report(all_results, timings=None):
     assert not bad, f"relative errors above {TOL}: {bad}"
 
 
-def test_context_parallel_matches_single_process(model_cfg):
-    out = run_distributed(_cp_rank_main, WORLD, model_cfg, timeout=120)
+def _rank_main(rank, world, cfg):
+    """Both checks in one launch: CP alone, then TP x CP (its own meshes)."""
+    return _cp_rank_main(rank, world, cfg), _tp_cp_rank_main(rank, world, cfg)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_distributed(_rank_main, WORLD, tiny_model_config(), timeout=240)
+
+
+def test_context_parallel_matches_single_process(four_ranks):
+    out = [cp for cp, _ in four_ranks]
     _report([res for res, _ in out], out[0][1])
 
 
@@ -236,5 +240,5 @@ def _tp_cp_rank_main(rank, world, cfg):
     return results
 
 
-def test_context_parallel_with_tensor_parallel(model_cfg):
-    _report(run_distributed(_tp_cp_rank_main, WORLD, model_cfg, timeout=120))
+def test_context_parallel_with_tensor_parallel(four_ranks):
+    _report([tp_cp for _, tp_cp in four_ranks])

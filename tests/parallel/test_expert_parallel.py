@@ -36,7 +36,7 @@ from moetrain.parallel import expert_parallel
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.expert_parallel import AllToAllExchange, apply_expert_parallel
 from moetrain.parallel.mesh import build_meshes
-from tests.distributed.launcher import run_distributed
+from tests.harness import ranks_fixture, run_distributed
 from tests.model.tiny import layer_stats, make_cfg, step_rows
 
 E, K, D, F = 8, 2, 32, 16
@@ -332,13 +332,21 @@ def test_ep2():
     _print_errors(results)
 
 
-def test_ep4_with_a_rank_whose_experts_get_no_tokens():
-    results = run_distributed(check_layout, 4, [(4, 1)], timeout=60)
+# One 4-rank launch for ep4 and for ep2 x etp2, ep2 x edp2.
+four_ranks = ranks_fixture(check_layout, 4, [(4, 1), (2, 2), (2, 1)], timeout=150)
+
+
+def _layouts(results, *layouts):
+    """Each rank's report of these (ep, etp) layouts only."""
+    return [{k: v for k, v in per_rank.items() if k[:2] in layouts} for per_rank in results]
+
+
+def test_ep4_with_a_rank_whose_experts_get_no_tokens(four_ranks):
+    results = _layouts(four_ranks, (4, 1))
     _print_errors(results)
     # experts 2 and 3 live on EP rank 1, which receives no rows in the "empty" scenario
     assert results[1][(4, 1, "empty")][2] == [0, 0, 0, 0]
 
 
-def test_ep2_etp2_and_ep2_edp2():
-    results = run_distributed(check_layout, 4, [(2, 2), (2, 1)], timeout=90)
-    _print_errors(results)
+def test_ep2_etp2_and_ep2_edp2(four_ranks):
+    _print_errors(_layouts(four_ranks, (2, 2), (2, 1)))
