@@ -351,32 +351,43 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], Any]:
         """Optimizer step `self.state.step` over this rank's micro-batches. Returns the step's
-        global loss, gradient norm, skip flag and top-k, and the MoE statistics summed over
-        every rank, on the host (None without MoE layers). Reads the device once (plus the
-        expert-parallel count exchanges inside the MoE layers)."""
+        global loss, gradient norm, skip flag and top-k (and, with `model.moe.ep_budget`, the
+        exchange's budget metrics), and the MoE statistics summed over every rank, on the host
+        (None without MoE layers). Reads the device once (plus, with exact-size expert-parallel
+        exchanges, their count exchanges inside the MoE layers); a step whose sync-free exchange
+        overflowed its budget is redone, one more read each time."""
         model, rt, runner = self.model, self.rt, self.runner
         model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        # The step's top-k and capacity (its schedules), and the aux losses' gradient: summing
-        # gradients over all micro-batches of all ranks gives the gradient of (mean LM loss over
-        # the global batch + mean aux loss per micro-batch).
-        routing = self.moe.start_step(self.state.step)
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
-        # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
-        # (and MTP) loss is backpropagated divided by the global batch's token count.
         mtp_scale = mtp_loss_scale_at(self.cfg.model.mtp, self.state.step)
-        token_sums = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast,
-                                             mtp_loss_scale=mtp_scale)
-        stats = self.moe.step_stats()
-        # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
-        # reduction and the routing statistics: one reduction, one host read.
-        self.step_peak_bytes = memory.peak_bytes(rt.device)
-        sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
-        if stats is not None:
-            sums["moe"] = stats.rows_LC
-        summed = runner.reduce_step(model, token_sums=token_sums, sums=sums,
-                                    per_rank={"memory_peak": self.step_peak_bytes})
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            # The step's top-k and capacity (its schedules), and the aux losses' gradient:
+            # summing gradients over all micro-batches of all ranks gives the gradient of (mean
+            # LM loss over the global batch + mean aux loss per micro-batch).
+            routing = self.moe.start_step(self.state.step)
+            # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed
+            # LM (and MTP) loss is backpropagated divided by the global batch's token count.
+            token_sums = runner.forward_backward(model, batches, self.tokens_per_step,
+                                                 rt.autocast, mtp_loss_scale=mtp_scale)
+            stats = self.moe.step_stats()
+            # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
+            # reduction, the routing statistics and the exchange's counters: one reduction, one
+            # host read.
+            self.step_peak_bytes = memory.peak_bytes(rt.device)
+            sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
+            if stats is not None:
+                sums["moe"] = stats.rows_LC
+            exchange_sums, exchange_per_rank = self.moe.exchange_sums()
+            summed = runner.reduce_step(
+                model, token_sums=token_sums, sums={**sums, **exchange_sums},
+                per_rank={"memory_peak": self.step_peak_bytes, **exchange_per_rank})
+            # The redo decision: an attempt whose sync-free expert exchange overflowed its budget
+            # on any rank is not the dropless step; it runs again on the same batch, with a
+            # budget grown to cover it (nothing of it was applied).
+            if not self.moe.exchange_overflowed(summed):
+                break
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = summed.item("stop") > 0
         losses = loss_means({name: summed.values(name) for name in token_sums})
@@ -396,7 +407,8 @@ class Trainer:
         host = None if stats is None else columns.view(summed.host("moe"))
         return {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
                 "skipped": skipped, "top_k": routing.top_k,
-                "memory_peak_gib": max(summed.values("memory_peak")) / memory.GIB}, host
+                "memory_peak_gib": summed.maximum("memory_peak") / memory.GIB,
+                **self.moe.exchange_record()}, host
 
     def evaluate(self) -> dict[str, float]:
         """`val_loss`, `val_loss/<source>` and `val_mtp_loss/<k>` (moetrain/evaluation.py) with

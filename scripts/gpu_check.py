@@ -17,6 +17,12 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
     bench_moe_layer  scripts/bench_moe_layer.py: mixtral, olmoe, qwen3; baseline, moetrain, triton
     bench_documents  scripts/bench_documents.py: document-masked attention, SDPA through the dense
                      mask vs compiled flex attention (the path `data.document_mask` takes on CUDA)
+    moe_graph        scripts/check_moe_graph.py: host stalls per step of MoE layers with the
+                     exact-size expert exchange (a host read per layer) and the sync-free one
+                     (none); a CUDA-graph capture of one MoE layer (sync-free: must capture and
+                     replay the eager bits; exact: expected to fail)
+    bench_dispatcher scripts/bench_dispatcher.py --device cuda: exact / sync-free x overlap
+                     off / on over 2 GPUs (NCCL); 'unavailable' on a one-GPU machine
     train_eager      scripts/bench_train.py: OLMoE-1B-7B-shaped, 4 layers, seq 4096
     train_compiled   the same with train.compile=true; 'unavailable' where the config has no
                      train.compile
@@ -135,6 +141,22 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
                                     "--iters", "2", "--warmup", "1"] if smoke
                                    else ["--iters", "20", "--warmup", "5"])],
              90, "bench_documents.json"),
+        Step("moe_graph", [PY, "scripts/check_moe_graph.py", "--json", str(work / "moe_graph.json"),
+                           *(["--device", "cpu", "--dtype", "fp32", "--layers", "2", "--tokens",
+                              "64", "--dim", "32", "--experts", "4", "--expert-hidden", "16",
+                              "--iters", "2", "--warmup", "1"] if smoke else [])],
+             120, "moe_graph.json"),
+        Step("bench_dispatcher", [PY, "scripts/bench_dispatcher.py", "--json",
+                                  str(work / "bench_dispatcher.json"),
+                                  *(["--ranks", "2", "--tokens", "64", "--dim", "32",
+                                     "--expert-hidden", "16", "--experts", "4", "--shared-hidden",
+                                     "16", "--iters", "2", "--warmup", "1"] if smoke else
+                                    ["--device", "cuda", "--dtype", "bf16", "--ranks", "2",
+                                     "--tokens", "8192", "--dim", "2048", "--expert-hidden", "768",
+                                     "--experts", "16", "--shared-hidden", "2048"])],
+             150, "bench_dispatcher.json",
+             unavailable_if=(r"--device cuda needs 2 GPUs", "one GPU: the expert all-to-all "
+                                                            "needs two ranks")),
     ]
     train = TRAIN_SMOKE if smoke else TRAIN
     counts = ["--steps", "2", "--warmup", "1"] if smoke else ["--steps", "8", "--warmup", "3"]
@@ -151,7 +173,7 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
 
 
 STEP_NAMES = ("install", "env", "kernel_tests", "gpu_tests", "bench_kernels", "bench_moe_layer",
-              "bench_documents", "train_eager", "train_compiled")
+              "bench_documents", "moe_graph", "bench_dispatcher", "train_eager", "train_compiled")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -272,7 +294,8 @@ def summarize(steps: dict) -> dict:
         for impl in moe.get("impls", []):
             t = shape.get(impl)
             if t:
-                summary[f"moe_{name}_{impl}_tflops"] = round(t["tflops"], 4)
+                # 4 significant digits (not decimals: a loaded CPU's smoke run is < 1e-4)
+                summary[f"moe_{name}_{impl}_tflops"] = float(f"{t['tflops']:.4g}")
                 if t.get("act_bytes") is not None:
                     summary[f"moe_{name}_{impl}_act_mib"] = round(t["act_bytes"] / 2**20, 1)
         summary[f"moe_{name}_agree"] = shape.get("agree")
@@ -285,6 +308,23 @@ def summarize(steps: dict) -> dict:
     if docs:
         summary["documents_flex_speedup"] = round(docs["speedup"], 3)
         summary["documents_flex_rel_err"] = docs["rel_err"]
+    graph = (steps.get("moe_graph") or {}).get("result") or {}
+    for name, v in (graph.get("host_stalls") or {}).items():
+        key = name.replace("-", "_")
+        summary[f"moe_{key}_step_ms"] = round(v["step_ms"], 3)
+        summary[f"moe_{key}_host_read_ms"] = round(v["host_read_ms"], 3)
+        summary[f"moe_{key}_queue_ms"] = round(v["queue_ms"], 3)
+    capture = (graph.get("graph_capture") or {}).get("sync-free")
+    if capture:
+        summary["moe_graph_capture"] = capture.get("status")
+        if capture.get("status") == "ok":
+            summary["moe_graph_replay_equals_eager"] = capture.get("replay_equals_eager")
+            summary["moe_graph_replay_speedup"] = round(capture["eager_ms"] / capture["replay_ms"], 3)
+    disp = (steps.get("bench_dispatcher") or {}).get("result") or {}
+    for r in disp.get("results", []):
+        for name, v in r["variants"].items():
+            summary[f"ep{r['ranks']}_{name.replace('-', '_').replace('+', '_')}_step_ms"] = \
+                round(v["step_ms"], 3)
     kern = (steps.get("bench_kernels") or {}).get("result") or {}
     for e in kern.get("entries", []):
         if e.get("triton_ms"):

@@ -42,8 +42,8 @@ RUN: dict[str, tuple[str, ...]] = {
     "python -m moetrain.plan +experiment=mixtral_8x7b parallel.tp=2 parallel.ep=8 parallel.pp=4 "
     "--world-size 64": (),
     "python scripts/plot_routing.py outputs/tiny-<time>": (),
-    "python scripts/bench_dispatcher.py --ranks 2 4 8":
-        ("--ranks", "2", "--tokens", "64", "--iters", "1", "--warmup", "0"),
+    "python scripts/bench_dispatcher.py --ranks 2 4":
+        ("--ranks", "2", "--tokens", "64", "--dim", "32", "--iters", "1", "--warmup", "0"),
     "python scripts/bench_checkpoint.py --steps 20 --save-every 5":
         ("train.global_batch_size=4", "--steps", "3", "--save-every", "1", "--warmup", "1"),
     "python scripts/bench_init.py --experiments olmoe_1b_7b --layers 1 --ranks 1 2":
@@ -51,6 +51,13 @@ RUN: dict[str, tuple[str, ...]] = {
     "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 --world-size 8": (),
     "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 parallel.pp=2 "
     "--world-size 16": (),
+    "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 --world-size 8 --gpu h100": (),
+    "python -m moetrain.plan +experiment=qwen3_30b_a3b --world-size 16 --gpu h100 --search": (),
+    # the 2,048-rank dry run takes ~20 CPU seconds (docs/planning.md): here 4 layers on 8 ranks
+    "python -m moetrain.plan +experiment=deepseek_v3 parallel.pp=16 parallel.ep=64 "
+    '"parallel.pp_layers=[3,4,4,4,4,4,4,4,4,4,4,4,4,4,3,3]" --world-size 2048 --dry-run':
+        ("--world-size", "8", "parallel.pp=1", "parallel.pp_layers=null", "parallel.ep=8",
+         "model.n_layers=4"),
     "python scripts/lbl_experiment.py --steps 200":
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),

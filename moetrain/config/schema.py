@@ -143,6 +143,16 @@ class MoEConfig:
     # The permute / combine / SwiGLU implementation (moetrain.kernels): auto = Triton on CUDA
     # where the recorded benchmark shows it faster, else PyTorch; torch; triton.
     kernels: MoEKernels = MoEKernels("auto")
+    # Expert parallelism (docs/expert_parallel.md). ep_budget: the sync-free dispatcher - static
+    # receive buffers of this factor of the balanced load (rows per EP rank), counts exchanged
+    # on the device, no host read per MoE layer; a step that overflows the budget anywhere is
+    # redone with a budget that covers it, and the budget adapts. null = exact-size buffers
+    # (the split sizes read on the host once per MoE layer and forward).
+    ep_budget: Optional[float] = None
+    # Overlap the expert all-to-alls with compute: the rows move in two halves (the EP ranks'
+    # experts split in two), each half's dispatch / combine in flight while the other half's
+    # experts and the shared experts compute, forward and backward.
+    ep_overlap: bool = False
     lbl: LBLConfig = field(default_factory=LBLConfig)
     z_loss_coeff: float = 0.0
     # Progressive sparsification: top_k and capacity_factor as functions of the step.
@@ -395,7 +405,8 @@ class FaultConfig:
     init_timeout: float = 600.0
     # Collective timeout for training steps after the first (torchtitan's train_timeout_seconds).
     step_timeout: float = 120.0
-    # A watchdog thread per rank: a phase that outlives 90% of its timeout, or a step that waits
+    # A watchdog thread per rank: a phase that outlives 90% of its timeout while another rank is
+    # behind or silent (slow ranks all in the same phase are not a hang), or a step that waits
     # on a rank whose heartbeat stopped for `heartbeat_timeout`, is a hang: the ranks that did
     # not arrive are named, stacks dumped to the rank logs, and the rank exits with code 75 so
     # the launcher restarts the workers or SLURM requeues the job.

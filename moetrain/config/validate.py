@@ -115,6 +115,10 @@ def validate(cfg: MoetrainConfig) -> None:
         _require(isinstance(moe.token_rounding, int) and not isinstance(moe.token_rounding, bool)
                  and moe.token_rounding >= 1, "model.moe.token_rounding", moe.token_rounding,
                  "must be a positive integer (the GEMM tile, e.g. 128) or null")
+    if moe.ep_budget is not None:
+        _require(moe.ep_budget > 0, "model.moe.ep_budget", moe.ep_budget,
+                 "must be > 0 (a factor of the balanced load, e.g. 1.5), or null for exact-size "
+                 "buffers")
     _require(moe.routed_scaling_factor > 0, "model.moe.routed_scaling_factor",
              moe.routed_scaling_factor, "must be > 0")
     _require(not moe.shared_expert_gate or moe.num_shared_experts > 0,

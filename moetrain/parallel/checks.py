@@ -15,6 +15,22 @@ from moetrain.parallel.pipeline.split import split_layers
 
 #: Pipeline schedules that run several (virtual) stages per rank (the others run one).
 MULTI_STAGE_SCHEDULES = ("interleaved", "zero_bubble")
+#: Pipeline schedules that split each backward into an input-gradient and a weight-gradient step.
+SPLIT_BACKWARD_SCHEDULES = ("zero_bubble",)
+
+
+def fsdp_reshards_after_forward(parallel: Any) -> bool:
+    """Whether FSDP2 units free their gathered parameters after each forward:
+    `parallel.fsdp.reshard_after_forward`, except under pipeline parallelism with a
+    split-backward schedule. There torch's input-gradient step finds the stage's weights in the
+    autograd graph by `module.parameters()` before its backward hooks run: on a resharded unit
+    those are the sharded parameters, not the gathered ones the forward used, so the weight
+    gradients are silently skipped. torch's runtime gathers and frees such a stage itself
+    (its UNSHARD / RESHARD actions), so its units keep their parameters between forward and
+    backward (docs/pipeline_parallel.md)."""
+    if parallel.pp * parallel.vpp > 1 and parallel.pp_schedule in SPLIT_BACKWARD_SCHEDULES:
+        return False
+    return bool(parallel.fsdp.reshard_after_forward)
 
 
 def check_layout(cfg: Any, world_size: int) -> ParallelDims:
@@ -57,6 +73,13 @@ def check_model_fit(
             f"parallel.etp = {dims.etp}",
             ("model.moe.expert_hidden", "parallel.etp"),
         )
+    for key, value in (("model.moe.ep_budget", moe.ep_budget is not None),
+                       ("model.moe.ep_overlap", moe.ep_overlap)):
+        if value and dims.ep == 1:
+            raise LayoutError(
+                f"{key} = {getattr(moe, key.rsplit('.', 1)[1])} needs expert parallelism "
+                "(parallel.ep > 1): without it no token leaves its rank; unset it",
+                (key, "parallel.ep"))
     if model.n_heads % dims.tp:
         raise LayoutError(
             f"model.n_heads = {model.n_heads} is not divisible by parallel.tp = {dims.tp}",
@@ -131,4 +154,5 @@ def check_pipeline(schedule: str, pp: int, vpp: int, n_microbatches: int) -> Non
             ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"))
 
 
-__all__ = ["MULTI_STAGE_SCHEDULES", "check_layout", "check_model_fit", "check_pipeline"]
+__all__ = ["MULTI_STAGE_SCHEDULES", "SPLIT_BACKWARD_SCHEDULES", "check_layout", "check_model_fit",
+           "check_pipeline", "fsdp_reshards_after_forward"]

@@ -27,6 +27,7 @@ from moetrain.config.schema import ParallelConfig
 from moetrain.model.inputs import InputSpec
 from moetrain.model.moe.layer import moe_layers
 from moetrain.model.moe.losses import STEP
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context_parallel import apply_context_parallel
 from moetrain.parallel.data_parallel import apply_data_parallel
@@ -65,15 +66,17 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
         raise ValueError("parallelize takes a model on the meta device: each rank allocates "
                          "only its own shards afterwards")
     dims = rank.dims
+    # The sync-free all-to-all where the model has an expert-parallel budget.
+    sync_free = model.cfg.moe.ep_budget is not None
     if dims.pp == 1:
-        units = _parallelize_stage(model, rank, parallel, compile)
+        units = _parallelize_stage(model, rank, parallel, compile, sync_free)
         roots, runner = [model], StepRunner(rank, units, batch.inputs)
     else:
         cfg = model.cfg
         stage_modules = build_stage_modules(model, rank.pp_rank, dims.pp, dims.vpp,
                                             parallel.pp_layers)
         units = [u for sm in stage_modules
-                 for u in _parallelize_stage(sm.module, rank, parallel, compile)]
+                 for u in _parallelize_stage(sm.module, rank, parallel, compile, sync_free)]
         pipe = build_pipeline(
             stage_modules, schedule=parallel.pp_schedule, group=rank.meshes.group("pp"),
             device=rank.device, n_microbatches=batch.micro_batches,
@@ -110,7 +113,7 @@ def _shared_embedding(stage_modules: list, rank: RankLayout,
 
 
 def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelConfig,
-                       compile: bool) -> list:
+                       compile: bool, sync_free: bool) -> list:
     """EP, TP, CP, the MoE layers' layout, compilation, FSDP: on the full model or one pipeline
     stage. Returns the FSDP units."""
     dims, meshes = rank.dims, rank.meshes
@@ -119,7 +122,7 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
             apply_compile(module)
         return []
     if dims.ep * dims.etp > 1:  # on the meta weights, before anything wraps them
-        apply_expert_parallel(module, meshes.experts)
+        apply_expert_parallel(module, meshes.experts, sync_free=sync_free)
     if dims.tp > 1:
         apply_tensor_parallel(module, meshes.mesh("tp"))
     if dims.cp > 1:
@@ -131,9 +134,8 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
         layer.use_layout(token_shards=dims.cp_tp, sum_counts=rank.sum_over(kind))
     if compile:  # inside FSDP's hooks, outside the layout's module swaps
         apply_compile(module)
-    fsdp = parallel.fsdp
-    return apply_data_parallel(module, meshes, shard=fsdp.enabled,
-                               reshard_after_forward=fsdp.reshard_after_forward)
+    return apply_data_parallel(module, meshes, shard=parallel.fsdp.enabled,
+                               reshard_after_forward=fsdp_reshards_after_forward(parallel))
 
 
 def _to_empty(module: nn.Module, device: torch.device) -> None:

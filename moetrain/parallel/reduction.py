@@ -56,6 +56,10 @@ class StepSums:
         (value,) = self.values(name)
         return value
 
+    def maximum(self, name: str) -> float:
+        """The largest element of a sum (of a per-rank vector: the largest rank's value)."""
+        return max(self.values(name))
+
     def host(self, name: str) -> torch.Tensor:
         return torch.tensor(self.values(name), dtype=torch.float64).view(
             self.packed.shapes[name])

@@ -136,7 +136,7 @@ class StepRunner:
 
     def reduce_step(self, model: nn.Module, *, token_sums: dict[str, torch.Tensor],
                     sums: dict[str, torch.Tensor],
-                    per_rank: dict[str, float]) -> StepSums:
+                    per_rank: dict[str, float | torch.Tensor]) -> StepSums:
         """Everything a step decides and logs, summed over every rank by ONE all-reduce and read
         by the host ONCE, by name:
 
@@ -144,8 +144,9 @@ class StepRunner:
         token from the logits), counted once per micro-batch (`holds_loss`);
         sums: values every rank contributes (MoE statistics rows - every rank routes different
         tokens or holds different layers -, stop flags);
-        per_rank: one float per rank (e.g. its peak memory), each rank filling its own slot of
-        a world-size vector, so the sum carries them all;
+        per_rank: one value per rank (a float, e.g. its peak memory, or a device scalar, e.g.
+        the sync-free exchange's largest need), each rank filling its own slot of a world-size
+        vector, so the sum carries them all (`host[name].max()` is the largest);
         and "grad_sq", this rank's share of the squared global gradient norm
         (`grad_sq_norm_share`), so `StepSums.grad_norm` is the whole model's.
         """
@@ -158,8 +159,8 @@ class StepRunner:
         named["grad_sq"] = grad_sq_norm_share(self.norm_parameters(model), stage_ranks, device)
         named.update(sums)
         for name, value in per_rank.items():
-            slots = torch.zeros(layout.dims.world_size, dtype=torch.float64)
-            slots[layout.rank] = float(value)
+            slots = torch.zeros(layout.dims.world_size, dtype=torch.float64, device=device)
+            slots[layout.rank] = value  # a float, or a device scalar: nothing is read
             named[name] = slots
         packed = Packed(named, device)
         summed = layout.all_reduce(packed.flat)

@@ -11,7 +11,8 @@ def config(*overrides):
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "mixtral_8x7b", "olmoe_1b_7b", "qwen3_30b_a3b",
-                                        "deepseek_v2_lite"])
+                                        "deepseek_v2_lite", "deepseek_v3", "kimi_k2",
+                                        "qwen3_235b_a22b"])
 def test_every_shipped_experiment_is_valid(experiment):
     cfg = to_object(compose([f"+experiment={experiment}"]))
     validate(cfg)
@@ -44,6 +45,7 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("model.moe.routing.top_p=1.5", "model.moe.routing.top_p"),
     ("model.moe.routing.num_null_experts=-1", "model.moe.routing.num_null_experts"),
     ("model.moe.routing.bias_rate=-1", "model.moe.routing.bias_rate"),
+    ("model.moe.ep_budget=0", "model.moe.ep_budget"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -72,6 +74,18 @@ def test_choices_of_a_config_built_in_python_are_checked():
     with pytest.raises(ConfigError, match="model.moe.score_func='relu' is invalid: must be one of "
                                           "softmax, sigmoid"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["model.moe.ep_budget=1.5", "model.moe.ep_overlap=true"])
+def test_expert_parallel_exchange_settings_without_expert_parallelism_are_refused(override):
+    key = override.split("=")[0]
+    cfg = config(override)
+    validate(cfg)
+    with pytest.raises(LayoutError, match=rf"^{key} = .* needs expert parallelism "
+                                          r"\(parallel.ep > 1\)") as err:
+        check_layout(cfg, 2)
+    assert err.value.keys == (key, "parallel.ep") and "\n" not in str(err.value)
+    check_layout(config(override, "parallel.ep=2"), 2)
 
 
 def test_layout_errors_name_the_keys_for_the_world_size():

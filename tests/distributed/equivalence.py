@@ -20,6 +20,7 @@ cores).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -47,6 +48,7 @@ KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
 # Compared too where the runs log them: the MTP losses per depth (model.mtp.depth > 0) and the
 # validation losses (train.eval_every).
 OPTIONAL = re.compile(r"^(val_loss(/.+)?|val_mtp_loss/\d+|mtp_loss/\d+)$")
+EXCHANGE_KEYS = ("ep_budget", "ep_need", "ep_overflows", "ep_wasted_rows")  # with ep_budget
 RTOL = 1e-5
 
 
@@ -56,22 +58,38 @@ def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
     return tiny_config([*EQUIVALENCE, *overrides], world_size)
 
 
+def digest(model: torch.nn.Module) -> str:
+    """SHA-256 of this rank's parameters and gradients (local shards, by name, bytes): equal
+    digests of two runs of one layout mean bitwise equal weights and last-step gradients."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        for t in (p, p.grad):
+            if t is not None:
+                t = t.to_local() if hasattr(t, "to_local") else t
+                h.update(name.encode())
+                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]]):
     """In every rank: train each job; returns (rank 0's records by job, this rank's
-    (dp_rank, first step's micro-batches) by job)."""
+    (dp_rank, first step's micro-batches) by job, this rank's `digest` after the last step by
+    job)."""
     torch.set_num_threads(1)  # the launcher did already; also for a direct call
     records: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, tuple[int, list[list[int]]]] = {}
+    digests: dict[str, str] = {}
     for name, cfg, run_dir in jobs:
         trainer = trainer_for(cfg, run_dir)
         state = trainer.sampler.state_dict()
         samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
         trainer.sampler.load_state_dict(state)
         trainer.fit()
+        digests[name] = digest(trainer.model)
         del trainer  # before the next job builds its model (real shapes: two would not fit)
         if rank == 0:
             records[name] = _records(run_dir)
-    return records, samples
+    return records, samples, digests
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -79,7 +97,8 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in m if key in ("step", *KEYS) or OPTIONAL.match(key)}
+        rec = {key: v for key, v in m.items()
+               if key in ("step", *KEYS, *EXCHANGE_KEYS) or OPTIONAL.match(key)}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -91,6 +110,7 @@ class LayoutRuns:
     # layout -> per rank: (dp_rank, the micro-batches (sample indices) of its first step)
     samples: dict[str, list[tuple[int, list[list[int]]]]]
     run_dirs: dict[str, Path]  # layout -> its run directory
+    digests: dict[str, list[str]]  # layout -> per rank, `digest` of its model after the last step
 
 
 def run_layouts(
@@ -108,9 +128,10 @@ def run_layouts(
     for data in {repr(cfg.data): cfg.data for _, cfg, _ in jobs}.values():
         ensure_prepared(data, jobs[0][1].model.vocab_size)
     results = run_distributed(_train, world_size, jobs, timeout=timeout, pg_timeout=60)
-    samples = {name: [per_rank[name] for _, per_rank in results] for name in layouts}
+    samples = {name: [per_rank[name] for _, per_rank, _ in results] for name in layouts}
+    digests = {name: [per_rank[name] for _, _, per_rank in results] for name in layouts}
     return LayoutRuns(records=results[0][0], samples=samples,
-                      run_dirs={name: run_dir for name, _, run_dir in jobs})
+                      run_dirs={name: run_dir for name, _, run_dir in jobs}, digests=digests)
 
 
 def rel_err(a: float, b: float) -> float:
@@ -186,6 +207,8 @@ REFERENCES: dict[str, list[str]] = {
     "b4-global": [*B4, "model.moe.lbl.scope=global"],
     "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],
     "b4-mla": [*B4, *MLA],
+    # a shared expert: what the overlapped exchange computes while the rows travel
+    "b4-shared": [*B4, "model.moe.num_shared_experts=1"],
 }
 
 
@@ -203,6 +226,18 @@ def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path,
     layout's."""
     layouts = {name: [*references[c.reference], *c.overrides] for name, c in cases.items()}
     return run_layouts(world_size, layouts, tmp_dir, timeout=600)
+
+
+def assert_bitwise_equal(runs: LayoutRuns, name: str, other: str) -> None:
+    """Layouts `name` and `other` (one world size, one launch) logged the same numbers and end
+    with the same weights and gradients on every rank, bit for bit."""
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in EXCHANGE_KEYS}  # noqa: E731
+                          for r in recs]
+    assert strip(runs.records[name]) == strip(runs.records[other]), \
+        f"{name} and {other} logged different numbers"
+    assert runs.digests[name] == runs.digests[other], \
+        f"{name} and {other} end with different weights or gradients (per rank: " + ", ".join(
+            str(a == b) for a, b in zip(runs.digests[name], runs.digests[other])) + ")"
 
 
 def layouts_fixture(world_size: int, cases: dict[str, Layout],
