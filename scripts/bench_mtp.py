@@ -2,7 +2,9 @@
 main-token validation loss and step time of MTP depth 0 / 1 with document masking off / on,
 for each model and seed (docs/mtp.md has the recorded table).
 
-    python scripts/bench_mtp.py --out docs/mtp_bench.json                  (the recorded run)
+    python scripts/bench_mtp.py --models tiny --steps 10 --eval-batches 2 --out docs/mtp_bench_tiny.json
+    python scripts/bench_mtp.py --models wide --steps 10 --eval-batches 2 --out docs/mtp_bench_wide.json
+                                                                      (the recorded runs)
     python scripts/bench_mtp.py --models tiny --seeds 1 --steps 4 --eval-batches 1 --out x.json
 
 Trains on short documents (scripts/make_documents.py: the shipped corpus's paragraphs, several
@@ -11,8 +13,9 @@ real Trainer (`python -m moetrain.train` as a library) in this process, one afte
 each seed and model the four variants run back to back, so a change of the machine's load
 hits them alike. Reported per run: val_loss (the mean next-token loss over `--eval-batches`
 validation batches after the last step; the MTP loss is not in it), val_mtp_loss/1, the median
-step time over the steps after the first (which includes start-up work), and the final train
-loss. Prints a markdown table.
+step time over the steps after the first (which includes start-up work), the final train
+loss and the host's 1-minute load average before the run (a shared host's step times are only
+comparable between runs under the same load). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -99,8 +103,9 @@ def main(argv=None) -> int:
         for model in models:
             for variant, extra in VARIANTS.items():
                 run_dir = work / f"{model}-{variant}-s{seed}"
+                load = os.getloadavg()[0]
                 r = run_one([*MODELS[model], *common, f"train.seed={seed}", *extra], run_dir)
-                r.update(model=model, variant=variant, seed=seed)
+                r.update(model=model, variant=variant, seed=seed, load_before=round(load, 2))
                 results.append(r)
                 print(json.dumps(r), flush=True)
     report = {"date": datetime.date.today().isoformat(),
