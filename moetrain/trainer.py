@@ -28,12 +28,15 @@ from moetrain.evaluation import Evaluator
 from moetrain.fp8 import resolve_fp8
 from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.metrics.throughput import Throughput, device_peak
-from moetrain.model import MoEControl, Transformer, set_recompute
+from moetrain.model import MoEControl, Transformer, num_moe_layers, set_recompute
 from moetrain.model.init import init_parameters
+from moetrain.model.inputs import InputSpec
+from moetrain.model.mtp import mtp_loss_scale_at
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
+from moetrain.parallel.loss import loss_means
 from moetrain.parallel.parallelize import BatchShape, parallelize
 from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
@@ -83,16 +86,19 @@ class Trainer:
         memory.reset_peak(rt.device)
         with torch.device("meta"):
             model = Transformer(cfg.model)
+        # How windows become inputs and targets: MTP, documents (the data's EOS id).
+        inputs = InputSpec(mtp_depth=cfg.model.mtp.depth, eos_id=self.train_data.eos_id,
+                           document_mask=cfg.data.document_mask,
+                           mask_boundary=cfg.data.boundary_loss == "mask")
         batch = BatchShape(t.micro_batch_size, self.micro_batches_per_step // dims.dp,
-                           cfg.data.seq_len)
+                           cfg.data.seq_len, inputs)
         self.model, self.runner = parallelize(model, self.rank, cfg.parallel, batch,
                                               compile=t.compile, fp8=self.fp8)
         init_parameters(self.model, cfg.model, t.seed)
         set_recompute(self.model, t.recompute)
         # The MoE layers' per-step state: schedules, aux-loss scale, statistics, expert bias.
         self.moe = MoEControl(
-            self.model, cfg.model.moe,
-            num_moe_layers=cfg.model.n_layers - cfg.model.moe.first_dense_layers,
+            self.model, cfg.model.moe, num_moe_layers=num_moe_layers(cfg.model),
             micro_batches_per_step=self.micro_batches_per_step,
             eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
@@ -230,7 +236,7 @@ class Trainer:
                 scalars, routing = summarize_routing(moe_stats, self.micro_batches_per_step,
                                                      moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
                 record.update(scalars, total_loss=record["lm_loss"] + scalars["aux_loss"]
-                              + scalars["z_loss"])
+                              + scalars["z_loss"] + record.get("mtp_loss", 0.0))
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
@@ -356,6 +362,7 @@ class Trainer:
         model.train()
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
+        mtp_scale = mtp_loss_scale_at(self.cfg.model.mtp, self.state.step)
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             # The step's top-k and capacity (its schedules), and the aux losses' gradient:
@@ -363,8 +370,9 @@ class Trainer:
             # LM loss over the global batch + mean aux loss per micro-batch).
             routing = self.moe.start_step(self.state.step)
             # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed
-            # LM loss is backpropagated divided by the global batch's token count.
-            lm_sum = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
+            # LM (and MTP) loss is backpropagated divided by the global batch's token count.
+            token_sums = runner.forward_backward(model, batches, self.tokens_per_step,
+                                                 rt.autocast, mtp_loss_scale=mtp_scale)
             stats = self.moe.step_stats()
             # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
             # reduction, the routing statistics and the exchange's counters: one reduction, one
@@ -375,7 +383,7 @@ class Trainer:
                 sums["moe"] = stats.rows_LC
             exchange_sums, exchange_per_rank = self.moe.exchange_sums()
             summed = runner.reduce_step(
-                model, token_sums={"lm_sum": lm_sum}, sums={**sums, **exchange_sums},
+                model, token_sums=token_sums, sums={**sums, **exchange_sums},
                 per_rank={"memory_peak": self.step_peak_bytes, **exchange_per_rank})
             # The redo decision: an attempt whose sync-free expert exchange overflowed its budget
             # on any rank is not the dropless step; it runs again on the same batch, with a
@@ -384,8 +392,12 @@ class Trainer:
                 break
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = summed.item("stop") > 0
-        lm_loss, grad_norm = summed.item("lm_sum") / self.tokens_per_step, summed.grad_norm
-        skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
+        losses = loss_means({name: summed.values(name) for name in token_sums})
+        lm_loss, grad_norm = losses["loss"], summed.grad_norm
+        mtp = {k: v for k, v in losses.items() if k.startswith("mtp_loss/")}
+        if mtp:  # what the MTP term adds to the total loss: lambda / D * sum_k mean CE_k
+            losses["mtp_loss"] = mtp_scale / len(mtp) * sum(mtp.values())
+        skipped = not all(math.isfinite(v) for v in (*losses.values(), grad_norm))
         columns = self.moe.columns
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -395,15 +407,15 @@ class Trainer:
             # Aux-loss-free balancing from this step's global load (on the device).
             self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
         host = None if stats is None else columns.view(summed.host("moe"))
-        return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
-                "top_k": routing.top_k,
+        return {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
+                "skipped": skipped, "top_k": routing.top_k,
                 "memory_peak_gib": summed.maximum("memory_peak") / memory.GIB,
                 **self.moe.exchange_record()}, host
 
     def evaluate(self) -> dict[str, float]:
-        """`val_loss` and `val_loss/<source>` (moetrain/evaluation.py) with the MoE layers at
-        `train.eval_capacity_factor` (null = dropless), so that they do not depend on the
-        training capacity (Megatron and DeepSpeed also keep the two apart); the step's training
-        routing is set again afterwards."""
+        """`val_loss`, `val_loss/<source>` and `val_mtp_loss/<k>` (moetrain/evaluation.py) with
+        the MoE layers at `train.eval_capacity_factor` (null = dropless), so that they do not
+        depend on the training capacity (Megatron and DeepSpeed also keep the two apart); the
+        step's training routing is set again afterwards."""
         with self.moe.evaluation(), self._phase("eval"):
             return self.evaluator(self.model, self.runner, self.rt.autocast, self.rt.device)

@@ -17,6 +17,8 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
     bench_moe_layer  scripts/bench_moe_layer.py: mixtral, olmoe, qwen3; baseline, moetrain, triton
     bench_fp8        scripts/bench_fp8.py: the MoE layer at the same shapes, bf16 against each
                      FP8 recipe this GPU runs (docs/fp8.md)
+    bench_documents  scripts/bench_documents.py: document-masked attention, SDPA through the dense
+                     mask vs compiled flex attention (the path `data.document_mask` takes on CUDA)
     moe_graph        scripts/check_moe_graph.py: host stalls per step of MoE layers with the
                      exact-size expert exchange (a host read per layer) and the sync-free one
                      (none); a CUDA-graph capture of one MoE layer (sync-free: must capture and
@@ -147,6 +149,11 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
                               "--iters", "1", "--warmup", "1"] if smoke
                              else ["--iters", "10", "--warmup", "3"])],
              150, "bench_fp8.json"),
+        Step("bench_documents", [PY, "scripts/bench_documents.py", "--json", str(work / "bench_documents.json"),
+                                 *(["--shape", "1,4,2,256,32", "--doc", "50", "--device", "cpu",
+                                    "--iters", "2", "--warmup", "1"] if smoke
+                                   else ["--iters", "20", "--warmup", "5"])],
+             90, "bench_documents.json"),
         Step("moe_graph", [PY, "scripts/check_moe_graph.py", "--json", str(work / "moe_graph.json"),
                            *(["--device", "cpu", "--dtype", "fp32", "--layers", "2", "--tokens",
                               "64", "--dim", "32", "--experts", "4", "--expert-hidden", "16",
@@ -181,8 +188,8 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
 
 
 STEP_NAMES = ("install", "env", "kernel_tests", "gpu_tests", "bench_kernels", "bench_moe_layer",
-              "bench_fp8", "moe_graph", "bench_dispatcher", "train_eager", "train_fp8",
-              "train_compiled")
+              "bench_fp8", "bench_documents", "moe_graph", "bench_dispatcher", "train_eager",
+              "train_fp8", "train_compiled")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -332,6 +339,10 @@ def summarize(steps: dict) -> dict:
                 summary[f"{key}_peak_gib"] = round(r["peak_memory_bytes"] / 2**30, 2)
         else:
             summary[key] = "not runnable"
+    docs = (steps.get("bench_documents") or {}).get("result") or {}
+    if docs:
+        summary["documents_flex_speedup"] = round(docs["speedup"], 3)
+        summary["documents_flex_rel_err"] = docs["rel_err"]
     graph = (steps.get("moe_graph") or {}).get("result") or {}
     for name, v in (graph.get("host_stalls") or {}).items():
         key = name.replace("-", "_")

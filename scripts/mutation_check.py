@@ -48,6 +48,9 @@ class Mutation:
 
 
 ORACLE = "tests/oracle"
+DOCUMENTS = "tests/model/test_documents.py"
+MTP_ORACLE = ("tests/oracle/test_oracle.py::"
+              "test_trainer_with_mtp_and_documents_equals_the_independent_reference")
 KNOWN = "tests/oracle/test_known_bugs.py"
 MUTATIONS: tuple[Mutation, ...] = (
     # -- the three bugs the equivalence harness could not see (issue 17)
@@ -137,16 +140,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              "rotated = torch.cat([x32[..., half:], -x32[..., :half]], dim=-1)",
              ("tests/model/test_norm_rope.py", ORACLE), "RoPE rotates the other way"),
     Mutation("transformer-extra-dense-layer", "moetrain/model/transformer.py",
-             "dense = layer_id < cfg.moe.first_dense_layers",
-             "dense = layer_id <= cfg.moe.first_dense_layers",
+             "moe_index=None if i < first_moe else i - first_moe",
+             "moe_index=None if i <= first_moe else i - first_moe",
              ("tests/model/test_transformer.py", ORACLE), "one dense layer too many"),
     # -- trainer, optimizer, clipping, metrics
     Mutation("trainer-schedule-off-by-one", "moetrain/trainer.py",
              "routing = self.moe.start_step(self.state.step)",
              "routing = self.moe.start_step(self.state.step + 1)", (ORACLE,),
              "sparsity schedules read one step ahead"),
-    Mutation("lm-loss-per-micro-batch-mean", "moetrain/parallel/step.py",
-             "(loss_sum / tokens_per_step).backward()", "(loss_sum / targets.numel()).backward()",
+    Mutation("lm-loss-per-micro-batch-mean", "moetrain/parallel/loss.py",
+             "return loss / self.tokens_per_step", "return loss / main_targets.numel()",
              (ORACLE,), "each micro-batch's LM loss backpropagated as its own mean"),
     Mutation("optim-warmup-from-zero", "moetrain/optim.py",
              "return cfg.lr * (step + 1) / cfg.warmup_steps",
@@ -221,9 +224,43 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_trainer.py::test_too_many_bad_steps_in_a_row_abort_with_a_clear_message",),
              "the record of the step that stops the run is lost"),
     Mutation("val-loss-ignores-mixture-weights", "moetrain/evaluation.py",
-             "sum(w * losses[n] for n, w in", "sum(losses[n] for n, w in",
+             "sum(w * per_source[n][key] for n, w in", "sum(per_source[n][key] for n, w in",
              ("tests/test_trainer.py::test_a_mixture_logs_each_sources_validation_loss_and_the_mfu",),
              "val_loss not the mixture-weighted mean of the sources' losses"),
+    # -- multi-token prediction and packed documents (issue 25)
+    Mutation("mtp-input-off-by-one", "moetrain/model/inputs.py",
+             "mtp_tokens.append(window_p[:, k:k + S])",
+             "mtp_tokens.append(window_p[:, k - 1:k - 1 + S])", (DOCUMENTS, MTP_ORACLE),
+             "MTP depth k embeds t_{i+k-1} instead of t_{i+k}"),
+    Mutation("mtp-targets-cross-documents", "moetrain/model/inputs.py",
+             "valid = (doc_p[:, k:k + S] == doc[:, :S]) & (index + k + 1 <= S)",
+             "valid = (index + k + 1 <= S)", (DOCUMENTS, MTP_ORACLE),
+             "MTP targets across a document boundary scored"),
+    Mutation("mtp-loss-not-over-depth", "moetrain/parallel/loss.py",
+             "self.mtp_weight = mtp_loss_scale / self.mtp_depth if",
+             "self.mtp_weight = mtp_loss_scale if", (MTP_ORACLE,),
+             "MTP loss lambda, not lambda / D"),
+    Mutation("mtp-concat-order", "moetrain/model/mtp.py",
+             "torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1)",
+             "torch.cat([self.hnorm(h_BSD), self.enorm(emb_BSD)], dim=-1)", (MTP_ORACLE,),
+             "the MTP projection reads the hidden state first (not the released checkpoint's order)"),
+    Mutation("documents-rope-window-positions", "moetrain/model/attention.py",
+             "rope_positions = positions if doc_positions is None else doc_positions",
+             "rope_positions = positions", (DOCUMENTS,),
+             "RoPE positions do not restart at each document"),
+    Mutation("documents-mask-ignored", "moetrain/model/documents.py",
+             "mask = (k <= q) & (k >= start)", "mask = (k <= q) & (k >= start.clamp(max=0))",
+             (DOCUMENTS, MTP_ORACLE), "attention crosses document boundaries"),
+    Mutation("cp-mtp-inputs-from-the-chunk", "moetrain/model/inputs.py",
+             "None if self.mtp_tokens is None else fn(self.mtp_tokens))",
+             "None if self.mtp_tokens is None else torch.stack([fn(self.tokens).roll(-k, 1) "
+             "for k in range(1, self.mtp_tokens.shape[-1] + 1)], -1))",
+             ("tests/distributed/test_equivalence_mtp.py::"
+              "test_two_rank_layout_with_mtp_and_documents_equals_one_process",),
+             "under CP each chunk's MTP inputs come from the chunk, not the whole sequence"),
+    Mutation("plan-no-last-stage-embedding-copy", "moetrain/plan_shards.py",
+             "if first or (last and last_stage_embeds(model)):", "if first:",
+             ("tests/test_dryrun.py",), "the planner misses the last stage's embedding copy"),
 )
 
 

@@ -37,6 +37,10 @@ RUN: dict[str, tuple[str, ...]] = {
     "python -m moetrain.batches --run outputs/tiny-<time> --step 2": (),
     "python -m moetrain.batches --run outputs/tiny-<time> --val --out /tmp/val.jsonl": (),
     "python -m moetrain.layout --world-size 8 parallel.tp=2 parallel.ep=4 model.moe.num_experts=8": (),
+    "python -m moetrain.train +experiment=tiny model.mtp.depth=1 data.document_mask=true "
+    "run.dir=outputs/mtp": SMALL_RUN,
+    "python -m moetrain.plan +experiment=deepseek_v3 parallel.pp=16 parallel.ep=64 "
+    "--world-size 2048 \"parallel.pp_layers=[4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,1]\"": (),
     "python scripts/prepare_data.py --corpus data/corpus --out /tmp/prepared --vocab-size 8192": (),
     "python -m moetrain.plan +experiment=mixtral_8x7b parallel.tp=2 parallel.ep=8 parallel.pp=4 "
     "--world-size 64": (),

@@ -158,14 +158,18 @@ def _documented_metrics_keys() -> set[str]:
 
 
 def test_metrics_records_have_exactly_the_keys_the_design_documents(tmp_path):
-    trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1")
+    # With multi-token prediction (its keys are documented as "only with MTP").
+    trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
+                    "model.mtp.depth=2")
     trainer.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    logged = {re.sub(r"^(source_tokens|val_loss)/.+$", r"\1/<name>", k) for r in recs for k in r}
+    logged = {re.sub(r"/\d+$", "/<k>", re.sub(r"^(source_tokens|val_loss)/.+$", r"\1/<name>", k))
+              for r in recs for k in r}
     # `nonfinite` only in a record with a NaN (test_a_nan_step_is_skipped_counted_and_training_goes_on);
     # the ep_* keys only with model.moe.ep_budget (tests/distributed/test_equivalence_ep.py)
     assert logged == _documented_metrics_keys() - {"nonfinite", "ep_budget", "ep_need",
                                                    "ep_overflows", "ep_wasted_rows"}
+    assert {"mtp_loss/1", "mtp_loss/2", "val_mtp_loss/2"} <= set(recs[-1])
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "corpus"

@@ -54,6 +54,8 @@ RopeScaling = _choice("RopeScaling", "none", "yarn")
 FP8Recipe = _choice("FP8Recipe", "none", "tensorwise", "rowwise", "mxfp8")
 FP8Backend = _choice("FP8Backend", "torchao", "te")
 GroupScore = _choice("GroupScore", "top2_sum", "max")
+MTPBlock = _choice("MTPBlock", "moe", "dense")
+BoundaryLoss = _choice("BoundaryLoss", "keep", "mask")
 
 
 @dataclass
@@ -208,6 +210,24 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3, arXiv:2412.19437 section 2.2): `depth` sequential
+    modules after the main model, module k predicting the token k + 1 ahead from module k-1's
+    hidden state and the embedding of the token k ahead (moetrain/model/mtp.py)."""
+
+    # Prediction depths D (0 = no MTP).
+    depth: int = 0
+    # lambda: the MTP loss added to the LM loss is lambda / D * sum_k CE_k (DeepSeek-V3: 0.3 for
+    # the first 10T tokens, then 0.1).
+    loss_scale: float = 0.3
+    # lambda as a function of the optimizer step (start / end null = loss_scale).
+    loss_scale_schedule: ValueSchedule = field(default_factory=ValueSchedule)
+    # The transformer block of each module: moe (an MoE layer of model.moe, DeepSeek-V3) or
+    # dense (a SwiGLU MLP of model.ffn_hidden).
+    block: MTPBlock = MTPBlock("moe")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 128
@@ -236,6 +256,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     init: InitConfig = field(default_factory=InitConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
 
 def head_dim_of(model: Any) -> int:
@@ -312,6 +333,13 @@ class DataConfig:
     # When a source has no sequences left for the next global batch: repeat (a new epoch of
     # that source, a fresh permutation) or stop (cleanly, with a checkpoint and a message).
     on_exhausted: OnExhausted = OnExhausted("repeat")
+    # Packed documents: attention stays inside each document of a window (the EOS that ends a
+    # document belongs to it) and RoPE positions restart at 0 with each document.
+    document_mask: bool = False
+    # The loss at a document boundary, where the EOS token predicts the next document's first
+    # token: keep it (the only place that first token is learnt) or mask it. Targets of the
+    # multi-token prediction that reach past an EOS are always masked (docs/documents.md).
+    boundary_loss: BoundaryLoss = BoundaryLoss("keep")
 
 
 @dataclass

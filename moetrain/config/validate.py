@@ -131,6 +131,7 @@ def validate(cfg: MoetrainConfig) -> None:
     _validate_schedule("model.moe.schedule.capacity_factor", moe.schedule.capacity_factor,
                        moe.capacity_factor, _capacity_range)
     _validate_routing(moe)
+    _validate_mtp(m.mtp)
 
     _validate_data(cfg)
 
@@ -256,6 +257,20 @@ def _validate_data(cfg: MoetrainConfig) -> None:
         resolve_sources(d)  # names, weights, corpus vs sources
     except DataError as err:
         raise ConfigError(str(err)) from None
+
+
+def _validate_mtp(mtp: Any) -> None:
+    _require(isinstance(mtp.depth, int) and not isinstance(mtp.depth, bool) and mtp.depth >= 0,
+             "model.mtp.depth", mtp.depth,
+             "must be an integer >= 0 (multi-token prediction depths; 0 = off)")
+    _require(_is_number(mtp.loss_scale) and mtp.loss_scale >= 0, "model.mtp.loss_scale",
+             mtp.loss_scale, "must be a number >= 0")
+    _validate_schedule("model.mtp.loss_scale_schedule", mtp.loss_scale_schedule, mtp.loss_scale,
+                       _loss_scale_range)
+
+
+def _loss_scale_range(key: str, value: Any) -> None:
+    _require(_is_number(value) and value >= 0, key, value, "must be a number >= 0")
 
 
 def _validate_routing(moe: Any) -> None:

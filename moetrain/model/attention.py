@@ -14,27 +14,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.model.documents import document_attention
 from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import apply_rope, rope_cos_sin
 
 
 class AttentionFn(Protocol):
-    """(q [B, Hq, S, d_qk], k [B, Hkv, S, d_qk], v [B, Hkv, S, d_v], positions, scale)
-    -> out [B, Hq, S, d_v]; scale None = 1 / sqrt(d_qk)."""
+    """(q [B, Hq, S, d_qk], k [B, Hkv, S, d_qk], v [B, Hkv, S, d_v], positions, scale,
+    doc_positions) -> out [B, Hq, S, d_v]; scale None = 1 / sqrt(d_qk). positions: the tokens'
+    indices in the window [S] or [B, S]; doc_positions [B, S]: their indices in their documents
+    (None = one document per window; moetrain/model/documents.py)."""
 
     def __call__(self, q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor,
-                 positions: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor: ...
+                 positions: torch.Tensor, scale: Optional[float] = None,
+                 doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
 
 def causal_attention(
     q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor, positions: torch.Tensor,
-    scale: Optional[float] = None,
+    scale: Optional[float] = None, doc_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Causal SDPA; query head h reads kv head h // (Hq / Hkv) (`enable_gqa`, no repeated copy).
+    """Causal SDPA; query head h reads kv head h // (Hq / Hkv) (`enable_gqa`, no repeated copy);
+    with `doc_positions`, inside each document (`document_attention`).
 
-    Assumes the sequence is the whole, in-order sequence (positions unused). Context parallelism
-    replaces `Attention.attention_fn` with a function that builds its mask from `positions`.
+    Assumes the sequence is the whole, in-order sequence. Context parallelism replaces
+    `Attention.attention_fn` with a function that builds its mask from `positions`.
     """
+    if doc_positions is not None:
+        return document_attention(q_BHSd, k_BKSd, v_BKSd, positions, doc_positions, scale)
     return F.scaled_dot_product_attention(
         q_BHSd, k_BKSd, v_BKSd, is_causal=True, scale=scale,
         enable_gqa=q_BHSd.shape[1] != k_BKSd.shape[1],
@@ -74,8 +81,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps)
         self.attention_fn: AttentionFn = causal_attention
 
-    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], positions [S] or [B, S] (integer token positions) -> [B, S, D]."""
+    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor,
+                doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, S, D], positions [S] or [B, S] (the tokens' integer positions in the window),
+        doc_positions [B, S] or None (their positions in their documents: RoPE rotates by
+        these and attention stays inside each document) -> [B, S, D]."""
         B, S, _ = x_BSD.shape
         d = self.head_dim
         q, k = self.wq(x_BSD), self.wk(x_BSD)
@@ -85,10 +95,12 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q_BSHd, k_BSKd = self.q_norm(q_BSHd), self.k_norm(k_BSKd)
         v_BSKd = self.wv(x_BSD).view(B, S, -1, d)
-        cos, sin = rope_cos_sin(positions, d, self.rope_theta, self.rope_scaling)
+        rope_positions = positions if doc_positions is None else doc_positions
+        cos, sin = rope_cos_sin(rope_positions, d, self.rope_theta, self.rope_scaling)
         q_BSHd = apply_rope(q_BSHd, cos, sin)
         k_BSKd = apply_rope(k_BSKd, cos, sin)
         o_BHSd = self.attention_fn(
-            q_BSHd.transpose(1, 2), k_BSKd.transpose(1, 2), v_BSKd.transpose(1, 2), positions
+            q_BSHd.transpose(1, 2), k_BSKd.transpose(1, 2), v_BSKd.transpose(1, 2), positions,
+            doc_positions=doc_positions,
         )
         return self.wo(o_BHSd.transpose(1, 2).reshape(B, S, -1))

@@ -90,7 +90,9 @@ def check_model_fit(
             f"model.n_kv_heads = {model.n_kv_heads} is not divisible by parallel.tp = {dims.tp}",
             ("model.n_kv_heads", "parallel.tp"),
         )
-    if moe.first_dense_layers > 0 and model.ffn_hidden % dims.tp:
+    mtp = getattr(model, "mtp", None)
+    dense_mtp = mtp is not None and mtp.depth > 0 and mtp.block == "dense"
+    if (moe.first_dense_layers > 0 or dense_mtp) and model.ffn_hidden % dims.tp:
         raise LayoutError(
             f"model.ffn_hidden = {model.ffn_hidden} is not divisible by parallel.tp = {dims.tp}",
             ("model.ffn_hidden", "parallel.tp"),
@@ -122,8 +124,7 @@ def check_model_fit(
             ("train.global_batch_size", "train.micro_batch_size"),
         )
     if pp_schedule is not None:
-        check_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step,
-                       tie_embeddings=bool(getattr(model, "tie_embeddings", False)))
+        check_pipeline(pp_schedule, dims.pp, dims.vpp, train.global_batch_size // per_step)
 
 
 def check_fp8_fit(dims: ParallelDims, moe: Any, train: Any, seq_len: int) -> None:
@@ -177,19 +178,14 @@ def check_fp8_fit(dims: ParallelDims, moe: Any, train: Any, seq_len: int) -> Non
             "train.fp8_backend=torchao or parallel.tp=1", ("train.fp8_backend", "parallel.tp"))
 
 
-def check_pipeline(
-    schedule: str, pp: int, vpp: int, n_microbatches: int, *, tie_embeddings: bool = False
-) -> None:
+def check_pipeline(schedule: str, pp: int, vpp: int, n_microbatches: int) -> None:
     """Check a pipeline schedule (`parallel.pp_schedule`, one of the schema's PPSchedule) against
     pp, vpp and the micro-batches per data-parallel rank and step (train.global_batch_size /
     (train.micro_batch_size * dp)); LayoutError naming the keys. Everything passes for pp = 1."""
     if pp * vpp == 1:
         return
-    if tie_embeddings:
-        raise LayoutError(
-            "model.tie_embeddings = true is not supported with pipeline parallelism "
-            f"(parallel.pp*parallel.vpp = {pp}*{vpp}): the embedding and the output head sit "
-            "on different stages; untie them", ("model.tie_embeddings", "parallel.pp"))
+    # Tied embeddings and multi-token prediction are fine: the last stage holds a copy of the
+    # embedding whose gradient is summed with the first stage's (pipeline/stages.py).
     multi = schedule in MULTI_STAGE_SCHEDULES
     if not multi and vpp != 1:
         raise LayoutError(

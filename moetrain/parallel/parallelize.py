@@ -19,15 +19,17 @@ docs/parallelism.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moetrain.config.schema import ParallelConfig
 from moetrain.fp8 import FP8Plan, apply_fp8
+from moetrain.model.inputs import InputSpec
 from moetrain.model.moe.layer import moe_layers
 from moetrain.model.moe.losses import STEP
 from moetrain.parallel.checks import fsdp_reshards_after_forward
@@ -36,10 +38,11 @@ from moetrain.parallel.context_parallel import apply_context_parallel
 from moetrain.parallel.data_parallel import apply_data_parallel
 from moetrain.parallel.dims import LayoutError
 from moetrain.parallel.expert_parallel import apply_expert_parallel
+from moetrain.parallel.loss import StepLoss
 from moetrain.parallel.pipeline.schedule import build_pipeline
-from moetrain.parallel.pipeline.stages import build_stage_modules
+from moetrain.parallel.pipeline.stages import build_stage_modules, last_stage_embeds
 from moetrain.parallel.rank import RankLayout
-from moetrain.parallel.step import PipelineStepRunner, StepRunner, cross_entropy_sum
+from moetrain.parallel.step import PipelineStepRunner, StepRunner
 from moetrain.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -47,11 +50,13 @@ from moetrain.parallel.tensor_parallel import apply_tensor_parallel
 class BatchShape:
     """The shape of one data-parallel rank's work per optimizer step (what a pipeline schedule
     declares statically): `micro_batches` of `micro_batch_size` sequences of `seq_len` tokens
-    (the whole sequence, before context parallelism splits it)."""
+    (the whole sequence, before context parallelism splits it), and how each window becomes
+    model inputs and targets (`inputs`: documents, MTP; moetrain/model/inputs.py)."""
 
     micro_batch_size: int
     micro_batches: int
     seq_len: int
+    inputs: InputSpec = field(default_factory=InputSpec)
 
 
 def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, batch: BatchShape,
@@ -74,27 +79,47 @@ def parallelize(model: nn.Module, rank: RankLayout, parallel: ParallelConfig, ba
     sync_free = model.cfg.moe.ep_budget is not None
     if dims.pp == 1:
         units = _parallelize_stage(model, rank, parallel, compile, sync_free, fp8)
-        roots, runner = [model], StepRunner(rank, units)
+        roots, runner = [model], StepRunner(rank, units, batch.inputs)
     else:
+        cfg = model.cfg
         stage_modules = build_stage_modules(model, rank.pp_rank, dims.pp, dims.vpp,
                                             parallel.pp_layers)
         units = [u for sm in stage_modules
                  for u in _parallelize_stage(sm.module, rank, parallel, compile, sync_free,
                                              fp8)]
-        shell = stage_modules[0].module
         pipe = build_pipeline(
             stage_modules, schedule=parallel.pp_schedule, group=rank.meshes.group("pp"),
             device=rank.device, n_microbatches=batch.micro_batches,
             micro_batch_size=batch.micro_batch_size, seq_len=batch.seq_len // dims.cp,
-            d_model=shell.cfg.d_model, vocab_size=shell.cfg.vocab_size,
-            tokens_per_step=0,  # set per step
-            cross_entropy_sum=cross_entropy_sum, sequence_shards=dims.tp)
+            d_model=cfg.d_model, vocab_size=cfg.vocab_size,
+            loss=StepLoss(batch.inputs.mtp_depth), sequence_shards=dims.tp)
         model = pipe.model
-        roots, runner = [sm.module for sm in stage_modules], PipelineStepRunner(rank, pipe, units)
+        roots = [sm.module for sm in stage_modules]
     if rank.device.type != "meta":
         for root in roots:
             _to_empty(root, rank.device)
+    if dims.pp > 1:  # after allocation: the parameter objects are final
+        shared = _shared_embedding(stage_modules, rank) if last_stage_embeds(cfg) else None
+        runner = PipelineStepRunner(rank, pipe, units, batch.inputs, shared)
     return model, runner
+
+
+def _shared_embedding(stage_modules: list, rank: RankLayout,
+                      ) -> Optional[tuple[nn.Parameter, dist.ProcessGroup]]:
+    """This rank's copy of the embedding the first and last pipeline stage share, and the group
+    of the two stages' ranks of this (dp, cp, tp) coordinate (every rank takes part in making
+    the groups; a middle stage's rank holds no copy: None)."""
+    dims = rank.dims
+    if dims.pp == 2:
+        group = rank.meshes.group("pp")
+    else:  # the first and last rank of every pp group (one collective call on every rank)
+        stride = dims.world_size // dims.pp  # pp varies slowest (docs/design.md, rank order)
+        pairs = [[r, r + (dims.pp - 1) * stride] for r in range(stride)]
+        group, _ = dist.new_subgroups_by_enumeration(pairs)
+    holder = next((sm.module for sm in stage_modules if sm.is_first or sm.is_last), None)
+    if holder is None:
+        return None
+    return holder.tok_embeddings.weight, group
 
 
 def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelConfig,
@@ -118,7 +143,7 @@ def _parallelize_stage(module: nn.Module, rank: RankLayout, parallel: ParallelCo
             _check_fp8_shards(module, fp8, fp8_linears, dims.tp)
     if dims.cp > 1:
         apply_context_parallel(module, meshes.group("cp"), parallel.cp_comm)
-    for layer in moe_layers(module):
+    for layer in moe_layers(module):  # the MTP modules' MoE layers too
         # The ranks holding the other tokens of the LBL's count unit: those splitting a
         # micro-batch (CP x TP under sequence parallelism), or every rank of the step's stage.
         kind = "dp_cp_tp" if layer.lbl.counts_unit == STEP else "cp_tp"

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 from contextlib import nullcontext
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
@@ -45,6 +46,9 @@ STEPS = 3
 EQUIVALENCE = (f"train.max_steps={STEPS}", "model.moe.capacity_factor=null",
                "model.moe.lbl.scope=micro")
 KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
+# Compared too where the runs log them: the MTP losses per depth (model.mtp.depth > 0) and the
+# validation losses (train.eval_every).
+OPTIONAL = re.compile(r"^(val_loss(/.+)?|val_mtp_loss/\d+|mtp_loss/\d+)$")
 EXCHANGE_KEYS = ("ep_budget", "ep_need", "ep_overflows", "ep_wasted_rows")  # with ep_budget
 RTOL = 1e-5
 
@@ -97,7 +101,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     records = []
     for m, r in zip(metrics, routing):
         rec = {key: v for key, v in m.items()
-               if key in ("step", *KEYS, *EXCHANGE_KEYS) or key.startswith("val_loss")}
+               if key in ("step", *KEYS, *EXCHANGE_KEYS) or OPTIONAL.match(key)}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -126,7 +130,8 @@ def run_layouts(
         run_dir.mkdir(parents=True)
         jobs.append((name, cfg, run_dir))
     # Tokenizer and shards once, in the parent, before any rank looks for them.
-    ensure_prepared(jobs[0][1].data, jobs[0][1].model.vocab_size)
+    for data in {repr(cfg.data): cfg.data for _, cfg, _ in jobs}.values():
+        ensure_prepared(data, jobs[0][1].model.vocab_size)
     results = run_distributed(_train, world_size, jobs, faults, timeout=timeout, pg_timeout=60)
     samples = {name: [per_rank[name] for _, per_rank, _ in results] for name in layouts}
     digests = {name: [per_rank[name] for _, _, per_rank in results] for name in layouts}
@@ -140,18 +145,23 @@ def rel_err(a: float, b: float) -> float:
 
 def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
     """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses,
-    load CV and (where the layout evaluated) the validation losses (`val_loss`, and
-    `val_loss/<source>` of each source) to rel. RTOL, expert token
-    counts exactly. Returns the largest rel. error per key."""
+    load CV, the MTP losses and (where the layout evaluated) the validation losses (`val_loss`,
+    `val_loss/<source>` of each source, `val_mtp_loss/<k>`) to rel. RTOL, expert token counts
+    exactly. Returns the largest rel. error per key."""
     assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
     worst = {key: 0.0 for key in KEYS}
     bad = []
     for got, want in zip(records, reference):
-        evaluated = tuple(sorted(k for k in got if k.startswith("val_loss")))  # and per source
+        optional = tuple(sorted(k for k in got if OPTIONAL.match(k)))
+        missing = [k for k in optional if k not in want]
+        assert not missing, f"step {got['step']}: the reference did not log {missing}"
+        evaluated = {k for k in optional if k.startswith("val_")}
         if evaluated:
-            assert set(evaluated) == {k for k in want if k.startswith("val_loss")}, \
-                f"step {got['step']}: the reference did not evaluate the same sources"
-        for key in KEYS + evaluated:
+            assert evaluated == {k for k in want if k.startswith("val_")}, \
+                f"step {got['step']}: the reference did not evaluate the same sources and depths"
+        lost = [k for k in want if k.startswith("mtp_loss/") and k not in got]
+        assert not lost, f"step {got['step']}: the layout did not log {lost}"
+        for key in KEYS + optional:
             err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
             if not err < RTOL:
                 bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")

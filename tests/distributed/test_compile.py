@@ -6,7 +6,6 @@ exchange compiles with fullgraph=True (no graph break: nothing read on the host)
 
 from __future__ import annotations
 
-import torch
 
 from moetrain.model import Transformer
 from moetrain.parallel.dims import ParallelDims

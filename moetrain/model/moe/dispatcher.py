@@ -31,7 +31,7 @@ their tokens) and masked on the way out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
