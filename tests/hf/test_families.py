@@ -59,3 +59,26 @@ def test_shipped_config_is_the_family_model_with_its_parameter_count(family):
     n_hf = sum(p.numel() for p in hf.parameters())
     print(f"{family}: {n_hf:,} parameters")
     assert count_parameters(cfg.model).n_total == n_hf
+
+
+def test_an_olmoe_model_that_renormalises_exports_a_config_that_says_so(tmp_path):
+    """OLMoE's transformers default is norm_topk_prob=false: a moetrain OLMoE model with
+    norm_topk_prob=true must export it, so transformers computes the same logits (issue 29)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    original = save_hf("olmoe", tmp_path / "hf")  # norm_topk_prob=false
+    cfg = moetrain_config(original)
+    cfg.moe.norm_topk_prob = True
+    model = Transformer(cfg).eval()
+    load_hf_weights(model, tmp_path / "hf", cfg)
+    out = tmp_path / "export"
+    to_hf_config(cfg).save_pretrained(str(out))
+    save_file(to_hf_state(model.state_dict(), cfg), str(out / "model.safetensors"))
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert exported.config.norm_topk_prob is True
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+        assert rel_err(ours, exported(tokens).logits) < 1e-5
+        assert rel_err(ours, original(tokens).logits) > 1e-3  # the flag changes the logits
