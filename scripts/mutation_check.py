@@ -198,6 +198,30 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            key=lambda p: p.name,\n        )\n        for old",
              ("tests/checkpoint/test_manager.py",),
              "keep_last orders step folders by name (step_10 before step_9)"),
+    Mutation("bias-from-own-loads", "moetrain/trainer.py",
+             'self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))',
+             "self.moe.finish_step(stats)",
+             ("tests/distributed/test_equivalence_ep.py::test_four_rank_expert_parallel_layout_equals_one_process[tp2-ep2-gate-bias]",),
+             "the expert bias moved by this rank's loads, not the step's global loads"),
+    Mutation("lbl-seq-counts-summed-over-dp", "moetrain/model/moe/losses.py",
+             'return STEP if scope == "global" else MICRO_BATCH',
+             'return STEP if scope in ("global", "seq") else MICRO_BATCH',
+             ("tests/distributed/test_lbl_scope.py::test_scope_is_layout_invariant_where_the_micro_steps_are[dp2-seq]",),
+             "seq-scope LBL counts summed over the data-parallel ranks too"),
+    Mutation("shared-gate-outside-router-unit", "moetrain/parallel/data_parallel.py",
+             '            if not same("dp_cp_tp", "dp_cp"):\n                wrap(block.moe, "dp_cp_tp", reshard)',
+             '            if not same("dp_cp_tp", "dp_cp"):\n'
+             '                if block.moe.shared_expert_gate is not None:\n'
+             '                    wrap(block.moe.shared_expert_gate, "dp_cp", reshard)\n'
+             '                wrap(block.moe, "dp_cp_tp", reshard)',
+             ("tests/distributed/test_equivalence_ep.py::test_four_rank_expert_parallel_layout_equals_one_process[tp2-ep2-gate-bias]",),
+             "the shared-expert gate reduced over dp x cp, not with the router over dp x cp x tp"),
+    Mutation("pp-replicated-dp-not-reduced", "moetrain/parallel/parallelize.py",
+             "    fsdp = parallel.fsdp\n    return apply_data_parallel(",
+             "    fsdp = parallel.fsdp\n    if rank.dims.pp > 1 and not fsdp.enabled:\n"
+             "        return []\n    return apply_data_parallel(",
+             ("tests/distributed/test_equivalence_cp_pp.py::test_four_rank_layout_equals_one_process[pp2-dp2-replicated]",),
+             "a pipeline step with replicated DP skips the gradient all-reduce"),
     # -- nothing silent (issue 22): the wrong data, tokenizer, model or directory
     Mutation("source-reused-by-name", "moetrain/data/prepare.py",
              "        _check_same_source(s, entry, raw, target, fix)\n", "        pass\n",

@@ -36,6 +36,8 @@ FOUR_RANKS = {
     "pp4-interleaved": Layout((*PP4, *INTERLEAVED), "b4-mb1-l8"),  # 8 stages: 8 layers
     "pp4-gpipe": Layout((*PP4, "parallel.pp_schedule=gpipe"), "b4-mb1"),
     "pp2-ep2": Layout(("parallel.pp=2", "parallel.ep=2"), "b4-mb1"),  # dp2, EP over DP
+    # replicated DP under the pipeline: each stage's gradients summed over its dp2 replicas
+    "pp2-dp2-replicated": Layout(("parallel.pp=2", "parallel.fsdp.enabled=false"), "b4-mb1"),
 }
 # Every dimension at once: dp1, EP folded over the TP x CP ranks of each stage (edp 2).
 EIGHT_RANKS = {
