@@ -45,6 +45,8 @@ class Mutation:
     new: str
     tests: tuple[str, ...]  # pytest paths / node ids, run in this order with -x
     what: str  # the bug, in words
+    # The config keys (MATH_KEYS) whose effect the bug drops or bends (the key-coverage sweep).
+    keys: tuple[str, ...] = ()
 
 
 ORACLE = "tests/oracle"
@@ -53,55 +55,67 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the three bugs the equivalence harness could not see (issue 17)
     Mutation("global-counts-not-reset", "moetrain/model/moe/layer.py",
              "        self.lbl.reset()\n", "        pass\n", (KNOWN, ORACLE),
-             "global-scope LBL counts carried over from the previous step"),
+             "global-scope LBL counts carried over from the previous step",
+             keys=('model.moe.lbl.scope',)),
     Mutation("router-bias-in-combine-weights", "moetrain/model/moe/router.py",
              "topk_score_TK = scores_TE.gather(1, topk_idx_TK)",
              "topk_score_TK = (scores_TE + self.expert_bias).gather(1, topk_idx_TK)",
              (KNOWN, "tests/model/test_router.py", ORACLE),
-             "combine weights from scores + expert bias"),
+             "combine weights from scores + expert bias",
+             keys=('model.moe.routing.bias_rate',)),
     Mutation("trainer-aux-scale-one", "moetrain/model/moe/control.py",
              "self.aux_loss_scale = 1.0 / micro_batches_per_step",
              "self.aux_loss_scale = 1.0", (KNOWN, ORACLE),
-             "each micro-batch's aux losses weighted 1 instead of 1 / micro-batches"),
+             "each micro-batch's aux losses weighted 1 instead of 1 / micro-batches",
+             keys=('train.micro_batch_size',)),
     # -- router
     Mutation("router-bias-ignored", "moetrain/model/moe/router.py",
              "select_TE = scores_TE + self.expert_bias",
              "select_TE = scores_TE", ("tests/model/test_routing_variants.py", ORACLE),
-             "expert bias not used for selection"),
+             "expert bias not used for selection",
+             keys=('model.moe.routing.bias_rate',)),
     Mutation("router-bias-direction", "moetrain/model/moe/router.py",
              "torch.sign(load_E.sum() - E * load_E)", "torch.sign(E * load_E - load_E.sum())",
              ("tests/model/test_routing_variants.py", ORACLE),
-             "bias raised for over-loaded experts"),
+             "bias raised for over-loaded experts",
+             keys=('model.moe.routing.bias_rate',)),
     Mutation("router-norm-over-all-experts", "moetrain/model/moe/router.py",
              "weight_TK = topk_score_TK / counted_TK.sum(-1, keepdim=True).clamp_min(1e-20)",
              "weight_TK = topk_score_TK / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)",
              ("tests/model/test_router.py", ORACLE),
-             "norm_topk_prob divides by all experts' scores, not the selected ones'"),
+             "norm_topk_prob divides by all experts' scores, not the selected ones'",
+             keys=('model.moe.norm_topk_prob',)),
     Mutation("router-top-p-counts-own-prob", "moetrain/model/moe/router.py",
              "before_TK = torch.cumsum(probs_TK, dim=-1) - probs_TK",
              "before_TK = torch.cumsum(probs_TK, dim=-1)",
              ("tests/model/test_routing_variants.py", ORACLE),
-             "top-p threshold includes the assignment's own probability"),
+             "top-p threshold includes the assignment's own probability",
+             keys=('model.moe.routing.top_p',)),
     # -- losses
     Mutation("z-loss-square-of-mean", "moetrain/model/moe/losses.py",
              "torch.logsumexp(logits_TE, dim=-1).square().mean()",
              "torch.logsumexp(logits_TE, dim=-1).mean().square()",
-             ("tests/model/test_losses.py", ORACLE), "z-loss squares the mean logsumexp"),
+             ("tests/model/test_losses.py", ORACLE), "z-loss squares the mean logsumexp",
+             keys=('model.moe.z_loss_coeff',)),
     Mutation("lbl-p-over-assignments", "moetrain/model/moe/losses.py",
              "p_E = probs_TE.sum(0) / max(T, 1)", "p_E = probs_TE.sum(0) / max(T * K, 1)",
-             ("tests/model/test_losses.py", ORACLE), "LBL's p_i averaged over T k, not T"),
+             ("tests/model/test_losses.py", ORACLE), "LBL's p_i averaged over T k, not T",
+             keys=('model.moe.lbl.coeff',)),
     Mutation("lbl-seq-sum-over-sequences", "moetrain/model/moe/losses.py",
              "_FrozenWeightSum.apply(p_BE, f_BE / max(B, 1))", "_FrozenWeightSum.apply(p_BE, f_BE)",
              ("tests/model/test_losses.py", ORACLE),
-             "seq-scope LBL summed, not averaged, over sequences"),
+             "seq-scope LBL summed, not averaged, over sequences",
+             keys=('model.moe.lbl.scope',)),
     Mutation("lbl-global-running-counts-unused", "moetrain/model/moe/losses.py",
              "counts = self.step_counts_E.clone()", "counts = counts.clone()",
-             ("tests/model/test_losses.py", ORACLE), "global scope uses the micro-batch's counts"),
+             ("tests/model/test_losses.py", ORACLE), "global scope uses the micro-batch's counts",
+             keys=('model.moe.lbl.scope',)),
     Mutation("lbl-recompute-accumulates", "moetrain/model/moe/losses.py",
              "        if not in_backward():\n            counts = self.sum_counts(counts)",
              "        if True:\n            counts = self.sum_counts(counts)",
              ("tests/model/test_moe_layer.py", ORACLE),
-             "an activation-checkpoint recompute adds its counts again"),
+             "an activation-checkpoint recompute adds its counts again",
+             keys=('train.recompute',)),
     Mutation("aux-backward-scale-ignored", "moetrain/model/moe/losses.py",
              "torch.full((), ctx.scale, dtype=dtype, device=device)",
              "torch.full((), 1.0, dtype=dtype, device=device)",
@@ -110,21 +124,25 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("capacity-floor", "moetrain/model/moe/capacity.py",
              "return math.ceil(capacity_factor * num_tokens * top_k / num_experts)",
              "return int(capacity_factor * num_tokens * top_k / num_experts)",
-             ("tests/model/test_moe_layer.py", ORACLE), "capacity rounded down"),
+             ("tests/model/test_moe_layer.py", ORACLE), "capacity rounded down",
+             keys=('model.moe.capacity_factor',)),
     Mutation("capacity-keeps-lowest-scores", "moetrain/model/moe/capacity.py",
              "priority_TK.detach().reshape(-1), descending=True",
              "priority_TK.detach().reshape(-1), descending=False",
              ("tests/model/test_moe_layer.py", ORACLE),
-             "capacity keeps the lowest-score assignments"),
+             "capacity keeps the lowest-score assignments",
+             keys=('model.moe.capacity_factor',)),
     Mutation("dispatcher-drops-ignored", "moetrain/model/moe/dispatcher.py",
              "expert_A = expert_A.masked_fill(~routing.keep_TK.reshape(-1), E)",
              "expert_A = expert_A.masked_fill(~routing.keep_TK.reshape(-1), 0)",
              ("tests/model/test_dispatcher.py", "tests/model/test_moe_layer.py", ORACLE),
-             "dropped assignments dispatched to expert 0 instead of left out"),
+             "dropped assignments dispatched to expert 0 instead of left out",
+             keys=('model.moe.capacity_factor',)),
     Mutation("dispatcher-unweighted-combine", "moetrain/kernels/reference.py",
              "y_TD = (rows_TKD.float() * w_TK.unsqueeze(-1)).sum(1)",
              "y_TD = rows_TKD.float().sum(1)", ("tests/model/test_dispatcher.py", ORACLE),
-             "expert outputs summed without their combine weights"),
+             "expert outputs summed without their combine weights",
+             keys=('model.moe.top_k',)),
     # -- dense model
     Mutation("attention-not-causal", "moetrain/model/attention.py",
              "is_causal=True", "is_causal=False", ("tests/model/test_attention.py", ORACLE),
@@ -139,27 +157,33 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("transformer-extra-dense-layer", "moetrain/model/transformer.py",
              "dense = layer_id < cfg.moe.first_dense_layers",
              "dense = layer_id <= cfg.moe.first_dense_layers",
-             ("tests/model/test_transformer.py", ORACLE), "one dense layer too many"),
+             ("tests/model/test_transformer.py", ORACLE), "one dense layer too many",
+             keys=('model.moe.first_dense_layers',)),
     # -- trainer, optimizer, clipping, metrics
     Mutation("trainer-schedule-off-by-one", "moetrain/trainer.py",
              "routing = self.moe.start_step(self.state.step)",
              "routing = self.moe.start_step(self.state.step + 1)", (ORACLE,),
-             "sparsity schedules read one step ahead"),
+             "sparsity schedules read one step ahead",
+             keys=('model.moe.schedule.top_k.kind', 'model.moe.schedule.capacity_factor.kind')),
     Mutation("lm-loss-per-micro-batch-mean", "moetrain/parallel/step.py",
              "(loss_sum / tokens_per_step).backward()", "(loss_sum / targets.numel()).backward()",
-             (ORACLE,), "each micro-batch's LM loss backpropagated as its own mean"),
+             (ORACLE,), "each micro-batch's LM loss backpropagated as its own mean",
+             keys=('train.global_batch_size', 'train.micro_batch_size')),
     Mutation("optim-warmup-from-zero", "moetrain/optim.py",
              "return cfg.lr * (step + 1) / cfg.warmup_steps",
              "return cfg.lr * step / cfg.warmup_steps",
-             ("tests/test_optim.py", ORACLE), "first step with learning rate 0"),
+             ("tests/test_optim.py", ORACLE), "first step with learning rate 0",
+             keys=('optim.warmup_steps', 'optim.lr')),
     Mutation("optim-decay-on-norms", "moetrain/optim.py",
              "return param.ndim >= 2 and not name.endswith(\".bias\")",
              "return not name.endswith(\".bias\")", ("tests/test_optim.py", ORACLE),
-             "weight decay on norm gains"),
+             "weight decay on norm gains",
+             keys=('optim.weight_decay',)),
     Mutation("clip-never-clips", "moetrain/parallel/grad_norm.py",
              "min(1.0, max_norm / (total_norm + 1e-6))",
              "max(1.0, max_norm / (total_norm + 1e-6))",
-             ("tests/parallel/test_grad_norm.py", ORACLE), "clipping scales up, never down"),
+             ("tests/parallel/test_grad_norm.py", ORACLE), "clipping scales up, never down",
+             keys=('optim.grad_clip',)),
     Mutation("metrics-lbl-not-averaged", "moetrain/metrics/routing.py",
              "lbl, z = stats.scalar(\"lbl\") / micro_batches,", "lbl, z = stats.scalar(\"lbl\"),",
              ("tests/metrics/test_routing.py", ORACLE),
@@ -167,47 +191,56 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- checkpoints
     Mutation("checkpoint-bias-not-saved", "moetrain/model/moe/router.py",
              "torch.zeros(slots), persistent=True", "torch.zeros(slots), persistent=False",
-             ("tests/checkpoint/test_convert.py", ORACLE), "expert bias missing from checkpoints"),
+             ("tests/checkpoint/test_convert.py", ORACLE), "expert bias missing from checkpoints",
+             keys=('checkpoint.resume',)),
     Mutation("checkpoint-sampler-lost", "moetrain/checkpoint/manager.py",
              "sampler=train[\"sampler\"]", "sampler=None",
-             ("tests/checkpoint/test_manager.py", ORACLE), "resume restarts the data order"),
+             ("tests/checkpoint/test_manager.py", ORACLE), "resume restarts the data order",
+             keys=('checkpoint.resume',)),
     Mutation("checkpoint-rng-not-restored", "moetrain/checkpoint/manager.py",
              "train[\"world_size\"] == world", "train[\"world_size\"] != world",
              ("tests/checkpoint/test_manager.py",), "RNG state not restored at the same layout"),
     Mutation("checkpoint-prune-keeps-one-more", "moetrain/checkpoint/manager.py",
              "steps[: max(0, len(steps) - self.keep_last)]",
              "steps[: max(0, len(steps) - self.keep_last - 1)]",
-             ("tests/checkpoint/test_manager.py",), "keep_last keeps one checkpoint too many"),
+             ("tests/checkpoint/test_manager.py",), "keep_last keeps one checkpoint too many",
+             keys=('checkpoint.keep_last',)),
     # -- behaviours no test pinned (issue 29), each with its own test
     Mutation("top-p-sigmoid-mass-over-chosen", "moetrain/model/moe/router.py",
              "probs_TK = probs_TK / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)",
              "probs_TK = probs_TK / topk_score_TK.sum(-1, keepdim=True).clamp_min(1e-20)",
              ("tests/model/test_routing_variants.py::test_top_p_with_sigmoid_scores_measures_the_mass_over_all_experts",),
-             "top-p with sigmoid scores measures the mass over the chosen experts, not all"),
+             "top-p with sigmoid scores measures the mass over the chosen experts, not all",
+             keys=('model.moe.routing.top_p', 'model.moe.score_func')),
     Mutation("yarn-attention-factor-dropped", "moetrain/model/rope.py",
              "    return yarn_mscale(scaling.factor)\n", "    return 1.0\n",
              ("tests/model/test_family_pieces.py::test_yarn_without_mscale_scales_attention_as_transformers",),
-             "YaRN without mscale / mscale_all_dim: no 0.1 ln(factor) + 1 attention factor"),
+             "YaRN without mscale / mscale_all_dim: no 0.1 ln(factor) + 1 attention factor",
+             keys=('model.rope_scaling.kind', 'model.rope_scaling.factor')),
     Mutation("export-olmoe-norm-topk-prob-dropped", "moetrain/hf/config.py",
              "num_experts=moe.num_experts,\n                                        norm_topk_prob=moe.norm_topk_prob)",
              "num_experts=moe.num_experts)",
              ("tests/hf/test_families.py::test_an_olmoe_model_that_renormalises_exports_a_config_that_says_so",),
-             "OLMoE export leaves norm_topk_prob at transformers' default (false)"),
+             "OLMoE export leaves norm_topk_prob at transformers' default (false)",
+             keys=('model.moe.norm_topk_prob', 'model.family')),
     Mutation("checkpoint-prune-by-name", "moetrain/checkpoint/manager.py",
              "            key=lambda p: int(p.name[len(_STEP_PREFIX):]),\n        )\n        for old",
              "            key=lambda p: p.name,\n        )\n        for old",
              ("tests/checkpoint/test_manager.py",),
-             "keep_last orders step folders by name (step_10 before step_9)"),
+             "keep_last orders step folders by name (step_10 before step_9)",
+             keys=('checkpoint.keep_last',)),
     Mutation("bias-from-own-loads", "moetrain/trainer.py",
              'self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))',
              "self.moe.finish_step(stats)",
              ("tests/distributed/test_equivalence_ep.py::test_four_rank_expert_parallel_layout_equals_one_process[tp2-ep2-gate-bias]",),
-             "the expert bias moved by this rank's loads, not the step's global loads"),
+             "the expert bias moved by this rank's loads, not the step's global loads",
+             keys=('model.moe.routing.bias_rate',)),
     Mutation("lbl-seq-counts-summed-over-dp", "moetrain/model/moe/losses.py",
              'return STEP if scope == "global" else MICRO_BATCH',
              'return STEP if scope in ("global", "seq") else MICRO_BATCH',
              ("tests/distributed/test_lbl_scope.py::test_scope_is_layout_invariant_where_the_micro_steps_are[dp2-seq]",),
-             "seq-scope LBL counts summed over the data-parallel ranks too"),
+             "seq-scope LBL counts summed over the data-parallel ranks too",
+             keys=('model.moe.lbl.scope',)),
     Mutation("shared-gate-outside-router-unit", "moetrain/parallel/data_parallel.py",
              '            if not same("dp_cp_tp", "dp_cp"):\n                wrap(block.moe, "dp_cp_tp", reshard)',
              '            if not same("dp_cp_tp", "dp_cp"):\n'
@@ -215,18 +248,21 @@ MUTATIONS: tuple[Mutation, ...] = (
              '                    wrap(block.moe.shared_expert_gate, "dp_cp", reshard)\n'
              '                wrap(block.moe, "dp_cp_tp", reshard)',
              ("tests/distributed/test_equivalence_ep.py::test_four_rank_expert_parallel_layout_equals_one_process[tp2-ep2-gate-bias]",),
-             "the shared-expert gate reduced over dp x cp, not with the router over dp x cp x tp"),
+             "the shared-expert gate reduced over dp x cp, not with the router over dp x cp x tp",
+             keys=('model.moe.shared_expert_gate',)),
     Mutation("pp-replicated-dp-not-reduced", "moetrain/parallel/parallelize.py",
              "    fsdp = parallel.fsdp\n    return apply_data_parallel(",
              "    fsdp = parallel.fsdp\n    if rank.dims.pp > 1 and not fsdp.enabled:\n"
              "        return []\n    return apply_data_parallel(",
              ("tests/distributed/test_equivalence_cp_pp.py::test_four_rank_layout_equals_one_process[pp2-dp2-replicated]",),
-             "a pipeline step with replicated DP skips the gradient all-reduce"),
+             "a pipeline step with replicated DP skips the gradient all-reduce",
+             keys=('parallel.fsdp.enabled',)),
     # -- nothing silent (issue 22): the wrong data, tokenizer, model or directory
     Mutation("source-reused-by-name", "moetrain/data/prepare.py",
              "        _check_same_source(s, entry, raw, target, fix)\n", "        pass\n",
              ("tests/data/test_prepare.py::test_a_source_is_reused_only_for_the_path_and_field_it_was_prepared_from",),
-             "a cached source of the same name trained on instead of the configured path"),
+             "a cached source of the same name trained on instead of the configured path",
+             keys=('data.sources',)),
     Mutation("resume-architecture-not-compared", "moetrain/checkpoint/identity.py",
              "for k in sorted(saved.keys() & mine.keys()) if saved[k] != mine[k]]",
              "for k in sorted(saved.keys() & mine.keys()) if False]",
@@ -235,7 +271,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("hf-other-tokenizer-accepted", "moetrain/hf/tokenizer.py",
              "if source is None or cfg.model.init.allow_other_tokenizer:", "if True:",
              ("tests/hf/test_export_trained_model.py::test_another_tokenizer_than_the_hugging_face_models_is_refused_unless_allowed",),
-             "continued pretraining on another tokenizer's ids"),
+             "continued pretraining on another tokenizer's ids",
+             keys=('model.init.allow_other_tokenizer', 'model.init.from_hf')),
     Mutation("run-dir-lock-not-checked", "moetrain/runlock.py",
              "            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)\n", "            pass\n",
              ("tests/test_runlock.py",), "a second run on a live run directory"),
@@ -249,7 +286,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              "routing = self.moe.routing or self.moe.routing_at(step)",
              "routing = self.moe.routing_at(self.state.step)",
              ("tests/hf/test_export_trained_model.py::test_the_export_has_the_runs_eos_and_trained_top_k_and_its_loss",),
-             "the export's top-k is the schedule's after the step the weights were trained at"),
+             "the export's top-k is the schedule's after the step the weights were trained at",
+             keys=('model.moe.schedule.top_k.kind',)),
     Mutation("export-eos-from-the-files-only", "moetrain/hf/export.py",
              "special = {} if given_tokenizer else", "special = {} if True else",
              ("tests/hf/test_export_trained_model.py::test_the_export_has_the_runs_eos_and_trained_top_k_and_its_loss",),
@@ -266,7 +304,130 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("val-loss-ignores-mixture-weights", "moetrain/evaluation.py",
              "sum(w * losses[n] for n, w in", "sum(losses[n] for n, w in",
              ("tests/test_trainer.py::test_a_mixture_logs_each_sources_validation_loss_and_the_mfu",),
-             "val_loss not the mixture-weighted mean of the sources' losses"),
+             "val_loss not the mixture-weighted mean of the sources' losses",
+             keys=('data.sources',)),
+    # -- the key-coverage sweep (issue 29): a bend of each math-changing config key
+    Mutation("routed-scaling-ignored", "moetrain/model/moe/router.py",
+             "if self.routed_scaling_factor != 1.0:", "if False:", ("tests/model/test_family_pieces.py",),
+             "routed_scaling_factor not applied to the combine weights",
+             keys=("model.moe.routed_scaling_factor",)),
+    Mutation("score-func-always-softmax", "moetrain/model/moe/router.py",
+             'if self.score_func == "softmax":\n            scores_TE = torch.softmax',
+             'if True:\n            scores_TE = torch.softmax', ("tests/model/test_routing_variants.py", ORACLE),
+             "sigmoid routing scores computed as a softmax", keys=("model.moe.score_func",)),
+    Mutation("min-k-ignored", "moetrain/model/moe/router.py",
+             "| (position_K < r.min_k)", "| (position_K < 1)", ("tests/model/test_routing_variants.py",),
+             "top-p's min_k taken as 1", keys=("model.moe.routing.min_k",)),
+    Mutation("group-score-max-ignored", "moetrain/model/moe/router.py",
+             'best = 1 if r.group_score == "max" else min(2, E // G)', "best = min(2, E // G)",
+             ("tests/model/test_family_pieces.py",), "group_score=max scored as the two best experts' sum",
+             keys=("model.moe.routing.group_score",)),
+    Mutation("topk-groups-one-more", "moetrain/model/moe/router.py",
+             "torch.topk(group_score_TG, r.topk_groups, dim=-1)",
+             "torch.topk(group_score_TG, min(r.topk_groups + 1, G), dim=-1)", ("tests/model/test_family_pieces.py", "tests/model/test_routing_variants.py"),
+             "limited routing keeps one group more than topk_groups",
+             keys=("model.moe.routing.topk_groups",)),
+    Mutation("balanced-groups-ignored", "moetrain/model/moe/router.py",
+             'if r.group_mode == "balanced":', "if False:", ("tests/model/test_routing_variants.py",),
+             "group_mode=balanced routed as limited", keys=("model.moe.routing.group_mode",)),
+    Mutation("groups-ignored", "moetrain/model/moe/router.py",
+             'if r.group_mode == "none" or r.num_groups == 1:', "if True:", ("tests/model/test_routing_variants.py", "tests/model/test_family_pieces.py"),
+             "expert groups ignored", keys=("model.moe.routing.group_mode",
+                                            "model.moe.routing.num_groups")),
+    Mutation("null-experts-compute", "moetrain/model/moe/router.py",
+             "if self.num_experts > self.num_real_experts:  # null experts compute nothing",
+             "if False:", ("tests/model/test_routing_variants.py",), "null experts treated as computing slots",
+             keys=("model.moe.routing.num_null_experts",)),
+    Mutation("lbl-coeff-doubled", "moetrain/model/moe/layer.py",
+             "self.lbl_coeff = cfg.lbl.coeff", "self.lbl_coeff = 2 * cfg.lbl.coeff", (ORACLE,),
+             "the LBL weighted twice its coefficient", keys=("model.moe.lbl.coeff",)),
+    Mutation("z-coeff-doubled", "moetrain/model/moe/layer.py",
+             "self.z_loss_coeff = cfg.z_loss_coeff", "self.z_loss_coeff = 2 * cfg.z_loss_coeff",
+             (ORACLE,), "the z-loss weighted twice its coefficient",
+             keys=("model.moe.z_loss_coeff",)),
+    Mutation("shared-expert-hidden-ignored", "moetrain/model/moe/layer.py",
+             "width = cfg.shared_expert_hidden or cfg.expert_hidden", "width = cfg.expert_hidden",
+             ("tests/model/test_family_pieces.py",), "shared experts as wide as routed ones whatever shared_expert_hidden",
+             keys=("model.moe.shared_expert_hidden", "model.moe.num_shared_experts")),
+    Mutation("token-rounding-ignored", "moetrain/model/moe/layer.py",
+             "if self.token_rounding is not None:", "if False:",
+             ("tests/model/test_token_rounding.py", ORACLE), "token rounding not applied",
+             keys=("model.moe.token_rounding",)),
+    Mutation("schedule-cosine-as-linear", "moetrain/model/moe/schedule.py",
+             'if kind == "cosine":\n        r =', 'if False:\n        r =', ("tests/model/test_schedule.py",),
+             "cosine schedules ramp linearly", keys=("model.moe.schedule.top_k.kind",
+                                                     "model.moe.schedule.capacity_factor.kind")),
+    Mutation("schedule-milestone-one-late", "moetrain/model/moe/schedule.py",
+             "if step >= m_step:", "if step > m_step:", ("tests/model/test_schedule.py",),
+             "a step schedule's milestone acts one step late",
+             keys=("model.moe.schedule.top_k.milestones",
+                   "model.moe.schedule.capacity_factor.milestones")),
+    Mutation("schedule-start-step-ignored", "moetrain/model/moe/schedule.py",
+             "r = (step - sched.start_step) / (sched.end_step - sched.start_step)",
+             "r = step / sched.end_step", ("tests/model/test_schedule.py",), "linear / cosine ramps start at step 0",
+             keys=("model.moe.schedule.top_k.start_step",
+                   "model.moe.schedule.capacity_factor.start_step")),
+    Mutation("schedule-end-step-one-late", "moetrain/model/moe/schedule.py",
+             "if step >= sched.end_step:\n        return end", "if step > sched.end_step:\n        return end",
+             ("tests/model/test_schedule.py",), "a ramp reaches its end one step late",
+             keys=("model.moe.schedule.top_k.end_step",
+                   "model.moe.schedule.capacity_factor.end_step")),
+    Mutation("schedule-start-value-ignored", "moetrain/model/moe/schedule.py",
+             "start = default if sched.start is None else sched.start", "start = default", ("tests/model/test_schedule.py",),
+             "a schedule's start value replaced by the static config",
+             keys=("model.moe.schedule.top_k.start", "model.moe.schedule.capacity_factor.start")),
+    Mutation("schedule-end-value-ignored", "moetrain/model/moe/schedule.py",
+             "end = default if sched.end is None else sched.end", "end = default", ("tests/model/test_schedule.py",),
+             "a schedule's end value replaced by the static config",
+             keys=("model.moe.schedule.top_k.end", "model.moe.schedule.capacity_factor.end")),
+    Mutation("top-k-round-half-even", "moetrain/model/moe/schedule.py",
+             "math.floor(value + 0.5)", "round(value)", ("tests/model/test_schedule.py",),
+             "a top_k schedule rounds halves to even", keys=("model.moe.schedule.top_k.kind",)),
+    Mutation("qk-norm-head-skipped", "moetrain/model/attention.py",
+             'if self.qk_norm == "head":\n            q_BSHd, k_BSKd = self.q_norm',
+             'if False:\n            q_BSHd, k_BSKd = self.q_norm', ("tests/model/test_family_pieces.py",),
+             "per-head q/k norm not applied", keys=("model.qk_norm",)),
+    Mutation("qk-norm-full-skipped", "moetrain/model/attention.py",
+             'if self.qk_norm == "full":\n            q, k =', 'if False:\n            q, k =', ("tests/model/test_family_pieces.py",),
+             "whole-projection q/k norm not applied", keys=("model.qk_norm",)),
+    Mutation("rope-theta-default", "moetrain/model/attention.py",
+             "rope_cos_sin(positions, d, self.rope_theta, self.rope_scaling)",
+             "rope_cos_sin(positions, d, 10000.0, self.rope_scaling)",
+             ("tests/hf/test_families.py",), "rope_theta ignored by GQA attention",
+             keys=("model.rope_theta",)),
+    Mutation("yarn-beta-fast-as-slow", "moetrain/model/rope.py",
+             "low = max(math.floor(correction_dim(scaling.beta_fast)), 0)",
+             "low = max(math.floor(correction_dim(scaling.beta_slow)), 0)", ("tests/model/test_family_pieces.py",),
+             "YaRN's ramp starts at beta_slow", keys=("model.rope_scaling.beta_fast",
+                                                      "model.rope_scaling.beta_slow")),
+    Mutation("yarn-original-context-ignored", "moetrain/model/rope.py",
+             "return (head_dim * math.log(scaling.original_max_position_embeddings",
+             "return (head_dim * math.log(4096", ("tests/model/test_family_pieces.py",),
+             "YaRN's ramp computed for a 4096-token original context",
+             keys=("model.rope_scaling.original_max_position_embeddings",)),
+    Mutation("yarn-mscale-ratio-dropped", "moetrain/model/rope.py",
+             "if scaling.mscale and scaling.mscale_all_dim:", "if False:", ("tests/model/test_family_pieces.py",),
+             "YaRN's mscale / mscale_all_dim ratio replaced by the plain factor",
+             keys=("model.rope_scaling.mscale", "model.rope_scaling.mscale_all_dim")),
+    Mutation("mla-softmax-mscale-dropped", "moetrain/model/mla.py",
+             "scale *= yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim) ** 2",
+             "scale *= 1.0", ("tests/model/test_family_pieces.py",), "MLA's softmax scale without YaRN's mscale_all_dim",
+             keys=("model.rope_scaling.mscale_all_dim",)),
+    Mutation("optim-min-lr-zero", "moetrain/optim.py",
+             "min_lr = cfg.lr * cfg.min_lr_ratio", "min_lr = 0.0", ("tests/test_optim.py",),
+             "decay goes to 0, not lr * min_lr_ratio", keys=("optim.min_lr_ratio",)),
+    Mutation("optim-linear-as-cosine", "moetrain/optim.py",
+             'if cfg.decay == "linear":', "if False:", ("tests/test_optim.py",),
+             "linear decay follows the cosine", keys=("optim.decay",)),
+    Mutation("optim-betas-swapped", "moetrain/optim.py",
+             "betas=(cfg.beta1, cfg.beta2)", "betas=(cfg.beta2, cfg.beta1)",
+             ("tests/test_optim.py", ORACLE), "AdamW's beta1 and beta2 swapped",
+             keys=("optim.beta1", "optim.beta2")),
+    Mutation("eval-capacity-ignored", "moetrain/model/moe/control.py",
+             "layer.configure(top_k=routing.top_k, capacity_factor=self.eval_capacity_factor)",
+             "layer.configure(top_k=routing.top_k, capacity_factor=routing.capacity_factor)",
+             ("tests/model/test_routing_variants.py", "tests/test_moe_writers.py"), "evaluation at the training capacity",
+             keys=("train.eval_capacity_factor",)),
 )
 
 
@@ -276,6 +437,119 @@ class Outcome:
     status: str  # caught | survived | timeout | error (pytest could not run the tests)
     test: str  # the first failing test ("" when none)
     seconds: float
+
+
+# -- the key-coverage sweep (issue 29) --------------------------------------------------------
+# Every leaf key of moetrain/config/schema.py is either a MATH key (its value changes what is
+# computed: routing, losses, schedules, attention, optimizer, data, checkpointing, export) - each
+# must be bent by some mutation above (`keys=`) that its test catches - or listed in NOT_MATH
+# (by prefix) with the reason. `--keys` prints the table; an uncovered math key is a failing line.
+MATH_KEYS: tuple[str, ...] = (
+    # model shape and attention
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+    "model.head_dim", "model.ffn_hidden", "model.rope_theta", "model.norm_eps",
+    "model.tie_embeddings", "model.init_std", "model.family", "model.attention", "model.qk_norm",
+    "model.mla.q_lora_rank", "model.mla.kv_lora_rank", "model.mla.qk_nope_head_dim",
+    "model.mla.qk_rope_head_dim", "model.mla.v_head_dim",
+    "model.rope_scaling.kind", "model.rope_scaling.factor",
+    "model.rope_scaling.original_max_position_embeddings", "model.rope_scaling.beta_fast",
+    "model.rope_scaling.beta_slow", "model.rope_scaling.mscale", "model.rope_scaling.mscale_all_dim",
+    "model.max_position_embeddings",
+    "model.init.upcycle_from", "model.init.upcycle_granularity", "model.init.from_hf",
+    "model.init.allow_other_tokenizer",
+    # MoE layer, routing, losses, schedules
+    "model.moe.num_experts", "model.moe.top_k", "model.moe.expert_hidden",
+    "model.moe.first_dense_layers", "model.moe.num_shared_experts", "model.moe.shared_expert_hidden",
+    "model.moe.score_func", "model.moe.norm_topk_prob", "model.moe.routed_scaling_factor",
+    "model.moe.shared_expert_gate", "model.moe.capacity_factor", "model.moe.pad_to_capacity",
+    "model.moe.token_rounding", "model.moe.lbl.scope", "model.moe.lbl.coeff",
+    "model.moe.z_loss_coeff",
+    *(f"model.moe.schedule.{v}.{f}" for v in ("top_k", "capacity_factor")
+      for f in ("kind", "start", "end", "start_step", "end_step", "milestones")),
+    "model.moe.routing.top_p", "model.moe.routing.min_k", "model.moe.routing.bias_rate",
+    "model.moe.routing.group_mode", "model.moe.routing.num_groups", "model.moe.routing.topk_groups",
+    "model.moe.routing.group_score", "model.moe.routing.num_null_experts",
+    # data
+    "data.corpus", "data.sources", "data.tokenizer.path", "data.tokenizer.vocab_size",
+    "data.tokenizer.eos_token", "data.seq_len", "data.val_fraction", "data.on_exhausted",
+    # optimizer and training
+    "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2",
+    "optim.eps", "optim.warmup_steps", "optim.decay", "optim.grad_clip",
+    "train.max_steps", "train.global_batch_size", "train.micro_batch_size", "train.seed",
+    "train.dtype", "train.eval_batches", "train.eval_capacity_factor", "train.recompute",
+    "train.max_bad_steps", "train.on_bad_steps",
+    # checkpointing and the parallel layout's one math-visible choice
+    "checkpoint.every", "checkpoint.resume", "checkpoint.keep_last", "parallel.fsdp.enabled",
+)
+NOT_MATH: dict[str, str] = {
+    "run.": "where the run's files go and its name",
+    "parallel.": "the layout: must NOT change what is computed; tests/distributed proves each "
+                 "layout equal to one process (docs/equivalence.md)",
+    "model.moe.kernels": "an implementation choice; tests/kernels compares each with PyTorch",
+    "data.prepared_dir": "a cache folder (its identity is checked, issue 22)",
+    "data.auto_prepare": "whether a missing cache is built or refused",
+    "data.num_workers": "tokenising processes; the prepared tokens do not depend on it",
+    "train.deterministic": "algorithm choice for bit-reproducibility",
+    "train.device": "where it runs",
+    "train.log_every": "logging cadence",
+    "train.eval_every": "when to evaluate (not what)",
+    "train.max_time": "wall-clock budget",
+    "train.compile": "compilation; tests/distributed/test_compile.py proves it equal",
+    "checkpoint.async_save": "background writing of the same state",
+    "fault.": "timeouts and watchdogs",
+    "logging.": "sinks for the same records",
+}
+
+
+def schema_keys() -> list[str]:
+    """Every leaf key of the config schema (dotted)."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT))
+    from moetrain.config.schema import MoetrainConfig
+
+    out: list[str] = []
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else None)
+            if default is not None and dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                out.append(f"{prefix}{f.name}")
+
+    walk(MoetrainConfig, "")
+    return out
+
+
+def unclassified_keys() -> list[str]:
+    """Schema keys neither in MATH_KEYS nor under a NOT_MATH prefix (must be empty)."""
+    return [k for k in schema_keys() if k not in MATH_KEYS
+            and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in NOT_MATH
+                        if not (p == "parallel." and k in MATH_KEYS))]
+
+
+def key_report(mutations: Sequence[Mutation] = MUTATIONS,
+               outcomes: Sequence[Outcome] = ()) -> tuple[str, list[str]]:
+    """(the key -> mutation -> catching test table, the math keys no mutation bends)."""
+    caught = {o.mutation.name: o for o in outcomes}
+    rows = ["| key | mutation | caught by |", "|---|---|---|"]
+    uncovered = []
+    for key in MATH_KEYS:
+        bending = [m for m in mutations if key in m.keys]
+        if not bending:
+            uncovered.append(key)
+            rows.append(f"| `{key}` | **UNCOVERED: no mutation bends it** | |")
+            continue
+        for m in bending:
+            o = caught.get(m.name)
+            test = ("(not run)" if o is None else f"`{o.test}`" if o.status == "caught"
+                    else f"**{o.status.upper()}**")
+            rows.append(f"| `{key}` | `{m.name}` | {test} |")
+    rows += ["", f"{len(MATH_KEYS) - len(uncovered)} of {len(MATH_KEYS)} math-changing keys "
+                 f"bent by a mutation; uncovered: {', '.join(uncovered) or 'none'}."]
+    return "\n".join(rows), uncovered
 
 
 class UserError(Exception):
