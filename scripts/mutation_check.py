@@ -7,6 +7,18 @@ one at a time, run the fast tests chosen for each, and report which bugs they mi
     python scripts/mutation_check.py --tests tests/oracle   # the same tests for every mutation
     python scripts/mutation_check.py --write docs/testing.md   # refresh the report in the docs
     python scripts/mutation_check.py --list
+    python scripts/mutation_check.py --only NAME --record    # merge the outcomes into RESULTS
+    python scripts/mutation_check.py --keys                  # key -> mutation -> catching test
+    python scripts/mutation_check.py --report docs/testing.md   # that table into the docs
+
+The key-coverage sweep (issue 29): every leaf key of the config schema is classified, as a
+MATH key (its value changes what is computed; some mutation here names it in `keys=` and a
+recorded run shows a test catching that mutation) or under a NOT_MATH prefix with the reason.
+A key in neither stops the script with one line naming it (tests/test_mutation_check.py fails
+the same way, so a branch that adds config keys must classify them). `--keys` / `--report`
+build the table from MUTATIONS and the recorded outcomes (RESULTS, written by `--record`, so
+runs of a few mutations at a time add up); every math key without a caught, current record is
+a failing line, and the exit status is then 1.
 
 Each mutation replaces an exact `old` text (found exactly once in its file, else the script
 stops before touching anything) by `new`, runs `python -m pytest -x` on its tests with a time
@@ -16,7 +28,9 @@ uncommitted changes, so a restored file is always its committed self, and it che
 each mutation. Bytecode is not written (PYTHONDONTWRITEBYTECODE), so no stale mutated .pyc can
 outlive a run. Before the mutations, the tests run once on the clean tree and must pass.
 
-Exit status: 0 every mutation caught, 1 some survived (or the clean tests fail), 2 bad input.
+Exit status: 0 every mutation caught (every math key covered, for --keys / --report),
+1 some survived or a key is uncovered (or the clean tests fail), 2 bad input or an
+unclassified config key.
 Why not mutmut / cosmic-ray: they generate thousands of operator mutants over whole modules
 (hours on this suite); this checks a curated list of bugs that matter, in minutes.
 """
@@ -24,7 +38,11 @@ Why not mutmut / cosmic-ray: they generate thousands of operator mutants over wh
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
+import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -35,6 +53,8 @@ from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- mutation-report:begin -->", "<!-- mutation-report:end -->"
+KEYS_BEGIN, KEYS_END = "<!-- key-coverage:begin -->", "<!-- key-coverage:end -->"
+RESULTS = ROOT / "docs" / "mutation_results.json"  # the recorded outcomes (--record)
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,12 @@ class Mutation:
     what: str  # the bug, in words
     # The config keys (MATH_KEYS) whose effect the bug drops or bends (the key-coverage sweep).
     keys: tuple[str, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        """Identifies what was run: a record of another text or other tests is stale."""
+        text = "\0".join((self.path, self.old, self.new, *self.tests))
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 ORACLE = "tests/oracle"
@@ -602,33 +628,123 @@ def schema_keys() -> list[str]:
     return out
 
 
+class UnclassifiedKey(Exception):
+    """A config key that is neither a MATH key nor under a NOT_MATH prefix."""
+
+
+def classify(key: str) -> str:
+    """"math" or the NOT_MATH reason of a dotted schema key; UnclassifiedKey (one line naming
+    the key) for a key in neither - a key added by a new feature must be classified here."""
+    if key in MATH_KEYS:
+        return "math"
+    for prefix, why in NOT_MATH.items():
+        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+            return why
+    raise UnclassifiedKey(
+        f"config key {key} is not classified for the key-coverage sweep: add it to MATH_KEYS "
+        "with a mutation that bends it (keys=...) or to NOT_MATH with the reason, in "
+        "scripts/mutation_check.py")
+
+
 def unclassified_keys() -> list[str]:
     """Schema keys neither in MATH_KEYS nor under a NOT_MATH prefix (must be empty)."""
-    return [k for k in schema_keys() if k not in MATH_KEYS
-            and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in NOT_MATH
-                        if not (p == "parallel." and k in MATH_KEYS))]
+    out = []
+    for key in schema_keys():
+        try:
+            classify(key)
+        except UnclassifiedKey:
+            out.append(key)
+    return out
+
+
+def check_classification(mutations: Sequence[Mutation] = MUTATIONS) -> None:
+    """Every schema key classified, MATH_KEYS and the mutations' keys all in the schema."""
+    keys = set(schema_keys())
+    for key in schema_keys():
+        classify(key)
+    stale = [k for k in MATH_KEYS if k not in keys]
+    if stale:
+        raise UserError(f"MATH_KEYS names {', '.join(stale)}, not in the config schema: "
+                        "remove or rename them in scripts/mutation_check.py")
+    for m in mutations:
+        bad = [k for k in m.keys if k not in MATH_KEYS]
+        if bad:
+            raise UserError(f"mutation {m.name}: keys {', '.join(bad)} are not MATH_KEYS")
+
+
+def load_results(path: Path = RESULTS) -> dict[str, dict]:
+    """The recorded outcomes, by mutation name ({} when none)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON ({err}); restore it from git") from None
+
+
+def record_results(outcomes: Sequence["Outcome"], meta: dict, path: Path = RESULTS) -> None:
+    """Merge this run's outcomes into `path` (other mutations' records are kept)."""
+    results = load_results(path)
+    for o in outcomes:
+        results[o.mutation.name] = {"status": o.status, "test": o.test,
+                                    "seconds": round(o.seconds, 1), "digest": o.mutation.digest,
+                                    **meta}
+    path.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
+
+
+def _record_line(m: Mutation, results: dict[str, dict]) -> tuple[bool, str]:
+    """(caught by a current record, the table cell)."""
+    r = results.get(m.name)
+    if r is None:
+        return False, "**NOT RUN** (no recorded outcome)"
+    if r["digest"] != m.digest:
+        return False, f"**STALE** (mutation changed since its run of {r['date']}): re-run it"
+    if r["status"] in ("caught", "timeout"):
+        return True, f"`{r['test']}`" if r["status"] == "caught" else "timeout (counted caught)"
+    return False, f"**{r['status'].upper()}** ({r['date']})"
 
 
 def key_report(mutations: Sequence[Mutation] = MUTATIONS,
-               outcomes: Sequence[Outcome] = ()) -> tuple[str, list[str]]:
-    """(the key -> mutation -> catching test table, the math keys no mutation bends)."""
-    caught = {o.mutation.name: o for o in outcomes}
-    rows = ["| key | mutation | caught by |", "|---|---|---|"]
-    uncovered = []
+               results: Optional[dict[str, dict]] = None) -> tuple[str, list[str]]:
+    """(the key -> mutation -> catching test table, the failing keys: those with no
+    mutation, or none recorded caught by the current mutation text)."""
+    results = load_results() if results is None else results
+    rows = ["| math-changing key | mutation (bend) | caught by |", "|---|---|---|"]
+    failing = []
     for key in MATH_KEYS:
         bending = [m for m in mutations if key in m.keys]
         if not bending:
-            uncovered.append(key)
-            rows.append(f"| `{key}` | **UNCOVERED: no mutation bends it** | |")
+            failing.append(key)
+            rows.append(f"| `{key}` | **UNCOVERED: no mutation bends it** | **FAIL** |")
             continue
-        for m in bending:
-            o = caught.get(m.name)
-            test = ("(not run)" if o is None else f"`{o.test}`" if o.status == "caught"
-                    else f"**{o.status.upper()}**")
-            rows.append(f"| `{key}` | `{m.name}` | {test} |")
-    rows += ["", f"{len(MATH_KEYS) - len(uncovered)} of {len(MATH_KEYS)} math-changing keys "
-                 f"bent by a mutation; uncovered: {', '.join(uncovered) or 'none'}."]
-    return "\n".join(rows), uncovered
+        cells = [(m, *_record_line(m, results)) for m in bending]
+        if not any(ok for _, ok, _ in cells):
+            failing.append(key)
+        for m, ok, cell in cells:
+            rows.append(f"| `{key}` | `{m.name}`: {m.what} | {cell} |")
+    n = len(MATH_KEYS)
+    rows += ["", f"{n - len(failing)} of {n} math-changing keys covered (bent by a mutation "
+                 f"that a recorded run shows caught). Failing: {', '.join(failing) or 'none'}."]
+    return "\n".join(rows), failing
+
+
+def results_report(mutations: Sequence[Mutation] = MUTATIONS,
+                   results: Optional[dict[str, dict]] = None) -> tuple[str, list[str]]:
+    """(every mutation's recorded outcome as a table, the mutations not recorded caught)."""
+    results = load_results() if results is None else results
+    rows = ["| mutation | file | bug | keys | caught by | s | run |", "|---|---|---|---|---|---|---|"]
+    failing = []
+    for m in mutations:
+        ok, cell = _record_line(m, results)
+        r = results.get(m.name) or {}
+        if not ok:
+            failing.append(m.name)
+        keys = ", ".join(f"`{k}`" for k in m.keys) or "-"
+        rows.append(f"| `{m.name}` | `{m.path}` | {m.what} | {keys} | {cell} | "
+                    f"{r.get('seconds', '')} | {r.get('date', '')} |")
+    rows += ["", f"{len(mutations) - len(failing)} of {len(mutations)} mutations recorded caught. "
+                 f"Not caught or not run: {', '.join(failing) or 'none'}."]
+    return "\n".join(rows), failing
 
 
 class UserError(Exception):
@@ -715,13 +831,33 @@ def report(outcomes: Sequence[Outcome], header: str) -> str:
     return "\n".join(rows)
 
 
-def write_report(doc: Path, text: str) -> None:
+def write_report(doc: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     content = doc.read_text()
-    if content.count(BEGIN) != 1 or content.count(END) != 1:
-        raise UserError(f"--write {doc}: needs one {BEGIN} and one {END} line to replace between")
-    head, rest = content.split(BEGIN)
-    _, tail = rest.split(END)
-    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if content.count(begin) != 1 or content.count(end) != 1:
+        raise UserError(f"{doc}: needs one {begin} and one {end} line to replace between")
+    head, rest = content.split(begin)
+    _, tail = rest.split(end)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def marked_block(doc: Path, begin: str = KEYS_BEGIN, end: str = KEYS_END) -> str:
+    """The text between the markers in `doc` (as write_report wrote it)."""
+    content = doc.read_text()
+    if content.count(begin) != 1 or content.count(end) != 1:
+        raise UserError(f"{doc}: needs one {begin} and one {end} line")
+    return content.split(begin)[1].split(end)[0].strip("\n")
+
+
+def coverage_text(mutations: Sequence[Mutation] = MUTATIONS,
+                  results: Optional[dict[str, dict]] = None) -> tuple[str, list[str]]:
+    """The docs' generated block: the key table, then every mutation's record; and what fails."""
+    results = load_results() if results is None else results
+    keys, failing_keys = key_report(mutations, results)
+    muts, failing_muts = results_report(mutations, results)
+    text = (f"Generated by `python scripts/mutation_check.py --report docs/testing.md` from its "
+            f"MUTATIONS and `docs/mutation_results.json`; do not edit by hand.\n\n"
+            f"**Keys.**\n\n{keys}\n\n**Mutations.**\n\n{muts}")
+    return text, failing_keys + [f"mutation {n}" for n in failing_muts]
 
 
 def run(mutations: Sequence[Mutation], root: Path, *, timeout: float, python: str,
@@ -756,7 +892,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="run these tests for every mutation instead of each one's own")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
     ap.add_argument("--write", type=Path, metavar="DOC",
-                    help=f"replace the report between {BEGIN} and {END} in DOC")
+                    help=f"replace the run's table between {BEGIN} and {END} in DOC")
+    ap.add_argument("--record", action="store_true",
+                    help=f"merge the outcomes into {RESULTS.relative_to(ROOT)}")
+    ap.add_argument("--machine", default=f"{platform.node()}, {os.cpu_count()} CPUs",
+                    help="the machine, for the record")
+    ap.add_argument("--keys", action="store_true",
+                    help="print the key-coverage table (from the record) and exit")
+    ap.add_argument("--report", type=Path, metavar="DOC",
+                    help=f"replace the key-coverage block between {KEYS_BEGIN} and {KEYS_END}")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip running the tests once on the clean tree first")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
@@ -764,11 +908,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     try:
+        check_classification()
         unknown = set(args.only) - {m.name for m in MUTATIONS}
         if unknown:
             raise UserError(f"--only {sorted(unknown)}: no such mutation (see --list)")
-        if args.write is not None and not args.write.is_file():
-            raise UserError(f"--write {args.write}: no such file")
+        for doc in (args.write, args.report):
+            if doc is not None and not doc.is_file():
+                raise UserError(f"{doc}: no such file")
+        if args.record and args.tests:
+            raise UserError("--record keeps each mutation's outcome under its own tests; "
+                            "drop --tests")
+        if args.keys or args.report is not None:
+            text, failing = coverage_text()
+            if args.report is not None:
+                write_report(args.report, text, KEYS_BEGIN, KEYS_END)
+            print(text if args.keys else text.split("**Mutations.**")[0].rstrip())
+            for item in failing:  # a key, or "mutation NAME"
+                print(f"FAIL: {item}: no recorded run of the current text catches it"
+                      if item.startswith("mutation ") else
+                      f"FAIL: key {item}: no mutation bending it is recorded caught",
+                      file=sys.stderr)
+            return 1 if failing else 0
         chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
         if args.list:
             check_mutations(chosen, ROOT)
@@ -778,6 +938,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.monotonic()
         outcomes = run(chosen, ROOT, timeout=args.timeout, python=sys.executable,
                        tests=args.tests, baseline=not args.no_baseline)
+    except UnclassifiedKey as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -791,6 +954,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text)
     if args.write is not None:
         write_report(args.write, text)
+    if args.record:
+        record_results(outcomes, {"date": datetime.date.today().isoformat(), "commit": commit,
+                                  "machine": args.machine})
     return 0 if all(o.status in ("caught", "timeout") for o in outcomes) else 1
 
 
