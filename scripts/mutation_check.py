@@ -533,6 +533,14 @@ MUTATIONS: tuple[Mutation, ...] = (
              "due = c.every > 0 and finished",
              ("tests/faults/test_checkpoint_faults.py::test_rollback_reloads_the_last_good_checkpoint_and_skips_the_streaks_batches",),
              "checkpoint.every ignored: one checkpoint at the end", keys=("checkpoint.every",)),
+    Mutation("optim-eps-fixed", "moetrain/optim.py",
+             "betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,", "betas=(cfg.beta1, cfg.beta2), eps=1e-8,",
+             ("tests/test_optim.py",), "AdamW's eps fixed at 1e-8 whatever optim.eps",
+             keys=("optim.eps",)),
+    Mutation("seed-ignored-by-init", "moetrain/trainer.py",
+             "init_parameters(self.model, cfg.model, t.seed)", "init_parameters(self.model, cfg.model, 0)",
+             ("tests/test_trainer.py::test_train_seed_sets_the_initial_weights",),
+             "initial weights the same whatever train.seed", keys=("train.seed",)),
 )
 
 
