@@ -541,6 +541,11 @@ MUTATIONS: tuple[Mutation, ...] = (
              "init_parameters(self.model, cfg.model, t.seed)", "init_parameters(self.model, cfg.model, 0)",
              ("tests/test_trainer.py::test_train_seed_sets_the_initial_weights",),
              "initial weights the same whatever train.seed", keys=("train.seed",)),
+    Mutation("eval-batches-one-more", "moetrain/evaluation.py",
+             "val_steps(n, t.eval_batches, G,", "val_steps(n, t.eval_batches + 1, G,",
+             ("tests/test_trainer.py::test_a_mixture_logs_each_sources_validation_loss_and_the_mfu",),
+             "evaluation over one global batch more than train.eval_batches",
+             keys=("train.eval_batches",)),
 )
 
 
