@@ -277,9 +277,10 @@ MUTATIONS: tuple[Mutation, ...] = (
              "the shared-expert gate reduced over dp x cp, not with the router over dp x cp x tp",
              keys=('model.moe.shared_expert_gate',)),
     Mutation("pp-replicated-dp-not-reduced", "moetrain/parallel/parallelize.py",
-             "    fsdp = parallel.fsdp\n    return apply_data_parallel(",
-             "    fsdp = parallel.fsdp\n    if rank.dims.pp > 1 and not fsdp.enabled:\n"
-             "        return []\n    return apply_data_parallel(",
+             # (text common to this branch and integ's zero-bubble rework of the same lines)
+             "    return apply_data_parallel(module, meshes, shard=",
+             "    if rank.dims.pp > 1 and not parallel.fsdp.enabled:\n"
+             "        return []\n    return apply_data_parallel(module, meshes, shard=",
              ("tests/distributed/test_equivalence_cp_pp.py::test_four_rank_layout_equals_one_process[pp2-dp2-replicated]",),
              "a pipeline step with replicated DP skips the gradient all-reduce",
              keys=('parallel.fsdp.enabled',)),
