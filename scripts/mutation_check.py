@@ -213,7 +213,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("metrics-lbl-not-averaged", "moetrain/metrics/routing.py",
              "lbl, z = stats.scalar(\"lbl\") / micro_batches,", "lbl, z = stats.scalar(\"lbl\"),",
              ("tests/metrics/test_routing.py", ORACLE),
-             "logged aux_loss summed over micro-batches"),
+             "each layer's logged lbl summed over micro-batches"),
+    Mutation("step-lbl-not-averaged", "moetrain/model/moe/losses.py",
+             '    return stats.scalar("lbl") / micro_batches\n', '    return stats.scalar("lbl")\n',
+             ("tests/metrics/test_routing.py", ORACLE), "logged aux_loss summed over micro-batches"),
     # -- checkpoints
     Mutation("checkpoint-bias-not-saved", "moetrain/model/moe/router.py",
              "torch.zeros(slots), persistent=True", "torch.zeros(slots), persistent=False",
@@ -394,9 +397,11 @@ MUTATIONS: tuple[Mutation, ...] = (
              "r = step / sched.end_step", ("tests/model/test_schedule.py",), "linear / cosine ramps start at step 0",
              keys=("model.moe.schedule.top_k.start_step",
                    "model.moe.schedule.capacity_factor.start_step")),
-    Mutation("schedule-end-step-one-late", "moetrain/model/moe/schedule.py",
-             "if step >= sched.end_step:\n        return end", "if step > sched.end_step:\n        return end",
-             ("tests/model/test_schedule.py",), "a ramp reaches its end one step late",
+    # (not `>` for `>=`: at end_step the ramp itself gives `end`, an equivalent mutant)
+    Mutation("schedule-end-step-one-early", "moetrain/model/moe/schedule.py",
+             "if step >= sched.end_step:\n        return end",
+             "if step >= sched.end_step - 1:\n        return end",
+             ("tests/model/test_schedule.py",), "a ramp reaches its end one step early",
              keys=("model.moe.schedule.top_k.end_step",
                    "model.moe.schedule.capacity_factor.end_step")),
     Mutation("schedule-start-value-ignored", "moetrain/model/moe/schedule.py",
@@ -949,6 +954,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for m in chosen:
                 print(f"{m.name:40s} {m.path:36s} {m.what}")
             return 0
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()  # the run's
         start = time.monotonic()
         outcomes = run(chosen, ROOT, timeout=args.timeout, python=sys.executable,
                        tests=args.tests, baseline=not args.no_baseline)
@@ -958,8 +965,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
     import torch  # only for the record of the version
 
     which = f"`--tests {' '.join(args.tests)}`" if args.tests else "each mutation's own tests"
