@@ -296,7 +296,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("resume-architecture-not-compared", "moetrain/checkpoint/identity.py",
              "for k in sorted(saved.keys() & mine.keys()) if saved[k] != mine[k]]",
              "for k in sorted(saved.keys() & mine.keys()) if False]",
-             ("tests/checkpoint/test_identity.py",),
+             ("tests/checkpoint/test_identity.py::test_another_family_with_equal_shapes_is_refused_naming_every_key",),
              "a checkpoint of another architecture with equal shapes resumed"),
     Mutation("hf-other-tokenizer-accepted", "moetrain/hf/tokenizer.py",
              "if source is None or cfg.model.init.allow_other_tokenizer:", "if True:",
