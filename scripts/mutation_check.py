@@ -938,6 +938,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError("--record keeps each mutation's outcome under its own tests; "
                             "drop --tests")
         if args.keys or args.report is not None:
+            if args.report is not None:  # forget the records of mutations no longer listed
+                results = load_results()
+                listed = {k: v for k, v in results.items() if k in {m.name for m in MUTATIONS}}
+                if listed != results:
+                    RESULTS.write_text(json.dumps(listed, indent=1) + "\n")
             text, failing = coverage_text()
             if args.report is not None:
                 write_report(args.report, text, KEYS_BEGIN, KEYS_END)
