@@ -31,3 +31,16 @@ def test_no_weight_decay_on_norms_and_biases():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])]
     assert len(plain["params"]) == 3  # linear bias, norm weight, norm bias
+
+
+def test_adamw_first_step_uses_the_configured_eps():
+    """First AdamW step (bias-corrected m = g, v = g^2): w -= lr * g / (|g| + eps), by hand; an
+    eps of 0.5 makes the configured value visible (the default 1e-8 would not be)."""
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    opt = build_optimizer(model, OptimConfig(lr=0.1, eps=0.5, weight_decay=0.0))
+    g = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    model.weight.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), 1.0 - 0.1 * g / (g.abs() + 0.5))

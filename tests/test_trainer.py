@@ -230,3 +230,12 @@ def test_the_batch_any_step_trained_is_what_moetrain_batches_shows(tmp_path):
         rows = list(batches(trainer.cfg, tmp_path, step, val=False))
         assert [r["ids"] for r in rows] == trained[step - 1].tolist(), step
         assert {r["source"] for r in rows} == {"corpus"} and rows[0]["text"]
+
+
+def test_train_seed_sets_the_initial_weights(tmp_path):
+    """The same train.seed gives the same initial weights, another seed other weights."""
+    first = [build(tmp_path / n, f"train.seed={s}").model.state_dict()
+             for n, s in (("a", 1), ("b", 1), ("c", 2))]
+    names = [n for n, t in first[0].items() if t.is_floating_point() and t.ndim >= 2]
+    assert names and all(torch.equal(first[0][n], first[1][n]) for n in names)
+    assert not any(torch.equal(first[0][n], first[2][n]) for n in names)

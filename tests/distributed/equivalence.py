@@ -72,15 +72,37 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+
+# State the logged records do not show, compared after the last step on every rank: the
+# aux-loss-free expert biases (moved by the global loads) and the shared-expert gates (reduced
+# with the router). A bug in either barely moves the loss within K steps (issue 29).
+PROBES = ("router.expert_bias", "shared_expert_gate.weight")
+_WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def _probes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's PROBES tensors by parameter name, whole (a DTensor gathered: every rank of
+    its mesh calls this in the same order)."""
+    out = {}
+    for name, t in [*model.named_buffers(), *model.named_parameters()]:
+        if name.endswith(PROBES):
+            for w in _WRAPPERS:
+                name = name.replace(w, "")
+            t = t.detach()
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone().cpu()
+    return out
+
+
 def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]],
            faults: Optional[dict[str, Callable[[], ContextManager]]] = None):
     """In every rank: train each job (inside its fault's context, if any); returns (rank 0's
     records by job, this rank's (dp_rank, first step's micro-batches) by job, this rank's
-    `digest` after the last step by job)."""
+    `digest` after the last step by job, this rank's probes after training by job)."""
     torch.set_num_threads(1)  # the launcher did already; also for a direct call
     records: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, tuple[int, list[list[int]]]] = {}
     digests: dict[str, str] = {}
+    probes: dict[str, dict[str, torch.Tensor]] = {}
     for name, cfg, run_dir in jobs:
         with (faults or {}).get(name, nullcontext)():
             trainer = trainer_for(cfg, run_dir)
@@ -89,10 +111,11 @@ def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Pat
             trainer.sampler.load_state_dict(state)
             trainer.fit()
             digests[name] = digest(trainer.model)
+            probes[name] = _probes(trainer.model)
             del trainer  # before the next job builds its model (real shapes: two would not fit)
         if rank == 0:
             records[name] = _records(run_dir)
-    return records, samples, digests
+    return records, samples, digests, probes
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -114,6 +137,8 @@ class LayoutRuns:
     samples: dict[str, list[tuple[int, list[list[int]]]]]
     run_dirs: dict[str, Path]  # layout -> its run directory
     digests: dict[str, list[str]]  # layout -> per rank, `digest` of its model after the last step
+    # layout -> per rank: the PROBES it holds after the last step, by parameter name
+    probes: dict[str, list[dict[str, torch.Tensor]]]
 
 
 def run_layouts(
@@ -133,10 +158,12 @@ def run_layouts(
     for data in {repr(cfg.data): cfg.data for _, cfg, _ in jobs}.values():
         ensure_prepared(data, jobs[0][1].model.vocab_size)
     results = run_distributed(_train, world_size, jobs, faults, timeout=timeout, pg_timeout=60)
-    samples = {name: [per_rank[name] for _, per_rank, _ in results] for name in layouts}
-    digests = {name: [per_rank[name] for _, _, per_rank in results] for name in layouts}
+    samples = {name: [r[1][name] for r in results] for name in layouts}
+    digests = {name: [r[2][name] for r in results] for name in layouts}
+    probes = {name: [r[3][name] for r in results] for name in layouts}
     return LayoutRuns(records=results[0][0], samples=samples,
-                      run_dirs={name: run_dir for name, _, run_dir in jobs}, digests=digests)
+                      run_dirs={name: run_dir for name, _, run_dir in jobs}, digests=digests,
+                      probes=probes)
 
 
 def rel_err(a: float, b: float) -> float:
@@ -200,6 +227,8 @@ MLA = ("model.attention=mla", "model.n_kv_heads=8", "model.mla.q_lora_rank=32",
        "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=12", "model.rope_scaling.kind=yarn",
        "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=32",
        "model.rope_scaling.mscale=1.0", "model.rope_scaling.mscale_all_dim=1.0")
+# Qwen2-MoE's sigmoid gate on a shared expert.
+GATE = ("model.moe.num_shared_experts=1", "model.moe.shared_expert_gate=true")
 REFERENCES: dict[str, list[str]] = {
     "b4": [*B4, *EVAL],
     "b4-variant": [*B4, *VARIANT],
@@ -214,6 +243,9 @@ REFERENCES: dict[str, list[str]] = {
     "b4-mla": [*B4, *MLA],
     # a shared expert: what the overlapped exchange computes while the rows travel
     "b4-shared": [*B4, "model.moe.num_shared_experts=1"],
+    # the shared-expert gate (reduced with the router) and the expert bias (global loads)
+    "b4-gate-bias": [*B4, *GATE, *BIAS],
+    "b4-seq": [*B4, "model.moe.lbl.scope=seq"],
 }
 
 
@@ -259,10 +291,37 @@ def layouts_fixture(world_size: int, cases: dict[str, Layout],
     return launch
 
 
+def compare_probes(per_rank: list[dict[str, torch.Tensor]],
+                   reference: dict[str, torch.Tensor]) -> float:
+    """Assert every rank's PROBES equal the single process's after the last step: expert biases
+    exactly (integer loads, +-rate steps), gates to rel. 1e-4 (three AdamW steps amplify fp32
+    summation-order differences; a gate reduced over too few ranks is off by far more). Every
+    reference probe must be held by some rank. Returns the gates' largest rel. error."""
+    worst, bad, seen = 0.0, [], set()
+    for rank, probes in enumerate(per_rank):
+        for name, got in probes.items():
+            want = reference[name]
+            seen.add(name)
+            if name.endswith("expert_bias"):
+                if not torch.equal(got, want):
+                    bad.append(f"rank {rank} {name}: {got.tolist()} vs {want.tolist()}")
+                continue
+            err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            worst = max(worst, err)
+            if not err < 1e-4:
+                bad.append(f"rank {rank} {name}: rel. error {err:.2e}")
+    missing = sorted(set(reference) - seen)
+    assert not missing, f"no rank holds {missing}"
+    assert not bad, "not equal to the single-process run after the last step:\n" + "\n".join(bad)
+    return worst
+
+
 def check_case(runs: LayoutRuns, name: str, case: Layout,
                references: LayoutRuns) -> dict[str, float]:
-    """Assert layout `name` equals its reference (`compare`); print and return the errors."""
+    """Assert layout `name` equals its reference (`compare`, and the probes: `compare_probes`);
+    print and return the errors."""
     worst = compare(runs.records[name], references.records[case.reference])
+    worst["probes"] = compare_probes(runs.probes[name], references.probes[case.reference][0])
     print(f"{name} vs {case.reference}: max rel. error "
           + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     return worst

@@ -53,6 +53,8 @@ FOUR_RANKS = {
     # zero bubble (input- and weight-gradient steps) with FSDP over dp2: 4 virtual stages
     "pp2-zero_bubble-dp2": Layout((*PP2, "parallel.vpp=2", "parallel.pp_schedule=zero_bubble"),
                                   "b4-mb1"),
+    # replicated DP under the pipeline: each stage's gradients summed over its dp2 replicas
+    "pp2-dp2-replicated": Layout(("parallel.pp=2", "parallel.fsdp.enabled=false"), "b4-mb1"),
 }
 SAME_AS = {"pp2-ep2-overlap": "pp2-ep2", "pp2-ep2-overflow": "pp2-ep2",
            "pp2-interleaved-ep2-overlap": "pp2-interleaved-ep2"}

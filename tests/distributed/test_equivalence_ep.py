@@ -50,6 +50,10 @@ FOUR_RANKS = {
     "ep4-sync-free-overlap": Layout(("parallel.ep=4", *SYNC_FREE, *OVERLAP), "b4-mb1"),
     # EP over TP x CP: every rank of the model-parallel group holds its own two experts.
     "tp2-cp2-ep4": Layout(("parallel.tp=2", "parallel.cp=2", "parallel.ep=4")),
+    # The expert bias moves by the loads of every rank (dp2, the TP ranks route their own
+    # tokens, EP exchanges them) and the shared-expert gate is reduced with the router over
+    # dp x tp: both compared after the last step (equivalence.compare_probes; issue 29).
+    "tp2-ep2-gate-bias": Layout(("parallel.tp=2", "parallel.ep=2"), "b4-gate-bias"),
 }
 # dp8: one sequence per rank and micro-batch; ep8 holds one expert per rank (edp = 1).
 EIGHT_RANKS = {

@@ -121,3 +121,26 @@ def test_imported_mtp_layer_computes_deepseek_v3s_formula(tmp_path):
     print(f"deepseek_v3 MTP logits max rel. error {err:.1e}")
     assert err < 1e-5
     assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_an_olmoe_model_that_renormalises_exports_a_config_that_says_so(tmp_path):
+    """OLMoE's transformers default is norm_topk_prob=false: a moetrain OLMoE model with
+    norm_topk_prob=true must export it, so transformers computes the same logits (issue 29)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    original = save_hf("olmoe", tmp_path / "hf")  # norm_topk_prob=false
+    cfg = moetrain_config(original)
+    cfg.moe.norm_topk_prob = True
+    model = Transformer(cfg).eval()
+    load_hf_weights(model, tmp_path / "hf", cfg)
+    out = tmp_path / "export"
+    to_hf_config(cfg).save_pretrained(str(out))
+    save_file(to_hf_state(model.state_dict(), cfg), str(out / "model.safetensors"))
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert exported.config.norm_topk_prob is True
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+        assert rel_err(ours, exported(tokens).logits) < 1e-5
+        assert rel_err(ours, original(tokens).logits) > 1e-3  # the flag changes the logits
