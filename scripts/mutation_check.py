@@ -379,6 +379,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("plan-no-last-stage-embedding-copy", "moetrain/plan_shards.py",
              "if first or (last and last_stage_embeds(model)):", "if first:",
              ("tests/test_dryrun.py",), "the planner misses the last stage's embedding copy"),
+    # -- FP8 (issue 26)
+    Mutation("fp8-recipe-always-tensorwise", "moetrain/fp8/linear.py",
+             "config = Float8LinearConfig.from_recipe_name(plan.recipe)",
+             'config = Float8LinearConfig.from_recipe_name("tensorwise")',
+             ("tests/fp8/test_recipes.py",), "every float8 linear scaled tensorwise whatever train.fp8",
+             keys=("train.fp8",)),
+    Mutation("fp8-output-head-ignored", "moetrain/fp8/linear.py",
+             'if name == "output" and not plan.output_head:', 'if name == "output":',
+             ("tests/fp8/test_recipes.py",), "the output head never in FP8",
+             keys=("train.fp8_output_head",)),
     # -- the key-coverage sweep (issue 29): a bend of each math-changing config key
     Mutation("routed-scaling-ignored", "moetrain/model/moe/router.py",
              "if self.routed_scaling_factor != 1.0:", "if False:", ("tests/model/test_family_pieces.py",),
