@@ -92,6 +92,9 @@ def main() -> None:
     threading.Thread(target=relay_forever, name="signal-relay", daemon=True).start()
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks end when this process is gone
     os.environ[LAUNCHER_REPORTS] = "1"  # their error lines are printed here, once
+    # torchrun sets 1 when unset and prints a 4-line banner saying so; setting it ourselves
+    # keeps a refused start to its one line (same thread count)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from torch.distributed.run import parse_args, run
 
     from moetrain.elastic import configure  # in-job restarts (moetrain/elastic.py)

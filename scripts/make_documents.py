@@ -45,7 +45,8 @@ def write(out: Path, corpus: Path = CORPUS) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="the .jsonl file to write")
     args = ap.parse_args()
     print(f"{write(args.out)} documents -> {args.out}")
