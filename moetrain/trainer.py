@@ -31,6 +31,7 @@ from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
 from moetrain.model.moe.stats import StatsColumns
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
+from moetrain.optim.qk_clip import QKClip
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
@@ -103,6 +104,8 @@ class Trainer:
                 log.info("initialised %d tensors from the Hugging Face checkpoint %s", n,
                          init.from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.qk_clip = None if cfg.optim.qk_clip_threshold is None else QKClip(
+            self.model, cfg.optim.qk_clip_threshold, cfg.model.n_layers, cfg.model.n_heads)
 
         self.state = TrainState()
         self._resume()
@@ -308,8 +311,11 @@ class Trainer:
         # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
         # reduction and the routing statistics: one reduction, one host read.
         self.step_peak_bytes = memory.peak_bytes(rt.device)
+        head_max = None if self.qk_clip is None else self.qk_clip.head_maxima(par.tp_rank,
+                                                                                par.dims.tp)
         sums = par.step_sums(model, lm_sum, self._wants_to_stop(),
-                             None if stats is None else stats.rows_LC, self.step_peak_bytes)
+                             None if stats is None else stats.rows_LC, self.step_peak_bytes,
+                             maxima=head_max)
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = sums.stop
         lm_loss, grad_norm = sums.lm_sum / self.tokens_per_step, sums.grad_norm
@@ -320,12 +326,17 @@ class Trainer:
         else:
             scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
+            if self.qk_clip is not None:
+                self.qk_clip.apply_(sums.maxima)
             if moe.routing.bias_rate > 0 and stats is not None:
                 # Aux-loss-free balancing from this step's global load (on the device).
                 update_expert_bias(model, self.stats_columns.view(sums.moe_rows).tokens_per_expert)
         host = None if stats is None else self.stats_columns.view(sums.moe_rows_host)
-        return {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
-                "memory_peak_gib": max(sums.rank_values) / memory.GIB}, host
+        record = {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
+                  "memory_peak_gib": max(sums.rank_values) / memory.GIB}
+        if self.qk_clip is not None:  # the step's largest attention logit, before the clip
+            record["max_attn_logit"] = max(sums.maxima_host)
+        return record, host
 
     def evaluate(self) -> float:
         """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),

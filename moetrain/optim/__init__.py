@@ -1,13 +1,34 @@
-"""AdamW with decoupled weight decay and the warmup-then-decay learning-rate schedule."""
+"""The optimizers (optim.name: adamw, or muon with AdamW for what is not a hidden matrix) and
+the warmup-then-decay learning-rate schedule. docs/optimizers.md."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
+from moetrain.config import ConfigError
 from moetrain.config.schema import OptimConfig
+
+# optim.name=muon: which parameters are Muon's hidden matrices and which stay with AdamW, by
+# full name (pipeline stages and compiled blocks keep these names). A parameter matching
+# neither is refused: a new kind of parameter must be routed on purpose.
+MUON_PARAMETERS = (
+    r"layers\.\d+\.attention\.(wq|wk|wv|wo|wq_a|wq_b|wkv_a|wkv_b|wk_rope)\.weight",
+    r"layers\.\d+\.mlp\.w[123]\.weight",
+    r"layers\.\d+\.moe\.shared_experts\.w[123]\.weight",
+    r"layers\.\d+\.moe\.experts\.w[123]",  # [E, m, n]: each expert's matrix separately
+)
+ADAMW_PARAMETERS = (
+    r"tok_embeddings\.weight",
+    r"output\.weight",
+    r"(.+\.)?\w*norm\.weight",  # RMSNorm gains
+    r".+\.bias",
+    r"layers\.\d+\.moe\.router\.weight",
+    r"layers\.\d+\.moe\.shared_expert_gate\.weight",
+)
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:
@@ -15,22 +36,60 @@ def _decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not name.endswith(".bias")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if _decays(name, param) else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def _adamw_groups(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> list[dict]:
+    decay = [p for n, p in named if _decays(n, p)]
+    no_decay = [p for n, p in named if not _decays(n, p)]
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _adamw_kwargs(model: nn.Module) -> dict:
     # foreach=False keeps the update order fixed per tensor, which bit-exact resume relies on;
     # on GPU the fused kernel is both faster and deterministic.
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=fused or None, foreach=False if not fused else None,
-    )
+    return {"fused": fused or None, "foreach": False if not fused else None}
+
+
+def route_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]],
+                                                list[tuple[str, nn.Parameter]]]:
+    """(Muon's, AdamW's) trainable (name, parameter) pairs by MUON_PARAMETERS /
+    ADAMW_PARAMETERS. Raises ConfigError naming a parameter that matches neither, or a Muon
+    one that is not a matrix or a stack of them."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(re.fullmatch(rule, name) for rule in MUON_PARAMETERS):
+            if p.ndim not in (2, 3):
+                raise ConfigError(f"optim.name=muon: parameter {name} {list(p.shape)} is routed to "
+                                  "Muon but is not a matrix or a stack of matrices")
+            muon.append((name, p))
+        elif any(re.fullmatch(rule, name) for rule in ADAMW_PARAMETERS):
+            adamw.append((name, p))
+        else:
+            raise ConfigError(
+                f"optim.name=muon: parameter {name} {list(p.shape)} is neither a Muon matrix nor "
+                "an AdamW parameter; route it in moetrain/optim/__init__.py (MUON_PARAMETERS "
+                "or ADAMW_PARAMETERS), or use optim=adamw")
+    return muon, adamw
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of `cfg.name` over the model's trainable parameters (sharded or not):
+    torch.optim.AdamW with decay on matrices only, or `Muon` (moetrain/optim/muon.py) with
+    AdamW for the rest. With several ranks every rank must call it (Muon plans its
+    communication). Raises ConfigError for a parameter Muon cannot route."""
+    if cfg.name == "muon":
+        from moetrain.optim.muon import Muon
+
+        muon, adamw = route_parameters(model)
+        return Muon(muon, _adamw_groups(adamw, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                    ns_dtype=torch.float32 if cfg.ns_dtype == "fp32" else torch.bfloat16,
+                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **_adamw_kwargs(model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW(_adamw_groups(named, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, **_adamw_kwargs(model))
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

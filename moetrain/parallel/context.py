@@ -60,6 +60,8 @@ class StepSums:
     moe_rows: Optional[torch.Tensor]  # [L, C] MoE statistics rows, on the device
     moe_rows_host: Optional[torch.Tensor]  # the same, on the host
     rank_values: list[float]  # every rank's `rank_value`, by rank
+    maxima: Optional[torch.Tensor] = None  # the `maxima` table's maximum over the ranks, device
+    maxima_host: Optional[list[float]] = None  # the same, flattened, on the host
 
 
 class ParallelContext:
@@ -235,7 +237,8 @@ class ParallelContext:
         return lambda t: self.all_reduce(t, kind)
 
     def step_sums(self, model: nn.Module, lm_sum: torch.Tensor, stop: bool,
-                  moe_rows: Optional[torch.Tensor], rank_value: float = 0.0) -> "StepSums":
+                  moe_rows: Optional[torch.Tensor], rank_value: float = 0.0,
+                  maxima: Optional[torch.Tensor] = None) -> "StepSums":
         """Everything a step decides and logs, summed over the ranks with ONE all-reduce and
         read by the host ONCE: the LM loss sum (`sum_over_tokens`), the squared gradient norm
         (each rank's `grad_sq_norm_share`), the stop flag (any rank), every rank's
@@ -246,7 +249,11 @@ class ParallelContext:
         Who contributes what: every rank its MoE rows (all ranks route different tokens - DP,
         CP, and TP under sequence parallelism - or hold different layers - PP; EP and ETP move
         tokens inside a layer without changing whose they are) and its norm share; only TP
-        rank 0 of the last stage the loss sum."""
+        rank 0 of the last stage the loss sum.
+
+        `maxima` (any shape, e.g. the attention heads' largest logits [L, H]): values whose
+        maximum over the ranks is wanted, each entry given by the ranks that computed it and
+        zero elsewhere (`_maxima_slots`)."""
         device = lm_sum.device
         loss = lm_sum if self._holds_loss() else torch.zeros_like(lm_sum)
         stages = self.dims.world_size // self.dims.pp
@@ -256,17 +263,38 @@ class ParallelContext:
         parts = [loss.reshape(1).to(device, torch.float64),
                  grad_sq_norm_share(model.parameters(), stages, device).reshape(1),
                  torch.full((1,), float(stop), dtype=torch.float64, device=device), per_rank]
+        first_max = 3 + world
+        if maxima is not None:
+            parts.append(self._maxima_slots(maxima.to(device, torch.float64)))
+        first_row = sum(p.numel() for p in parts)
         if moe_rows is not None:
             parts.append(moe_rows.reshape(-1).to(device, torch.float64))
         summed = self.all_reduce(torch.cat(parts))
         host = summed.tolist()  # the step's one host read
         rows = rows_host = None
-        first_row = 3 + world
         if moe_rows is not None:
             rows = summed[first_row:].view(moe_rows.shape)
             rows_host = torch.tensor(host[first_row:], dtype=torch.float64).view(moe_rows.shape)
+        step_max = step_max_host = None
+        if maxima is not None:
+            slots = self.dims.dp * self.dims.cp
+            step_max = summed[first_max:first_row].view(slots, -1).amax(0).view(maxima.shape)
+            step_max_host = [max(column) for column in zip(
+                *[host[first_max + s * maxima.numel():first_max + (s + 1) * maxima.numel()]
+                  for s in range(slots)])]
         return StepSums(lm_sum=host[0], grad_norm=math.sqrt(host[1]), stop=host[2] > 0,
-                        moe_rows=rows, moe_rows_host=rows_host, rank_values=host[3:first_row])
+                        moe_rows=rows, moe_rows_host=rows_host, rank_values=host[3:first_max],
+                        maxima=step_max, maxima_host=step_max_host)
+
+    def _maxima_slots(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` in this rank's slot of [dp x cp, N], flattened. The dp x cp ranks are the
+        ones computing the same entry from different tokens; the TP ranks and pipeline stages
+        sharing a slot fill disjoint entries. Summed over every rank each slot holds one
+        rank's values, and the maximum over the slots is exact - a maximum inside the step's
+        one sum (the slots cost dp x cp x N values)."""
+        out = values.new_zeros(self.dims.dp * self.dims.cp, values.numel())
+        out[self.dp_rank * self.dims.cp + self.cp_rank] = values.reshape(-1)
+        return out.reshape(-1)
 
     def _holds_loss(self) -> bool:
         # TP ranks share their micro-batch's loss; pipeline stages but the last have none.

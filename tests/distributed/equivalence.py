@@ -53,6 +53,9 @@ BASE = [
     "model.moe.lbl.scope=micro",
 ]
 KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
+# Compared where the layout logs them: the validation loss (train.eval_every) and the step's
+# largest attention logit (optim.qk_clip_threshold).
+OPTIONAL_KEYS = ("val_loss", "max_attn_logit")
 RTOL = 1e-5
 
 
@@ -92,7 +95,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in ("step", *KEYS, "val_loss") if key in m}
+        rec = {key: m[key] for key in ("step", *KEYS, *OPTIONAL_KEYS) if key in m}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -137,9 +140,10 @@ def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> d
     worst = {key: 0.0 for key in KEYS}
     bad = []
     for got, want in zip(records, reference):
-        if "val_loss" in got:
-            assert "val_loss" in want, f"step {got['step']}: the reference did not evaluate"
-        for key in KEYS + (("val_loss",) if "val_loss" in got else ()):
+        optional = tuple(key for key in OPTIONAL_KEYS if key in got)
+        for key in optional:
+            assert key in want, f"step {got['step']}: the reference did not log {key}"
+        for key in KEYS + optional:
             err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
             if not err < RTOL:
                 bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")
