@@ -11,6 +11,7 @@ import pytest
 from tests.oracle.lockstep import run_lockstep
 
 BIAS = ("model.moe.routing.bias_rate=0.01",)
+QK_CLIP = 0.055  # below the tiny model's largest attention logits of the first steps
 # Each case: the micro-batching (global batch 4), the LBL scope and the routing features it covers.
 CASES = {
     "micro-1mb": ("train.micro_batch_size=4",),
@@ -40,6 +41,16 @@ CASES = {
     # Shared expert, tied embeddings, linear LR decay, no clipping.
     "shared-tied-noclip": ("model.moe.num_shared_experts=1", "model.tie_embeddings=true",
                            "optim.decay=linear", "optim.grad_clip=0"),
+    # Muon (torch.optim.Muon on each whole matrix and each expert's slice; AdamW for the rest).
+    "muon": ("optim=muon",),
+    # ... with QK-clip below the heads' largest logits (~0.05-0.07 here), a shared expert and
+    # tied embeddings (AdamW for the one embedding / output matrix).
+    "muon-qk-clip-shared-tied": ("optim=muon", f"optim.qk_clip_threshold={QK_CLIP}",
+                                 "model.moe.num_shared_experts=1", "model.tie_embeddings=true"),
+    # ... plain momentum, 3 Newton-Schulz steps, and the max logits through a full recompute.
+    "muon-plain-momentum-recompute": ("optim=muon", "optim.nesterov=false", "optim.momentum=0.9",
+                                      "optim.ns_steps=3", f"optim.qk_clip_threshold={QK_CLIP}",
+                                      "train.recompute=full"),
 }
 
 
@@ -62,6 +73,9 @@ def test_trainer_equals_the_independent_reference(case, tmp_path):
         assert any(step.experts_per_token < 3 for step in out)
     if case.startswith("top-k"):
         assert [step.top_k for step in out] == [4, 3, 1]
+    if "qk_clip" in " ".join(overrides):  # some heads were clipped (the update checks how)
+        assert any(step.max_attn_logit > QK_CLIP for step in out)
+        assert all("max_attn_logit" in record for record in result.records)
     print(f"{case}: worst rel. error {result.worst:.2e}",
           {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
 
@@ -74,3 +88,13 @@ def test_a_resumed_trainer_equals_the_reference_that_never_stopped(tmp_path):
     result = run_lockstep(tmp_path / "run", overrides, resume_after=2)
     result.assert_equal()
     assert len(result.outputs) == 3 and result.records[-1]["step"] == 3
+
+
+def test_a_resumed_muon_trainer_equals_the_reference_that_never_stopped(tmp_path):
+    """Muon's momentum buffers (one per matrix and expert slice in the reference) and the
+    AdamW moments of the rest come back from the checkpoint; QK-clip keeps acting."""
+    overrides = ["optim=muon", f"optim.qk_clip_threshold={QK_CLIP}", *BIAS]
+    result = run_lockstep(tmp_path / "run", overrides, resume_after=2)
+    result.assert_equal()
+    assert len(result.outputs) == 3 and result.records[-1]["step"] == 3
+    assert "momentum_buffer" in result.errors
