@@ -182,6 +182,11 @@ MLA = ("model.attention=mla", "model.n_kv_heads=8", "model.mla.q_lora_rank=32",
        "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=12", "model.rope_scaling.kind=yarn",
        "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=32",
        "model.rope_scaling.mscale=1.0", "model.rope_scaling.mscale_all_dim=1.0")
+# Muon with Newton-Schulz in fp32 (in bf16 its rounding turns the last-bit differences every
+# layout's gradients have into ~1% of an update: docs/optimizers.md) and QK-clip at a threshold
+# the tiny model's largest logits cross (~0.29-0.41 over the 3 steps; MLA's ~0.13-0.17).
+MUON = ("optim=muon", "optim.ns_dtype=fp32", "optim.qk_clip_threshold=0.3")
+MUON_MLA = (*MUON[:2], "optim.qk_clip_threshold=0.15")
 REFERENCES: dict[str, list[str]] = {
     "b4": [*B4, *EVAL],
     "b4-variant": [*B4, *VARIANT],
@@ -194,6 +199,10 @@ REFERENCES: dict[str, list[str]] = {
     "b4-global": [*B4, "model.moe.lbl.scope=global"],
     "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],
     "b4-mla": [*B4, *MLA],
+    "b4-muon": [*B4, *MUON],
+    "b4-mb1-muon": [*B4, "train.micro_batch_size=1", *MUON],
+    "b8-mb1-muon": ["train.micro_batch_size=1", *MUON],
+    "b4-mla-muon": [*B4, *MLA, *MUON_MLA],
 }
 
 
