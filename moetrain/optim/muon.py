@@ -118,6 +118,7 @@ class Muon(torch.optim.Optimizer):
         self._muon_step(self._muon_group())
         return loss
 
+    @torch.no_grad()
     def _muon_step(self, group: dict[str, Any]) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         inputs, stepped = [], []
