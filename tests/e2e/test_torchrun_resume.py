@@ -1,4 +1,5 @@
-"""Two ranks under torchrun: SIGKILL after a checkpoint, resume, and get bit-identical losses."""
+"""Two ranks under torchrun: SIGKILL after a checkpoint, resume, and get bit-identical losses
+(AdamW; and Muon with QK-clip, whose momentum buffers and clipped weights the checkpoint holds)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
-        "train.max_steps=18", "checkpoint.every=6"]
+        "train.eval_every=0", "logging.progress=false", "train.deterministic=true"]
+ADAMW = ("train.max_steps=18", "checkpoint.every=6")
+MUON = ("train.max_steps=6", "checkpoint.every=2", "optim=muon", "optim.qk_clip_threshold=0.3")
 
 
 def torchrun(run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
@@ -50,16 +52,18 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path) -> dict[int, tuple]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs}
+    return {r["step"]: (r["loss"], r.get("max_attn_logit")) for r in recs}
 
 
-def test_sigkill_after_the_step_6_checkpoint_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("run", [ADAMW, MUON], ids=["adamw", "muon"])
+def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path, run):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    finish(torchrun(full))
+    steps = int(run[0].split("=")[1])
+    finish(torchrun(full, *run))
 
-    proc = torchrun(killed)
+    proc = torchrun(killed, *run)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists():
@@ -72,9 +76,9 @@ def test_sigkill_after_the_step_6_checkpoint_then_resume_is_bit_identical(tmp_pa
             pass
     proc.communicate()
     saved = int(latest.read_text().strip().split("_")[1])
-    assert saved < 18, "the run finished before it could be killed"
+    assert saved < steps, "the run finished before it could be killed"
 
-    finish(torchrun(killed, "checkpoint.resume=auto"))
+    finish(torchrun(killed, *run, "checkpoint.resume=auto"))
     a, b = losses(full), losses(killed)
-    assert sorted(b) == list(range(1, 19))
-    assert all(a[s] == b[s] for s in range(1, 19)), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    assert sorted(b) == list(range(1, steps + 1))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
