@@ -24,6 +24,10 @@ from moetrain.parallel.pipeline.split import rank_layers
 WEIGHT_BYTES = 4
 GRAD_BYTES = 4
 OPTIM_BYTES = 8
+#: optim.name=muon: one fp32 momentum buffer per hidden-matrix element (attention, dense MLPs,
+#: shared and routed experts); the other components keep AdamW's two moments.
+MUON_OPTIM_BYTES = 4
+MUON_COMPONENTS = ("attention", "dense_mlp", "routed_experts", "shared_experts")
 ACT_BYTES = 2  # bf16 activations
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
@@ -262,13 +266,17 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
     for s in range(dims.pp):  # pp rank s holds virtual stages s, s + pp, ... (looped)
         layers = rank_layers(model.n_layers, s, dims.pp, dims.vpp, par.pp_layers)
         dense_rank = expert_rank = 0.0  # held per rank, after TP, EP and FSDP
+        muon_rank = 0.0  # of those, Muon's hidden matrices (with optim.name=muon)
         largest_layer = 0.0  # one layer's parameters per rank after TP and EP (FSDP gathers them)
         for layer in layers:
             parts = layer_params(model, layer)
             dense_rank += sum(n / _dense_shards(c, dims, fsdp)
                               for c, n in parts.items() if c != "routed_experts")
+            muon_rank += sum(n / _dense_shards(c, dims, fsdp) for c, n in parts.items()
+                             if c in MUON_COMPONENTS and c != "routed_experts")
             layer_expert = parts["routed_experts"] / (dims.ep * dims.etp)
             expert_rank += layer_expert / (dims.edp if fsdp else 1)
+            muon_rank += layer_expert / (dims.edp if fsdp else 1)
             largest_layer = max(largest_layer, layer_expert + sum(
                 n / _dense_shards(c, dims, False) for c, n in parts.items() if c != "routed_experts"))
         vocab = model.vocab_size * model.d_model / _dense_shards("embedding", dims, fsdp)
@@ -287,12 +295,20 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
             logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp
         stages.append(StageMemory(
             stage=s, dense_params=dense_rank, expert_params=expert_rank,
-            weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n, optimizer=OPTIM_BYTES * n,
+            weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n,
+            optimizer=_optimizer_bytes(cfg.optim, n, muon_rank),
             fsdp_buffers=2 * WEIGHT_BYTES * largest_layer if gathered else 0.0,
             activations=act, logits=logits,
             init_peak=WEIGHT_BYTES * n + TEMP_BYTES_PER_ELEMENT * min(chunk, largest),
         ))
     return stages
+
+
+def _optimizer_bytes(optim: Any, n: float, muon: float) -> float:
+    """Optimizer state of `n` parameters per rank, `muon` of them Muon's (with optim=muon)."""
+    if getattr(optim, "name", "adamw") == "muon":
+        return OPTIM_BYTES * (n - muon) + MUON_OPTIM_BYTES * muon
+    return OPTIM_BYTES * n
 
 
 def _largest_local_tensor(model: Any, layers: list[int], holds_vocab: bool, dims: ParallelDims,
@@ -485,6 +501,6 @@ def format_plan(plan: Plan) -> str:
             f"{gib(m.init_peak):>12}{mark}"
         )
     lines.append("  (per parameter: fp32 weights 4 B + fp32 grads 4 B + AdamW fp32 exp_avg/exp_avg_sq "
-                 "8 B, as allocated; bf16 autocast activations, no recompute; init peak: the "
+                 "8 B (Muon's matrices: one momentum buffer, 4 B), as allocated; bf16 autocast activations, no recompute; init peak: the "
                  "weights + one init chunk, before training)")
     return "\n".join(lines)

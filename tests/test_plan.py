@@ -134,6 +134,12 @@ def test_tiny_memory_sharding_by_hand():
     # Initialisation: the weights plus the generator's temporaries (24 B per element) for the
     # largest shard, the embedding's 8192 x 128 / tp 2 / dp 2 = 2^18 elements (<= one chunk).
     assert stage.init_peak == 4 * n + 24 * 2**18
+    # optim=muon: one momentum buffer (4 B) for the attention, dense MLP and expert matrices,
+    # AdamW's 8 B for the embedding, output, norms and routers
+    muon = config("tiny", "parallel.tp=2", "parallel.ep=2", "optim=muon")
+    (with_muon,) = memory_per_rank(muon, dims)
+    matrices = (4 * 49_152 + 147_456) / 4 + 442_368
+    assert with_muon.optimizer == 4 * matrices + 8 * (n - matrices)
     no_fsdp = config("tiny", "parallel.tp=2", "parallel.ep=2", "parallel.fsdp.enabled=false")
     (replicated,) = memory_per_rank(no_fsdp, dims)
     assert replicated.dense_params == 1_224_832 and replicated.fsdp_buffers == 0

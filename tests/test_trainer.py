@@ -147,7 +147,9 @@ def _documented_metrics_keys() -> set[str]:
 
 
 def test_metrics_records_have_exactly_the_keys_the_design_documents(tmp_path):
-    trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1")
+    # every optional key too: val_loss (evaluation), max_attn_logit (QK-clip)
+    trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
+                    "optim=muon", "optim.qk_clip_threshold=100")
     trainer.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = {re.sub(r"^source_tokens/.+$", "source_tokens/<name>", k) for r in recs for k in r}
