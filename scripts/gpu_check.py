@@ -15,6 +15,8 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
     gpu_tests        pytest -m gpu over the rest of tests/ (none collected: status 'none')
     bench_kernels    scripts/bench_kernels.py: each Triton kernel against the PyTorch path
     bench_moe_layer  scripts/bench_moe_layer.py: mixtral, olmoe, qwen3; baseline, moetrain, triton
+    optim_cost       scripts/bench_optim.py cost: the optimizer step of one OLMoE-1B-7B block
+                     (64 experts), AdamW against Muon, time and state
     train_eager      scripts/bench_train.py: OLMoE-1B-7B-shaped, 4 layers, seq 4096
     train_compiled   the same with train.compile=true; 'unavailable' where the config has no
                      train.compile
@@ -128,6 +130,13 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
                                     "cpu", "--iters", "2", "--warmup", "1"] if smoke
                                    else ["--iters", "10", "--warmup", "3"])],
              210, "bench_moe_layer.json"),
+        Step("optim_cost", [PY, "scripts/bench_optim.py", "cost", "--json", str(work / "optim_cost.json"),
+                            *(["--device", "cpu", "--ranks", "1", "2", "--d-model", "128", "--heads",
+                               "4", "--expert-hidden", "64", "--experts", "4", "--plan-experts", "8",
+                               "--iters", "1", "--warmup", "1"] if smoke
+                              else ["--device", "cuda", "--ranks", "1", "--experts", "64",
+                                    "--plan-experts", "64", "--iters", "5", "--warmup", "2"])],
+             120, "optim_cost.json"),
     ]
     train = TRAIN_SMOKE if smoke else TRAIN
     counts = ["--steps", "2", "--warmup", "1"] if smoke else ["--steps", "8", "--warmup", "3"]
@@ -144,7 +153,7 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
 
 
 STEP_NAMES = ("install", "env", "kernel_tests", "gpu_tests", "bench_kernels", "bench_moe_layer",
-              "train_eager", "train_compiled")
+              "optim_cost", "train_eager", "train_compiled")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -274,6 +283,11 @@ def summarize(steps: dict) -> dict:
         if r:
             summary[f"train_{mode}_tokens_per_s"] = round(r["tokens_per_s"], 1)
             summary[f"train_{mode}_mfu"] = round(r["mfu"], 4)
+    optim = (steps.get("optim_cost") or {}).get("result") or {}
+    for row in optim.get("rows", []):
+        key = f"optim_{row['layout']}{row['ranks']}"
+        summary[f"{key}_adamw_step_s"] = round(row["adamw_step_s"], 5)
+        summary[f"{key}_muon_step_s"] = round(row["muon_step_s"], 5)
     kern = (steps.get("bench_kernels") or {}).get("result") or {}
     for e in kern.get("entries", []):
         if e.get("triton_ms"):

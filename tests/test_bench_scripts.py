@@ -144,3 +144,18 @@ def test_triton_variant_is_chosen_only_where_it_runs(bench, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(SystemExit, match="--triton on: the Triton kernels cannot run on cpu"):
         bench.triton_wanted("on", cpu, torch.float32)
+
+
+def test_bench_optim_finds_where_muon_reaches_adamw_and_tabulates():
+    bench = load("bench_optim")
+    curve = [(10, 5.0), (20, 4.2), (30, 3.9), (40, 3.7)]
+    assert bench.first_step_reaching(curve, 4.0) == 30
+    assert bench.first_step_reaching(curve, 4.2) == 20
+    assert bench.first_step_reaching(curve, 3.0) is None
+    result = {"models": {"tiny": {"best_lr": {"adamw": 0.003, "muon": 0.01},
+                                  "sweep": {"adamw": {0.003: 4.0}, "muon": {0.01: 3.7}},
+                                  "seeds": [{"seed": 0, "adamw_final": 4.0, "muon_final": 3.7,
+                                             "muon_reaches_adamw_final_at": 30,
+                                             "token_efficiency": 40 / 30}]}}}
+    table = bench.quality_table(result)
+    assert "| tiny | 0 | 0.003 | 0.01 | 4.0000 | 3.7000 | 30 | 1.33x |" in table
