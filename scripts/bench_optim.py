@@ -35,6 +35,7 @@ import os
 import pickle
 import platform
 import queue
+import shutil
 import socket
 import statistics
 import subprocess
@@ -69,13 +70,15 @@ def _train(run_dir: Path, overrides: list[str]) -> list[dict]:
     """One command-line run (one thread); its metrics.jsonl records."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():  # a finished run is reused (an interrupted sweep goes on)
+        partial = run_dir.parent / (run_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run([sys.executable, "-m", "moetrain.train", *overrides,
-                               f"run.dir={run_dir.with_suffix('.partial')}"],
+                               f"run.dir={partial}"],
                               capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"{run_dir.name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-        run_dir.with_suffix(".partial").rename(run_dir)
+        partial.rename(run_dir)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
@@ -89,7 +92,7 @@ def first_step_reaching(curve: list[tuple[int, float]], target: float) -> int | 
 
 
 def quality(args) -> dict:
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs start in the repository root
     out.mkdir(parents=True, exist_ok=True)
     lrs = {"adamw": args.lr_adamw, "muon": args.lr_muon}
 

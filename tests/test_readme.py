@@ -47,6 +47,14 @@ RUN: dict[str, tuple[str, ...]] = {
     "--world-size 16": (),
     "python scripts/lbl_experiment.py --steps 200":
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
+    "python -m moetrain.train +experiment=tiny optim=muon optim.qk_clip_threshold=100 "
+    "run.dir=outputs/muon": SMALL_RUN,
+    "python scripts/bench_optim.py quality":
+        ("--models", "tiny", "--steps", "2", "--eval-every", "1", "--seeds", "0", "--lr-adamw",
+         "3e-3", "--lr-muon", "3e-3"),
+    "python scripts/bench_optim.py cost --ranks 1 2 4":
+        ("--ranks", "1", "2", "--d-model", "64", "--heads", "2", "--expert-hidden", "32",
+         "--experts", "2", "--plan-experts", "4", "--iters", "1"),
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),
     "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/flat": (),
 }
