@@ -49,12 +49,6 @@ RUN: dict[str, tuple[str, ...]] = {
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
     "python -m moetrain.train +experiment=tiny optim=muon optim.qk_clip_threshold=100 "
     "run.dir=outputs/muon": SMALL_RUN,
-    "python scripts/bench_optim.py quality":
-        ("--models", "tiny", "--steps", "2", "--eval-every", "1", "--seeds", "0", "--lr-adamw",
-         "3e-3", "--lr-muon", "3e-3"),
-    "python scripts/bench_optim.py cost --ranks 1 2 4":
-        ("--ranks", "1", "2", "--d-model", "64", "--heads", "2", "--expert-hidden", "32",
-         "--experts", "2", "--plan-experts", "4", "--iters", "1"),
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),
     "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/flat": (),
 }
@@ -76,6 +70,12 @@ SKIPPED: dict[str, str] = {
         "needs a GPU (compiled Triton); tests/test_bench_kernels.py runs it at small CPU shapes "
         "through the interpreter",
     "bash scripts/gpu_check.sh": "needs a GPU; tests/test_gpu_check.py tests its CPU-side logic",
+    "python scripts/bench_optim.py quality":
+        "hours of training on a CPU; tests/test_bench_scripts.py runs its sweep, seeds and "
+        "comparison over stand-in runs",
+    "python scripts/bench_optim.py cost --ranks 1 2 4":
+        "minutes per rank count at the OLMoE block shape; tests/test_gpu_check.py runs it on 1 "
+        "and 2 ranks at small shapes (the GPU check's smoke profile)",
     "python -m moetrain.hf export outputs/olmoe-<time> /tmp/olmoe-hf":
         "needs a run of the real-size OLMoE experiment; tests/hf/test_round_trip.py exports tiny "
         "models of every family and loads them with transformers",
