@@ -6,10 +6,13 @@ The update of every Muon matrix is `torch.optim.Muon`'s on one process (Jordan e
 "Muon: An optimizer for hidden layers in neural networks"; Liu et al. 2025, "Muon is Scalable
 for LLM Training", arXiv:2502.16982, for the RMS-matched scale):
 
-    B   <- mu B + (1 - mu) g            (torch's lerp form of the momentum buffer)
-    U   =  g + mu (B - g) ... i.e. lerp(g, B, mu)  with Nesterov, else B
-    O   =  NS_5(U)                      5 quintic Newton-Schulz steps, in bf16, on the WHOLE matrix
-    W   <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O      ("match_rms_adamw")
+    B <- mu B + (1 - mu) g                          the momentum buffer (torch's lerp form)
+    U =  lerp(g, B, mu) with Nesterov, else B
+    O =  NS_k(U)                                    k quintic Newton-Schulz steps (bf16, or fp32
+                                                    with optim.ns_dtype) on the WHOLE matrix
+    W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O   ("match_rms_adamw")
+
+for W [m, n], g its gradient (after clipping); B, U, O the same shape.
 
 A 2-D parameter is one matrix; a 3-D expert stack [E, m, n] is E matrices, each orthogonalised
 on its own. Momentum, decay and the update are elementwise and run on this rank's shard; only
