@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from moetrain.config.schema import head_dim_of
 from moetrain.model.init import TEMP_BYTES_PER_ELEMENT, chunk_elements
+from moetrain.optim import state_bytes_per_element
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.pipeline.split import rank_layers
 
@@ -24,10 +25,6 @@ from moetrain.parallel.pipeline.split import rank_layers
 WEIGHT_BYTES = 4
 GRAD_BYTES = 4
 OPTIM_BYTES = 8
-#: optim.name=muon: one fp32 momentum buffer per hidden-matrix element (attention, dense MLPs,
-#: shared and routed experts); the other components keep AdamW's two moments.
-MUON_OPTIM_BYTES = 4
-MUON_COMPONENTS = ("attention", "dense_mlp", "routed_experts", "shared_experts")
 ACT_BYTES = 2  # bf16 activations
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
@@ -266,25 +263,29 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
     for s in range(dims.pp):  # pp rank s holds virtual stages s, s + pp, ... (looped)
         layers = rank_layers(model.n_layers, s, dims.pp, dims.vpp, par.pp_layers)
         dense_rank = expert_rank = 0.0  # held per rank, after TP, EP and FSDP
-        muon_rank = 0.0  # of those, Muon's hidden matrices (with optim.name=muon)
+        held = dict.fromkeys(COMPONENTS, 0.0)  # the same, by component (optimizer state)
         largest_layer = 0.0  # one layer's parameters per rank after TP and EP (FSDP gathers them)
         for layer in layers:
             parts = layer_params(model, layer)
-            dense_rank += sum(n / _dense_shards(c, dims, fsdp)
-                              for c, n in parts.items() if c != "routed_experts")
-            muon_rank += sum(n / _dense_shards(c, dims, fsdp) for c, n in parts.items()
-                             if c in MUON_COMPONENTS and c != "routed_experts")
+            for c, n in parts.items():
+                if c != "routed_experts":
+                    held[c] += n / _dense_shards(c, dims, fsdp)
+                    dense_rank += n / _dense_shards(c, dims, fsdp)
             layer_expert = parts["routed_experts"] / (dims.ep * dims.etp)
             expert_rank += layer_expert / (dims.edp if fsdp else 1)
-            muon_rank += layer_expert / (dims.edp if fsdp else 1)
+            held["routed_experts"] += layer_expert / (dims.edp if fsdp else 1)
             largest_layer = max(largest_layer, layer_expert + sum(
                 n / _dense_shards(c, dims, False) for c, n in parts.items() if c != "routed_experts"))
         vocab = model.vocab_size * model.d_model / _dense_shards("embedding", dims, fsdp)
         if s == 0:
             dense_rank += vocab
+            held["embedding"] += vocab
         if s == dims.pp - 1:
             dense_rank += model.d_model / _dense_shards("norms", dims, fsdp)
-            dense_rank += vocab if not model.tie_embeddings or dims.pp > 1 else 0
+            held["norms"] += model.d_model / _dense_shards("norms", dims, fsdp)
+            output = vocab if not model.tie_embeddings or dims.pp > 1 else 0
+            dense_rank += output
+            held["output"] += output
         n = dense_rank + expert_rank
         largest = _largest_local_tensor(model, layers, s == 0 or s == dims.pp - 1, dims, fsdp)
         gathered = fsdp and (dims.dp_cp > 1 or dims.edp > 1)
@@ -296,7 +297,7 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
         stages.append(StageMemory(
             stage=s, dense_params=dense_rank, expert_params=expert_rank,
             weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n,
-            optimizer=_optimizer_bytes(cfg.optim, n, muon_rank),
+            optimizer=_optimizer_bytes(cfg.optim, held),
             fsdp_buffers=2 * WEIGHT_BYTES * largest_layer if gathered else 0.0,
             activations=act, logits=logits,
             init_peak=WEIGHT_BYTES * n + TEMP_BYTES_PER_ELEMENT * min(chunk, largest),
@@ -304,11 +305,21 @@ def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -
     return stages
 
 
-def _optimizer_bytes(optim: Any, n: float, muon: float) -> float:
-    """Optimizer state of `n` parameters per rank, `muon` of them Muon's (with optim=muon)."""
-    if getattr(optim, "name", "adamw") == "muon":
-        return OPTIM_BYTES * (n - muon) + MUON_OPTIM_BYTES * muon
-    return OPTIM_BYTES * n
+#: A parameter that stands for each component when the optimizer is asked its state per element
+#: (this planner counts by component: the attention's q/k norm gains and the shared-expert gate,
+#: under 0.1 % of their component, are counted with its matrices).
+_COMPONENT_PARAMETER = {
+    "embedding": "tok_embeddings.weight", "attention": "layers.0.attention.wq.weight",
+    "dense_mlp": "layers.0.mlp.w1.weight", "routed_experts": "layers.0.moe.experts.w1",
+    "shared_experts": "layers.0.moe.shared_experts.w1.weight",
+    "router": "layers.0.moe.router.weight", "norms": "layers.0.attention_norm.weight",
+    "output": "output.weight",
+}
+
+
+def _optimizer_bytes(optim: Any, held: dict[str, float]) -> float:
+    """Optimizer state of the parameters a rank holds, `held` elements by component."""
+    return sum(n * state_bytes_per_element(optim, _COMPONENT_PARAMETER[c]) for c, n in held.items())
 
 
 def _largest_local_tensor(model: Any, layers: list[int], holds_vocab: bool, dims: ParallelDims,

@@ -31,6 +31,21 @@ ADAMW_PARAMETERS = (
 )
 
 
+#: fp32 optimizer state per parameter element: AdamW's exp_avg + exp_avg_sq; Muon's momentum_buffer
+ADAMW_STATE_BYTES = 8
+MUON_STATE_BYTES = 4
+
+
+def state_bytes_per_element(cfg: OptimConfig, name: str) -> int:
+    """Bytes of optimizer state each element of the parameter called `name` (as
+    `named_parameters()` names it) holds under `cfg.name`, by the same rules that route it:
+    8 for AdamW's two moments, 4 for a Muon matrix's momentum buffer. The planner's one
+    question to the optimizer (it counts the unpadded shard, as the state is allocated)."""
+    if cfg.name == "muon" and any(re.fullmatch(rule, name) for rule in MUON_PARAMETERS):
+        return MUON_STATE_BYTES
+    return ADAMW_STATE_BYTES
+
+
 def _decays(name: str, param: torch.Tensor) -> bool:
     # Norm gains and biases are 1-D; decaying them only pulls them to zero without regularising.
     return param.ndim >= 2 and not name.endswith(".bias")
