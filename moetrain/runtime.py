@@ -56,7 +56,9 @@ def init_runtime(cfg: MoetrainConfig) -> Runtime:
     device = _pick_device(cfg.train, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=10))
+        # the generous phase; moetrain.watchdog tightens it after the first step
+        dist.init_process_group(backend=backend,
+                                timeout=_dt.timedelta(seconds=cfg.fault.init_timeout))
     dtype = cfg.train.dtype
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"

@@ -16,7 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
 from moetrain.data import DataError, ensure_prepared
+from moetrain.data.report import config_comment, log_data
 from moetrain.parallel import LayoutError, check_layout
+from moetrain.rank_exit import exit_with_launcher, report_error, unblock_interrupt
+from moetrain.runlock import check_free, lock_run_dir
 from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
 
 log = logging.getLogger("moetrain")
@@ -54,9 +57,11 @@ def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryH
 def _scheduler_note() -> str:
     """The SLURM job and how often it has been requeued, for the per-rank logs."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return ""
-    return f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    note = f", SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt not in ("", "0"):  # moetrain.torchrun restarted the worker group (elastic.py)
+        note += f", worker group restart {attempt}"
+    return note
 
 
 def run(cfg: DictConfig) -> int:
@@ -64,14 +69,21 @@ def run(cfg: DictConfig) -> int:
 
     Nothing is written into the run directory before the config, the data and the checkpoint to
     resume from have been checked: building the `Trainer` only reads, so a refused start leaves
-    an existing run untouched and creates no new one.
+    an existing run untouched and creates no new one. A directory another run holds is refused
+    first (moetrain/runlock.py); the lock is the first thing written into it.
     """
     from moetrain.trainer import Trainer, TrainingError
 
+    lock = None
     try:
+        # moetrain.torchrun's ranks inherit SIGINT blocked: a Ctrl-C relayed while this rank
+        # started is taken here (KeyboardInterrupt below), later ones as in any process.
+        unblock_interrupt()
         typed = to_object(cfg)
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if typed.run.dir:  # a live run there: refused before anything is prepared or built
+            check_free(Path(typed.run.dir).resolve())
         if typed.model.init.from_hf or typed.model.init.upcycle_from:
             from moetrain.hf.load import check_init, use_hf_tokenizer  # only when needed
 
@@ -81,14 +93,17 @@ def run(cfg: DictConfig) -> int:
         # progress shows on the console and lands in the rank's log file later.
         log_buffer = _setup_logging(int(os.environ.get("RANK", "0")) == 0)
         # Bad data is refused, and the data prepared, before any process group or run directory.
-        ensure_prepared(typed.data, typed.model.vocab_size)
+        prepared = ensure_prepared(typed.data, typed.model.vocab_size)
         rt = init_runtime(typed)
         run_dir = resolve_run_dir(typed, rt)
         trainer = Trainer(typed, rt, run_dir)
-        create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))})
+        lock = lock_run_dir(run_dir, rt.rank, rt.world_size)  # before anything is written there
+        create_run_dir(run_dir, rt, {"config.yaml": OmegaConf.to_yaml(OmegaConf.structured(typed))
+                                     + config_comment(prepared, typed.data)})
         _start_log_file(run_dir, rt, log_buffer)
         log.info("rank %d of %d on %s (pid %d, device %s)%s", rt.rank, rt.world_size,
                  socket.gethostname(), os.getpid(), rt.device, _scheduler_note())
+        log_data(prepared, typed.data)  # which directory and sources this run reads
         if rt.is_main:
             log.info("run directory: %s", run_dir)
             _log_checkpoint_policy(typed.checkpoint.every, run_dir)
@@ -96,13 +111,14 @@ def run(cfg: DictConfig) -> int:
         log.info("rank %d exits at step %d", rt.rank, trainer.state.step)
         return 0
     except USER_ERRORS + (TrainingError,) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        report_error(f"error: {err}")
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print("\nerror: interrupted (Ctrl-C); stopped without saving a checkpoint",
-              file=sys.stderr, flush=True)
+        report_error("\nerror: interrupted (Ctrl-C); stopped without saving a checkpoint")
         return 130  # 128 + SIGINT, what a shell reports for a run killed by Ctrl-C
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 
@@ -132,7 +148,7 @@ def check_command_line(overrides: list[str]) -> int:
     try:
         to_object(compose(overrides))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        report_error(f"error: {err}")
         return 2
     return 0
 
@@ -145,6 +161,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_with_launcher()  # under torchrun: end with the launcher, however it ends
     sys.argv = _alias_async_key(sys.argv)
     if code := check_command_line(sys.argv[1:]):
         sys.exit(code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +19,32 @@ from omegaconf import OmegaConf
 from moetrain import memory
 from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import ModelTensors
+from moetrain.checkpoint.identity import check_resume, checkpoint_identity
 from moetrain.config import ConfigError
 from moetrain.config.schema import MoetrainConfig
-from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets, val_steps
+from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets
 from moetrain.data.index import tokenizer_source
+from moetrain.evaluation import Evaluator
 from moetrain.metrics import MetricsLogger, summarize_routing
-from moetrain.model import (
-    Transformer, moe_step_stats, set_capacity_factor, set_recompute, set_top_k, start_moe_step,
-    update_expert_bias,
-)
-from moetrain.model.moe.schedule import capacity_factor_at, top_k_at
-from moetrain.model.moe.stats import StatsColumns
+from moetrain.metrics.throughput import Throughput, device_peak
+from moetrain.model import MoEControl, Transformer, set_recompute
+from moetrain.model.init import init_parameters
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.optim.qk_clip import QKClip
 from moetrain.parallel import ParallelDims
-from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
+from moetrain.parallel.parallelize import BatchShape, parallelize
+from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
+from moetrain.recovery import TrainingError, count_bad_step, rollback
 from moetrain.runtime import Runtime
+from moetrain.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+__all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
@@ -51,48 +53,51 @@ class Trainer:
         self.start_time = time.monotonic()
         t = cfg.train
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
-        self.par = ParallelContext(dims, rt.device)
+        self.rank = RankLayout.create(dims, rt.device)
 
         init = cfg.model.init
         if init.from_hf or init.upcycle_from:
             from moetrain.hf.load import use_hf_tokenizer
 
             use_hf_tokenizer(cfg)  # an imported model keeps its vocabulary
-        prepared = ensure_prepared(cfg.data, cfg.model.vocab_size)
-        self.tokenizer_path = tokenizer_source(prepared)
+        self.prepared_dir = ensure_prepared(cfg.data, cfg.model.vocab_size)
+        self.tokenizer_path = tokenizer_source(self.prepared_dir)
         self.train_data, self.val_data = mixture_datasets(
-            prepared, cfg.data, t.global_batch_size, t.eval_batches if t.eval_every > 0 else 0)
+            self.prepared_dir, cfg.data, t.eval_batches if t.eval_every > 0 else 0)
         # This rank's evaluation micro-batches, fixed for the run: a split too small for one
         # batch is refused now, not at the first evaluation after steps whose work is lost.
-        self.eval_steps: list[list[list[int]]] = []
-        if t.eval_every > 0:
-            n_val = 0 if self.val_data is None else len(self.val_data)
-            if n_val < t.global_batch_size:
-                raise ConfigError(
-                    f"train.eval_every={t.eval_every}: the validation split gives {n_val} "
-                    f"evaluation sequences of data.seq_len={cfg.data.seq_len}, fewer than one "
-                    f"global batch (train.global_batch_size={t.global_batch_size}); raise "
-                    "data.val_fraction (more data per source) or set train.eval_every=0")
-            self.eval_steps = val_steps(n_val, t.eval_batches, t.global_batch_size,
-                                        t.micro_batch_size, self.par.dp_rank, self.par.dp_size)
+        self.evaluator = Evaluator(self.val_data, cfg, self.rank.dp_rank, dims.dp,
+                                   announce=rt.is_main)
         self.sampler = MixtureSampler(
             self.train_data.sizes, global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size, dp_rank=self.par.dp_rank,
-            dp_size=self.par.dp_size, seed=t.seed, weights=self.train_data.weights,
+            micro_batch_size=t.micro_batch_size, dp_rank=self.rank.dp_rank,
+            dp_size=dims.dp, seed=t.seed, weights=self.train_data.weights,
             names=self.train_data.names, on_exhausted=cfg.data.on_exhausted,
         )
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.micro_batches_per_step = t.global_batch_size // t.micro_batch_size
-        self.num_moe_layers = cfg.model.n_layers - cfg.model.moe.first_dense_layers
-        self.stats_columns = StatsColumns.of(cfg.model.moe)
 
         # Built on the meta device and parallelized there; each rank allocates and initialises
         # only its own shards, with values that do not depend on the layout (train.seed).
         memory.reset_peak(rt.device)
-        self.model = self.par.build_model(cfg)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        batch = BatchShape(t.micro_batch_size, self.micro_batches_per_step // dims.dp,
+                           cfg.data.seq_len)
+        self.model, self.runner = parallelize(model, self.rank, cfg.parallel, batch,
+                                              compile=t.compile)
+        init_parameters(self.model, cfg.model, t.seed)
         set_recompute(self.model, t.recompute)
+        # The MoE layers' per-step state: schedules, aux-loss scale, statistics, expert bias.
+        self.moe = MoEControl(
+            self.model, cfg.model.moe,
+            num_moe_layers=cfg.model.n_layers - cfg.model.moe.first_dense_layers,
+            micro_batches_per_step=self.micro_batches_per_step,
+            eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
-        fresh = self.ckpt.resolve(cfg.checkpoint.resume) is None
+        # verified against its checksums; `auto` passes over ones that fail (self.rejected)
+        self.resumed_from, self.rejected = self.ckpt.choose(cfg.checkpoint.resume)
+        fresh = self.resumed_from is None
         if init.upcycle_from and fresh:
             self._upcycle(self.model)
         if init.from_hf and fresh:
@@ -122,7 +127,7 @@ class Trainer:
         peak = memory.peak_bytes(self.rt.device)
         memory.rank_log.debug("peak memory after init %.3f GiB (parameters %.3f GiB)",
                               peak / memory.GIB, memory.parameter_bytes(self.model) / memory.GIB)
-        top = self.par.max_over_ranks([peak])[0] / memory.GIB
+        top = self.rank.max_over_ranks([peak])[0] / memory.GIB
         memory.reset_peak(self.rt.device)
         if self.rt.is_main:
             log.info("initialised: peak memory %.2f GiB (max over ranks)", top)
@@ -157,21 +162,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        self.resumed_from = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        for r in self.rejected if self.rt.is_main else []:
+            log.warning("checkpoint.resume=auto: passing over %s: %s", r.path, r.reason)
         if self.resumed_from is None:
             return
+        # Refused when the checkpoint is of another architecture or tokenizer, shapes or not.
+        changes = check_resume(self.resumed_from, self.cfg, self.prepared_dir)
         self.state = self.ckpt.load(self.resumed_from, self.model, self.optimizer)
         if self.state.sampler is not None:
             self.sampler.load_state_dict(self.state.sampler)
         log.info("resumed from %s at step %d", self.resumed_from, self.state.step)
+        if changes and self.rt.is_main:
+            log.info("changed since that checkpoint: %s", "; ".join(changes))
 
     def save_checkpoint(self, background: bool = False) -> Path:
         self.state.sampler = self.sampler.state_dict()
         meta = {"parallel": OmegaConf.to_container(OmegaConf.structured(self.cfg.parallel)),
                 "world_size": self.rt.world_size,
                 # what `python -m moetrain.hf export` writes as the model's tokenizer
-                "tokenizer": str(self.tokenizer_path)}
-        path = self.ckpt.save(self.model, self.optimizer, self.state, meta, async_save=background)
+                "tokenizer": str(self.tokenizer_path),
+                # the routing the weights were trained with at their last step (the export's)
+                "routing": self._routing_record(),
+                # what resuming checks: the config, its architecture, the tokenizer's identity
+                "identity": checkpoint_identity(self.cfg, self.prepared_dir)}
+        with self._phase("checkpoint"):
+            path = self.ckpt.save(self.model, self.optimizer, self.state, meta,
+                                  async_save=background)
         if self.rt.is_main:
             log.info("%s checkpoint %s", "saving" if background else "saved", path)
         return path
@@ -179,8 +195,11 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
-        bad_in_row = 0
+        rolled_back_to: Path | None = None
         self.preemption = PreemptionWatcher(announce=self.rt.is_main)
+        throughput = self._throughput() if self.rt.is_main else None
+        self.watchdog = Watchdog(self.cfg.fault, self.run_dir, self.rt.rank, self.rt.world_size)
+        self.ckpt.remove_stale_partials()
         if self.rt.is_main:
             self.metrics = MetricsLogger(
                 self.run_dir, self.cfg.logging, t.max_steps,
@@ -188,18 +207,21 @@ class Trainer:
                 config_dict=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
             )
             clear_preempted(self.run_dir)
+            if self.rejected:
+                self.metrics.event("resume_fallback", self.state.step, resumed_from=str(
+                    self.resumed_from), rejected=[r.record() for r in self.rejected])
         try:
             while self.state.step < t.max_steps:
                 step = self.state.step
+                self.watchdog.step(step)
                 lr = lr_at(step, self.cfg.optim, t.max_steps)
                 set_lr(self.optimizer, lr)
-                top_k = self._apply_sparsity_schedule(step)
                 try:
                     micro_batches = self.sampler.next_step()
                 except DataExhausted as err:  # data.on_exhausted=stop
                     if self.rt.is_main:
                         log.info("stopping at step %d: %s", step, err)
-                    if c.every > 0 and step % c.every:
+                    if c.every > 0 and step % c.every and self.state.bad_in_row == 0:
                         self.save_checkpoint()
                     break
                 start = time.monotonic()
@@ -213,30 +235,28 @@ class Trainer:
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
-                if record["skipped"]:
-                    bad_in_row += 1
-                    self.state.bad_steps_total += 1
-                    if bad_in_row >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"loss or gradient was NaN/inf for {bad_in_row} steps in a row "
-                            f"(train.max_bad_steps={t.max_bad_steps}); stopping at step {self.state.step}"
-                        )
-                else:
-                    bad_in_row = 0
+                try:  # the record of a failing step is written before the run stops
+                    roll_back, failing = count_bad_step(self.state, record["skipped"],
+                                                        t.max_bad_steps, t.on_bad_steps), None
+                except TrainingError as err:
+                    roll_back, failing = False, err
 
                 record = {"step": self.state.step, **record}
                 record.update(
                     lr=lr, tokens=self.state.consumed_tokens,
                     tokens_per_s=self.tokens_per_step / max(elapsed, 1e-9),
-                    top_k=top_k, bad_steps_total=self.state.bad_steps_total,
+                    bad_steps_total=self.state.bad_steps_total,
                     step_time_s=elapsed,
                 )
                 # The realised mixture: training tokens drawn from each source so far.
                 record.update({f"source_tokens/{name}": n * self.cfg.data.seq_len
                                for name, n in self.sampler.consumed().items()})
-                if t.eval_every and self.state.step % t.eval_every == 0:
-                    record["val_loss"] = self.evaluate()
-                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                if throughput is not None:
+                    record.update(throughput.record(record["tokens_per_s"], record["top_k"]))
+                if t.eval_every and self.state.step % t.eval_every == 0 and failing is None:
+                    record.update(self.evaluate())
+                if (self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+                        or failing is not None):
                     memory.rank_log.debug("step %d: peak memory %.3f GiB", self.state.step,
                                           self.step_peak_bytes / memory.GIB)
                     if self.metrics is not None:
@@ -244,33 +264,68 @@ class Trainer:
                             record["memory_init_peak_gib"] = self.init_peak_gib
                             self.init_peak_gib = None
                         self.metrics.log(record, {"step": self.state.step, **routing})
+                if failing is not None:
+                    raise failing
 
+                if roll_back:
+                    rolled_back_to = self._roll_back(rolled_back_to)
+                    continue
                 stop_reason = self._stop_reason()
-                due = c.every > 0 and (self.state.step % c.every == 0 or self.state.step == t.max_steps)
+                finished = self.state.step == t.max_steps
+                due = c.every > 0 and (self.state.step % c.every == 0 or finished)
                 # Stopping early: save whatever checkpoint.every says, so a requeued job resumes here.
                 self.ckpt.poll()
-                if due or stop_reason:
+                # Never a checkpoint of weights that may be poisoned (moetrain/recovery.py).
+                saved = (due or stop_reason) and not record["skipped"]
+                if saved:
                     # The last checkpoint of a run is written in the foreground: the job ends next.
-                    last = stop_reason is not None or self.state.step == t.max_steps
+                    last = stop_reason is not None or finished
                     self.save_checkpoint(background=c.async_save and not last)
+                elif due or stop_reason:
+                    log.warning("no checkpoint at step %d: the step was not finite (%d in a row); "
+                                "latest stays %s", self.state.step, self.state.bad_in_row,
+                                self.ckpt.latest_name())
                 if stop_reason:
-                    if self.rt.is_main:
+                    if self.rt.is_main and not finished:  # a finished run is not requeued
                         mark_preempted(self.run_dir, self.state.step, stop_reason)
-                    log.info("stopping at step %d: %s; checkpoint saved", self.state.step, stop_reason)
+                    log.info("stopping at step %d: %s; %s", self.state.step, stop_reason,
+                             "checkpoint saved" if saved else "no checkpoint (non-finite step)")
                     break
         finally:
             self.ckpt.wait()
             self.preemption.close()
+            self.watchdog.close()
             if self.metrics is not None:
                 self.metrics.close()
 
-    def _apply_sparsity_schedule(self, step: int) -> int:
-        """Set this step's top_k and capacity factor on every MoE layer (pure functions of the step)."""
+    def _phase(self, name: str):
+        """A checkpoint or an evaluation, for the watchdog (the generous timeout applies)."""
+        watchdog = getattr(self, "watchdog", None)
+        return watchdog.phase(name) if watchdog is not None else nullcontext()
+
+    def _roll_back(self, previous: Path | None) -> Path:
+        """train.on_bad_steps=rollback (moetrain/recovery.py); returns the checkpoint used."""
+        at = self.state.step
+        with self._phase("checkpoint"):
+            self.state, path = rollback(self.ckpt, self.model, self.optimizer, self.state, previous)
+        if self.metrics is not None:
+            self.metrics.event("rollback", at, resumed_from=str(path), to_step=self.state.step)
+        return path
+
+    def _routing_record(self) -> dict:
+        """The routing the weights were last trained with (the step's schedules, set by
+        `MoEControl`), recorded in each checkpoint for the export."""
         moe = self.cfg.model.moe
-        top_k = top_k_at(moe, step)
-        set_top_k(self.model, top_k)
-        set_capacity_factor(self.model, capacity_factor_at(moe, step))
-        return top_k
+        step = max(self.state.step - 1, 0)
+        routing = self.moe.routing or self.moe.routing_at(step)
+        return {"step": step, "top_k": routing.top_k, "capacity_factor": routing.capacity_factor,
+                "top_p": moe.routing.top_p}
+
+    def _throughput(self) -> Throughput:
+        """MFU bookkeeping of the run (rank 0): the peak of its device, named in each record."""
+        peak = device_peak(self.rt.device, self.rt.autocast_dtype or torch.float32)
+        log.info("MFU is measured against %.4g TFLOP/s per device: %s", peak.tflops, peak.name)
+        return Throughput(self.cfg.model, self.cfg.data.seq_len, self.rt.world_size, peak)
 
     def _out_of_time(self) -> bool:
         t = self.cfg.train
@@ -292,74 +347,61 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], Any]:
-        """One optimizer step over this rank's micro-batches. Returns the step's global loss,
-        gradient norm and skip flag, and the MoE statistics summed over every rank, on the host
-        (None without MoE layers). Reads the device once (plus the expert-parallel count
-        exchanges inside the MoE layers)."""
-        model, rt, par = self.model, self.rt, self.par
+        """Optimizer step `self.state.step` over this rank's micro-batches. Returns the step's
+        global loss, gradient norm, skip flag and top-k, and the MoE statistics summed over
+        every rank, on the host (None without MoE layers). Reads the device once (plus the
+        expert-parallel count exchanges inside the MoE layers)."""
+        model, rt, runner = self.model, self.rt, self.runner
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # Scales are chosen so that summing gradients over all micro-batches of all ranks gives
-        # the gradient of (mean LM loss over the global batch + mean aux loss per micro-batch).
-        start_moe_step(model, aux_loss_scale=1.0 / self.micro_batches_per_step)
+        # The step's top-k and capacity (its schedules), and the aux losses' gradient: summing
+        # gradients over all micro-batches of all ranks gives the gradient of (mean LM loss over
+        # the global batch + mean aux loss per micro-batch).
+        routing = self.moe.start_step(self.state.step)
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
         # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
         # loss is backpropagated divided by the global batch's token count.
-        lm_sum = par.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
-        stats = moe_step_stats(model, self.num_moe_layers, self.stats_columns, rt.device)
+        lm_sum = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
+        stats = self.moe.step_stats()
         # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
         # reduction and the routing statistics: one reduction, one host read.
         self.step_peak_bytes = memory.peak_bytes(rt.device)
-        head_max = None if self.qk_clip is None else self.qk_clip.head_maxima(par.tp_rank,
-                                                                                par.dims.tp)
-        sums = par.step_sums(model, lm_sum, self._wants_to_stop(),
-                             None if stats is None else stats.rows_LC, self.step_peak_bytes,
-                             maxima=head_max)
+        sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
+        if stats is not None:
+            sums["moe"] = stats.rows_LC
+        # QK-clip: every attention head's largest logit of the step, maximum over the ranks
+        maxima = None if self.qk_clip is None else {"head_max": self.qk_clip.head_maxima(
+            runner.layout.tp_rank, runner.layout.dims.tp)}
+        summed = runner.reduce_step(model, token_sums={"lm_sum": lm_sum}, sums=sums,
+                                    per_rank={"memory_peak": self.step_peak_bytes},
+                                    maxima=maxima)
         memory.reset_peak(rt.device)  # the next step's window starts here
-        self._stop_requested = sums.stop
-        lm_loss, grad_norm = sums.lm_sum / self.tokens_per_step, sums.grad_norm
+        self._stop_requested = summed.item("stop") > 0
+        lm_loss, grad_norm = summed.item("lm_sum") / self.tokens_per_step, summed.grad_norm
         skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
-        moe = self.cfg.model.moe
+        columns = self.moe.columns
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
             if self.qk_clip is not None:
-                self.qk_clip.apply_(sums.maxima)
-            if moe.routing.bias_rate > 0 and stats is not None:
-                # Aux-loss-free balancing from this step's global load (on the device).
-                update_expert_bias(model, self.stats_columns.view(sums.moe_rows).tokens_per_expert)
-        host = None if stats is None else self.stats_columns.view(sums.moe_rows_host)
+                self.qk_clip.apply_(summed.device["head_max"])
+            # Aux-loss-free balancing from this step's global load (on the device).
+            self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
+        host = None if stats is None else columns.view(summed.host("moe"))
         record = {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
-                  "memory_peak_gib": max(sums.rank_values) / memory.GIB}
+                  "top_k": routing.top_k,
+                  "memory_peak_gib": max(summed.values("memory_peak")) / memory.GIB}
         if self.qk_clip is not None:  # the step's largest attention logit, before the clip
-            record["max_attn_logit"] = max(sums.maxima_host)
+            record["max_attn_logit"] = max(summed.values("head_max"))
         return record, host
 
-    def evaluate(self) -> float:
-        """Validation loss with the MoE layers at `train.eval_capacity_factor` (null = dropless),
-        so that it does not depend on the training capacity (Megatron and DeepSpeed also keep
-        the two apart); the scheduled training capacity is restored afterwards."""
-        set_capacity_factor(self.model, self.cfg.train.eval_capacity_factor)
-        try:
-            return self._validation_loss()
-        finally:
-            step = max(self.state.step - 1, 0)  # the step just trained (the next one resets it)
-            set_capacity_factor(self.model, capacity_factor_at(self.cfg.model.moe, step))
-
-    @torch.no_grad()
-    def _validation_loss(self) -> float:
-        """Mean LM loss over the first `train.eval_batches` global batches of the validation split."""
-        assert self.val_data is not None
-        model = self.model
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        for micro_batches in self.eval_steps:
-            batches = [self.val_data.get_batch(indices).to(self.rt.device)
-                       for indices in micro_batches]
-            sums += self.par.eval_sums(model, batches, self.rt.autocast).to(sums.device)
-        model.train()
-        loss_sum, targets = self.par.sum_over_tokens(sums).tolist()
-        return loss_sum / targets
+    def evaluate(self) -> dict[str, float]:
+        """`val_loss` and `val_loss/<source>` (moetrain/evaluation.py) with the MoE layers at
+        `train.eval_capacity_factor` (null = dropless), so that they do not depend on the
+        training capacity (Megatron and DeepSpeed also keep the two apart); the step's training
+        routing is set again afterwards."""
+        with self.moe.evaluation(), self._phase("eval"):
+            return self.evaluator(self.model, self.runner, self.rt.autocast, self.rt.device)

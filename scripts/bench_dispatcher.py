@@ -1,4 +1,4 @@
-"""Time the expert-parallel all-to-all dispatch (AllToAllDispatcher) at several EP sizes.
+"""Time the expert-parallel all-to-all dispatch (TokenDispatcher + AllToAllExchange) at several EP sizes.
 
     python scripts/bench_dispatcher.py [--ranks 2 4 8] [--tokens 2048] [--dim 256] [--experts 16]
                                        [--top-k 2] [--iters 20] [--warmup 3] [--device cpu|cuda]
@@ -33,9 +33,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moetrain.benchmark import DTYPES, synchronize, time_iterations  # noqa: E402
+from benchlib import DTYPES, synchronize, time_iterations  # noqa: E402
 from moetrain.model.moe.router import RouterOutput  # noqa: E402
-from moetrain.parallel.expert_parallel import AllToAllDispatcher  # noqa: E402
+from moetrain.model.moe.dispatcher import TokenDispatcher  # noqa: E402
+from moetrain.parallel.expert_parallel import AllToAllExchange  # noqa: E402
 
 
 # ------------------------------------------------------------------ launcher (fork, like tests')
@@ -119,7 +120,8 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
     gen = torch.Generator().manual_seed(1000 + rank)
     routing = random_routing(opts["tokens"], opts["experts"], opts["top_k"], gen, device)
     x = torch.randn(opts["tokens"], opts["dim"], generator=gen).to(device, dtype)
-    disp = AllToAllDispatcher(opts["experts"], dist.group.WORLD)
+    disp = TokenDispatcher(opts["experts"],
+                           exchange=AllToAllExchange(opts["experts"], dist.group.WORLD))
 
     def forward(inp):
         rows, _, handle = disp.dispatch(inp, routing)
@@ -137,10 +139,12 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
     def drop_grad():
         xg.grad = None
 
-    out = forward(x)  # one checked pass: identity experts + normalized weights give x back
+    # One checked pass: identity experts + normalized weights give x back.
+    rows, _, handle = disp.dispatch(x, routing)
+    out = disp.combine(rows, handle)
     torch.testing.assert_close(out.float(), x.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
                                atol=1e-2 if dtype != torch.float32 else 1e-5)
-    send, recv = list(disp.last_send_splits), list(disp.last_recv_splits)
+    send, recv = list(handle.exchange.send_splits), list(handle.exchange.recv_splits)
     dist.barrier()
     fwd_ms = time_iterations(fwd, device, opts["iters"], opts["warmup"])
     dist.barrier()
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
     for w in a.ranks:
         results.append(summarize(w, run_ranks(bench_rank, w, opts, backend=backend)))
     dev = device_text(a.device, a.ranks)
-    print(f"AllToAllDispatcher dispatch+combine: {a.tokens} tokens/rank, dim {a.dim}, "
+    print(f"TokenDispatcher + AllToAllExchange dispatch+combine: {a.tokens} tokens/rank, dim {a.dim}, "
           f"{a.experts} experts, top-{a.top_k}, {a.dtype}, median of {a.iters} iters "
           f"(slowest rank); device: {dev}")
     print(table(results))

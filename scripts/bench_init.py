@@ -7,7 +7,7 @@ seconds.
 
 For each experiment (full width, `model.n_layers` = --layers) and each world size W, W gloo
 ranks forked from this process (torch imported, nothing built) run the trainer's own
-`ParallelContext.build_model` on the CPU: meta-device construction, the layout applied on meta,
+the trainer's model build (meta device, `parallelize`, `init_parameters`) on the CPU: meta-device construction, the layout applied on meta,
 each rank's shards allocated and initialised. Layouts: `ep` = parallel.ep=W (experts split by
 EP, everything else by FSDP over dp = W), `fsdp` = FSDP2 over dp = W (experts included); both
 shard every parameter W ways. One process runs once ("single").
@@ -45,7 +45,10 @@ import torch.distributed.tensor  # noqa: E402,F401
 from moetrain import memory  # noqa: E402
 from moetrain.config import compose, to_object  # noqa: E402
 from moetrain.parallel import ParallelDims, check_layout  # noqa: E402
-from moetrain.parallel.context import ParallelContext  # noqa: E402
+from moetrain.model import Transformer  # noqa: E402
+from moetrain.model.init import init_parameters  # noqa: E402
+from moetrain.parallel.parallelize import BatchShape, parallelize  # noqa: E402
+from moetrain.parallel.rank import RankLayout  # noqa: E402
 
 CPU = torch.device("cpu")
 PEAK_FACTOR = 1.25
@@ -69,11 +72,17 @@ def _rank(rank: int, world: int, port: int, cfg, results) -> None:
             dist.init_process_group("gloo", rank=rank, world_size=world,
                                     timeout=timedelta(minutes=30))
         dims = ParallelDims.from_config(cfg.parallel, world)
-        par = ParallelContext(dims, CPU)
+        rank_layout = RankLayout.create(dims, CPU)
+        t = cfg.train
+        batch = BatchShape(t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dims.dp),
+                           cfg.data.seq_len)
         baseline = memory.current_bytes(CPU)
         memory.reset_peak(CPU)
         start, cpu_start = time.perf_counter(), time.process_time()
-        model = par.build_model(cfg)
+        with torch.device("meta"):  # as the trainer builds it
+            model = Transformer(cfg.model)
+        model, _ = parallelize(model, rank_layout, cfg.parallel, batch)
+        init_parameters(model, cfg.model, t.seed)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         peak = memory.peak_bytes(CPU)
         params = memory.parameter_bytes(model)

@@ -10,7 +10,7 @@ random softmax scores (the dispatcher's stable sort by expert) and random activa
 
   permute    x [T, d] -> rows [T k, d]          torch: index_select (the dispatcher's gather)
   unpermute  rows [T k, d], w [T, k] -> y [T, d]  torch: moetrain.kernels.reference, and
-                                                 dispatcher: LocalDispatcher.unpermute
+                                                 dispatcher: TokenDispatcher.unpermute
   swiglu     a, b [T k, f] -> h [T k, f]        torch: F.silu(a) * b
 
 Each is timed fwd+bwd (random output gradient; input gradients dropped before each iteration,
@@ -42,7 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from moetrain import kernels
-from moetrain.benchmark import (
+from benchlib import (
     DTYPES, MOE_SHAPES, MoEShape, device_name, median, moe_shapes, pick_device, synchronize,
     time_iterations,
 )
@@ -50,7 +50,7 @@ from moetrain.kernels import reference
 from moetrain.kernels.select import (
     SPEED_RECORD, auto_choice, device_model, dtype_name, load_speed_record,
 )
-from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.dispatcher import TokenDispatcher
 from moetrain.model.moe.router import RouterOutput
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -69,7 +69,7 @@ def make_inputs(shape: MoEShape, device: torch.device, dtype: torch.dtype, gen: 
     scores_TE = torch.softmax(torch.randn(T, E, device=device, generator=gen), dim=-1)
     weight_TK, idx_TK = scores_TE.topk(k, dim=-1)
     routing = RouterOutput(scores_TE, scores_TE, weight_TK, idx_TK)
-    dispatcher = LocalDispatcher(E, kernels="torch")
+    dispatcher = TokenDispatcher(E, kernels="torch")
     _, _, handle = dispatcher.permute(torch.empty(T, 0, device=device), routing)
     row_map = handle.row_map
     N = row_map.num_rows

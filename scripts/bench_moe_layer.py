@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.benchmark import (
+from benchlib import (
     DTYPES, device_name, matmul_ceiling, median, moe_shapes, pick_device, synchronize,
     time_iterations,
 )
-from moetrain.benchmark import MOE_SHAPES as SHAPES
-from moetrain.benchmark import MoEShape as Shape
-from moetrain.benchmark import parse_moe_shape as parse_shape  # noqa: F401  (bench.parse_shape)
+from benchlib import MOE_SHAPES as SHAPES
+from benchlib import MoEShape as Shape
+from benchlib import parse_moe_shape as parse_shape  # noqa: F401  (bench.parse_shape)
 from moetrain import kernels
 from moetrain.config.schema import LBLConfig, MoEConfig
 from moetrain.model.moe import MoELayer

@@ -52,7 +52,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moetrain.benchmark import synchronize  # noqa: E402
+from moetrain.metrics.timing import synchronize  # noqa: E402
 
 # -- quality ----------------------------------------------------------------------------------
 
@@ -255,15 +255,12 @@ def _cost_rank(rank, world, args, layout: str) -> dict:
 
     from moetrain import memory
     from moetrain.optim import build_optimizer
-    from moetrain.parallel import ParallelDims
-    from moetrain.parallel.context import ParallelContext
 
     device = torch.device(args.device)
     out = {}
     for optim in ("adamw", "muon"):
         cfg = layer_config(args, world, layout, optim, args.experts)
-        par = ParallelContext(ParallelDims.from_config(cfg.parallel, world), device)
-        model = par.build_model(cfg)
+        model = parallel_model(cfg, world, device)
         opt = build_optimizer(model, cfg.optim)
         gen = torch.Generator(device=device).manual_seed(rank)
         for p in model.parameters():
@@ -301,18 +298,37 @@ def _cost_rank(rank, world, args, layout: str) -> dict:
 
 def _plan_bytes(args, world: int, layout: str, experts: int) -> int:
     """Bytes this rank sends per Muon step at `experts` experts: the plan of the meta model."""
-    from moetrain.model import Transformer
     from moetrain.optim import route_parameters
-    from moetrain.parallel import ParallelDims
-    from moetrain.parallel.context import ParallelContext
     from moetrain.parallel.whole_matrices import MatrixExchange
 
     cfg = layer_config(args, world, layout, "muon", experts)
-    par = ParallelContext(ParallelDims.from_config(cfg.parallel, world), torch.device(args.device))
+    model = parallel_model(cfg, world, torch.device("meta"))  # shapes and placements only
+    return MatrixExchange(route_parameters(model)[0]).bytes_per_apply(2)["sent"]
+
+
+def parallel_model(cfg, world: int, device: torch.device) -> torch.nn.Module:
+    """This rank's model of `cfg` as the trainer builds it: on the meta device, `parallelize`d,
+    then its shards allocated on `device` and initialised (on the meta device: left there)."""
+    from moetrain.model import Transformer
+    from moetrain.model.init import init_parameters
+    from moetrain.parallel import ParallelDims
+    from moetrain.parallel.mesh import build_meshes
+    from moetrain.parallel.parallelize import BatchShape, parallelize
+    from moetrain.parallel.rank import RankLayout
+
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    meshes = build_meshes(dims, "cpu" if device.type == "meta" else device.type) if world > 1 \
+        else None
+    layout = RankLayout(dims, dist.get_rank() if world > 1 else 0, device, meshes)
+    t = cfg.train
+    batch = BatchShape(t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dims.dp),
+                       cfg.data.seq_len)
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model = par.parallelize(model, cfg)
-    return MatrixExchange(route_parameters(model)[0]).bytes_per_apply(2)["sent"]
+    model, _ = parallelize(model, layout, cfg.parallel, batch)
+    if device.type != "meta":
+        init_parameters(model, cfg.model, t.seed)
+    return model
 
 
 def cost(args) -> dict:

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moetrain.benchmark import device_name, matmul_ceiling, median, synchronize, time_iterations
+from benchlib import device_name, matmul_ceiling, median, synchronize, time_iterations
 from moetrain.config import compose, to_object, validate
-from moetrain.model import Transformer, set_recompute, start_moe_step
+from moetrain.model import MoEControl, Transformer, set_recompute
 from moetrain.optim import build_optimizer
 from moetrain.parallel.compile import apply_compile
 from moetrain.planning import count_parameters, flops_per_token
@@ -64,11 +64,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     batches = [torch.randint(0, V, (B, S + 1), device=device, generator=gen) for _ in range(4)]
     losses: list[torch.Tensor] = []
     step_no = [0]
+    moe = MoEControl(model, cfg.model.moe,
+                     num_moe_layers=cfg.model.n_layers - cfg.model.moe.first_dense_layers,
+                     micro_batches_per_step=1)
 
     def train_step() -> None:
         tokens = batches[step_no[0] % len(batches)]
+        moe.start_step(step_no[0])
         step_no[0] += 1
-        start_moe_step(model, aux_loss_scale=1.0)
         optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             logits = model(tokens[:, :-1])

@@ -9,6 +9,11 @@ Face-style tensor names, not a model folder transformers loads: `python -m moetr
 CKPT may be a step_N directory, a checkpoints/ folder or a run directory (its latest checkpoint).
 Only model weights are converted (no optimizer state). See moetrain/checkpoint/convert.py for
 the name mapping; every expert of every layer is written as its own tensor.
+
+Trust: a checkpoint is code (DCP's .metadata and non-tensor entries are pickles, and
+unpickling runs what they say): only load checkpoints from a source you trust. Every
+file is checked against checksums.json before anything is unpickled; that catches
+damage, not tampering (docs/faults.md).
 """
 
 import argparse

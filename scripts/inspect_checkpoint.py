@@ -3,6 +3,13 @@
 
     python scripts/inspect_checkpoint.py RUN_DIR/checkpoints/step_N [--json]
     python scripts/inspect_checkpoint.py RUN_DIR            (its checkpoints/latest)
+
+Every file is verified against the checkpoint's checksums first (and the summary says so).
+
+Trust: a checkpoint is code (DCP's .metadata and non-tensor entries are pickles, and
+unpickling runs what they say): only load checkpoints from a source you trust. Every
+file is checked against checksums.json before anything is unpickled; that catches
+damage, not tampering (docs/faults.md).
 """
 
 import argparse
@@ -33,7 +40,8 @@ def main(argv=None) -> int:
     print(f"saved by     {info['world_size']} rank(s), parallel {info['parallel']}")
     print(f"model numel  {info['model_numel']:,}   MoE layers {info['moe_layers']}, "
           f"experts per layer {info['experts_per_layer']}")
-    print(f"files        {len(info['files'])}, {info['total_bytes'] / 2**20:.1f} MiB")
+    print(f"files        {len(info['files'])}, {info['total_bytes'] / 2**20:.1f} MiB, "
+          f"checksums verified ({info['checksums']})")
     width = max(len(k) for k in info["tensors"])
     for name, t in info["tensors"].items():
         print(f"  {name:<{width}}  {str(t['shape']):<18} {t['dtype']}")

@@ -14,6 +14,8 @@ SCRIPTS = ROOT / "scripts"
 
 
 def load(name):
+    if str(SCRIPTS) not in sys.path:  # the scripts import their shared helpers (benchlib)
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there

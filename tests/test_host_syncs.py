@@ -19,11 +19,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moetrain.config import compose, to_object, validate
 from moetrain.model import moe_layers
-from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
-from tests.distributed.launcher import run_distributed
+from tests.harness import build_trainer, run_distributed
 
 DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default", "aten.bincount.default",
                   "aten._unique2.default", "aten.unique_dim.default",
@@ -94,17 +92,9 @@ def counting(trainer: Trainer):
         trainer.optimizer.step = step
 
 
-BASE = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
-        "train.eval_every=0", "train.device=cpu", "train.dtype=fp32", "checkpoint.every=0",
-        "checkpoint.resume=never", "logging.progress=false"]
-
-
 def _trainer(tmp_path, overrides, world_size=1):
-    cfg = to_object(compose(BASE + list(overrides)))
-    validate(cfg)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, init_runtime(cfg), run_dir)
+    return build_trainer(tmp_path / "run", ["train.global_batch_size=4", "data.seq_len=32",
+                                            *overrides], world_size)
 
 
 def _count_step(trainer) -> list[str]:
@@ -124,7 +114,7 @@ def _count_step(trainer) -> list[str]:
 ])
 def test_one_host_read_per_step(tmp_path, overrides):
     events = _count_step(_trainer(tmp_path, overrides))
-    assert len(events) == 1 and events[0].startswith("Tensor.tolist (parallel/context.py"), events
+    assert len(events) == 1 and events[0].startswith("Tensor.tolist (parallel/step.py"), events
 
 
 def _ep_events(rank, world_size, tmp_path):
@@ -139,7 +129,7 @@ def test_expert_parallel_adds_only_the_count_exchange(tmp_path):
         exchanges = [e for e in events if "parallel/expert_parallel.py" in e]
         others = [e for e in events if e not in exchanges]
         assert len(exchanges) == n_layers and all(e.startswith("Tensor.tolist") for e in exchanges)
-        assert len(others) == 1 and others[0].startswith("Tensor.tolist (parallel/context.py"), events
+        assert len(others) == 1 and others[0].startswith("Tensor.tolist (parallel/step.py"), events
 
 
 def test_the_counter_sees_reads_and_dynamic_shapes():

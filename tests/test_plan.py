@@ -107,12 +107,16 @@ def test_tiny_parameters_and_flops_by_hand():
 def test_counts_equal_the_built_model(overrides):
     import torch
 
-    from moetrain.model import Transformer, count_params
+    from moetrain.model import MoELayer, Transformer
 
     model_cfg = config("tiny", *overrides).model
-    torch.manual_seed(0)
-    model = Transformer(model_cfg)
-    total, active = count_params(model)
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    total = sum(p.numel() for p in model.parameters())  # a tied weight once
+    # Per token, each MoE layer uses top_k of its E routed experts.
+    idle = sum(sum(p.numel() for p in m.experts.parameters()) * (m.router.num_experts - m.top_k)
+               // m.router.num_experts for m in model.modules() if isinstance(m, MoELayer))
+    active = total - idle
     p = count_parameters(model_cfg)
     assert (p.n_total, p.n_active) == (total, active)
 

@@ -29,8 +29,10 @@ RUN: dict[str, tuple[str, ...]] = {
     TINY_TRAIN: SMALL_RUN,
     "python -m moetrain.train +experiment=tiny train.max_steps=200 model.moe.top_k=1 "
     "run.dir=outputs/k1": SMALL_RUN,
-    "torchrun --standalone --nproc_per_node 4 -m moetrain.train +experiment=tiny run.dir=outputs/dp4":
-        (*SMALL_RUN, "train.max_steps=1", "train.global_batch_size=8"),
+    "python -m moetrain.torchrun --standalone --nproc_per_node 4 -m moetrain.train +experiment=tiny "
+    "run.dir=outputs/dp4": (*SMALL_RUN, "train.max_steps=1", "train.global_batch_size=8"),
+    "python -m moetrain.batches --run outputs/tiny-<time> --step 2": (),
+    "python -m moetrain.batches --run outputs/tiny-<time> --val --out /tmp/val.jsonl": (),
     "python -m moetrain.layout --world-size 8 parallel.tp=2 parallel.ep=4 model.moe.num_experts=8": (),
     "python scripts/prepare_data.py --corpus data/corpus --out /tmp/prepared --vocab-size 8192": (),
     "python -m moetrain.plan +experiment=mixtral_8x7b parallel.tp=2 parallel.ep=8 parallel.pp=4 "
@@ -82,15 +84,15 @@ SKIPPED: dict[str, str] = {
     "python -m moetrain.hf overrides /models/OLMoE-1B-7B-0924":
         "needs the released OLMoE weights; tests/hf/test_cli.py prints the overrides of local "
         "tiny models of every family",
-    "torchrun --nproc_per_node 8 -m moetrain.train +experiment=olmoe_1b_7b $(python -m "
-    "moetrain.hf overrides /models/OLMoE-1B-7B-0924) model.init.from_hf=/models/OLMoE-1B-7B-0924 "
-    "parallel.ep=8": "needs 8 GPUs and the released weights; tests/hf/test_round_trip.py imports "
+    "python -m moetrain.torchrun --nproc_per_node 8 -m moetrain.train +experiment=olmoe_1b_7b "
+    "$(python -m moetrain.hf overrides /models/OLMoE-1B-7B-0924) "
+    "model.init.from_hf=/models/OLMoE-1B-7B-0924 parallel.ep=8": "needs 8 GPUs and the released weights; tests/hf/test_round_trip.py imports "
                      "tiny models into ep2 x tp2",
     "python scripts/prepare_data.py data=mixture_example model.vocab_size=128256 "
     "--out /data/prepared/mix": "needs the user's data (/data/...); tests/e2e/test_data_cli.py "
                                 "prepares and trains a jsonl.gz + parquet mixture",
-    "torchrun --nproc_per_node 8 -m moetrain.train +experiment=olmoe_1b_7b data=mixture_example "
-    "model.vocab_size=128256 data.prepared_dir=/data/prepared/mix":
+    "python -m moetrain.torchrun --nproc_per_node 8 -m moetrain.train +experiment=olmoe_1b_7b "
+    "data=mixture_example model.vocab_size=128256 data.prepared_dir=/data/prepared/mix":
         "needs 8 GPUs and the user's prepared data",
     "sbatch --nodes=4 launch/slurm/train.sbatch +experiment=mixtral_8x7b parallel.tp=2 "
     "parallel.ep=8 run.dir=/shared/runs/mixtral":

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 # a model to load into; it is private but stable since torch 2.4 and used by torch's own tools.
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+from moetrain.checkpoint import integrity
 from moetrain.checkpoint.manager import CheckpointError
 
 _PLAIN = [
@@ -48,9 +49,19 @@ _PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 def _metadata(path: Path):
+    """The DCP metadata, after every file was checked against its checksum (the metadata is a
+    pickle: only load checkpoints from a trusted source)."""
     if not (path / ".metadata").exists():
         raise CheckpointError(f"{path} is not a checkpoint: {path / '.metadata'} is missing")
+    verify(path, distributed=False)
     return FileSystemReader(str(path)).read_metadata()
+
+
+def verify(path: Path, distributed: bool = True) -> None:
+    try:
+        integrity.verify(path, distributed=distributed)
+    except integrity.IntegrityError as err:
+        raise CheckpointError(f"checkpoint {path} fails verification: {err}") from None
 
 
 def load_model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -128,6 +139,7 @@ def inspect(path: Path) -> dict[str, Any]:
         "tensors": tensors,
         "files": files,
         "total_bytes": sum(files.values()),
+        "checksums": integrity.ALGORITHM,  # every file verified by _metadata
     }
 
 

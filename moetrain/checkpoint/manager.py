@@ -6,7 +6,11 @@ Layout under `${run.dir}/checkpoints/`:
 
 A checkpoint is written into `step_<N>.partial/`, renamed to `step_<N>/` once every rank has
 finished, and only then is `latest` replaced (write a temp file, `os.replace`). A crash at any
-point therefore leaves `latest` naming the previous complete checkpoint.
+point therefore leaves `latest` naming the previous complete checkpoint; a save that fails
+removes its `.partial` and raises one line (`storage.py`).
+
+Every file's checksum is in `checksums.json` and is verified before anything is unpickled
+(`integrity.py`): a checkpoint is a pickle, so only load checkpoints from a trusted source.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -29,10 +34,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from moetrain.checkpoint import integrity, storage
+
 # One process without a process group is a supported way to run, not something to warn about.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums.json
 _STEP_PREFIX = "step_"
 
 
@@ -60,6 +67,8 @@ class TrainState:
     consumed_tokens: int = 0
     bad_steps_total: int = 0
     sampler: dict[str, Any] | None = None
+    # Non-finite steps in a row up to `step`: a resume continues the count (train.max_bad_steps).
+    bad_in_row: int = 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,6 +90,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self._pending = None  # (future, partial dir, final dir, meta) of a background save
         self._group = None
+        self._verified: set[Path] = set()  # checkpoints `choose` verified: `load` trusts them
 
     # ------------------------------------------------------------------ paths
     def step_dir(self, step: int) -> Path:
@@ -106,7 +116,8 @@ class CheckpointManager:
         checkpoint is committed (renamed, `latest` replaced) by a later `poll()` or `wait()`."""
         self.wait()  # one checkpoint in flight at a time
         final = self.step_dir(state.step)
-        partial = final.with_name(final.name + ".partial")
+        partial = final.with_name(final.name + storage.PARTIAL_SUFFIX)
+        self._check_space(final)
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
@@ -116,15 +127,66 @@ class CheckpointManager:
         if async_save:
             # Staged to CPU memory before returning, so training may change the weights at once;
             # a separate gloo group keeps the background collectives apart from training's.
-            future = dcp.async_save(state_dict, checkpoint_id=str(partial),
+            future = dcp.async_save(state_dict, storage_writer=self._writer(partial),
                                     process_group=self._async_group())
             self._pending = (future, partial, final, meta)
             return final
-        dcp.save(state_dict, checkpoint_id=str(partial))
+        try:
+            dcp.save(state_dict, storage_writer=self._writer(partial))
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+            self._failed(partial, err)
         _barrier()
-        self._commit(partial, final, meta)
-        _barrier()
+        error = None
+        if _rank() == 0:
+            try:
+                self._commit(partial, final, meta)
+            except OSError as err:  # meta.json or the manifest did not fit
+                error = err
+        # every rank learns whether rank 0's commit worked (also the barrier)
+        box = [None if error is None else storage.write_error(error, partial)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            self._failed(partial, error or OSError(box[0]))
         return final
+
+    @staticmethod
+    def _writer(partial: Path) -> integrity.ChecksummingWriter:
+        return integrity.ChecksummingWriter(str(partial))
+
+    def _failed(self, partial: Path, err: BaseException) -> None:
+        """A save failed on some rank (DCP tells every rank): remove its folder, keep `latest`
+        and the earlier checkpoints, and say why in one line."""
+        if _rank() == 0:
+            storage.remove(partial)
+        raise CheckpointError(f"cannot write checkpoint {partial}: "
+                              f"{storage.write_error(err, partial)}; latest still names "
+                              f"{self.latest_name()}") from None
+
+    def latest_name(self) -> str:
+        """What `latest` names, for messages."""
+        pointer = self.root / "latest"
+        return pointer.read_text().strip() if pointer.exists() else "no checkpoint"
+
+    def _check_space(self, final: Path) -> None:
+        """Refuse a save that would not fit next to the newest checkpoint, before writing a byte
+        (rank 0 decides for every rank, so that all of them refuse together)."""
+        problem = None
+        if _rank() == 0:
+            previous = self.root / self.latest_name()
+            problem = storage.space_problem(self.root, previous if previous != final else None)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise CheckpointError(f"not saving {final.name}: {problem}")
+
+    def remove_stale_partials(self) -> None:
+        """Rank 0: delete `.partial` folders left by saves that crashed (logged); call before
+        this run's first save."""
+        if _rank() == 0:
+            storage.remove_stale_partials(self.root)
 
     def poll(self) -> None:
         """Commit a finished background save (call once per step; cheap when nothing is pending)."""
@@ -137,15 +199,19 @@ class CheckpointManager:
             return
         future, partial, final, meta = self._pending
         self._pending = None
-        future.result()  # re-raises a failed save: `latest` then still names the previous one
-        # DCP's coordinator (rank 0) writes .metadata only after every rank's shards are written,
-        # so rank 0 may commit without a barrier once its own future is done.
-        self._commit(partial, final, meta)
+        try:
+            future.result()  # re-raises a failed save: `latest` then still names the previous one
+            # DCP's coordinator (rank 0) writes .metadata only after every rank's shards are
+            # written, so rank 0 may commit without a barrier once its own future is done.
+            self._commit(partial, final, meta)
+        except (Exception, CheckpointException) as err:
+            self._failed(partial, err)
 
     def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         if _rank() != 0:
             return
         (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+        integrity.write_manifest(partial)  # last: its presence means every file is complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -165,6 +231,7 @@ class CheckpointManager:
             "step": state.step,
             "consumed_tokens": state.consumed_tokens,
             "bad_steps_total": state.bad_steps_total,
+            "bad_in_row": state.bad_in_row,
             "sampler": state.sampler,
             "world_size": world,
         }
@@ -212,8 +279,54 @@ class CheckpointManager:
             )
         return path
 
+    def auto_candidates(self) -> list[Path]:
+        """What `checkpoint.resume=auto` may resume from, best first: the one `latest` names,
+        then every other complete `step_<N>` folder, newest first."""
+        steps = sorted((p for p in self.root.glob(f"{_STEP_PREFIX}*")
+                        if p.is_dir() and p.name[len(_STEP_PREFIX):].isdigit()),
+                       key=lambda p: -int(p.name[len(_STEP_PREFIX):]))
+        pointer = self.root / "latest"
+        first = [self.root / pointer.read_text().strip()] if pointer.exists() else []
+        return first + [p for p in steps if p not in first]
+
+    def choose(self, resume: str) -> tuple[Path | None, list[integrity.Rejected]]:
+        """The checkpoint to resume from, verified against its checksums (collective: every rank
+        calls it), and the checkpoints passed over on the way. `auto` falls back to the newest
+        one that verifies; an explicit path that fails is refused naming the file. A worker
+        group restarted in-job or a requeued job resumes from this run's own checkpoints,
+        whatever `resume` says (it would otherwise repeat the work since)."""
+        if resume != "auto" and _restarted() and self.auto_candidates():
+            resume = "auto"
+        if resume == "never":
+            return None, []
+        if resume != "auto":
+            path = self.resolve(resume)
+            try:
+                integrity.verify(path)
+            except integrity.IntegrityError as err:
+                raise CheckpointError(f"checkpoint.resume={resume!r}: {err}") from None
+            self._verified.add(path)
+            return path, []
+        rejected: list[integrity.Rejected] = []
+        for path in self.auto_candidates():
+            try:
+                integrity.verify(path)
+                self._verified.add(path)
+                return path, rejected
+            except integrity.IntegrityError as err:
+                rejected.append(integrity.Rejected(path, str(err)))
+        if not rejected:
+            return None, []
+        raise CheckpointError(
+            f"checkpoint.resume=auto: no checkpoint in {self.root} passes verification ("
+            + "; ".join(r.reason for r in rejected) + "); they are kept: restore one, or pass "
+            "checkpoint.resume=never to start afresh")
+
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-        """Load model, optimizer and train state; RNG states too when the world size is unchanged."""
+        """Load model, optimizer and train state; RNG states too when the world size is unchanged.
+        Every file is checked against its checksum first (collectively: every rank calls it)."""
+        if path not in self._verified:
+            verify(path)
         model_sd = get_model_state_dict(model)
         saved_keys = _check_shapes(path, model_sd)
         optim_sd = get_optimizer_state_dict(model, optimizer)
@@ -239,7 +352,23 @@ class CheckpointManager:
         if rng_key in full and train["world_size"] == world:
             set_rng_state(full[rng_key])
         return TrainState(step=train["step"], consumed_tokens=train["consumed_tokens"],
-                          bad_steps_total=train["bad_steps_total"], sampler=train["sampler"])
+                          bad_steps_total=train["bad_steps_total"], sampler=train["sampler"],
+                          bad_in_row=train.get("bad_in_row", 0))
+
+
+def _restarted() -> bool:
+    """This process belongs to a worker group torchrun restarted, or to a requeued SLURM job."""
+    return any(int(os.environ.get(k, "0") or 0) > 0
+               for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
+def verify(path: Path) -> None:
+    """Every file of checkpoint `path` against its checksum, before anything is unpickled;
+    CheckpointError naming the file otherwise (every rank calls it)."""
+    try:
+        integrity.verify(path)
+    except integrity.IntegrityError as err:
+        raise CheckpointError(f"checkpoint {path} fails verification: {err}") from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -43,6 +43,7 @@ Recompute = _choice("Recompute", "none", "moe", "full")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 MoEKernels = _choice("MoEKernels", "auto", "torch", "triton")
 OnExhausted = _choice("OnExhausted", "repeat", "stop")
+OnBadSteps = _choice("OnBadSteps", "stop", "rollback")
 # Which Hugging Face architecture a model config is (moetrain/config/families.py, docs/families.md).
 ModelFamily = _choice("ModelFamily", "custom", "mixtral", "qwen3_moe", "olmoe", "deepseek_v2",
                       "deepseek_v3")
@@ -160,6 +161,9 @@ class InitConfig:
     # rank reads only its own slices of the safetensors files; model.* must equal its config
     # (`python -m moetrain.hf overrides DIR` prints them). Not applied when resuming.
     from_hf: Optional[str] = None
+    # Starting from a Hugging Face model (from_hf, or a dense one to upcycle), data.tokenizer.path
+    # must be that model's tokenizer (by default it is); true allows another vocabulary on purpose.
+    allow_other_tokenizer: bool = False
 
 
 @dataclass
@@ -340,8 +344,11 @@ class TrainConfig:
     # auto: bf16 autocast on GPU, fp32 on CPU.
     dtype: DType = DType("auto")
     log_every: int = 1
-    # Abort after this many consecutive steps whose loss was NaN/inf (such steps are skipped).
+    # After this many consecutive steps whose loss or gradient was NaN/inf (such steps are
+    # skipped, and no checkpoint is written while the last step was one): stop (exit 2), or
+    # rollback = reload the newest good checkpoint and go on past the batches of the streak.
     max_bad_steps: int = 5
+    on_bad_steps: OnBadSteps = OnBadSteps("stop")
     # Evaluate on the validation split every `eval_every` steps (0 = never) over `eval_batches`.
     eval_every: int = 0
     eval_batches: int = 4
@@ -367,6 +374,24 @@ class CheckpointConfig:
     # Write checkpoints in the background while training goes on (`checkpoint.async=true` on the
     # command line is accepted as an alias: `async` is a Python keyword, so not a field name).
     async_save: bool = False
+
+
+@dataclass
+class FaultConfig:
+    """Hangs and timeouts (docs/faults.md). Seconds throughout."""
+    # Collective timeout while starting, through the first step, and around checkpoint saves,
+    # loads and evaluations (torchtitan's init_timeout_seconds).
+    init_timeout: float = 600.0
+    # Collective timeout for training steps after the first (torchtitan's train_timeout_seconds).
+    step_timeout: float = 120.0
+    # A watchdog thread per rank: a phase that outlives 90% of its timeout, or a step that waits
+    # on a rank whose heartbeat stopped for `heartbeat_timeout`, is a hang: the ranks that did
+    # not arrive are named, stacks dumped to the rank logs, and the rank exits with code 75 so
+    # the launcher restarts the workers or SLURM requeues the job.
+    watchdog: bool = True
+    heartbeat_timeout: float = 30.0
+    # Log a step that takes this many times the median of the recent steps as slow (no exit).
+    slow_step_factor: float = 10.0
 
 
 @dataclass
@@ -401,4 +426,5 @@ class MoetrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

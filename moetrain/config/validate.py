@@ -164,6 +164,11 @@ def validate(cfg: MoetrainConfig) -> None:
     if t.max_time is not None:
         _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
 
+    f = cfg.fault
+    for key in ("init_timeout", "step_timeout", "heartbeat_timeout"):
+        _require(getattr(f, key) > 0, f"fault.{key}", getattr(f, key), "must be > 0 seconds")
+    _require(f.slow_step_factor > 1, "fault.slow_step_factor", f.slow_step_factor, "must be > 1")
+
     c = cfg.checkpoint
     _non_negative("checkpoint.every", c.every)
     _require(bool(c.resume), "checkpoint.resume", c.resume, "must be auto, never or a checkpoint path")

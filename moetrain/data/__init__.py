@@ -16,7 +16,6 @@ _EXPORTS = {
     "MixtureDataset": "dataset",
     "mixture_datasets": "dataset",
     "MixtureSampler": "sampler",
-    "eval_order": "sampler",
     "val_steps": "sampler",
     "Tokenizer": "tokenizer",
     "load_index": "index",

@@ -12,7 +12,6 @@ import torch
 
 from moetrain.data.errors import DataError
 from moetrain.data.index import INDEX_FILE, load_index
-from moetrain.data.sampler import eval_order
 from moetrain.data.sources import resolve_sources
 
 
@@ -139,15 +138,13 @@ class MixtureDataset:
         return torch.from_numpy(out)
 
 
-def mixture_datasets(prepared_dir: str | os.PathLike, data_cfg: Any, global_batch_size: int,
+def mixture_datasets(prepared_dir: str | os.PathLike, data_cfg: Any,
                      eval_batches: int) -> tuple[MixtureDataset, MixtureDataset | None]:
     """(train, val) of the sources of `data_cfg` (DataConfig) in a prepared directory; val is None
-    when eval_batches is 0, else its positions interleave the sources by weight (`eval_order`)."""
+    when eval_batches is 0 (moetrain/evaluation.py picks each source's evaluation batches)."""
     sources = resolve_sources(data_cfg)
     names, weights = [s.name for s in sources], [s.weight for s in sources]
     train = MixtureDataset(prepared_dir, "train", data_cfg.seq_len, names, weights)
     if eval_batches <= 0:
         return train, None
-    val = MixtureDataset(prepared_dir, "val", data_cfg.seq_len, names, weights)
-    val.order = eval_order(val.sizes, weights, global_batch_size, eval_batches)
-    return train, val
+    return train, MixtureDataset(prepared_dir, "val", data_cfg.seq_len, names, weights)

@@ -165,9 +165,38 @@ def _stale(index: dict, target: Path, spec: _TokenizerSpec, sources: list[Source
         if entry is None:
             _need_raw(s, raw)
             todo.append(s)
-        elif raw is not None and raw.fingerprint != entry["fingerprint"]:
-            todo.append(s)
+            continue
+        _check_same_source(s, entry, raw, target, fix)
+        if raw is not None and raw.fingerprint != entry["fingerprint"]:
+            todo.append(s)  # the same path and field, other files: tokenised again
     return todo
+
+
+def _check_same_source(source: Source, entry: dict, raw: _Raw | None, target: Path, fix: str) -> None:
+    """A prepared source is reused (or updated) only for the same path and text field: a name
+    alone matches any earlier source of that name in a shared directory, and the run would train
+    on it (a typo'd glob, a source moved elsewhere). DataError naming the key, what the directory
+    holds and what the config says."""
+    fmt = raw.fmt if raw is not None else entry.get("format")
+    field = None if fmt == "text" else source.text_field
+    same_path = entry["path"] == source.path or (
+        os.path.exists(source.path) and os.path.exists(entry["path"])
+        and os.path.samefile(entry["path"], source.path))
+    if same_path and entry.get("text_field") == field:
+        return
+    held = f"{entry['path']!r}" + (f" (text_field {entry['text_field']!r})"
+                                   if entry.get("text_field") else "")
+    held += f", {len(entry.get('files', []))} files, {entry.get('tokens', 0):,} tokens"
+    if same_path:
+        key, says = f"{source.key}.text_field", f"{field!r}"
+    else:
+        key = source.path_key
+        says = f"{source.path!r}" + (" (which matches no file)" if raw is None else "")
+    rename = ("list it under data.sources with another name" if source.key == "data.corpus"
+              else f"give it another name ({source.key}.name)")
+    raise DataError(f"{key}={says}, but the prepared directory {target} holds the source named "
+                    f"{source.name!r} made from {held}: a source is reused only for the path and "
+                    f"text_field it was prepared from; correct {key}, {rename}, or {fix}")
 
 
 # ----------------------------------------------------------------------------- locking

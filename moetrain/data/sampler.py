@@ -8,7 +8,6 @@ which is what makes multi-rank losses comparable with the single-process run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Any, Iterator, Sequence
@@ -91,11 +90,6 @@ class MixtureSampler:
         self.epoch, self.position = [0] * n, [0] * n
         self.credit, self.drawn = [0.0] * n, [0] * n
         self._orders: dict[tuple[int, int], np.ndarray] = {}
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Global batches per epoch of a one-source sampler."""
-        return self.sizes[0] // self.global_batch_size
 
     def _order(self, s: int, epoch: int) -> np.ndarray:
         key = (s, epoch)
@@ -204,27 +198,6 @@ class MixtureSampler:
 def _max_count(global_batch_size: int, weight: float) -> int:
     # c_s < credit + G * w + 1 with credit < 1: at most ceil(G * w + 2) - 1 in one batch.
     return min(global_batch_size, math.ceil(global_batch_size * weight + 2) - 1)
-
-
-def eval_order(sizes: Sequence[int], weights: Sequence[float], global_batch_size: int,
-               max_batches: int) -> np.ndarray:
-    """Positions of an evaluation set -> global indices: up to `max_batches` global batches in
-    which the sources appear by weight, each source's sequences in order (no shuffle). Sources
-    with too few sequences for their share are left out."""
-    keep = [s for s, (n, w) in enumerate(zip(sizes, weights))
-            if n >= _max_count(global_batch_size, w / sum(weights))]
-    if not keep or max_batches <= 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.cumsum([0] + list(sizes))
-    sampler = MixtureSampler([sizes[s] for s in keep], global_batch_size, global_batch_size,
-                             shuffle=False, weights=[weights[s] for s in keep], on_exhausted="stop")
-    batches = []
-    with contextlib.suppress(DataExhausted):
-        while len(batches) < max_batches:
-            g = sampler.next_global_batch()
-            src = np.searchsorted(sampler.offsets, g, side="right") - 1
-            batches.append(offsets[np.asarray(keep)[src]] + g - sampler.offsets[src])
-    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
 
 def val_steps(num_samples: int, num_batches: int, global_batch_size: int, micro_batch_size: int,

@@ -69,6 +69,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def pieces(self) -> list[str]:
+        """The text of every token id, in id order (to compare two vocabularies)."""
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- construction
     @staticmethod
     def load(path: str | os.PathLike, eos_token: str | None = None, key: str = "data.tokenizer.path") -> "Tokenizer":
@@ -162,6 +166,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def pieces(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`, through the `tokenizers` library (no special tokens added:
@@ -199,6 +206,13 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def pieces(self) -> list[str]:
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        out = [""] * (max(vocab.values()) + 1 if vocab else 0)
+        for piece, i in vocab.items():
+            out[i] = piece
+        return out
 
 
 def _special_tokens_config(model_file: Path) -> dict:

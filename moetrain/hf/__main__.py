@@ -9,11 +9,19 @@ from pathlib import Path
 from moetrain.checkpoint import CheckpointError
 from moetrain.config.families import FAMILIES
 
+TRUST = """Trust: a checkpoint is code (DCP's .metadata and non-tensor entries are pickles, and
+unpickling runs what they say): only load checkpoints from a source you trust. Every
+file is checked against checksums.json before anything is unpickled; that catches
+damage, not tampering (docs/faults.md)."""
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moetrain.hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moetrain.hf", description=__doc__,
+                                     epilog=TRUST, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write a Hugging Face folder from a moetrain checkpoint")
+    ex = sub.add_parser("export", help="write a Hugging Face folder from a moetrain checkpoint",
+                        description="Write a Hugging Face folder from a moetrain checkpoint.",
+                        epilog=TRUST, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("source", type=Path, help="a run directory, checkpoints/ folder or step_<N>")
     ex.add_argument("out", type=Path, help="the Hugging Face folder to write (new or empty)")
     ex.add_argument("--family", choices=FAMILIES, help="overrides model.family of the run")

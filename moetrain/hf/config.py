@@ -262,10 +262,13 @@ def format_overrides(values: dict[str, Any]) -> str:
 
 
 def to_hf_config(model_cfg: Any, *, top_k: Optional[int] = None, bos_token_id: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, dtype: str = "float32"):
+                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                 dtype: str = "float32"):
     """The transformers config of a moetrain `ModelConfig` of a named family; the model's
-    problems (config/families.py) must have been checked. `top_k`: the routing's k at export
-    (a top_k schedule's value at that step)."""
+    problems (config/families.py) must have been checked. `top_k`: the routing's k the weights
+    were trained with last (a top_k schedule's value at that step). The special token ids are
+    written as given, None included (the config classes' defaults, e.g. pad 1, would name real
+    tokens of another vocabulary)."""
     transformers = require_transformers()
     m, moe = model_cfg, model_cfg.moe
     family = config_value(m, "model.family")
@@ -284,7 +287,8 @@ def to_hf_config(model_cfg: Any, *, top_k: Optional[int] = None, bos_token_id: O
                   rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
                   max_position_embeddings=m.max_position_embeddings, rope_parameters=rope,
                   num_experts_per_tok=top_k or moe.top_k, initializer_range=m.init_std,
-                  bos_token_id=bos_token_id, eos_token_id=eos_token_id, dtype=dtype)
+                  bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                  pad_token_id=pad_token_id, dtype=dtype)
     if family == "mixtral":
         return transformers.MixtralConfig(**common, head_dim=head_dim_of(m),
                                           intermediate_size=moe.expert_hidden,

@@ -115,28 +115,31 @@ def export(source: Path, out: Path, *, family: Optional[str] = None,
         cfg.model.family = family
     meta_file = checkpoint / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    given_tokenizer = tokenizer is not None
     tokenizer = tokenizer or (Path(meta["tokenizer"]) if meta.get("tokenizer") else None)
     if tokenizer is None or not tokenizer.exists():
         raise HFConfigError(f"{checkpoint}: no tokenizer recorded with the checkpoint "
                             f"({tokenizer or 'none'}); pass --tokenizer PATH (a sentencepiece "
                             ".model, a tokenizer.json or a Hugging Face folder)")
+    run_tokenizer = (meta.get("identity") or {}).get("tokenizer") or {}
+    special = {} if given_tokenizer else {"bos_id": run_tokenizer.get("bos_id"),
+                                          "eos_id": run_tokenizer.get("eos_id")}
     state = load_model_state(checkpoint)
     check_exportable(cfg.model, state)
-    from moetrain.model.moe.schedule import top_k_at
-
-    top_k = top_k_at(cfg.model.moe, int(meta.get("step") or 0))
+    top_k = trained_top_k(cfg, meta)
     hf_state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and "e_score_correction_bias"
                 not in k else v for k, v in to_hf_state(state, cfg.model).items()}
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)  # mode from the umask, like every file written below
     try:
-        bos, eos = write_tokenizer(tokenizer, tmp)
+        bos, eos, pad = write_tokenizer(tokenizer, tmp, **special)
         hf_cfg = to_hf_config(cfg.model, top_k=top_k, bos_token_id=bos, eos_token_id=eos,
-                              dtype=dtype)
+                              pad_token_id=pad, dtype=dtype)
         hf_cfg.architectures = [ARCHITECTURES[str(cfg.model.family)]]
         hf_cfg.save_pretrained(str(tmp))
-        transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(str(tmp))
+        transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos,
+                                      pad_token_id=pad).save_pretrained(str(tmp))
         files = _write_safetensors(hf_state, tmp, max_shard_bytes)
         if out.exists():
             out.rmdir()
@@ -145,6 +148,18 @@ def export(source: Path, out: Path, *, family: Optional[str] = None,
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, str(cfg.model.family), len(hf_state),
                         sum(t.numel() for t in hf_state.values()), files)
+
+
+def trained_top_k(cfg: MoetrainConfig, meta: dict) -> int:
+    """The top-k the checkpoint's weights were trained with at their last step: recorded at save
+    time (meta.json `routing`); for checkpoints without it, the schedule's value at the step
+    before the checkpoint's (step N holds the weights after the optimizer step N - 1)."""
+    recorded = (meta.get("routing") or {}).get("top_k")
+    if recorded is not None:
+        return int(recorded)
+    from moetrain.model.moe.schedule import top_k_at
+
+    return top_k_at(cfg.model.moe, max(int(meta.get("step") or 0) - 1, 0))
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> list[str]:
@@ -162,4 +177,5 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_bytes: i
     return files
 
 
-__all__ = ["ExportResult", "check_exportable", "export", "parse_size", "run_config"]
+__all__ = ["ExportResult", "check_exportable", "export", "parse_size", "run_config",
+           "trained_top_k"]

@@ -210,17 +210,23 @@ def check_init(cfg: Any) -> None:
 def use_hf_tokenizer(cfg: Any) -> None:
     """Point `data.tokenizer.path` at the imported model's tokenizer (model.init.from_hf, or a
     dense HF model to upcycle), unless the config names one: continued pretraining needs no new
-    vocabulary. Idempotent."""
+    vocabulary. A configured tokenizer other than the folder's, or none where the folder has
+    none, is refused (HFConfigError) unless model.init.allow_other_tokenizer. Idempotent."""
+    from moetrain.hf.tokenizer import check_same_tokenizer
+
     folder = hf_tokenizer_folder(cfg)
     if folder is not None and cfg.data.tokenizer.path is None:
         cfg.data.tokenizer.path = str(folder)
+    check_same_tokenizer(cfg, folder)
 
 
 def hf_tokenizer_folder(cfg: Any) -> Optional[Path]:
-    """The HF folder whose tokenizer the data uses: the imported model's, if it has one."""
+    """The HF folder whose tokenizer the data uses: the imported model's, if it has one
+    (tokenizer.json, or a sentencepiece tokenizer.model)."""
     init = cfg.model.init
     for path in (init.from_hf, init.upcycle_from):
-        if path and is_hf_folder(path) and (Path(path) / "tokenizer.json").is_file():
+        if path and is_hf_folder(path) and any(
+                (Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
             return Path(path)
     return None
 

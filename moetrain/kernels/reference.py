@@ -2,7 +2,7 @@
 Triton kernels to. Differentiable through autograd; same shapes and dtypes as the kernels.
 
 Precision differs in one place: `unpermute` here rounds nothing before the fp32 sum either
-(weights applied in fp32, one rounding at the end), like the kernel; `LocalDispatcher.unpermute`
+(weights applied in fp32, one rounding at the end), like the kernel; `TokenDispatcher.unpermute`
 rounds each weighted row to the activation dtype first, so in bf16 it can differ from both by
 one bf16 rounding of each addend.
 """

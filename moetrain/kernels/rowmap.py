@@ -1,7 +1,7 @@
 """Where each routed assignment lives in the expert-grouped row buffer, both ways round.
 
 An assignment is a (token t, choice j) pair, flat index a = t * k + j. The dispatcher sorts the
-kept assignments by expert (`slot_N`, as `LocalDispatcher.permute` builds it) and, with static
+kept assignments by expert (`slot_N`, as `TokenDispatcher.permute` builds it) and, with static
 capacity, places them in a zero-padded buffer of E * C rows (`rows_N`). The kernels need both
 directions: buffer row -> assignment (to gather rows forward) and assignment -> buffer row (to
 sum a token's k rows without atomics).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from moetrain.model.moe.losses import global_lbl
+from moetrain.model.moe.losses import step_lbl
 from moetrain.model.moe.stats import MoEStepStats
 
 EMPTY = {"aux_loss": 0.0, "z_loss": 0.0, "dropped_frac": 0.0, "load_cv": 0.0,
@@ -23,9 +23,8 @@ def summarize_routing(
 
     `micro_batches`: the step's micro-batches over all data-parallel ranks (each one's aux
     losses carry weight 1 / micro_batches in the total loss). `aux_loss` and `z_loss` are
-    weighted by their coefficients and summed over layers: what they add to the total loss. For
-    the global LBL scope, `aux_loss` is the LBL of the whole step (`global_lbl`); otherwise the
-    mean over micro-batches of the per-micro-batch values.
+    weighted by their coefficients and summed over layers: what they add to the total loss;
+    `aux_loss` is the step's LBL as the scope defines it (`moe.losses.step_lbl`).
     """
     if stats is None:
         return dict(EMPTY), {"layers": []}
@@ -40,7 +39,7 @@ def summarize_routing(
     # Every forward routes the same number of tokens: the mean of its mean entropies is the
     # mean over all tokens.
     entropy = stats.scalar("entropy") / stats.scalar("forwards").clamp_min(1)
-    aux = global_lbl(stats.slot_counts, stats.prob_sum, tokens) if lbl_scope == "global" else lbl
+    aux = step_lbl(stats, lbl_scope, micro_batches)
     scalars = {
         "aux_loss": lbl_coeff * float(aux.sum()),
         "z_loss": z_coeff * float(z.sum()),

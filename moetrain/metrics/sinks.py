@@ -30,6 +30,27 @@ def _truncate_after(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
+def _finite(value: Any, path: str, bad: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+    return value
+
+
+def strict_json(record: dict[str, Any]) -> str:
+    """`record` as strict JSON (RFC 8259 has no NaN or Infinity): a non-finite number becomes
+    null and the record gets `nonfinite`, the keys (dotted paths) that were NaN or inf."""
+    bad: list[str] = []
+    clean = _finite(record, "", bad)
+    if bad:
+        clean["nonfinite"] = bad
+    return json.dumps(clean, allow_nan=False)
+
+
 class JsonlWriter:
     def __init__(self, path: Path, resume_step: int | None) -> None:
         if resume_step is None:
@@ -39,7 +60,7 @@ class JsonlWriter:
         self._file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.write(strict_json(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -56,10 +77,10 @@ def _fmt_duration(seconds: float) -> str:
 class ProgressLine:
     """One status line: rewritten in place on a terminal, a printed line per log step otherwise."""
 
-    def __init__(self, max_steps: int, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, max_steps: int, stream: TextIO | None = None) -> None:
         self.max_steps = max_steps
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream or sys.stdout  # at construction: a replaced sys.stdout counts
+        self.tty = self.stream.isatty()
         self.start = time.monotonic()
         self.start_step: int | None = None
 
@@ -75,6 +96,8 @@ class ProgressLine:
             f"gnorm {rec['grad_norm']:.3f} | load_cv {rec['load_cv']:.3f} | "
             f"{rec['tokens_per_s']:,.0f} tok/s | ETA {_fmt_duration(eta)}"
         )
+        if "mfu" in rec:
+            text += f" | MFU {100 * rec['mfu']:.2f}% ({rec['model_tflops']:.3g} TFLOP/s/device)"
         if "val_loss" in rec:
             text += f" | val {rec['val_loss']:.4f}"
         if self.tty:
@@ -123,6 +146,14 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, record["step"])
+
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        """A record of something that happened to the run (not a step's numbers): it has
+        `event` instead of the step keys (docs/design.md); the caller logs it too."""
+        record = {"step": step, "event": name, **fields}
+        self.metrics.write(record)
+        if self.wandb is not None:
+            self.wandb.log({"event": name}, step=step)
 
     def close(self) -> None:
         if self.progress is not None:

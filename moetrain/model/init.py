@@ -8,8 +8,8 @@ parameter's canonical name, the element's global index), computed only where the
 The values come from a counter-based generator: splitmix64 (Steele, Lea, Flood, "Fast
 splittable pseudorandom number generators", OOPSLA 2014) of seed-and-name key + element index,
 one 64-bit hash per element, whose two 24-bit halves make a Box-Muller normal. A rank computes
-only the indices of its own shard (DTensor placements, or a sliced `GroupedExperts`' offsets),
-in chunks of `chunk_elements` elements, so no rank ever builds a tensor it does not own, and
+only the indices of its own shard (from DTensor placements), in chunks of `chunk_elements`
+elements, so no rank ever builds a tensor it does not own, and
 every layout (and one process) gets the same bits. Why it is exact: docs/initialisation.md.
 Hand-written because torch's generators are sequential streams (a shard cannot start at its
 offset without drawing the elements before it) and Philox offsets exist only on CUDA.
@@ -181,8 +181,8 @@ def _boxes(shape: tuple[int, ...], start_dim: int, limit: int) -> Iterator[tuple
 def local_shard(module: nn.Module, name: str, p: torch.Tensor) -> LocalShard:
     """Parameter `name` of `module` as this rank's block of the global tensor.
 
-    A DTensor knows its global shape and this rank's offsets (placements); a plain expert weight
-    sliced by `GroupedExperts.shard_` knows them from the module; anything else is whole.
+    A DTensor knows its global shape and this rank's offsets (placements); anything else is
+    whole.
     Raises RuntimeError for a DTensor whose local block is not one contiguous box (a strided
     placement the offsets cannot describe).
     """
@@ -193,9 +193,6 @@ def local_shard(module: nn.Module, name: str, p: torch.Tensor) -> LocalShard:
             raise RuntimeError(f"{name}: local shard {tuple(local.shape)} is not the block "
                                f"{tuple(shape)} at {tuple(offset)} of {tuple(p.shape)}")
         return LocalShard(local, tuple(p.shape), tuple(offset))
-    if isinstance(module, GroupedExperts):
-        global_shape, offset = module.global_layout(name)
-        return LocalShard(p, global_shape, offset)
     return LocalShard(p, tuple(p.shape), (0,) * p.dim())
 
 

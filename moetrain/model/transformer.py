@@ -34,9 +34,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         dense = layer_id < cfg.moe.first_dense_layers
         self.mlp = FeedForward(cfg.d_model, cfg.ffn_hidden) if dense else None
-        self.moe = None if dense else MoELayer(cfg.d_model, cfg.moe)
-        if self.moe is not None:  # MoE layers are the blocks from first_dense_layers on
-            self.moe.moe_index = layer_id - cfg.moe.first_dense_layers
+        # MoE layers are the blocks from first_dense_layers on, numbered from 0.
+        self.moe = (None if dense else
+                    MoELayer(cfg.d_model, cfg.moe, moe_index=layer_id - cfg.moe.first_dense_layers))
         # Activation recomputation: "none", "moe" (the MoE layer) or "full" (the whole block);
         # set by `set_recompute` (train.recompute).
         self.recompute = "none"
@@ -113,16 +113,4 @@ def set_recompute(model: nn.Module, mode: str) -> None:
             module.recompute = mode
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(total parameters, parameters used per token: top_k of each layer's routed experts)."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            E = m.router.num_experts
-            routed = sum(p.numel() for p in m.experts.parameters())
-            inactive += routed * (E - m.top_k) // E
-    return total, total - inactive
-
-
-__all__ = ["Transformer", "TransformerBlock", "count_params", "set_recompute"]
+__all__ = ["Transformer", "TransformerBlock", "set_recompute"]

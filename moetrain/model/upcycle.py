@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from moetrain.model.init import LocalShard, local_shard, named_parameters_once
-from moetrain.model.moe.experts import GroupedExperts
 
 
 class UpcycleError(ValueError):
@@ -91,7 +90,7 @@ def _check(whole: nn.Module, shapes: Mapping[str, torch.Size], m: int) -> None:
         if block.moe.shared_experts is not None:
             raise UpcycleError("upcycling with model.moe.num_shared_experts > 0 is not supported "
                                "(the shared expert would double the dense MLP's output)")
-        F = block.moe.experts.global_hidden
+        F = block.moe.experts.w1.shape[-1]  # `whole`: the unsharded model
         if w1[0] != F * m:
             raise UpcycleError(
                 f"layers.{name}: model.moe.expert_hidden={F} x model.init.upcycle_granularity="

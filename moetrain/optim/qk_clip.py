@@ -5,7 +5,7 @@ logits shrink by eta = threshold / max logit (optim.qk_clip_threshold).
 
     clip = QKClip(model, threshold, n_layers, n_heads)
     table = clip.head_maxima(tp_rank, tp)    # [L, H] this rank's heads' step maxima, 0 elsewhere
-    ... the table's maximum over the ranks (ParallelContext.step_sums, the step's one reduction)
+    ... the table's maximum over the ranks (StepRunner.reduce_step's `maxima`, the step's one reduction)
     clip.apply_(step_max_LH)                 # after optimizer.step()
 
 The attention modules keep their heads' maxima in the forward (moetrain/model/attention.py,

@@ -35,15 +35,13 @@ def check_model_fit(
     train: Any,
     seq_len: int,
     *,
-    replicate_kv_heads: bool = False,
     pp_schedule: Optional[str] = None,
     pp_layers: Optional[Sequence[int]] = None,
 ) -> None:
     """Check that a model and batch shape split over `dims`; raise LayoutError on the first misfit.
 
     `model` is a `ModelConfig`, `train` a `TrainConfig` (anything with the same attributes);
-    `seq_len` is `data.seq_len`. With `replicate_kv_heads`, n_kv_heads < tp is accepted when
-    tp % n_kv_heads == 0. With `pp_schedule`, the pipeline schedule is checked too;
+    `seq_len` is `data.seq_len`. With `pp_schedule`, the pipeline schedule is checked too;
     `pp_layers` is parallel.pp_layers (null: an even split).
     """
     moe = model.moe
@@ -64,10 +62,7 @@ def check_model_fit(
             f"model.n_heads = {model.n_heads} is not divisible by parallel.tp = {dims.tp}",
             ("model.n_heads", "parallel.tp"),
         )
-    kv_ok = model.n_kv_heads % dims.tp == 0 or (
-        replicate_kv_heads and dims.tp % model.n_kv_heads == 0
-    )
-    if not kv_ok:
+    if model.n_kv_heads % dims.tp:
         raise LayoutError(
             f"model.n_kv_heads = {model.n_kv_heads} is not divisible by parallel.tp = {dims.tp}",
             ("model.n_kv_heads", "parallel.tp"),

@@ -5,7 +5,9 @@
     allgather_attention / ring_attention               the two ways to see the other ranks' K/V
 
 Zig-zag load balancing, masking from true positions, the all-gather and ring algorithms and why
-the ring is one explicit autograd.Function: docs/context_parallel.md.
+the ring is one explicit autograd.Function: docs/context_parallel.md. Hand-written rather than
+torch's experimental `context_parallel`, which has no CPU SDPA strategy (gloo tests) and patches
+SDPA globally; this swaps one `attention_fn` and composes with TP and MLA.
 """
 
 from __future__ import annotations
@@ -64,17 +66,6 @@ def _sequence_order(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     halves = [p.chunk(2, dim) for p in parts]
     chunks = [halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))]
     return torch.cat(chunks, dim=dim)
-
-
-def unshard(x_local: torch.Tensor, cp_group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
-    """Inverse of `shard_sequence` over the CP group: all-gather and reorder (autograd-aware:
-    the backward reduce-scatters, i.e. sums every rank's gradient for this rank's tokens).
-    Every rank of the group must call it."""
-    cp = dist.get_world_size(cp_group)
-    if cp == 1:
-        return x_local
-    gathered = _all_gather_autograd(x_local.unsqueeze(0).contiguous(), 0, cp_group)
-    return _sequence_order(list(gathered.unbind(0)), dim)
 
 
 # ---------------------------------------------------------------------------- masks
@@ -375,5 +366,4 @@ __all__ = [
     "ring_attention",
     "shard_positions",
     "shard_sequence",
-    "unshard",
 ]

@@ -1,9 +1,7 @@
 """Expert parallelism (EP) and expert tensor parallelism (ETP) for the MoE layers.
 
-    apply_expert_parallel(model, ep_group, etp_group=None)   slice the experts, install the
-                                                             all-to-all dispatcher
-    distribute_expert_weights(model, expert_mesh)            the slices as DTensors (checkpoints,
-                                                             FSDP, grad norm)
+    apply_expert_parallel(model, experts_mesh)   every MoE layer's experts as DTensor shards of
+                                                 the (ep, etp) mesh, rows moved by all-to-all
 
 EP rank r holds experts [r E/ep, (r+1) E/ep); ETP rank s holds hidden columns
 [s F/etp, (s+1) F/etp) of each. Capacity is decided before the exchange, on each rank's own
@@ -13,7 +11,7 @@ tokens. Layout, data flow, capacity and ETP rules: docs/expert_parallel.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,12 +19,9 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 
-from moetrain.model.moe.dispatcher import LocalDispatcher
 from moetrain.model.moe.layer import moe_layers
-
-GroupLike = Union[dist.ProcessGroup, DeviceMesh]
 
 
 def all_to_all_rows(
@@ -53,28 +48,20 @@ class ExchangeState:
     rows: int  # rows the permute produced (kept first, the rest padded back as zeros)
 
 
-class AllToAllDispatcher(LocalDispatcher):
-    """Dispatch to the experts of the EP group's ranks by all-to-all; drop-in for LocalDispatcher.
+class AllToAllExchange:
+    """The dispatcher's exchange (moetrain/model/moe/dispatcher.py) under EP: the rows of every
+    expert to the EP rank holding it, by all-to-all with uneven splits, and back.
 
-    `dispatch` returns the rows of this rank's L = E / ep local experts, expert-major, with
-    tokens_per_expert [L]; `combine` returns this rank's own tokens. Dropless unless the routing
-    carries a keep mask (capacity, decided per source rank before the exchange; see the module
-    docstring); with `pad_to_capacity` the padded rows are exchanged too (static shapes).
-    Experts and ranks with zero rows are fine (zero-size exchanges and GEMMs).
-
-    `last_send_splits` / `last_recv_splits`: the rows the last dispatch sent to / received from
-    each EP rank (host ints; for byte accounting and tests).
+    `exchange` returns the rows of this rank's L = E / ep local experts, expert-major, with their
+    counts [L]; `exchange_back` returns this rank's own rows. Only kept rows travel (capacity is
+    decided per source rank before the exchange); with `pad_to_capacity` the padded rows are
+    exchanged too (static shapes). Experts and ranks with zero rows are fine (zero-size
+    exchanges and GEMMs). With ETP the received rows are all-gathered over the ETP group and the
+    partial outputs reduce-scattered back.
     """
 
-    def __init__(
-        self,
-        num_experts: int,
-        ep_group: dist.ProcessGroup,
-        etp_group: Optional[dist.ProcessGroup] = None,
-        pad_to_capacity: bool = False,
-        kernels: str = "auto",
-    ):
-        super().__init__(num_experts, pad_to_capacity, kernels)
+    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup,
+                 etp_group: Optional[dist.ProcessGroup] = None):
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         assert num_experts % self.ep_size == 0  # moetrain.parallel.checks
@@ -82,8 +69,6 @@ class AllToAllDispatcher(LocalDispatcher):
         self.etp_group = etp_group
         self.etp_size = 1 if etp_group is None else dist.get_world_size(etp_group)
         self.etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
-        self.last_send_splits: list[int] = []
-        self.last_recv_splits: list[int] = []
 
     def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor):
         ep, L, etp = self.ep_size, self.num_local_experts, self.etp_size
@@ -100,9 +85,8 @@ class AllToAllDispatcher(LocalDispatcher):
         host = torch.cat([tokens_per_expert_E.view(ep, L).sum(1), counts_SL.sum(1)]).tolist()
         send_splits, rows_S = host[:ep], host[ep:]
         recv_splits = rows_S[self.etp_rank * ep:(self.etp_rank + 1) * ep]
-        self.last_send_splits, self.last_recv_splits = send_splits, recv_splits
 
-        # Only the kept rows travel; the dropped ones sort after them (LocalDispatcher.permute).
+        # Only the kept rows travel; the dropped ones sort after them (TokenDispatcher.permute).
         state_rows = x_ND.shape[0]
         x_RD = all_to_all_rows(x_ND[:sum(send_splits)], recv_splits, send_splits, self.ep_group)
         etp_splits = None
@@ -145,72 +129,41 @@ def _expert_major_order(counts_SL: torch.Tensor, total: int) -> Optional[torch.T
     return torch.argsort(expert_of_row, stable=True)
 
 
-def _process_group(group: GroupLike) -> dist.ProcessGroup:
-    if isinstance(group, DeviceMesh):
-        if group.ndim != 1:
-            raise ValueError(f"expected a 1-D mesh, got {group}")
-        return group.get_group()
-    return group
+def _shard_experts(name: str, experts: nn.Module, mesh: DeviceMesh) -> None:
+    """distribute_module's partition_fn: w1, w3 [E, D, F] and w2 [E, F, D] as DTensors sharded
+    by expert over ep (dim 0) and by hidden column over etp (F). Each rank takes its block of
+    the tensor it holds (on the meta device: nothing to take; the trainer initialises each
+    rank's block afterwards, moetrain/model/init.py), so nothing is sent."""
+    for p_name, hidden_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+        w = experts.get_parameter(p_name)
+        shards = distribute_tensor(w.detach(), mesh, [Shard(0), Shard(hidden_dim)],
+                                   src_data_rank=None)
+        experts.register_parameter(p_name, nn.Parameter(shards, requires_grad=w.requires_grad))
 
 
-def apply_expert_parallel(
-    model: nn.Module, ep_group: GroupLike, etp_group: Optional[GroupLike] = None
-) -> nn.Module:
-    """Shard every MoE layer's experts over EP (and ETP) and install the all-to-all dispatcher.
+def apply_expert_parallel(model: nn.Module, experts_mesh: DeviceMesh) -> nn.Module:
+    """Shard every MoE layer's experts over the 2-D ("ep", "etp") `experts_mesh` (the MoE mesh's
+    view, moetrain.parallel.mesh.Meshes.experts) and move their rows by all-to-all.
 
-    Call on every rank with the same full model - on the meta device in the trainer, where the
-    slicing allocates nothing and each rank initialises its shards afterwards - before FSDP /
-    optimizer construction (the expert parameters are replaced). Groups: this rank's EP group
-    and, for ETP > 1, its ETP group (process groups or 1-D device meshes). Returns the model,
-    modified in place.
-    """
-    ep_group = _process_group(ep_group)
-    etp_group = None if etp_group is None else _process_group(etp_group)
-    ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
-    etp_size = 1 if etp_group is None else dist.get_world_size(etp_group)
-    etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
-    for layer in moe_layers(model):
-        experts = layer.experts
-        # Real experts only: null-expert routing slots (if any) never reach the dispatcher.
-        E, F = experts.num_global_experts, experts.w1.shape[-1]
-        if experts.num_local_experts != E or F != experts.global_hidden:
-            raise RuntimeError("apply_expert_parallel: this model's experts are already sharded")
-        assert E % ep_size == 0 and F % etp_size == 0  # moetrain.parallel.checks
-        L, F_local = E // ep_size, F // etp_size
-        experts.shard_(slice(ep_rank * L, (ep_rank + 1) * L),
-                       slice(etp_rank * F_local, (etp_rank + 1) * F_local))
-        layer.use_layout(dispatcher=AllToAllDispatcher(
-            E, ep_group, etp_group if etp_size > 1 else None, layer.dispatcher.pad_to_capacity,
-            layer.dispatcher.kernels))
-    return model
-
-
-def distribute_expert_weights(model: nn.Module, expert_mesh: DeviceMesh) -> nn.Module:
-    """Turn the expert weights `apply_expert_parallel` sliced into DTensors on `expert_mesh`,
-    the MoE mesh's 2-D ("ep", "etp") view: experts Shard(0) over ep, the hidden width F
-    Shard over etp (w1, w3 dim 2, w2 dim 1). Call right after `apply_expert_parallel`.
-
-    The sliced weights are plain [L, D, F/etp] tensors under the same names on every rank;
-    as DTensors they carry the global [E, D, F] shape and each shard's offsets, so DCP saves
+    The expert weights become DTensors with the global [E, D, F] / [E, F, D] shapes: DCP saves
     every shard once and loads it into any other layout, the gradient norm counts each shard
-    once (DTensor reduces the norm over ep x etp), and FSDP2 over the EDP ranks shards them
-    further (2-D with the EP mesh, as TP weights are with dp_cp). The replicas on the EDP ranks
-    are not part of the mesh: their gradients are summed by the data-parallel code.
-    The forward computes with the local shards (`GroupedExperts` unwraps them).
+    once, and FSDP2 over the expert-data-parallel ranks shards them further. The forward
+    computes with the local shards (`GroupedExperts` unwraps them). Call on every rank with the
+    same full model - on the meta device in the trainer -, before FSDP and before the optimizer
+    is built (the expert parameters are replaced). Returns the model, modified in place.
     """
-    if expert_mesh.ndim != 2:
-        raise ValueError(f"expected the 2-D (ep, etp) mesh, got {expert_mesh}")
+    if experts_mesh.ndim != 2:
+        raise ValueError(f"expected the 2-D (ep, etp) mesh, got {experts_mesh}")
+    ep_group = experts_mesh.get_group(0)
+    etp_group = experts_mesh.get_group(1) if experts_mesh.size(1) > 1 else None
     for layer in moe_layers(model):
-        experts = layer.experts
-        for name, hidden_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
-            w = getattr(experts, name)
-            if isinstance(w, DTensor):
-                raise RuntimeError("distribute_expert_weights: the weights are DTensors already")
-            shards = DTensor.from_local(w.detach(), expert_mesh, [Shard(0), Shard(hidden_dim)],
-                                        run_check=False)
-            setattr(experts, name, nn.Parameter(shards, requires_grad=w.requires_grad))
+        if isinstance(layer.experts.w1, DTensor):
+            raise RuntimeError("apply_expert_parallel: this model's experts are already sharded")
+        distribute_module(layer.experts, experts_mesh, _shard_experts)
+        # Real experts only: null-expert routing slots (if any) never reach the exchange.
+        num_experts = layer.experts.w1.shape[0]
+        layer.use_layout(exchange=AllToAllExchange(num_experts, ep_group, etp_group))
     return model
 
 
-__all__ = ["AllToAllDispatcher", "ExchangeState", "all_to_all_rows", "apply_expert_parallel",
-           "distribute_expert_weights"]
+__all__ = ["AllToAllExchange", "ExchangeState", "all_to_all_rows", "apply_expert_parallel"]

@@ -21,7 +21,6 @@ import math
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
@@ -77,27 +76,4 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (total_norm + 1e-6)) if max_norm > 0 else 1.0
 
 
-@torch.no_grad()
-def clip_grad_norm_(
-    parameters: Iterable[nn.Parameter],
-    max_norm: float,
-    *,
-    stage_group: Optional[dist.ProcessGroup] = None,
-) -> float:
-    """L2 norm of all gradients (before clipping); scale them to `max_norm` when it is > 0.
-
-    Standalone form of the trainer's reduction: the shares summed over every rank (the default
-    group). `stage_group`: the pipeline-parallel group (ranks holding different stages), None
-    without pipeline parallelism."""
-    params = list(parameters)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    stages = dist.get_world_size(stage_group) if stage_group is not None else 1
-    share = grad_sq_norm_share(params, world // stages)
-    if world > 1:
-        dist.all_reduce(share)
-    total = float(share.sqrt())
-    scale_grads_(params, clip_coefficient(total, max_norm))
-    return total
-
-
-__all__ = ["clip_coefficient", "clip_grad_norm_", "grad_sq_norm_share", "scale_grads_"]
+__all__ = ["clip_coefficient", "grad_sq_norm_share", "scale_grads_"]

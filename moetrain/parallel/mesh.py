@@ -7,10 +7,9 @@
     dp_cp_tp = dense["dp", "cp", "tp"] flattened   (every rank of a pipeline stage: with
                sequence parallelism the ranks holding different tokens of the MoE layers)
 
-Both views are unflattened from one 1-D world mesh (`DeviceMesh._unflatten`, torch >= 2.9), so
-they share a root and DTensor / FSDP2 accept either. Where `_unflatten` is missing, each view is
-built from an explicit rank tensor laid out by `ParallelDims` (same ranks, separate roots).
-Every group is checked against the pure-Python `ParallelDims.groups()` at build time.
+Both views are unflattened from one 1-D world mesh (`DeviceMesh._unflatten`, torch >= 2.9: the
+GPU machines' 2.11 and CI's 2.13 have it), so they share a root and DTensor / FSDP2 accept
+either. Every group is checked against the pure-Python `ParallelDims.groups()` at build time.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ class Meshes:
     cp_tp: DeviceMesh
     dp_cp_tp: DeviceMesh
     _views: dict[str, DeviceMesh] = field(init=False, repr=False)
+    _replicate: dict[str, DeviceMesh] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         views = {name: self.dense[name] for name in DENSE_DIMS}
@@ -47,6 +47,15 @@ class Meshes:
         views["cp_tp"] = self.cp_tp
         views["dp_cp_tp"] = self.dp_cp_tp
         self._views = views
+
+    def replicate_mesh(self, name: str) -> DeviceMesh:
+        """The group of kind `name` as a 2-D (replicate, shard) mesh whose shard dimension is 1:
+        FSDP2 over it replicates (replicated data parallelism). Made once per kind."""
+        if name not in self._replicate:
+            mesh = self.mesh(name)
+            self._replicate[name] = mesh._unflatten(
+                0, (mesh.size(), 1), (f"{name}_replicate", f"{name}_shard"))
+        return self._replicate[name]
 
     @cached_property
     def experts(self) -> DeviceMesh:
@@ -73,13 +82,11 @@ class Meshes:
         return self.mesh(name).get_local_rank()
 
 
-def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto") -> Meshes:
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     """Build the dense, MoE, dp_cp, cp_tp and dp_cp_tp meshes over the initialised default group.
 
-    Collective: every rank must call it, in the same order relative to other group creation.
-    `strategy`: "unflatten" (one world mesh, `_unflatten` + `_flatten`), "explicit" (meshes
-    from rank tensors), or "auto" (unflatten where this torch has it). On CUDA, set the current
-    device before calling.
+    Collective: every rank must call it, in the same order relative to other group creation. On
+    CUDA, set the current device before calling.
     """
     if not dist.is_initialized():
         raise RuntimeError("build_meshes needs an initialised default process group")
@@ -88,36 +95,12 @@ def build_meshes(dims: ParallelDims, device_type: str, *, strategy: str = "auto"
         raise ValueError(
             f"the layout is for world size {dims.world_size}, the process group has {world}"
         )
-    if strategy == "auto":
-        strategy = "unflatten" if hasattr(DeviceMesh, "_unflatten") else "explicit"
-    if strategy == "unflatten":
-        root = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
-        dense = root._unflatten(0, dims.dense_shape, DENSE_DIMS)
-        moe = root._unflatten(0, dims.moe_shape, MOE_DIMS)
-        dp_cp = dense["dp", "cp"]._flatten("dp_cp")
-        cp_tp = dense["cp", "tp"]._flatten("cp_tp")
-        dp_cp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
-    elif strategy == "explicit":
-        ranks = torch.arange(dims.world_size, dtype=torch.int)
-        dense = DeviceMesh(device_type, ranks.view(dims.dense_shape), mesh_dim_names=DENSE_DIMS)
-        moe = DeviceMesh(device_type, ranks.view(dims.moe_shape), mesh_dim_names=MOE_DIMS)
-        if hasattr(DeviceMesh, "_flatten"):
-            dp_cp = dense["dp", "cp"]._flatten("dp_cp")
-            cp_tp = dense["cp", "tp"]._flatten("cp_tp")
-            dp_cp_tp = dense["dp", "cp", "tp"]._flatten("dp_cp_tp")
-        else:  # a third mesh whose middle dim is dp x cp (dp outer, cp inner, as flattened)
-            shape = (dims.pp, dims.dp_cp, dims.tp)
-            dp_cp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp", "tp"))
-            dp_cp = dp_cp["dp_cp"]
-            shape = (dims.pp, dims.dp, dims.cp_tp)
-            cp_tp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp", "cp_tp"))
-            cp_tp = cp_tp["cp_tp"]
-            shape = (dims.pp, dims.dp_cp_tp)
-            dp_cp_tp = DeviceMesh(device_type, ranks.view(shape), mesh_dim_names=("pp", "dp_cp_tp"))
-            dp_cp_tp = dp_cp_tp["dp_cp_tp"]
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}; use auto, unflatten or explicit")
-    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dp_cp, cp_tp=cp_tp, dp_cp_tp=dp_cp_tp)
+    root = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
+    dense = root._unflatten(0, dims.dense_shape, DENSE_DIMS)
+    moe = root._unflatten(0, dims.moe_shape, MOE_DIMS)
+    meshes = Meshes(dims=dims, dense=dense, moe=moe, dp_cp=dense["dp", "cp"]._flatten("dp_cp"),
+                    cp_tp=dense["cp", "tp"]._flatten("cp_tp"),
+                    dp_cp_tp=dense["dp", "cp", "tp"]._flatten("dp_cp_tp"))
     _check_against_layout(meshes, dist.get_rank())
     return meshes
 

@@ -3,9 +3,6 @@
 import json
 import os
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +10,14 @@ from safetensors.torch import load_file
 
 from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
 from moetrain.checkpoint.convert import from_hf, inspect, load_model_state, to_hf
-from moetrain.config import compose, to_object
 from moetrain.model import Transformer
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import run_python, tiny_config
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny MoE (shared experts too) with distinct random weights, saved as a DCP checkpoint."""
-    cfg = to_object(compose(["+experiment=tiny", "model.moe.num_shared_experts=1"]))
+    cfg = tiny_config(["model.moe.num_shared_experts=1"])
     torch.manual_seed(3)
     model = Transformer(cfg.model)
     opt = torch.optim.AdamW(model.parameters())
@@ -69,8 +64,8 @@ def test_a_missing_expert_or_unknown_tensor_is_an_error(saved):
 
 def test_the_scripts_convert_to_safetensors_and_back(saved, tmp_path):
     model, path, _ = saved
-    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=REPO)  # noqa: E731
-    out = run("scripts/convert_checkpoint.py", str(path.parent.parent), "--to", "safetensors", str(tmp_path / "hf"))
+    out = run_python("scripts/convert_checkpoint.py", path.parent.parent, "--to", "safetensors",
+                     tmp_path / "hf")
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "hf" / "moetrain.json").read_text())["step"] == 7
     # The summary counts what the file holds (every expert its own tensor), and the file gets
@@ -83,13 +78,13 @@ def test_the_scripts_convert_to_safetensors_and_back(saved, tmp_path):
     os.umask(umask)
     for name in ("model.safetensors", "moetrain.json"):
         assert stat.S_IMODE((tmp_path / "hf" / name).stat().st_mode) == 0o666 & ~umask, name
-    out = run("scripts/convert_checkpoint.py", str(tmp_path / "hf"), "--from-safetensors", "--to", "torch",
-              str(tmp_path / "model.pt"))
+    out = run_python("scripts/convert_checkpoint.py", tmp_path / "hf", "--from-safetensors", "--to",
+                     "torch", tmp_path / "model.pt")
     assert out.returncode == 0, out.stderr
     back = torch.load(tmp_path / "model.pt")
     for key, tensor in model.state_dict().items():
         assert torch.equal(back[key], tensor), key
-    out = run("scripts/inspect_checkpoint.py", str(path))
+    out = run_python("scripts/inspect_checkpoint.py", str(path))
     assert out.returncode == 0 and "step         7" in out.stdout and "layers.1.moe.experts.w2" in out.stdout
-    out = run("scripts/inspect_checkpoint.py", str(tmp_path / "nothing"))
+    out = run_python("scripts/inspect_checkpoint.py", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "nothing" in out.stderr

@@ -1,5 +1,8 @@
 """CheckpointManager on one process: atomic `latest`, pruning, resolution, refusal of bad input."""
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -44,14 +47,18 @@ def test_a_crash_during_save_leaves_latest_on_the_previous_checkpoint(tmp_path, 
     mgr = CheckpointManager(tmp_path, keep_last=None)
     save(mgr, model, opt, 1)
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def crash(*args, storage_writer, **kwargs):
+        Path(storage_writer.path).mkdir()
+        (Path(storage_writer.path) / "__0_0.distcp").write_bytes(b"half")
+        raise OSError(errno.EACCES, "Permission denied", str(storage_writer.path))
 
     monkeypatch.setattr(dcp, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint \S+step_2\.partial: "
+                       r"Permission denied \(\S+\); latest still names step_1$"):
         save(mgr, model, opt, 2)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_1"
     assert not (tmp_path / "checkpoints" / "step_2").exists()
+    assert not (tmp_path / "checkpoints" / "step_2.partial").exists()  # cleaned up
     assert mgr.resolve("auto").name == "step_1"
 
 

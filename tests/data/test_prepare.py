@@ -175,6 +175,43 @@ def test_training_needs_neither_the_raw_files_nor_a_pass_over_them(tmp_path, spm
     assert len(MixtureDataset(out, "train", 8, ["a"])) > 0
 
 
+def test_a_source_is_reused_only_for_the_path_and_field_it_was_prepared_from(
+        tmp_path, spm_model, monkeypatch, count_builds):
+    """The shared default cache of an existing tokenizer holds every run's sources by name: a
+    name alone must not stand for a source (issue 22: a typo'd glob trained on an earlier run's
+    data)."""
+    monkeypatch.setenv("MOETRAIN_CACHE", str(tmp_path / "cache"))
+    web = write_docs(tmp_path / "web" / "a.jsonl", ["alpha " * 300, "beta " * 300], "jsonl")
+    glob = f"{web.parent}/*.jsonl"
+    d = ensure_prepared(data_cfg(sources=[(glob, 1.0)], tokenizer=spm_model), TINY_VOCAB)
+    before = _files(d)
+    held = f"made from {glob!r} (text_field 'text'), 1 files, "
+    cases = {  # config -> (the key named, what the config says)
+        f"{glob}.zstd": ("data.sources[0].path", f"{glob + '.zstd'!r} (which matches no file)"),
+        str(tmp_path / "nowhere" / "web"): ("data.sources[0].path", "(which matches no file)"),
+    }
+    other = write_docs(tmp_path / "other" / "web" / "b.jsonl", ["gamma " * 300], "jsonl")
+    cases[f"{other.parent}/*.jsonl"] = ("data.sources[0].path", f"'{other.parent}/*.jsonl',")
+    for path, (key, says) in cases.items():
+        with pytest.raises(DataError) as err:
+            ensure_prepared(data_cfg(sources=[(path, 1.0)], tokenizer=spm_model), TINY_VOCAB)
+        msg = str(err.value)
+        assert msg.startswith(f"{key}=") and says in msg and f"holds the source named 'web' {held}" in msg
+        assert "give it another name (data.sources[0].name)" in msg
+    with pytest.raises(DataError, match=r"^data\.sources\[0\]\.text_field='body', but .* 'web' made "
+                       r"from .*\(text_field 'text'\)"):
+        ensure_prepared(data_cfg(sources=[(glob, 1.0, {"text_field": "body"})], tokenizer=spm_model),
+                        TINY_VOCAB)
+    assert _files(d) == before and count_builds() == ["web"]  # nothing tokenised or changed
+    # Named apart, the other source is prepared next to it; the original is still reused, also
+    # once its raw files are gone (same path and field).
+    named = [(f"{other.parent}/*.jsonl", 1.0, {"name": "web2"})]
+    assert ensure_prepared(data_cfg(sources=named, tokenizer=spm_model), TINY_VOCAB) == d
+    shutil.rmtree(web.parent)
+    assert ensure_prepared(data_cfg(sources=[(glob, 1.0)], tokenizer=spm_model), TINY_VOCAB) == d
+    assert count_builds() == ["web", "web2"]
+
+
 def test_a_trained_tokenizer_ties_the_directory_to_its_sources(tiny_corpus, tiny_prepared, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_corpus, other)

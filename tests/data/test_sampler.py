@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from moetrain.data import DataError, DataExhausted, MixtureSampler, eval_order, val_steps
+from moetrain.data import DataError, DataExhausted, MixtureSampler, val_steps
 
 
 def S(n, G, micro, **kw):
@@ -157,15 +157,6 @@ def test_bad_sizes():
         S(100, 8, 0)
     with pytest.raises(ValueError, match="dp_rank=2"):
         S(100, 8, 2, dp_rank=2, dp_size=2)
-
-
-def test_eval_order_interleaves_the_sources_by_weight():
-    order = eval_order([40, 10, 0], [0.5, 0.5, 0.2], 8, max_batches=100)
-    # Source 2 has no validation sequences: left out. Source 1 runs out after 2 batches of 4.
-    assert len(order) == 16 and sorted(order[order < 40].tolist()) == list(range(8))
-    assert sorted(order[order >= 40].tolist()) == list(range(40, 48))
-    assert eval_order([40], [1.0], 8, max_batches=3).tolist() == list(range(24))  # one source: in order
-    assert len(eval_order([40, 10], [0.5, 0.5], 8, max_batches=1)) == 8
 
 
 def test_val_steps_are_the_first_batches_split_like_training():

@@ -6,11 +6,16 @@
     reference = run_layouts(1, {"single": []}, tmp_path).records["single"]
     compare(runs.records["tp2"], reference)
 
-Every layout runs K optimizer steps of the tiny experiment in fp32 with deterministic
-algorithms, dropless routing and the micro-batch LBL scope, and returns rank 0's records as
-the trainer logs them (metrics.jsonl / routing.jsonl) - so the numbers compared are the ones a
-user sees. Several layouts of one world size run one after the other in a single launch (a
-launch of the tiny model costs a few seconds of process and group start-up on 2 cores).
+    TWO_RANKS = {"tp2": Layout(("parallel.tp=2",))}      # over the "b4" reference (REFERENCES)
+    two_ranks = layouts_fixture(2, TWO_RANKS)            # the module's 2-rank launch, a fixture
+    check_case(two_ranks, "tp2", TWO_RANKS["tp2"], references)  # references: conftest.py
+
+Every layout runs K optimizer steps of the tiny experiment (tests/harness) in fp32 with
+deterministic algorithms, dropless routing and the micro-batch LBL scope, and returns rank 0's
+records as the trainer logs them (metrics.jsonl / routing.jsonl) - so the numbers compared are
+the ones a user sees. Several layouts of one world size run one after the other in a single
+launch (a launch of the tiny model costs a few seconds of process and group start-up on 2
+cores).
 """
 
 from __future__ import annotations
@@ -21,37 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
-# Imported in the parent so the forked ranks inherit them (see launcher.py).
+# Imported in the parent so the forked ranks inherit them (tests/harness/launcher.py).
 import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
-from moetrain.config import compose, to_object, validate
 from moetrain.config.schema import MoetrainConfig
 from moetrain.data import ensure_prepared
-from moetrain.parallel import check_layout
-from moetrain.parallel import context  # noqa: F401 - imported in the parent for the ranks
-from moetrain.runtime import init_runtime
-from moetrain.trainer import Trainer
-from tests.distributed.launcher import run_distributed
+from moetrain.parallel import parallelize  # noqa: F401 - imported in the parent for the ranks
+from tests.harness import run_distributed, tiny_config, trainer_for
 
 STEPS = 3
-# The tiny experiment's model and data; a smaller global batch (4 micro-batches of 2).
-BASE = [
-    "+experiment=tiny",
-    f"train.max_steps={STEPS}",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "train.eval_every=0",
-    "train.deterministic=true",
-    "train.dtype=fp32",
-    "train.device=cpu",
-    "checkpoint.every=0",
-    "checkpoint.resume=never",
-    "logging.progress=false",
-    "model.moe.capacity_factor=null",
-    "model.moe.lbl.scope=micro",
-]
+# Over the harness's tiny run (tests/harness: a global batch of 4 micro-batches of 2): K steps,
+# dropless, the micro-batch LBL scope.
+EQUIVALENCE = (f"train.max_steps={STEPS}", "model.moe.capacity_factor=null",
+               "model.moe.lbl.scope=micro")
 KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
 # Compared where the layout logs them: the validation loss (train.eval_every) and the step's
 # largest attention logit (optim.qk_clip_threshold).
@@ -60,15 +50,9 @@ RTOL = 1e-5
 
 
 def layout_config(world_size: int, overrides: list[str]) -> MoetrainConfig:
-    """The typed, validated config of a layout (composed like the command line does). An
-    `+experiment=NAME` among the overrides replaces BASE's tiny experiment."""
-    base = BASE
-    if any(o.startswith("+experiment=") for o in overrides):
-        base = [o for o in BASE if not o.startswith("+experiment=")]
-    cfg = to_object(compose(base + list(overrides)))
-    validate(cfg)
-    check_layout(cfg, world_size)
-    return cfg
+    """The typed, validated config of a layout: the tiny experiment, EQUIVALENCE, `overrides`
+    (an `+experiment=NAME` among them replaces the tiny experiment)."""
+    return tiny_config([*EQUIVALENCE, *overrides], world_size)
 
 
 def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Path]]):
@@ -78,10 +62,9 @@ def _train(rank: int, world_size: int, jobs: list[tuple[str, MoetrainConfig, Pat
     records: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, tuple[int, list[list[int]]]] = {}
     for name, cfg, run_dir in jobs:
-        rt = init_runtime(cfg)
-        trainer = Trainer(cfg, rt, run_dir)
+        trainer = trainer_for(cfg, run_dir)
         state = trainer.sampler.state_dict()
-        samples[name] = (trainer.par.dp_rank, trainer.sampler.next_step())
+        samples[name] = (trainer.rank.dp_rank, trainer.sampler.next_step())
         trainer.sampler.load_state_dict(state)
         trainer.fit()
         del trainer  # before the next job builds its model (real shapes: two would not fit)
@@ -95,7 +78,8 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     routing = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     records = []
     for m, r in zip(metrics, routing):
-        rec = {key: m[key] for key in ("step", *KEYS, *OPTIONAL_KEYS) if key in m}
+        rec = {key: v for key, v in m.items()
+               if key in ("step", *KEYS, *OPTIONAL_KEYS) or key.startswith("val_loss/")}
         rec["tokens_per_expert"] = [layer["tokens_per_expert"] for layer in r["layers"]]
         records.append(rec)
     return records
@@ -134,7 +118,8 @@ def rel_err(a: float, b: float) -> float:
 
 def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
     """Assert `records` equal the single-process `reference`: loss, grad norm, aux and z losses,
-    load CV and (where the layout evaluated) the validation loss to rel. RTOL, expert token
+    load CV and (where the layout evaluated) the validation losses (`val_loss`, and
+    `val_loss/<source>` of each source) to rel. RTOL, expert token
     counts exactly. Returns the largest rel. error per key."""
     assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
     worst = {key: 0.0 for key in KEYS}
@@ -143,7 +128,11 @@ def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> d
         optional = tuple(key for key in OPTIONAL_KEYS if key in got)
         for key in optional:
             assert key in want, f"step {got['step']}: the reference did not log {key}"
-        for key in KEYS + optional:
+        evaluated = tuple(sorted(k for k in got if k.startswith("val_loss/")))  # per source
+        if evaluated:
+            assert set(evaluated) == {k for k in want if k.startswith("val_loss/")}, \
+                f"step {got['step']}: the reference did not evaluate the same sources"
+        for key in KEYS + optional + evaluated:
             err = rel_err(got[key], want[key]) if math.isfinite(got[key]) else math.inf
             if not err < RTOL:
                 bad.append(f"step {got['step']} {key}: {got[key]!r} vs {want[key]!r} (rel {err:.2e})")
@@ -157,7 +146,7 @@ def compare(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> d
 # -- references shared by the layout tests (one single-process launch per session) ------------
 
 # The layout tests use a global batch of 4 (2 micro-batches of 2): half the micro-batches of
-# BASE, the per-micro-batch overhead of 4-8 processes on 2 cores is what their time goes to.
+# TINY, the per-micro-batch overhead of 4-8 processes on 2 cores is what their time goes to.
 # Each layout names the single-process run it must equal: the same micro-batches per step
 # (micro_batch_size; with DP more sequences per step), layers and LBL scope.
 B4 = ["train.global_batch_size=4"]
@@ -220,6 +209,19 @@ def run_cases(world_size: int, cases: dict[str, Layout], tmp_dir: Path,
     layout's."""
     layouts = {name: [*references[c.reference], *c.overrides] for name, c in cases.items()}
     return run_layouts(world_size, layouts, tmp_dir, timeout=600)
+
+
+def layouts_fixture(world_size: int, cases: dict[str, Layout],
+                    references: dict[str, list[str]] = REFERENCES):
+    """A module-scoped pytest fixture whose value is `run_cases(world_size, cases, ...)`: the
+    module's layouts of one world size in one launch (`two_ranks = layouts_fixture(2, TWO_RANKS)`
+    in the module)."""
+
+    @pytest.fixture(scope="module")
+    def launch(tmp_path_factory):
+        return run_cases(world_size, cases, tmp_path_factory.mktemp(f"w{world_size}"), references)
+
+    return launch
 
 
 def check_case(runs: LayoutRuns, name: str, case: Layout,

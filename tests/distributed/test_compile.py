@@ -5,23 +5,17 @@ dense and one MoE block, to keep compile time in CI small)."""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.distributed.equivalence import Layout, check_case, run_cases
+from tests.distributed.equivalence import Layout, check_case, layouts_fixture
 
 COMPILE = ("train.compile=true",)
 ONE_RANK = {"compiled": Layout(COMPILE, "b4-l2")}
 TWO_RANKS = {"tp2-ep2-compiled": Layout(("parallel.tp=2", "parallel.ep=2", *COMPILE), "b4-l2")}
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    return run_cases(1, ONE_RANK, tmp_path_factory.mktemp("compile_one"))
+one_rank = layouts_fixture(1, ONE_RANK)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("compile_two"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
 def test_compiled_one_process_equals_eager(one_rank, references):

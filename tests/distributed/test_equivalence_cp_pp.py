@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.equivalence import BIAS, Layout, check_case, run_cases
+from tests.distributed.equivalence import BIAS, Layout, check_case, layouts_fixture
 
 PP2 = ("parallel.pp=2",)
 INTERLEAVED = ("parallel.vpp=2", "parallel.pp_schedule=interleaved")
@@ -44,19 +44,13 @@ EIGHT_RANKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("cp_pp_two"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return run_cases(4, FOUR_RANKS, tmp_path_factory.mktemp("cp_pp_four"))
+four_ranks = layouts_fixture(4, FOUR_RANKS)
 
 
-@pytest.fixture(scope="module")
-def eight_ranks(tmp_path_factory):
-    return run_cases(8, EIGHT_RANKS, tmp_path_factory.mktemp("cp_pp_eight"))
+eight_ranks = layouts_fixture(8, EIGHT_RANKS)
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.equivalence import Layout, check_case, run_cases
+from tests.distributed.equivalence import Layout, check_case, layouts_fixture
 
 FOUR_RANKS = {
     # EP folded over TP (sequence parallelism: the TP ranks route different tokens); the EDP
@@ -30,14 +30,10 @@ EIGHT_RANKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return run_cases(4, FOUR_RANKS, tmp_path_factory.mktemp("ep_four"))
+four_ranks = layouts_fixture(4, FOUR_RANKS)
 
 
-@pytest.fixture(scope="module")
-def eight_ranks(tmp_path_factory):
-    return run_cases(8, EIGHT_RANKS, tmp_path_factory.mktemp("ep_eight"))
+eight_ranks = layouts_fixture(8, EIGHT_RANKS)
 
 
 @pytest.mark.parametrize("name", FOUR_RANKS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.equivalence import MLA, Layout, check_case, run_cases
+from tests.distributed.equivalence import MLA, Layout, check_case, layouts_fixture
 
 TWO_RANKS = {
     "mla-tp2": Layout(("parallel.tp=2",), "b4-mla"),
@@ -18,9 +18,7 @@ TWO_RANKS = {
 assert MLA  # the reference's model
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("mla_two"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)

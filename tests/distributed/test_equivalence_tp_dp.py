@@ -10,14 +10,12 @@ invariant to it), which is what the grad norm is for. Layouts of one world size 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.equivalence import Layout, check_case, rel_err, run_cases
+from tests.distributed.equivalence import Layout, check_case, layouts_fixture, rel_err
+from tests.harness import run_train, torchrun
 
 TWO_RANKS = {
     "dp2": Layout(()),
@@ -35,14 +33,10 @@ FOUR_RANKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("tp_dp_two"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    return run_cases(4, FOUR_RANKS, tmp_path_factory.mktemp("tp_dp_four"))
+four_ranks = layouts_fixture(4, FOUR_RANKS)
 
 
 def _check(runs, name, case, references):
@@ -80,16 +74,9 @@ def test_reference_is_a_real_run(references):
 
 # -- the command line under torchrun ---------------------------------------------------------
 
-CLI = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-       "train.eval_every=0", "logging.progress=false", "train.deterministic=true",
-       "train.max_steps=2"]
-
-
-def _cli(run_dir: Path, *launcher: str, extra: tuple[str, ...] = ()) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, *launcher, "-m", "moetrain.train", *CLI, f"run.dir={run_dir}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+def _cli(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> list[dict]:
+    run_train(["train.global_batch_size=4", "train.max_steps=2", f"run.dir={run_dir}",
+               *overrides], launcher=launcher, check=True)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
@@ -97,8 +84,7 @@ def _cli(run_dir: Path, *launcher: str, extra: tuple[str, ...] = ()) -> list[dic
 @pytest.mark.slow
 def test_torchrun_tp2_trains_like_one_process(tmp_path):
     single = _cli(tmp_path / "single")
-    tp2 = _cli(tmp_path / "tp2", "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", extra=("parallel.tp=2",))
+    tp2 = _cli(tmp_path / "tp2", "parallel.tp=2", launcher=torchrun(2))
     # Written once (by rank 0), one record per step.
     assert [r["step"] for r in tp2] == [r["step"] for r in single] == [1, 2]
     for a, b in zip(tp2, single):

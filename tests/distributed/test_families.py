@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from moetrain.config import compose, to_object
 from tests.distributed.equivalence import Layout, check_case, run_cases, run_layouts
+from tests.harness import tiny_model_config
 
 SMALL = ["model.vocab_size=8192", "data.seq_len=32", "train.global_batch_size=2",
          "train.micro_batch_size=1", "train.log_every=1", "optim.warmup_steps=0"]
@@ -26,7 +26,7 @@ FAMILIES = ("olmoe_1b_7b", "qwen3_30b_a3b", "deepseek_v2_lite", "mixtral_8x7b")
 def reference(family: str) -> list[str]:
     """The single-process run's overrides: the family at its dense layers + one MoE layer."""
     experiment = f"+experiment={family}"
-    dense = to_object(compose([experiment])).model.moe.first_dense_layers
+    dense = tiny_model_config(experiment).moe.first_dense_layers
     return [experiment, f"model.n_layers={dense + 1}", *SMALL, *NARROW.get(family, [])]
 
 

@@ -25,10 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moetrain import memory
 from moetrain.data import ensure_prepared
 from moetrain.planning import memory_per_rank
-from moetrain.runtime import init_runtime
-from moetrain.trainer import Trainer
 from tests.distributed.equivalence import layout_config
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed, trainer_for
 
 ONE_STEP = ["train.max_steps=1", "train.global_batch_size=4"]
 TOLERANCE = 0.05
@@ -67,9 +65,8 @@ def _build_and_step(rank, world_size, jobs, references):
     out = {}
     for name, cfg, run_dir in jobs:
         reference = references[name]
-        rt = init_runtime(cfg)
         with LargestStorage() as largest:
-            trainer = Trainer(cfg, rt, run_dir)
+            trainer = trainer_for(cfg, run_dir)
         model = trainer.model
         mismatched, seen = [], []
         for n, p in model.named_parameters():
@@ -84,7 +81,7 @@ def _build_and_step(rank, world_size, jobs, references):
         trainer.fit()
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
                    .splitlines()] if rank == 0 else None
-        plan = memory_per_rank(cfg, trainer.par.dims)[trainer.par.pp_rank]
+        plan = memory_per_rank(cfg, trainer.rank.dims)[trainer.rank.pp_rank]
         out[name] = dict(
             mismatched=mismatched, seen=seen, largest=largest.numel, largest_op=largest.op,
             own_largest=_own_largest(model), params=params,
@@ -109,8 +106,7 @@ def _run(world_size, layouts, tmp_path, dense_largest: int = 0):
         # state is what the layout must reproduce.
         model_only = [o for o in overrides if not o.startswith("parallel.")]
         single = layout_config(1, [*ONE_STEP, *model_only])
-        (tmp_path / f"single-{name}").mkdir()
-        model = Trainer(single, init_runtime(single), tmp_path / f"single-{name}").model
+        model = trainer_for(single, tmp_path / f"single-{name}").model
         references[name] = {n: t.detach().clone() for n, t in [*model.named_parameters(),
                                                                 *model.named_buffers()]}
         names[name] = {n for n, _ in model.named_parameters()}
@@ -144,10 +140,9 @@ def _dense_run(tmp_path) -> tuple[list[str], int]:
     """A one-step dense run of the tiny model (every block a SwiGLU MLP of width 192), saved;
     returns the overrides that upcycle the MoE model from it and its largest tensor's size."""
     run_dir = tmp_path / "dense"
-    run_dir.mkdir()
     cfg = layout_config(1, [*ONE_STEP, "model.moe.first_dense_layers=4", "model.ffn_hidden=192",
                             "checkpoint.every=1"])
-    trainer = Trainer(cfg, init_runtime(cfg), run_dir)
+    trainer = trainer_for(cfg, run_dir)
     trainer.fit()
     largest = max(p.numel() for p in trainer.model.parameters())
     return [f"model.init.upcycle_from={run_dir}", "model.ffn_hidden=192"], largest

@@ -23,7 +23,7 @@ import math
 
 import pytest
 
-from tests.distributed.equivalence import KEYS, RTOL, Layout, check_case, rel_err, run_cases
+from tests.distributed.equivalence import KEYS, RTOL, Layout, check_case, layouts_fixture, rel_err
 
 GLOBAL = "model.moe.lbl.scope=global"
 TWO_RANKS = {
@@ -35,9 +35,7 @@ TWO_RANKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, TWO_RANKS, tmp_path_factory.mktemp("lbl_scope"))
+two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
 @pytest.mark.parametrize("name", ["dp2-micro", "dp2-global", "cp2-global"])

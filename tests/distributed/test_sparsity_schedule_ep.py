@@ -3,16 +3,12 @@ schedule and still equals one process."""
 
 import json
 
-import pytest
-
-from tests.distributed.equivalence import Layout, check_case, run_cases
+from tests.distributed.equivalence import Layout, check_case, layouts_fixture
 
 CASES = {"ep2": Layout(("parallel.ep=2",), "b4-top-k-schedule")}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_cases(2, CASES, tmp_path_factory.mktemp("schedule_ep"))
+two_ranks = layouts_fixture(2, CASES)
 
 
 def test_dense_to_sparse_schedule_under_ep2(two_ranks, references):

@@ -3,34 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.harness import run_train, start_train
+
 pytestmark = pytest.mark.slow
 
-# Small and fast, still the tiny experiment's model and data.
-FAST = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true"]
+# Over the harness's tiny run (tests/harness): a global batch of 4, and resuming as a user's run
+# does (checkpoint.resume=auto).
+CLI = ("train.global_batch_size=4", "checkpoint.resume=auto")
 
 CONTRACT_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens",
                  "tokens_per_s", "top_k", "dropped_frac", "load_cv"}
 
 
 def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "moetrain.train", *FAST, *overrides],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+    return run_train([*CLI, *overrides], check=check, timeout=300)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -44,7 +37,7 @@ def test_run_writes_the_run_directory_contract(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:
         assert CONTRACT_KEYS <= r.keys(), CONTRACT_KEYS - r.keys()
-        assert r["loss"] == r["lm_loss"] and 5 < r["loss"] < 10  # ln(8192) = 9.01 at the start
+        assert r["loss"] == r["lm_loss"] and 5 < r["loss"] < 10  # near ln(8192) = 9.01 at the start
         assert r["tokens"] == r["step"] * 4 * 128 and r["top_k"] == 2
         assert r["aux_loss"] > 0 and r["z_loss"] > 0 and r["dropped_frac"] == 0.0
     routing = [json.loads(line) for line in (run / "routing.jsonl").read_text().splitlines()]
@@ -57,6 +50,30 @@ def test_run_writes_the_run_directory_contract(tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_4"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_4"]  # keep_last=1 pruned step_2
     assert (ckpts / "step_4" / ".metadata").exists()
+
+
+def test_the_readme_default_run_has_a_smooth_curve(tmp_path):
+    """The README's default job as it is (60 steps of 16 x 128 tokens, validation every 20; only
+    the progress bar and checkpoints are off): no step's loss exceeds the previous step's by more
+    than 30%, the loss falls by at least 20%, and the step-60 validation loss is no worse than
+    5.62, that of the run which spiked (6.21 -> 11.13 at step 19 with lr 3e-3 and init_std
+    0.02; configs/experiment/tiny.yaml says why, docs/performance.md has both curves)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetrain.train", "+experiment=tiny", f"run.dir={run}",
+         "logging.progress=false", "checkpoint.every=0"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    recs = metrics(run)
+    losses = [r["loss"] for r in recs]
+    assert [r["step"] for r in recs] == list(range(1, 61))
+    jumps = [(r["step"], b / a) for r, a, b in zip(recs[1:], losses, losses[1:])]
+    assert max(ratio for _, ratio in jumps) <= 1.3, max(jumps, key=lambda j: j[1])
+    assert losses[-1] <= 0.8 * losses[0], (losses[0], losses[-1])
+    val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    assert sorted(val) == [20, 40, 60] and val[60] <= 5.62, val
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
@@ -116,17 +133,13 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
     run = tmp_path / "run"
     train(f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2")
     proc = train(f"run.dir={run}", "train.max_steps=4", "model.moe.expert_hidden=96", check=False)
-    assert proc.returncode == 2 and "experts.w1" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "model.moe.expert_hidden is 192 there, 96 here" in proc.stderr.splitlines()[-1]
 
 
 def start_training(run: Path, *overrides: str) -> subprocess.Popen:
     """A long run in the background, returned once its first step is logged."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moetrain.train", *FAST, f"run.dir={run}", "train.max_steps=10000",
-         *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
+    proc = start_train([*CLI, f"run.dir={run}", "train.max_steps=10000", *overrides])
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -137,12 +150,8 @@ def start_training(run: Path, *overrides: str) -> subprocess.Popen:
 def test_the_defaults_checkpoint_and_say_where(tmp_path):
     """No experiment: the config tree's defaults alone must not train a run that never saves."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "moetrain.train", f"run.dir={run}", "train.max_steps=2",
-         "train.global_batch_size=4", "logging.progress=false"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    proc = run_train([f"run.dir={run}", "train.max_steps=2", "train.global_batch_size=4",
+                      "logging.progress=false"], base=(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"checkpoints: every 100 steps and at the last step, into {run / 'checkpoints'}" in proc.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
@@ -159,7 +168,7 @@ def test_a_refused_resume_leaves_the_run_untouched(tmp_path):
     before = snapshot(run)
     proc = train(f"run.dir={run}", "train.max_steps=4", "model.d_model=64", check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "'model.tok_embeddings.weight' has shape [8192, 128]" in proc.stderr
+    assert "model.d_model is 128 there, 64 here" in proc.stderr
     assert snapshot(run) == before
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.data.conftest import SHIPPED, write_docs
-from tests.e2e.test_cli import FAST, metrics, train
+from tests.e2e.test_cli import CLI, metrics, train
+from tests.harness import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +110,8 @@ def test_bad_sources_are_refused_before_anything_is_written(tmp_path, case, caps
     src.mkdir()
     overrides, key, path = _bad(src, case)
     run, prepared = tmp_path / "out" / "run", tmp_path / "out" / "prepared"
-    code = run_cli(compose([*FAST, *overrides, f"run.dir={run}", f"data.prepared_dir={prepared}",
-                            "model.vocab_size=384"]))
+    code = run_cli(compose([*TINY, *CLI, *overrides, f"run.dir={run}",
+                            f"data.prepared_dir={prepared}", "model.vocab_size=384"]))
     assert code == 2
     err = capsys.readouterr().err
     *progress, last = err.splitlines()  # the preparation's progress lines, then the error

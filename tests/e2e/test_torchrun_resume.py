@@ -1,5 +1,7 @@
-"""Two ranks under torchrun: SIGKILL after a checkpoint, resume, and get bit-identical losses
-(AdamW; and Muon with QK-clip, whose momentum buffers and clipped weights the checkpoint holds)."""
+"""Two ranks under the README's launcher: SIGKILL of the launcher alone after a checkpoint ends
+every rank within seconds (no orphan keeps training and writing); the relaunch takes the dead
+run's lock over, resumes, and gets bit-identical losses (AdamW; and Muon with QK-clip, whose
+momentum buffers and clipped weights the checkpoint holds, with bit-identical largest logits)."""
 
 from __future__ import annotations
 
@@ -7,44 +9,26 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from moetrain.torchrun import children
+from tests.harness import start_train, torchrun
+
 pytestmark = pytest.mark.slow
 
-ARGS = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true"]
+
 ADAMW = ("train.max_steps=18", "checkpoint.every=6")
 MUON = ("train.max_steps=6", "checkpoint.every=2", "optim=muon", "optim.qk_clip_threshold=0.3")
 
 
-def torchrun(run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "moetrain.train", *ARGS, f"run.dir={run_dir}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen,
-    )
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its ranks in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+def two_ranks(run_dir: Path, run: tuple[str, ...], *extra: str) -> subprocess.Popen:
+    """`run` (steps, checkpoint interval, optimizer) with a global batch of 4 on 2 ranks under
+    moetrain.torchrun (the README's launcher)."""
+    return start_train(["train.global_batch_size=4", *run, f"run.dir={run_dir}", *extra],
+                       launcher=torchrun(2, relay=True), stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -57,28 +41,44 @@ def losses(run_dir: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r.get("max_attn_logit")) for r in recs}
 
 
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (nobody reaps an orphan's child at once)
+
+
 @pytest.mark.parametrize("run", [ADAMW, MUON], ids=["adamw", "muon"])
-def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path, run):
+def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_identically(
+        tmp_path, run):
     full, killed = tmp_path / "full", tmp_path / "killed"
     steps = int(run[0].split("=")[1])
-    finish(torchrun(full, *run))
+    finish(two_ranks(full, run))
 
-    proc = torchrun(killed, *run)
+    proc = two_ranks(killed, run)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.02)
-    for pid in [*descendants(proc.pid), proc.pid]:  # the ranks and torchrun: no chance to clean up
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    ranks = sorted(children(proc.pid))  # torchrun's agent runs in the launcher's process
+    assert len(ranks) == 2, ranks
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone: nothing tells its ranks
+    killed_at = time.monotonic()
     proc.communicate()
+    while any(alive(pid) for pid in ranks) and time.monotonic() - killed_at < 10:
+        time.sleep(0.05)
+    gone_after = time.monotonic() - killed_at
+    print(f"ranks gone {gone_after:.2f} s after the launcher's SIGKILL")
+    assert not any(alive(pid) for pid in ranks), "ranks outlived their launcher by 10 s"
     saved = int(latest.read_text().strip().split("_")[1])
     assert saved < steps, "the run finished before it could be killed"
+    # (the first rank to notice exits; the other may instead see its collective fail)
+    assert any("the launcher (pid" in (killed / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
 
-    finish(torchrun(killed, *run, "checkpoint.resume=auto"))
+    finish(two_ranks(killed, run, "checkpoint.resume=auto"))
+    assert "which is no longer running" in (killed / "logs" / "rank0.log").read_text()  # took over
     a, b = losses(full), losses(killed)
     assert sorted(b) == list(range(1, steps + 1))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moetrain.checkpoint import CheckpointManager, TrainState
-from moetrain.config import compose, to_object, validate
+from moetrain.config import compose, to_object
 from moetrain.config.schema import DataConfig
 from moetrain.data import ensure_prepared, load_prepared_tokenizer, resolve_sources
 from moetrain.data.index import tokenizer_source
@@ -22,6 +22,7 @@ from moetrain.hf.__main__ import main
 from moetrain.hf.config import differences, hf_overrides, load_hf_config
 from moetrain.hf.tokenizer import load_hf_tokenizer, sentencepiece_to_hf
 from moetrain.model import Transformer
+from tests.harness import tiny_config
 from tests.hf.families import save_hf
 
 
@@ -31,14 +32,13 @@ def test_overrides_reproduce_the_hf_config(family, tmp_path, capsys):
     assert main(["overrides", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"model.family={family}" in lines
-    cfg = to_object(compose(["+experiment=tiny", *lines]))
-    validate(cfg)
+    cfg = tiny_config(lines)
     assert differences(cfg.model, hf_overrides(load_hf_config(tmp_path))) == []
 
 
 def _run(tmp_path: Path, *overrides: str, bias: float = 0.0) -> Path:
     """A run directory with config.yaml and a step_1 checkpoint of a tiny model."""
-    cfg = to_object(compose(["+experiment=tiny", *overrides]))
+    cfg = tiny_config(overrides)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -115,6 +115,7 @@ def test_an_imported_models_tokenizer_prepares_the_data(tmp_path):
     default = ensure_prepared(DataConfig(), 8192)
     save_hf("mixtral", tmp_path)  # a model folder (config.json) with a tokenizer
     sentencepiece_to_hf(load_prepared_tokenizer(default).model_file, tmp_path)
+    # not a trainable config (no model.family): composed, not validated
     cfg = to_object(compose(["+experiment=tiny", "model.vocab_size=9000",  # padded embedding
                              f"model.init.from_hf={tmp_path}"]))
     use_hf_tokenizer(cfg)

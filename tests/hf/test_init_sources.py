@@ -6,21 +6,18 @@ directory exists."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from moetrain.config import ConfigError, compose, to_object
+from moetrain.config import ConfigError
 from moetrain.hf.config import HFConfigError, check_matches, dense_overrides, model_config_from
 from moetrain.hf.load import check_init, dense_config, read_dense_state
 from moetrain.model import Transformer
 from moetrain.model.upcycle import upcycle_
+from tests.harness import run_train, tiny_config
 from tests.hf.families import VOCAB, rel_err, save_hf
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def save_dense(kind: str, path: Path):
@@ -62,7 +59,7 @@ def test_upcycled_moe_first_forward_equals_the_dense_hf_model(kind, tmp_path):
 
 def test_a_differing_trunk_or_model_config_is_refused_naming_each_key(tmp_path):
     save_dense("qwen3", tmp_path / "dense")
-    cfg = to_object(compose(["+experiment=tiny", f"model.init.upcycle_from={tmp_path / 'dense'}"]))
+    cfg = tiny_config([f"model.init.upcycle_from={tmp_path / 'dense'}"])
     with pytest.raises(HFConfigError) as err:
         check_init(cfg)
     msg = str(err.value)
@@ -71,8 +68,8 @@ def test_a_differing_trunk_or_model_config_is_refused_naming_each_key(tmp_path):
     assert "model.qk_norm='none' but the dense checkpoint has 'head'" in msg
 
     hf = save_hf("qwen3_moe", tmp_path / "moe")
-    cfg = to_object(compose(["+experiment=tiny", "model.family=qwen3_moe", "model.qk_norm=head",
-                             "model.moe.first_dense_layers=1"]))
+    cfg = tiny_config(["model.family=qwen3_moe", "model.qk_norm=head",
+                       "model.moe.first_dense_layers=1"])
     with pytest.raises(HFConfigError) as err:
         check_matches(cfg.model, tmp_path / "moe")
     msg = str(err.value)
@@ -82,21 +79,16 @@ def test_a_differing_trunk_or_model_config_is_refused_naming_each_key(tmp_path):
     assert isinstance(err.value, ConfigError)
 
 
-def _train(*overrides, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "moetrain.train", "+experiment=tiny", *overrides],
-                          capture_output=True, text=True, cwd=cwd)
-
-
 def test_the_command_line_refuses_before_making_the_run_directory(tmp_path):
     save_hf("qwen3_moe", tmp_path / "moe")
     run = tmp_path / "run"
-    done = _train(f"model.init.from_hf={tmp_path / 'moe'}", "model.family=qwen3_moe",
-                  "model.qk_norm=head", f"run.dir={run}")
+    done = run_train([f"model.init.from_hf={tmp_path / 'moe'}", "model.family=qwen3_moe",
+                      "model.qk_norm=head", f"run.dir={run}"])
     assert done.returncode == 2, done.stderr
     assert "model.init.from_hf=" in done.stderr and "model.d_model=128 but the checkpoint has 32" \
         in done.stderr and "Traceback" not in done.stderr
     (tmp_path / "empty").mkdir()
-    done = _train(f"model.init.upcycle_from={tmp_path / 'empty'}", f"run.dir={run}")
+    done = run_train([f"model.init.upcycle_from={tmp_path / 'empty'}", f"run.dir={run}"])
     assert done.returncode == 2, done.stderr
     assert "model.init.upcycle_from=" in done.stderr and "checkpoint.resume" not in done.stderr
     assert not run.exists()

@@ -10,9 +10,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +19,6 @@ from safetensors.torch import load_file
 import torch.distributed.fsdp  # noqa: F401 - imported in the parent for the forked ranks
 import torch.distributed.tensor.parallel  # noqa: F401
 from moetrain.checkpoint.convert import load_model_state
-from moetrain.config import compose, to_object, validate
 from moetrain.config.families import FAMILIES
 from moetrain.config.schema import DataConfig
 from moetrain.data import ensure_prepared
@@ -32,28 +28,24 @@ from moetrain.hf.load import check_init, use_hf_tokenizer
 from moetrain.hf.tensors import to_hf_state
 from moetrain.hf.tokenizer import sentencepiece_to_hf
 from moetrain.model import Transformer
-from moetrain.parallel import check_layout
-from moetrain.parallel import context  # noqa: F401
-from moetrain.runtime import init_runtime
-from moetrain.trainer import Trainer
-from tests.distributed.launcher import run_distributed
+from moetrain.parallel import parallelize  # noqa: F401
+from tests.harness import run_distributed, run_python, tiny_config, trainer_for
 from tests.hf.families import VOCAB, rel_err, save_hf
 
-REPO = Path(__file__).resolve().parents[2]
 LAYOUT = ["parallel.tp=2", "parallel.ep=2"]  # 4 ranks: dp2 x tp2 dense, ep2 x edp2 experts
 # and one more import: pipeline stages x ETP (each rank a stage's half of every expert's width)
 PP_CASE = ("deepseek_v3", ["parallel.pp=2", "parallel.pp_layers=[1,2]", "parallel.etp=2"])
-BASE = ["+experiment=tiny", "train.max_steps=2", "train.global_batch_size=4",
-        "train.micro_batch_size=1", "train.eval_every=0", "train.deterministic=true",
-        "train.dtype=fp32", "train.device=cpu", "checkpoint.every=2", "checkpoint.resume=never",
-        "logging.progress=false", "data.seq_len=32", "model.moe.capacity_factor=null",
-        "optim.warmup_steps=0"]
+# Over the harness's tiny run (tests/harness): 2 steps of 4 micro-batches of one 32-token
+# sequence, a checkpoint at the end, dropless, no warmup.
+ROUND_TRIP = ["train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=1",
+              "checkpoint.every=2", "data.seq_len=32", "model.moe.capacity_factor=null",
+              "optim.warmup_steps=0"]
 
 
 def _train(rank, world_size, jobs):
     torch.set_num_threads(1)
     for cfg, run_dir in jobs:
-        trainer = Trainer(cfg, init_runtime(cfg), run_dir)
+        trainer = trainer_for(cfg, run_dir)
         trainer.save_checkpoint()  # step_0: the imported weights as every rank holds them
         trainer.fit()
 
@@ -70,9 +62,7 @@ def runs(tmp_path_factory):
         save_hf(family, hf_dir)
         sentencepiece_to_hf(spm, hf_dir)
         overrides = format_overrides(hf_overrides(load_hf_config(hf_dir))).splitlines()
-        cfg = to_object(compose(BASE + layout + overrides + [f"model.init.from_hf={hf_dir}"]))
-        validate(cfg)
-        check_layout(cfg, 4)
+        cfg = tiny_config([*ROUND_TRIP, *layout, *overrides, f"model.init.from_hf={hf_dir}"], 4)
         check_init(cfg)
         use_hf_tokenizer(cfg)
         ensure_prepared(cfg.data, cfg.model.vocab_size)
@@ -102,8 +92,7 @@ def test_trained_checkpoint_exports_to_what_transformers_loads(family, runs, tmp
 
     cfg, hf_dir, run_dir = runs[family]
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "moetrain.hf", "export", str(run_dir), str(out),
-                           "--max-shard-size", "100KB"], capture_output=True, text=True, cwd=REPO)
+    done = run_python("-m", "moetrain.hf", "export", run_dir, out, "--max-shard-size", "100KB")
     assert done.returncode == 0, done.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))

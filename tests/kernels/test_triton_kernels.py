@@ -7,7 +7,7 @@ import torch
 import triton  # noqa: F401  (the tests must run, not skip: triton is in the dev extra)
 
 from moetrain.kernels import permute, reference, swiglu, unpermute
-from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.dispatcher import TokenDispatcher
 from moetrain.model.moe.router import RouterOutput
 from tests.kernels.conftest import DEVICE
 from tests.kernels.routing_cases import make_routing
@@ -168,7 +168,7 @@ def test_the_local_dispatcher_on_either_path(padded):
     for kernels in ("torch", "triton"):
         xl, wl = leaf(x), leaf(w)
         routing = RouterOutput(wl, wl, wl, idx, keep, capacity)
-        disp = LocalDispatcher(E, pad_to_capacity=padded, kernels=kernels)
+        disp = TokenDispatcher(E, pad_to_capacity=padded, kernels=kernels)
         x_ND, _, handle = disp.permute(xl, routing)
         y = disp.unpermute(x_ND * 2.0, handle)
         y.backward(g)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,28 +24,33 @@ from typing import Callable
 
 import pytest
 
+from tests.harness import TINY
 from tests.launch.slurm_jobs import (
-    TERMINAL, Cluster, JobRecord, last_step, losses, rank_pids, signal_all, torchrun_pids,
+    CLUSTER_SCRIPT, TERMINAL, Cluster, JobRecord, last_step, losses, rank_pids, signal_all,
+    torchrun_pids,
 )
 
-COMMON = ["+experiment=tiny", "train.device=cpu", "train.deterministic=true",
-          "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_every=0",
-          "logging.progress=false", "checkpoint.every=10",
+# Over the harness's tiny run (tests/harness): resumed as a requeued job resumes.
+COMMON = [*TINY, "train.global_batch_size=4", "checkpoint.every=10", "checkpoint.resume=auto",
           # the learning rate then does not depend on train.max_steps: a shorter job's losses
           # are the first steps of its reference job's
           "optim.decay=constant"]
 
 
-def cpu_partition(ranks: int) -> list[str]:
-    """The README's overrides of the script's GPU defaults for a CPU partition."""
-    return ["--nodes=1", "--gpus-per-node=0", f"--ntasks-per-node={ranks}", "--cpus-per-task=1"]
+def cpu_partition(ranks: int, nodes: int = 1) -> list[str]:
+    """The README's overrides of the script's GPU defaults for a CPU partition. One-node jobs
+    go to the first node: the node-loss case kills the second one."""
+    where = ["--nodelist=moetrain-node"] if nodes == 1 else []
+    return [f"--nodes={nodes}", *where, "--gpus-per-node=0", f"--ntasks-per-node={ranks}",
+            "--cpus-per-task=1"]
 
 
 @dataclass
 class Case:
     name: str
-    ranks: int = 1
+    ranks: int = 1  # per node
     max_steps: int = 30
+    nodes: int = 1
     sbatch: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -154,6 +160,27 @@ def ranks_up(name: str):
     return lambda records: bool(rank_pids(records[name].run_dir))
 
 
+def lose_a_node_after(step: int):
+    """Kill the second node (its slurmd and job processes, scripts/slurm_cluster.sh kill-node)
+    once the first run has logged `step` steps; start its slurmd again once the job has been
+    requeued (or after 60 s), so that the requeued job can have two nodes again. The ranks are
+    paused (SIGSTOP) first, so that the run cannot finish while the node is being killed; SLURM's
+    kill sequence (SIGCONT, SIGTERM, SIGKILL) ends the ones on the surviving node."""
+    def act(case, rec, cluster, info):
+        if first_run(rec) and last_step(rec.run_dir) >= step and once(rec, "node_killed_at_s"):
+            signal_all(rank_pids(rec.run_dir), signal.SIGSTOP)
+            rec.notes["killed_after_step"] = last_step(rec.run_dir)
+            subprocess.run(["bash", str(CLUSTER_SCRIPT), "kill-node", "moetrain-node2"],
+                           check=True, capture_output=True, timeout=60)
+        if "node_killed_at_s" in rec.notes and "node_back_at_s" not in rec.notes:
+            since = time.monotonic() - rec.notes["submitted"] - rec.notes["node_killed_at_s"]
+            if (rec.restarts >= 1 and since > 5) or since > 60:
+                subprocess.run(["bash", str(CLUSTER_SCRIPT), "start-node", "moetrain-node2"],
+                               check=True, capture_output=True, timeout=60)
+                once(rec, "node_back_at_s")
+    return act
+
+
 def build_cases(silent_port: int) -> list[Case]:
     return [
         # (a) two jobs on one node: "pair" (2 ranks) starts first and ends first; "reference"
@@ -184,6 +211,12 @@ def build_cases(silent_port: int) -> list[Case]:
              act=cancel_each_run_in_rendezvous),
         # a run that fails by itself is not requeued
         Case("bad_config", args=["train.micro_batch_size=3"]),
+        # (d) two nodes, two ranks each (micro-batch 1: dp=4 divides the global batch of 4),
+        # against one process with the same micro-batches; and a node lost mid-run
+        Case("one_process_mb1", max_steps=20, args=["train.micro_batch_size=1"]),
+        Case("nodes2", nodes=2, ranks=2, max_steps=20, args=["train.micro_batch_size=1"]),
+        Case("node_lost", nodes=2, ranks=2, max_steps=20, args=["train.micro_batch_size=1"],
+             act=lose_a_node_after(11)),
     ]
 
 
@@ -202,15 +235,16 @@ def campaign(slurm: Cluster, tmp_path_factory) -> dict[str, JobRecord]:
         args = [*COMMON, f"train.max_steps={case.max_steps}", *case.args, f"run.dir={rec.run_dir}"]
         rec.notes["submitted"] = time.monotonic()
         rec.notes["submitted_after_s"] = round(rec.notes["submitted"] - start, 1)
-        rec.job_id = slurm.submit(rec.dir, [f"--job-name={case.name}", *cpu_partition(case.ranks),
-                                            *case.sbatch], args, **case.env)
+        rec.job_id = slurm.submit(rec.dir, [f"--job-name={case.name}",
+                                            *cpu_partition(case.ranks, case.nodes), *case.sbatch],
+                                  args, **case.env)
 
     waiting = [c for c in cases.values() if c.submit_when is not None]
     for case in cases.values():
         if case.submit_when is None:
             submit(case)
     active = {c.name for c in cases.values() if c.submit_when is None}
-    deadline = start + 600
+    deadline = start + 900
     try:
         while (active or waiting) and time.monotonic() < deadline:
             for case in list(waiting):
@@ -355,3 +389,32 @@ def test_a_run_that_fails_by_itself_is_not_requeued(campaign, slurm):
     rec = campaign["bad_config"]
     assert rec.state == "FAILED" and rec.restarts == 0, rec.describe()
     assert "not divisible" in rec.output() and "not requeueing" in rec.output(), rec.describe()
+    assert "ranks refused to run (status 2" in rec.output(), rec.describe()
+
+
+def test_two_nodes_of_two_ranks_equal_one_process(campaign, slurm):
+    rec, one = campaign["nodes2"], campaign["one_process_mb1"]
+    for r in (rec, one):
+        assert r.state == "COMPLETED" and r.exit_code == "0:0" and r.restarts == 0, r.describe()
+    out = rec.output()
+    assert "2 node(s) x 2 rank(s)" in out, rec.describe()
+    hosts = {m for r in range(4) for m in re.findall(rf"rank {r} of 4 on (\S+)",
+                                                     rec.rank_log(r))}
+    assert len(hosts) == 1, hosts  # one machine, two slurmd nodes
+    got, want = losses(rec.run_dir), losses(one.run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, 21)), rec.describe()
+    for s in got:  # a different reduction order: fp32 rel. error < 1e-5 (docs/equivalence.md)
+        assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got[s], want[s])
+
+
+def test_a_lost_node_ends_in_a_requeue_and_a_resume_with_the_same_losses(campaign, slurm):
+    rec, ref = campaign["node_lost"], campaign["nodes2"]
+    assert "node_killed_at_s" in rec.notes and "node_back_at_s" in rec.notes, rec.describe()
+    assert 10 < rec.notes["killed_after_step"] < 20, rec.describe()
+    assert "Node failure on moetrain-node2" in rec.output(), rec.describe()
+    assert rec.state == "COMPLETED" and rec.exit_code == "0:0" and rec.restarts >= 1, rec.describe()
+    log = rec.rank_log(0)
+    assert re.search(r"resumed from \S*/checkpoints/step_10 at step 10\n", log), rec.describe()
+    assert "rank 0 exits at step 20" in log, rec.describe()
+    got, want = losses(rec.run_dir), losses(ref.run_dir)
+    assert got == want, [(s, got[s], want.get(s)) for s in got if got[s] != want.get(s)]

@@ -12,17 +12,15 @@ import time
 from pathlib import Path
 
 from moetrain.preemption import PreemptionWatcher
+from tests.harness import CHILD_ENV, TINY
 from tests.launch.slurm_jobs import REPO, rank_pids, torchrun_pids
 
-ARGS = ["+experiment=tiny", "train.device=cpu", "train.global_batch_size=4",
-        "train.micro_batch_size=2", "train.eval_every=0", "logging.progress=false",
-        "train.max_steps=30"]
+ARGS = [*TINY, "train.global_batch_size=4", "train.max_steps=30"]
 
 
 def test_a_signal_to_torchrun_before_the_rank_starts_reaches_the_rank(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, **CHILD_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen(
         ["bash", str(REPO / "launch" / "local.sh"), "1", *ARGS, f"run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,6 +1,6 @@
 import torch
 
-from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.dispatcher import TokenDispatcher
 from moetrain.model.moe.router import RouterOutput
 
 
@@ -14,7 +14,7 @@ def test_permute_groups_rows_by_expert_in_token_order():
     x = torch.arange(4.0).unsqueeze(1).repeat(1, 3)  # row t holds t
     idx = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
     w = torch.ones(4, 2)
-    x_ND, counts, handle = LocalDispatcher(4).dispatch(x, routing(idx, w))
+    x_ND, counts, handle = TokenDispatcher(4).dispatch(x, routing(idx, w))
     assert counts.tolist() == [3, 2, 2, 1]
     assert x_ND[:, 0].tolist() == [0, 1, 3, 1, 2, 0, 2, 3]
     assert counts.dtype == torch.int64
@@ -25,7 +25,7 @@ def test_combine_weights_and_drops():
     idx = torch.tensor([[2, 0], [0, 1], [2, 1], [3, 0]])
     w = torch.rand(4, 2, requires_grad=True)
     keep = torch.tensor([[True, False], [True, True], [False, False], [True, True]])
-    disp = LocalDispatcher(4)
+    disp = TokenDispatcher(4)
     x_ND, counts, handle = disp.dispatch(x, routing(idx, w, keep))
     assert counts.tolist() == [2, 1, 1, 1]  # dropped assignments are not counted for experts
     # static shapes: every assignment has a row, the 3 dropped ones last, zeroed
@@ -52,19 +52,19 @@ def test_pad_to_capacity_gives_static_shapes():
     w = torch.rand(4, 2)
     keep = torch.ones(4, 2, dtype=torch.bool)
     keep[3, 1] = False
-    disp = LocalDispatcher(4, pad_to_capacity=True)
+    disp = TokenDispatcher(4, pad_to_capacity=True)
     x_ND, counts, handle = disp.dispatch(x, routing(idx, w, keep, capacity=2))
     assert x_ND.shape == (8, 3) and counts.tolist() == [2, 2, 2, 2]
     assert torch.equal(x_ND[0], x[0]) and torch.equal(x_ND[1], x[1])  # expert 0: tokens 0, 1
     assert torch.equal(x_ND[7], torch.zeros(3))  # expert 3 holds one token + one pad row
     y = disp.combine(x_ND, handle)
-    unpadded = LocalDispatcher(4)
+    unpadded = TokenDispatcher(4)
     x2, _, h2 = unpadded.dispatch(x, routing(idx, w, keep))
     torch.testing.assert_close(y, unpadded.combine(x2, h2))
 
 
 def test_empty_experts_and_no_tokens():
-    disp = LocalDispatcher(5)
+    disp = TokenDispatcher(5)
     x = torch.randn(3, 2)
     idx = torch.tensor([[1], [1], [4]])
     x_ND, counts, handle = disp.dispatch(x, routing(idx, torch.ones(3, 1)))
@@ -81,7 +81,7 @@ def test_gradients_flow_through_dispatch_and_combine():
     x = torch.randn(5, 3, requires_grad=True)
     w = torch.rand(5, 2, requires_grad=True)
     idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 3], [3, 1]])
-    disp = LocalDispatcher(4)
+    disp = TokenDispatcher(4)
     x_ND, _, handle = disp.dispatch(x, routing(idx, w))
     y = disp.combine(x_ND * 3.0, handle)
     y.sum().backward()
@@ -89,11 +89,10 @@ def test_gradients_flow_through_dispatch_and_combine():
     torch.testing.assert_close(w.grad, 3.0 * x.detach().sum(1, keepdim=True).expand(5, 2))
 
 
-class _RecordingDispatcher(LocalDispatcher):
-    """What an expert-parallel dispatcher overrides: the exchange between permute and experts."""
+class _RecordingExchange:
+    """What expert parallelism replaces: the exchange between permute and experts."""
 
-    def __init__(self, num_experts):
-        super().__init__(num_experts)
+    def __init__(self):
         self.calls = []
 
     def exchange(self, x_ND, counts):
@@ -106,10 +105,11 @@ class _RecordingDispatcher(LocalDispatcher):
 
 
 def test_exchange_hooks_sit_between_permute_and_unpermute():
-    disp = _RecordingDispatcher(3)
+    exchange = _RecordingExchange()
+    disp = TokenDispatcher(3, exchange=exchange)
     x = torch.randn(4, 2)
     idx = torch.tensor([[0], [2], [1], [2]])
     x_ND, _, handle = disp.dispatch(x, routing(idx, torch.ones(4, 1)))
     y = disp.combine(x_ND, handle)
-    assert disp.calls == ["exchange", ("exchange_back", "state")]
+    assert exchange.calls == ["exchange", ("exchange_back", "state")]
     torch.testing.assert_close(y, x)

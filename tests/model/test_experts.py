@@ -72,23 +72,21 @@ def test_default_uses_grouped_mm_on_cpu_fp32():
     torch.testing.assert_close(odd(x, counts), experts_loop(x, counts, odd.w1, odd.w3, odd.w2))
 
 
-def test_shard_keeps_a_block_of_experts_and_hidden_columns():
+def test_hidden_column_blocks_sum_to_the_whole_experts_output():
+    """What expert tensor parallelism relies on: experts holding hidden columns [0, F/2) and
+    [F/2, F) of experts 2 and 3 give partial outputs that sum to those experts' outputs."""
     full = make_experts(E=4, D=16, F=32)
-    part = make_experts(E=4, D=16, F=32)
-    part.load_state_dict(full.state_dict())
-    part.shard_(slice(2, 4), slice(16, 32))
-    assert (part.num_local_experts, part.expert_offset, part.num_global_experts) == (2, 2, 4)
-    assert (part.w1.shape[-1], part.hidden_offset, part.global_hidden) == (16, 16, 32)
-    assert part.w2.shape == (2, 16, 16) and part.w1.is_contiguous()
-    assert torch.equal(part.w2, full.w2[2:, 16:, :])
-    # the other hidden half's partial output completes the full output of experts 2 and 3
-    rest = make_experts(E=4, D=16, F=32)
-    rest.load_state_dict(full.state_dict())
-    rest.shard_(slice(2, 4), slice(0, 16))
+    halves = [make_experts(E=2, D=16, F=16) for _ in range(2)]
+    with torch.no_grad():
+        for h, cols in zip(halves, (slice(0, 16), slice(16, 32))):
+            h.w1.copy_(full.w1[2:, :, cols])
+            h.w3.copy_(full.w3[2:, :, cols])
+            h.w2.copy_(full.w2[2:, cols, :])
     counts = torch.tensor([3, 2])
     x = torch.randn(5, 16)
     expected = experts_loop(x, torch.tensor([0, 0, 3, 2]), full.w1, full.w3, full.w2)
-    torch.testing.assert_close(part(x, counts) + rest(x, counts), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(halves[0](x, counts) + halves[1](x, counts), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_first_forward_inside_activation_checkpointing(monkeypatch):

@@ -12,7 +12,7 @@ from torch import nn
 
 from moetrain.model import Transformer
 from moetrain.model.init import (
-    LocalShard, counter_normal, element_key, init_parameters, local_shard, normal_,
+    LocalShard, counter_normal, element_key, init_parameters, normal_,
 )
 from moetrain.model.norm import RMSNorm
 from tests.model.tiny import make_cfg
@@ -61,22 +61,6 @@ def test_a_shard_gets_the_whole_tensors_values_at_its_offsets(shape, region, lim
     normal_(shard, 0.02, key, limit=limit)
     assert torch.equal(shard.tensor, block)
     assert torch.equal(whole[shard.region()], block)
-
-
-def test_sliced_experts_initialise_like_the_whole_layer():
-    """Expert parallelism's slices (GroupedExperts.shard_): each expert's values do not depend on
-    which rank holds it or how its hidden width is split."""
-    cfg = make_cfg(moe=dict(num_experts=4, expert_hidden=16))
-    whole = Transformer(cfg)
-    whole.init_weights(seed=9)
-    part = Transformer(cfg)
-    experts = part.layers["1"].moe.experts
-    experts.shard_(slice(2, 4), slice(8, 16))
-    part.init_weights(seed=9)
-    ref = whole.layers["1"].moe.experts
-    assert torch.equal(experts.w1, ref.w1[2:4, :, 8:16])
-    assert torch.equal(experts.w2, ref.w2[2:4, 8:16, :])
-    assert local_shard(experts, "w2", experts.w2).offset == (2, 8, 0)
 
 
 class _WithNewModules(nn.Module):

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.model import Transformer, moe_step_stats, start_moe_step
+from moetrain.model import Transformer
 from moetrain.model.moe import MoELayer
 from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
-from tests.model.tiny import layer_stats, make_cfg
+from tests.model.tiny import layer_stats, make_cfg, start_step, step_rows
 
 
 def make_layer(**moe):
@@ -105,17 +105,17 @@ def test_aux_loss_injection_equals_explicit_aux_gradient():
     explicit = Transformer(cfg)
     explicit.load_state_dict(injected.state_dict())
 
-    start_moe_step(injected, aux_loss_scale=s)
+    start_step(injected, aux_loss_scale=s)
     injected(tokens).sum().backward()
 
-    start_moe_step(explicit, aux_loss_scale=0.0)
+    start_step(explicit, aux_loss_scale=0.0)
     logits, aux = _explicit_aux(explicit, tokens, 0.1, 0.01)
     (logits.sum() + s * aux).backward()
 
     for (name, a), b in zip(injected.named_parameters(), explicit.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
     # the aux losses really moved the router gradient
-    start_moe_step(explicit, aux_loss_scale=0.0)
+    start_step(explicit, aux_loss_scale=0.0)
     explicit.zero_grad()
     explicit(tokens).sum().backward()
     router = "layers.1.moe.router.weight"
@@ -135,7 +135,7 @@ def test_global_lbl_through_layers_over_two_micro_batches():
     xs = [torch.randn(2, 4, 32) for _ in range(2)]
     running = torch.zeros(4)
     for x in xs:
-        before = moe_step_stats(layer).rows_LC
+        before = step_rows(layer).rows_LC
         layer(x)
         stats = layer_stats(layer, since=before)
         running += stats.tokens_per_expert
@@ -143,7 +143,7 @@ def test_global_lbl_through_layers_over_two_micro_batches():
             scores = (x.reshape(-1, 32) @ layer.router.weight.T).softmax(-1)
         expected = 4 * ((running / running.sum()) * scores.mean(0)).sum()
         torch.testing.assert_close(stats.lbl.float(), expected)
-    start_moe_step(layer, aux_loss_scale=1.0)
+    start_step(layer, aux_loss_scale=1.0)
     assert layer.lbl.step_counts_E.sum() == 0 and layer.step_stats.abs().sum() == 0
 
 
@@ -154,7 +154,7 @@ def test_activation_checkpointing_replays_global_lbl():
     for use_ckpt in (False, True):
         torch.manual_seed(5)
         layer = make_layer(lbl=dict(scope="global", coeff=1.0))
-        start_moe_step(layer, aux_loss_scale=1.0)
+        start_step(layer, aux_loss_scale=1.0)
         outs = []
         for x in xs:  # two forwards, then the backwards (like a pipeline schedule)
             outs.append(checkpoint(layer, x, use_reentrant=False) if use_ckpt else layer(x))

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.config.schema import RoutingConfig
-from moetrain.model import moe_step_stats, set_capacity_factor, set_top_k, update_expert_bias
+from moetrain.config.schema import ValueSchedule
 from moetrain.model.moe import MoELayer, Router
-from tests.model.tiny import layer_stats, make_cfg
+from tests.model.tiny import control, layer_stats, make_cfg, step_rows
 
 
 def router_with_logits(logits_TE, top_k, **routing):
@@ -92,12 +92,18 @@ def test_aux_loss_free_bias_lowers_the_load_cv_of_a_skewed_router():
     assert r.expert_bias[0] < 0 and "expert_bias" in r.state_dict()
 
 
-def test_update_expert_bias_walks_every_moe_layer():
-    cfg = make_cfg(moe=dict(num_experts=4, top_k=2))
+def test_finishing_a_step_moves_each_layers_bias_by_its_own_loads():
+    cfg = make_cfg(moe=dict(num_experts=4, top_k=2), n_layers=2)
     cfg.moe.routing.bias_rate = 0.5
-    layer = MoELayer(cfg.d_model, cfg.moe)
-    update_expert_bias(layer, torch.tensor([[10, 2, 4, 4]]))
-    assert layer.router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+    layers = torch.nn.ModuleList([MoELayer(cfg.d_model, cfg.moe, moe_index=i) for i in (1, 0)])
+    moe = control(layers, cfg.moe)
+    rows = torch.zeros(2, moe.columns.width, dtype=torch.float64)
+    first = 7  # the per-slot counts follow the scalar columns (moe/stats.py)
+    rows[0, first:first + 4] = torch.tensor([10, 2, 4, 4])
+    rows[1, first:first + 4] = torch.tensor([1, 3, 3, 1])
+    moe.finish_step(moe.columns.view(rows))
+    assert layers[1].router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]  # moe_index 0
+    assert layers[0].router.expert_bias.tolist() == [0.5, -0.5, -0.5, 0.5]  # moe_index 1
 
 
 def test_balanced_groups_pick_equally_from_every_group_and_limited_groups_stay_inside():
@@ -113,24 +119,39 @@ def test_balanced_groups_pick_equally_from_every_group_and_limited_groups_stay_i
     assert not torch.equal(plain(x).topk_idx_TK, idx)  # the restriction did change choices
 
 
-def test_set_top_k_and_capacity_factor_change_the_next_forward():
+def test_a_steps_schedules_change_the_forwards_of_that_step():
     cfg = make_cfg(moe=dict(num_experts=4, top_k=4))
+    cfg.moe.schedule.top_k = ValueSchedule(kind="step", milestones=[[1, 1]])
+    # capacity ceil(0.5 * 16 * 1 / 4) = 2 per expert from step 2 on
+    cfg.moe.schedule.capacity_factor = ValueSchedule(kind="step", milestones=[[2, 0.5]])
     layer = MoELayer(cfg.d_model, cfg.moe)
+    moe = control(layer, cfg.moe)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 8, cfg.d_model)
+    assert moe.start_step(0).top_k == 4
     layer(x)
     assert layer_stats(layer).assignments == 64  # dense: all four experts
-    set_top_k(layer, 1)
-    before = moe_step_stats(layer).rows_LC
+    assert moe.start_step(1).top_k == 1
     layer(x)
-    assert layer_stats(layer, since=before).assignments == 16
-    set_capacity_factor(layer, 0.5)  # capacity ceil(0.5 * 16 * 1 / 4) = 2 per expert
-    before = moe_step_stats(layer).rows_LC
+    assert layer_stats(layer).assignments == 16 and layer_stats(layer).dropped == 0
+    assert moe.start_step(2).capacity_factor == 0.5
     layer(x)
-    stats = layer_stats(layer, since=before)
-    load = layer.router(x.reshape(-1, 32)).topk_idx_TK.reshape(-1).bincount(minlength=4)
+    stats = layer_stats(layer)
+    load = layer.router(x.reshape(-1, 32), 1).topk_idx_TK.reshape(-1).bincount(minlength=4)
     assert 0 < stats.dropped and stats.dropped == 16 - int(load.clamp(max=2).sum())
+    with moe.evaluation():  # dropless (train.eval_capacity_factor null), the step's top-k
+        layer.eval()
+        before = step_rows(layer).rows_LC
+        layer(x)
+        assert torch.equal(step_rows(layer).rows_LC, before)  # no statistics in evaluation
+        layer.train()
+        layer(x)
+        assert layer_stats(layer, since=before).dropped == 0
+        assert layer_stats(layer, since=before).assignments == 16
+    after = step_rows(layer).rows_LC
+    layer(x)  # the step's capacity again
+    assert layer_stats(layer, since=after).dropped == stats.dropped
 
 
 def test_top_p_assignments_outside_the_threshold_do_not_use_capacity():

@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moetrain.model import (
-    MoELayer, Transformer, count_params, moe_step_stats, start_moe_step,
-)
-from tests.model.tiny import make_cfg
+from moetrain.model import MoELayer, Transformer
+from moetrain.planning import count_parameters
+from tests.model.tiny import control, make_cfg, step_rows
 
 
 def test_forward_shapes_and_default_positions():
@@ -19,7 +18,8 @@ def test_forward_shapes_and_default_positions():
     torch.testing.assert_close(logits, model(tokens, torch.arange(7)))
     assert model.layers["0"].mlp is not None and model.layers["0"].moe is None
     assert model.layers["1"].moe is not None and model.layers["1"].mlp is None
-    assert moe_step_stats(model).rows_LC.shape[0] == 1
+    assert step_rows(model).rows_LC.shape[0] == 1
+    assert model.layers["1"].moe.moe_index == 0  # numbered among the MoE layers
 
 
 def test_init_is_seeded_and_layer_independent():
@@ -55,8 +55,7 @@ def test_tied_embeddings():
     model.init_weights(seed=5)
     untied.init_weights(seed=5)
     assert torch.equal(model.tok_embeddings.weight, untied.tok_embeddings.weight)
-    total, _ = count_params(model)
-    assert total == sum(p.numel() for p in model.parameters())
+    assert count_parameters(model.cfg).n_total == sum(p.numel() for p in model.parameters())
 
 
 def test_pipeline_stages_compose_to_full_model():
@@ -69,15 +68,6 @@ def test_pipeline_stages_compose_to_full_model():
     last.tok_embeddings = None
     tokens = torch.randint(0, cfg.vocab_size, (2, 5))
     torch.testing.assert_close(last(first(tokens)), full(tokens))
-
-
-def test_count_params_active():
-    cfg = make_cfg(moe=dict(num_experts=4, top_k=1, first_dense_layers=1), n_layers=2)
-    model = Transformer(cfg)
-    total, active = count_params(model)
-    expert_params = 3 * 4 * cfg.d_model * cfg.moe.expert_hidden  # one MoE layer
-    assert total == sum(p.numel() for p in model.parameters())
-    assert total - active == expert_params * 3 // 4
 
 
 def test_dense_only_model_has_no_moe_layers():
@@ -93,8 +83,9 @@ def test_model_trains():
     tokens = torch.randint(0, cfg.vocab_size, (4, 17))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     losses = []
-    for _ in range(30):
-        start_moe_step(model, aux_loss_scale=1.0)
+    moe = control(model, cfg.moe)
+    for step in range(30):
+        moe.start_step(step)
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         opt.zero_grad()
         loss.backward()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+
 from moetrain.config.schema import LBLConfig, ModelConfig, MoEConfig
-from moetrain.model import moe_step_stats
+from moetrain.model import MoEControl, moe_layers
+from moetrain.model.moe.stats import MoEStepStats
 
 
 def make_cfg(moe: dict | None = None, lbl: dict | None = None, **model) -> ModelConfig:
@@ -18,10 +21,35 @@ def make_cfg(moe: dict | None = None, lbl: dict | None = None, **model) -> Model
     return ModelConfig(**model_kw, moe=moe_cfg)
 
 
+def control(model, moe: MoEConfig, micro_batches: int = 1) -> MoEControl:
+    """The trainer's MoE control surface over `model` (a Transformer, a block or one MoELayer)."""
+    n = 1 + max(layer.moe_index for layer in moe_layers(model))
+    return MoEControl(model, moe, num_moe_layers=n, micro_batches_per_step=micro_batches)
+
+
+def start_step(model, aux_loss_scale: float) -> None:
+    """Start a step on every MoE layer of `model` at its config's routing, with an arbitrary aux
+    loss gradient (the trainer's `MoEControl` gives 1 / micro-batches)."""
+    for layer in moe_layers(model):
+        layer.start_step(top_k=layer.top_k, capacity_factor=layer.capacity_factor,
+                         aux_loss_scale=aux_loss_scale)
+
+
+def step_rows(model) -> MoEStepStats:
+    """The statistics rows [MoE layers, width] of `model`'s layers, by `moe_index`."""
+    layers = moe_layers(model)
+    columns = layers[0].stats_columns
+    rows = torch.zeros(1 + max(layer.moe_index for layer in layers), columns.width,
+                       dtype=torch.float64)
+    for layer in layers:
+        rows[layer.moe_index] = layer.step_stats
+    return columns.view(rows)
+
+
 def layer_stats(model, index: int = 0, since=None) -> SimpleNamespace:
     """MoE layer `index`'s statistics summed over the forwards since the last start of a step
-    (or since the rows `since`, a `moe_step_stats(...).rows_LC` taken earlier)."""
-    stats = moe_step_stats(model)
+    (or since the rows `since`, a `step_rows(...).rows_LC` taken earlier)."""
+    stats = step_rows(model)
     if since is not None:
         stats = stats.columns.view(stats.rows_LC - since)
     col = lambda name: stats.scalar(name)[index]  # noqa: E731

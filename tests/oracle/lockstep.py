@@ -26,9 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from moetrain.config import compose, to_object, validate
-from moetrain.runtime import init_runtime
 from moetrain.trainer import Trainer
+from tests import harness
 from tests.oracle.reference import Reference, StepOutput
 
 STEPS = 3
@@ -37,20 +36,12 @@ UPDATE_RTOL = 1e-3
 # Muon's update of the same gradient: the same bf16 Newton-Schulz on the same bits, but the
 # momentum's fp32 rounding may differ in the last bit (which bf16 can turn into one ulp).
 MUON_UPDATE_RTOL = 1e-4
-# A tiny model: 3 layers (one dense, two MoE), 4 experts of width 16, sequences of 16 tokens,
-# a global batch of 4 sequences; one warmup step, then cosine decay (both parts of the LR rule).
-BASE = [
-    "+experiment=tiny",
+# Over the harness's tiny run (tests/harness): a tinier model, 3 layers (one dense, two MoE), 4
+# experts of width 16, sequences of 16 tokens, a global batch of 4 sequences; one warmup step,
+# then cosine decay (both parts of the LR rule).
+ORACLE = [
     f"train.max_steps={STEPS}",
     "train.global_batch_size=4",
-    "train.micro_batch_size=2",
-    "train.eval_every=0",
-    "train.deterministic=true",
-    "train.dtype=fp32",
-    "train.device=cpu",
-    "checkpoint.every=0",
-    "checkpoint.resume=never",
-    "logging.progress=false",
     "data.seq_len=16",
     "model.d_model=32",
     "model.n_heads=4",
@@ -111,10 +102,7 @@ class LockstepResult:
 
 
 def build_trainer(run_dir: Path, overrides: list[str]) -> Trainer:
-    cfg = to_object(compose(BASE + list(overrides) + [f"run.dir={run_dir}"]))
-    validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, init_runtime(cfg), run_dir)
+    return harness.build_trainer(run_dir, [*ORACLE, *overrides, f"run.dir={run_dir}"])
 
 
 class _Stop(Exception):

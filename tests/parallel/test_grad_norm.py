@@ -10,8 +10,21 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from moetrain.parallel.grad_norm import clip_grad_norm_
-from tests.distributed.launcher import run_distributed
+import torch.distributed as dist
+
+from moetrain.parallel.grad_norm import clip_coefficient, grad_sq_norm_share, scale_grads_
+from tests.harness import run_distributed
+
+
+def clip_grad_norm_(params, max_norm, ranks_per_stage=1):
+    """The trainer's clipping: each rank's share of the squared norm, summed over every rank
+    (the step's reduction), then one coefficient for every gradient. Returns the norm."""
+    share = grad_sq_norm_share(params, ranks_per_stage)
+    if dist.is_initialized():
+        dist.all_reduce(share)
+    norm = float(share.sqrt())
+    scale_grads_(params, clip_coefficient(norm, max_norm))
+    return norm
 
 
 def _params(*grads):
@@ -59,7 +72,7 @@ def _sharded_and_stages(rank, world_size, stage_grads):
     (ranks with the same mesh position) sums the stages' squares."""
     stage = rank // 2
     world = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
-    mesh, pp_group = world["dp"], world["pp"].get_group()
+    mesh = world["dp"]
     full = stage_grads[stage]
     sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]))
     sharded.grad = distribute_tensor(full[0], mesh, [Shard(0)])
@@ -67,7 +80,7 @@ def _sharded_and_stages(rank, world_size, stage_grads):
     replicated.grad = distribute_tensor(full[1], mesh, [Replicate()])
     plain = torch.nn.Parameter(torch.zeros(3))
     plain.grad = full[2].clone()
-    return clip_grad_norm_([sharded, replicated, plain], 0.0, stage_group=pp_group)
+    return clip_grad_norm_([sharded, replicated, plain], 0.0, ranks_per_stage=2)
 
 
 def test_dtensor_shards_counted_once_and_stages_summed():

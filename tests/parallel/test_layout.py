@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +13,7 @@ from moetrain.config.schema import ModelConfig, TrainConfig
 from moetrain.parallel.checks import check_layout, check_model_fit
 from moetrain.parallel.dims import GROUP_KINDS, LayoutError, ParallelDims
 from moetrain.parallel.mesh import build_meshes
-from tests.distributed.launcher import run_distributed
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import ranks_fixture, run_python
 
 
 # -- hand-checked cases --------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def test_model_fit_names_keys(degrees, model, train, seq_len, key, text):
     assert key in info.value.keys
 
 
-def test_model_fit_accepts_good_and_replicated_kv():
+def test_model_fit_accepts_good_and_refuses_too_few_kv_heads():
     dims = ParallelDims(8, tp=2, cp=2, ep=4)
     check_model_fit(dims, ModelConfig(), TrainConfig(global_batch_size=16, micro_batch_size=4),
                        128)
@@ -166,7 +161,6 @@ def test_model_fit_accepts_good_and_replicated_kv():
     model = _model(n_heads=8, n_kv_heads=2)
     with pytest.raises(LayoutError):
         check_model_fit(dims, model, TrainConfig(global_batch_size=8), 128)
-    check_model_fit(dims, model, TrainConfig(global_batch_size=8), 128, replicate_kv_heads=True)
 
 
 @pytest.mark.parametrize(
@@ -212,10 +206,7 @@ def test_pipeline_schedules_that_fit():
 
 
 def _layout_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "moetrain.layout", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    return run_python("-m", "moetrain.layout", *args, timeout=60)
 
 
 def test_cli_json_matches_groups():
@@ -353,9 +344,9 @@ def test_every_layout_equals_megatron(world_size, megatron_groups):
 # -- torch DeviceMesh views (4 forked gloo ranks) ------------------------------------------------
 
 
-def _check_meshes(rank, world_size, degrees, strategy):
+def _check_meshes(rank, world_size, degrees):
     dims = ParallelDims(world_size, **degrees)
-    meshes = build_meshes(dims, "cpu", strategy=strategy)  # asserts against dims itself, too
+    meshes = build_meshes(dims, "cpu")  # asserts against dims itself, too
     seen = {}
     for kind in GROUP_KINDS:
         want = dims.group_of(kind, rank)
@@ -372,15 +363,19 @@ def _check_meshes(rank, world_size, degrees, strategy):
     return seen
 
 
-@pytest.mark.parametrize("strategy", ["auto", "explicit"])
-@pytest.mark.parametrize(
-    "degrees",
-    [dict(tp=2, ep=4), dict(tp=2, cp=2, ep=2, etp=2), dict(pp=2, cp=2, ep=2)],
-    ids=["tp2-dp2-ep4", "tp2-cp2-ep2-etp2", "pp2-cp2-ep2"],
-)
-def test_meshes_match_groups_on_4_ranks(degrees, strategy):
-    seen = run_distributed(_check_meshes, 4, degrees, strategy, timeout=60, pg_timeout=20)
-    dims = ParallelDims(4, **degrees)
+MESH_DEGREES = {"tp2-dp2-ep4": dict(tp=2, ep=4), "tp2-cp2-ep2-etp2": dict(tp=2, cp=2, ep=2, etp=2),
+                "pp2-cp2-ep2": dict(pp=2, cp=2, ep=2)}
+# One 4-rank launch builds the meshes of every layout.
+four_ranks = ranks_fixture(
+    lambda rank, world_size: {name: _check_meshes(rank, world_size, degrees)
+                              for name, degrees in MESH_DEGREES.items()},
+    4, timeout=90, pg_timeout=20)
+
+
+@pytest.mark.parametrize("name", MESH_DEGREES)
+def test_meshes_match_groups_on_4_ranks(name, four_ranks):
+    seen = [per_rank[name] for per_rank in four_ranks]
+    dims = ParallelDims(4, **MESH_DEGREES[name])
     for kind in GROUP_KINDS:
         assert _as_sets(s[kind] for s in seen) == _as_sets(dims.groups_of(kind))
 

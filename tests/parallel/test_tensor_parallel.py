@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.tensor.parallel  # noqa: F401 - imported in the parent for the ranks
@@ -15,7 +16,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from moetrain.model import Transformer
 from moetrain.parallel.tensor_parallel import apply_tensor_parallel
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed
 from tests.model.tiny import make_cfg
 
 B, S = 2, 8
@@ -67,15 +68,29 @@ def _stage(cfg):
     return stage
 
 
-def test_tensor_parallel_placements_and_equivalence():
-    model = _model()
-    tokens = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(2))
+def _tokens():
+    return torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(2))
+
+
+def _both(rank, world_size, model, models, tokens):
+    return _tp2(rank, world_size, model, tokens), _tp2_variants(rank, world_size, models, tokens)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One 2-rank launch for both tests: (the model, the variants, their results by rank)."""
+    model, models = _model(), {name: _variant(name) for name in VARIANTS}
+    return model, models, run_distributed(_both, 2, model, models, _tokens(), timeout=150)
+
+
+def test_tensor_parallel_placements_and_equivalence(two_ranks):
+    model, _, results = two_ranks
+    tokens = _tokens()
     ref = copy.deepcopy(model)
     logits = ref(tokens)
     loss = F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten(), reduction="sum")
     loss.backward()
-    results = run_distributed(_tp2, 2, model, tokens, timeout=90)
-    placements, logit_placements, tp_logits, tp_loss, grads, out_type, out_shape = results[0]
+    placements, logit_placements, tp_logits, tp_loss, grads, out_type, out_shape = results[0][0]
     colwise, rowwise = (Shard(0),), (Shard(1),)
     assert placements["tok_embeddings.weight"] == colwise  # vocab-parallel rows
     assert placements["output.weight"] == colwise  # colwise over the vocabulary
@@ -143,10 +158,10 @@ def _tp2_variants(rank, world_size, models, tokens):
     return out
 
 
-def test_tensor_parallel_of_qk_norm_and_latent_attention():
-    models = {name: _variant(name) for name in VARIANTS}
-    tokens = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(2))
-    results = run_distributed(_tp2_variants, 2, models, tokens, timeout=120)[0]
+def test_tensor_parallel_of_qk_norm_and_latent_attention(two_ranks):
+    _, models, results = two_ranks
+    tokens = _tokens()
+    results = results[0][1]
     for name, model in models.items():
         ref = copy.deepcopy(model)
         logits = ref(tokens)

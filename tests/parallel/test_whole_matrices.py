@@ -11,15 +11,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-# Imported in the parent for the forked ranks (tests/distributed/launcher.py).
+# Imported in the parent for the forked ranks (tests/harness/launcher.py).
 import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
-from moetrain.config import compose, to_object
+from moetrain.model import Transformer
+from moetrain.model.init import init_parameters
 from moetrain.optim.muon import newton_schulz
 from moetrain.parallel import ParallelDims
-from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.parallelize import BatchShape, parallelize
+from moetrain.parallel.rank import RankLayout
 from moetrain.parallel.whole_matrices import MatrixExchange, shard_indices
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed, tiny_config
 
 # name -> (global shape, placements on the (2, 2) mesh ("a", "b")); None: a plain tensor
 CASES = {
@@ -79,10 +81,13 @@ def _synthetic(rank, world_size):
 def _real_model(rank, world_size):
     """The tiny model at tp2 x ep2 x etp2 with FSDP: dense rows under _StridedShard over TP,
     columns of wo / w2, expert stacks cut in their hidden dim."""
-    cfg = to_object(compose(["+experiment=tiny", "train.device=cpu", "train.dtype=fp32",
-                             "parallel.tp=2", "parallel.ep=2", "parallel.etp=2"]))
-    par = ParallelContext(ParallelDims.from_config(cfg.parallel, world_size), torch.device("cpu"))
-    model = par.build_model(cfg)
+    cfg = tiny_config(["parallel.tp=2", "parallel.ep=2", "parallel.etp=2"], world_size)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    with torch.device("meta"):  # as the trainer builds it
+        model = Transformer(cfg.model)
+    model, _ = parallelize(model, RankLayout.create(dims, torch.device("cpu")), cfg.parallel,
+                           BatchShape(2, 2, cfg.data.seq_len))
+    init_parameters(model, cfg.model, cfg.train.seed)
     params = [(n, p) for n, p in model.named_parameters()
               if ".attention.w" in n or ".mlp.w" in n or ".experts.w" in n]
     exchange = MatrixExchange(params)

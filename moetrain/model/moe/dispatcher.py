@@ -3,13 +3,13 @@
     dispatch(x_TD, routing) -> (expert_inputs_ND, tokens_per_expert_E, handle)
     combine(expert_out_ND, handle) -> y_TD,  y[t] = sum_j keep[t,j] * w[t,j] * out(t, j)
 
-The dispatch is three stages; an expert-parallel dispatcher (moetrain.parallel) subclasses
-`LocalDispatcher` and overrides only the middle one:
+The dispatch is three stages; the middle one is a backend (`Exchange`) that the parallel code
+replaces through `MoELayer.use_layout` (moetrain.parallel.expert_parallel: the all-to-all):
 
     permute   (local)   sort the assignments by expert, gather their rows
-    exchange  (comm)    identity here; all-to-all to the ranks owning the experts for EP > 1
+    exchange  (comm)    `LocalExchange`: identity; under EP, to the ranks owning the experts
     [experts: grouped GEMM over the received rows]
-    exchange_back       identity here; the reverse all-to-all
+    exchange_back       the reverse
     unpermute (local)   weight the rows and sum each token's k rows
 
 Shapes are static: all T*k assignments are permuted, dropped ones (capacity, token rounding,
@@ -22,7 +22,7 @@ their tokens) and masked on the way out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -47,33 +47,53 @@ class DispatchHandle:
     exchange: Any = None  # whatever exchange() needs to undo itself
 
 
-class LocalDispatcher:
-    """EP = 1: every expert is local, the exchange is the identity.
+class Exchange(Protocol):
+    """Moves permuted expert rows to the ranks that hold their experts, and back.
 
-    With `pad_to_capacity` and a routing that carries a capacity, every expert's buffer is
-    padded with zero rows to exactly `capacity` rows. `kernels` (`model.moe.kernels`: auto |
-    torch | triton) picks the Triton or the PyTorch permute and combine (moetrain.kernels).
-    """
+    exchange(x_ND, tokens_per_expert_E): rows grouped by global expert (the kept ones first,
+    `tokens_per_expert_E` [E] of them per expert) -> (rows of this rank's experts grouped by
+    local expert, rows per local expert, state); exchange_back(y, state) -> the rows of
+    `exchange`'s input, in its order (rows that were not kept as zeros)."""
 
-    def __init__(self, num_experts: int, pad_to_capacity: bool = False, kernels: str = "auto"):
-        self.num_experts = num_experts
-        self.pad_to_capacity = pad_to_capacity
-        self.kernels = kernels
+    def exchange(self, x_ND: torch.Tensor,
+                 tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
-    def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput):
-        x_ND, counts_E, perm = self.permute(x_TD, routing)
-        x_ND, counts_local, comm = self.exchange(x_ND, counts_E)
-        return x_ND, counts_local, DispatchHandle(perm, comm)
+    def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor: ...
 
-    def combine(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        y_ND = self.exchange_back(y_ND, handle.exchange)
-        return self.unpermute(y_ND, handle.permute)
+
+class LocalExchange:
+    """EP = 1: every expert is local; the identity."""
 
     def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor):
         return x_ND, tokens_per_expert_E, None
 
     def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
         return y_ND
+
+
+class TokenDispatcher:
+    """permute -> `exchange` -> [experts] -> exchange back -> unpermute.
+
+    With `pad_to_capacity` and a routing that carries a capacity, every expert's buffer is
+    padded with zero rows to exactly `capacity` rows. `kernels` (`model.moe.kernels`: auto |
+    torch | triton) picks the Triton or the PyTorch permute and combine (moetrain.kernels).
+    """
+
+    def __init__(self, num_experts: int, pad_to_capacity: bool = False, kernels: str = "auto",
+                 exchange: Optional[Exchange] = None):
+        self.num_experts = num_experts
+        self.pad_to_capacity = pad_to_capacity
+        self.kernels = kernels
+        self.exchange: Exchange = exchange or LocalExchange()
+
+    def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput):
+        x_ND, counts_E, perm = self.permute(x_TD, routing)
+        x_ND, counts_local, comm = self.exchange.exchange(x_ND, counts_E)
+        return x_ND, counts_local, DispatchHandle(perm, comm)
+
+    def combine(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        y_ND = self.exchange.exchange_back(y_ND, handle.exchange)
+        return self.unpermute(y_ND, handle.permute)
 
     def permute(self, x_TD: torch.Tensor, routing: RouterOutput):
         """Rows of x grouped by expert (token order within an expert; dropped assignments last),

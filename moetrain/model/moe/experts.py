@@ -4,8 +4,9 @@
 
 Weights: w1_EDF, w3_EDF [E, D, F], w2_EFD [E, F, D]; rows of x arrive grouped by expert with
 `tokens_per_expert` rows each; rows after the last group (dropped assignments) are not computed
-and their output is undefined (the dispatcher masks them). Under expert parallelism E is the local expert count and under
-expert tensor parallelism F the local width; both are read from the weights.
+and their output is undefined (the dispatcher masks them). Under expert (tensor) parallelism the
+weights are DTensors of the global shape and the GEMMs use this rank's shard: E is then the local
+expert count and F the local width, both read from the shard.
 
 The grouped GEMM (`torch.nn.functional.grouped_mm`) is the default wherever it runs: on CPU in
 fp32 it is bit-identical to the loop (same per-group GEMMs) and faster (no per-expert Python
@@ -104,6 +105,9 @@ _experts_grouped_eager = torch.compiler.disable(experts_grouped)
 
 
 class GroupedExperts(nn.Module):
+    """E routed SwiGLU experts of width F over model width D: w1, w3 [E, D, F], w2 [E, F, D]
+    (module docstring); forward(x [N, D], tokens_per_expert [E]) -> [N, D]."""
+
     def __init__(self, num_experts: int, dim: int, hidden: int,
                  use_grouped_mm: Optional[bool] = None, kernels: str = "auto"):
         super().__init__()
@@ -114,44 +118,6 @@ class GroupedExperts(nn.Module):
         # inside grouped_mm where it does not run).
         self.use_grouped_mm = use_grouped_mm
         self.kernels = kernels  # model.moe.kernels, for the SwiGLU
-        # Which part of the model's experts these weights hold: experts [expert_offset,
-        # expert_offset + num_local_experts) of num_global_experts, hidden columns
-        # [hidden_offset, hidden_offset + local width) of global_hidden. The forward reads only
-        # the shapes; the offsets say where a shard sits (checkpoints use the DTensor placement
-        # that expert parallelism gives the weights). Set by `shard_`.
-        self.num_global_experts = num_experts
-        self.expert_offset = 0
-        self.global_hidden = hidden
-        self.hidden_offset = 0
-
-    @property
-    def num_local_experts(self) -> int:
-        return _local(self.w1).shape[0]
-
-    def global_layout(self, name: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(global shape, offset of this module's block) of plain weight `name` (w1, w3, w2):
-        where the slice `shard_` kept sits in the model's stacked [E, D, F] / [E, F, D]."""
-        w = getattr(self, name)
-        D = w.shape[2] if name == "w2" else w.shape[1]
-        E, F = self.num_global_experts, self.global_hidden
-        e0, f0 = self.expert_offset, self.hidden_offset
-        return ((E, F, D), (e0, f0, 0)) if name == "w2" else ((E, D, F), (e0, 0, f0))
-
-    @torch.no_grad()
-    def shard_(self, experts: slice, hidden: slice) -> None:
-        """Keep only the given experts and hidden columns (expert / expert-tensor parallelism).
-
-        w1, w3 keep columns `hidden` of their F dim, w2 the same rows. The trainer calls it on
-        the meta device (nothing is allocated); on a real device only the kept slices are copied,
-        so the full weights can be freed. Replaces the parameters: build optimizers afterwards.
-        """
-        for name, index in (("w1", (experts, slice(None), hidden)),
-                            ("w3", (experts, slice(None), hidden)),
-                            ("w2", (experts, hidden, slice(None)))):
-            old = getattr(self, name)
-            setattr(self, name, nn.Parameter(old[index].clone(), requires_grad=old.requires_grad))
-        self.expert_offset += experts.start or 0
-        self.hidden_offset += hidden.start or 0
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         device_type = x_ND.device.type

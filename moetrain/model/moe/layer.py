@@ -6,9 +6,14 @@ plus optional shared experts, with the aux losses injected into the backward pas
 
 The aux losses never appear in the forward's outputs: `AttachAuxLoss` ties `aux` to y so that
 backpropagating anything through y also backpropagates `aux_loss_scale * aux`, the factor the
-trainer applies to a micro-batch's LM loss (`start_step`). The parallel code reaches the layer
-through one method, `use_layout`; each training forward adds a row to the layer's step
+trainer applies to a micro-batch's LM loss. Each training forward adds a row to the layer's step
 statistics (moe/stats.py).
+
+Who writes what: the config fixes the layer at construction; the parallel code sets the layout
+once, through `use_layout` (the dispatcher, the token shards, the LBL count sum); everything
+that changes from step to step (top-k, capacity factor, aux-loss scale, the step's statistics
+and LBL counts, the expert bias) is set through `start_step` / `finish_step`, which only
+`moetrain.model.moe.control.MoEControl` calls.
 """
 
 from __future__ import annotations
@@ -24,21 +29,28 @@ from moetrain.model.mlp import FeedForward
 from moetrain.model.moe.capacity import (
     capacity_keep_mask, expert_capacity, token_rounding_keep_mask,
 )
-from moetrain.model.moe.dispatcher import LocalDispatcher
+from moetrain.model.moe.dispatcher import Exchange, TokenDispatcher
 from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.losses import (
     AttachAuxLoss, LoadBalancingLoss, in_backward, score_distribution, z_loss,
 )
 from moetrain.model.moe.router import Router
-from moetrain.model.moe.stats import MoEStepStats, StatsColumns
+from moetrain.model.moe.stats import StatsColumns
 
 
 class MoELayer(nn.Module):
-    def __init__(self, dim: int, cfg: MoEConfig):
+    """One MoE feed-forward: x [B, S, D] -> y [B, S, D] (module docstring).
+
+    `moe_index`: the layer's position among the full model's MoE layers; per-layer values of
+    the whole model (statistics rows, the loads for the expert bias) are indexed by it, so a
+    pipeline stage holding only some layers finds its own.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig, moe_index: int = 0):
         super().__init__()
         E = cfg.num_experts
+        self.moe_index = moe_index
         self.score_func = cfg.score_func
-        self.capacity_factor = cfg.capacity_factor
         # Round each expert's kept count to a multiple of this GEMM tile (moe/capacity.py).
         self.token_rounding = cfg.token_rounding
         self.lbl_coeff = cfg.lbl.coeff
@@ -46,7 +58,6 @@ class MoELayer(nn.Module):
         self.router = Router(dim, E, cfg.top_k, cfg.score_func, cfg.norm_topk_prob, cfg.routing,
                              cfg.routed_scaling_factor)
         self.experts = GroupedExperts(E, dim, cfg.expert_hidden, kernels=cfg.kernels)
-        self.dispatcher = LocalDispatcher(E, cfg.pad_to_capacity, cfg.kernels)
         # Null experts are routing slots: they share the load-balancing loss with real experts.
         self.lbl = LoadBalancingLoss(self.router.num_experts, cfg.lbl.scope)
         self.shared_experts: Optional[FeedForward] = None
@@ -58,58 +69,71 @@ class MoELayer(nn.Module):
         self.shared_expert_gate: Optional[nn.Linear] = None
         if cfg.num_shared_experts > 0 and cfg.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
-        self.aux_loss_scale = 1.0
-        # Ranks that split every micro-batch's tokens between them (`use_layout`).
+        # The layout (`use_layout`): how expert rows move between ranks (the dispatcher's
+        # exchange), and how many ranks split every micro-batch's tokens between them.
+        self.dispatcher = TokenDispatcher(E, cfg.pad_to_capacity, cfg.kernels)
         self.token_shards = 1
-        # Position among the full model's MoE layers (set by the Transformer): per-layer values
-        # of the whole model (statistics rows, the loads for the expert bias) are indexed by
-        # it, so a pipeline stage holding only some layers finds its own. None: module order.
-        self.moe_index: Optional[int] = None
+        # This step's settings (`start_step`): the config's values until a step sets them.
+        self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.aux_loss_scale = 1.0
         self.stats_columns = StatsColumns.of(cfg)
         # Sum of the rows of this optimizer step's training forwards (moe/stats.py).
         self.register_buffer("step_stats", torch.zeros(self.stats_columns.width,
                                                        dtype=torch.float64), persistent=False)
 
-    def use_layout(self, *, dispatcher: Optional[LocalDispatcher] = None,
+    def use_layout(self, *, exchange: Optional[Exchange] = None,
                    token_shards: Optional[int] = None,
                    sum_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
-        """What the layer needs from the parallel layout: the parallel code reaches the layer
-        only through this method; an argument left None keeps what the layer has.
+        """What the layer needs from the parallel layout, set once by the parallel code before
+        training; an argument left None keeps what the layer has.
 
-        dispatcher: moves expert rows between ranks (the all-to-all one of expert parallelism).
+        exchange: moves expert rows between the ranks holding the experts (expert parallelism's
+        all-to-all; moe/dispatcher.py).
         token_shards: ranks that split every micro-batch's tokens between them (CP x TP under
         sequence parallelism); each rank's aux losses (and their statistics) are divided by it,
         so that they are this rank's share and the shares of a micro-batch SUM to its loss, like
         the gradients the data-parallel code sums. sum_counts: sums expert counts over the ranks
-        holding the other tokens of the LBL scope's unit (docs/load_balancing.md).
+        holding the other tokens of the LBL's count unit (`self.lbl.counts_unit`;
+        docs/load_balancing.md).
         """
-        if dispatcher is not None:
-            self.dispatcher = dispatcher
+        if exchange is not None:
+            self.dispatcher.exchange = exchange
         if token_shards is not None:
             self.token_shards = token_shards
         if sum_counts is not None:
             self.lbl.sum_counts = sum_counts
 
-    def start_step(self, aux_loss_scale: float) -> None:
-        """Before an optimizer step's first micro-batch: clear the step's statistics and the
-        global-scope LBL counts; `aux_loss_scale` is the gradient each micro-batch's aux loss
-        gets (the factor of its LM loss, e.g. 1 / micro-batches of the step)."""
+    def start_step(self, *, top_k: int, capacity_factor: Optional[float],
+                   aux_loss_scale: float) -> None:
+        """Set the routing of the forwards that follow (experts per token, capacity factor; None
+        = dropless) and the gradient each micro-batch's aux loss gets (the factor of its LM
+        loss, e.g. 1 / micro-batches of the step); clear the step's statistics and the
+        global-scope LBL counts. Called by `MoEControl` only."""
+        assert 1 <= top_k <= self.router.num_experts, top_k  # validated schedule
+        self.configure(top_k=top_k, capacity_factor=capacity_factor)
+        self.aux_loss_scale = float(aux_loss_scale)
         self.step_stats.zero_()
         self.lbl.reset()
-        self.aux_loss_scale = float(aux_loss_scale)
 
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
+    def configure(self, *, top_k: int, capacity_factor: Optional[float]) -> None:
+        """Routing of the forwards that follow, the statistics kept (`MoEControl.evaluation`)."""
+        self.top_k = int(top_k)
+        self.capacity_factor = capacity_factor
+
+    def finish_step(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """After the optimizer step: the aux-loss-free bias update from the step's global loads
+        [real experts] (summed over every rank). Called by `MoEControl` only."""
+        self.router.update_bias(tokens_per_expert_E)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, self.top_k)
         E = self.router.num_real_experts
         keep_TK = routing.active_TK
         if self.capacity_factor is not None:
-            C = expert_capacity(x_TD.shape[0], self.router.top_k, E, self.capacity_factor)
+            C = expert_capacity(x_TD.shape[0], self.top_k, E, self.capacity_factor)
             priority_TK = routing.scores_TE.gather(1, routing.topk_idx_TK)
             idx_TK = routing.topk_idx_TK
             if keep_TK is not None:  # inactive assignments go to a bucket past the experts
@@ -168,53 +192,3 @@ class MoELayer(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
-def start_moe_step(model: nn.Module, aux_loss_scale: float) -> None:
-    """`MoELayer.start_step` on every MoE layer: call once before each optimizer step."""
-    for layer in moe_layers(model):
-        layer.start_step(aux_loss_scale)
-
-
-def moe_step_stats(model: nn.Module, num_moe_layers: Optional[int] = None,
-                   columns: Optional[StatsColumns] = None,
-                   device: Optional[torch.device] = None) -> Optional[MoEStepStats]:
-    """This step's statistics rows of the model's MoE layers, [num_moe_layers, width]: each
-    layer's row at its `moe_index` (zeros for layers this rank does not hold, e.g. on other
-    pipeline stages), so summing the rows of every rank gives the whole model's. A rank holding
-    none of the layers (a pipeline stage of dense layers) needs `columns` (`StatsColumns.of`)
-    and `num_moe_layers`; without them, None."""
-    layers = moe_layers(model)
-    if not layers and (columns is None or not num_moe_layers):
-        return None
-    columns = columns or layers[0].stats_columns
-    n = len(layers) if num_moe_layers is None else num_moe_layers
-    if device is None:
-        device = layers[0].step_stats.device if layers else torch.device("cpu")
-    rows_LC = torch.zeros(n, columns.width, dtype=torch.float64, device=device)
-    for position, layer in enumerate(layers):
-        rows_LC[position if layer.moe_index is None else layer.moe_index] = layer.step_stats
-    return columns.view(rows_LC)
-
-
-def set_top_k(model: nn.Module, top_k: int) -> None:
-    """Experts per token from the next forward on (progressive sparsification schedules)."""
-    for layer in moe_layers(model):
-        assert 1 <= top_k <= layer.router.num_experts, top_k  # validated schedule
-        layer.router.top_k = int(top_k)
-
-
-def set_capacity_factor(model: nn.Module, capacity_factor: Optional[float]) -> None:
-    """Capacity factor from the next forward on (None = dropless)."""
-    for layer in moe_layers(model):
-        layer.capacity_factor = capacity_factor
-
-
-def update_expert_bias(model: nn.Module, tokens_per_expert_LE: torch.Tensor) -> None:
-    """Aux-loss-free balancing step: `tokens_per_expert_LE` [MoE layers of the full model,
-    real experts] integer, the step's global loads (`moe_step_stats(...).tokens_per_expert`
-    after the reduction over all ranks); a model holding only some layers (a pipeline stage)
-    updates its own."""
-    for position, layer in enumerate(moe_layers(model)):
-        index = position if layer.moe_index is None else layer.moe_index
-        layer.router.update_bias(tokens_per_expert_LE[index])

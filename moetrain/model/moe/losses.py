@@ -6,7 +6,8 @@
 f_i (assignment frequencies, no gradient) and p_i (mean routing probability, local gradient) per
 scope (`model.moe.lbl.scope`: micro, seq, global), the sums over the ranks sharing a scope's unit
 (`sum_counts`, wired by the parallel code) and the per-rank shares are defined in
-docs/load_balancing.md; `global_lbl` is the step-level value logged for the global scope.
+docs/load_balancing.md. This module is the one place that interprets the scope: the parallel code
+asks `counts_unit` which ranks' counts to sum, the metrics ask `step_lbl` what to log.
 
 Activation checkpointing: use the non-reentrant form. Its recompute (inside backward) neither
 accumulates counts nor calls `sum_counts`, and backward uses the f of the original forward.
@@ -20,6 +21,17 @@ import torch
 from torch import nn
 
 from moetrain.model.moe.capacity import count_per_expert
+from moetrain.model.moe.stats import MoEStepStats
+
+#: The tokens whose expert counts one LBL value's f_i is computed from (`counts_unit`).
+MICRO_BATCH, STEP = "micro_batch", "step"
+
+
+def counts_unit(scope: str) -> str:
+    """MICRO_BATCH for the micro and seq scopes (a micro-batch, or each of its sequences: the
+    ranks splitting a micro-batch sum their counts), STEP for the global scope (every token of
+    the optimizer step: every rank holding tokens of the step sums them)."""
+    return STEP if scope == "global" else MICRO_BATCH
 
 
 def in_backward() -> bool:
@@ -78,6 +90,7 @@ class LoadBalancingLoss(nn.Module):
         assert scope in ("micro", "seq", "global"), scope  # the schema's LBLScope refuses others
         self.num_experts = num_experts
         self.scope = scope
+        self.counts_unit = counts_unit(scope)
         self.sum_counts: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.register_buffer("step_counts_E", torch.zeros(num_experts, dtype=torch.int64),
                              persistent=False)
@@ -133,6 +146,15 @@ def global_lbl(slot_counts_LN: torch.Tensor, prob_sum_LN: torch.Tensor,
     f = counts / counts.sum(-1, keepdim=True).clamp_min(1)
     p = prob_sum_LN.to(torch.float64) / tokens_L.to(torch.float64).clamp_min(1).unsqueeze(-1)
     return counts.shape[-1] * (f * p).sum(-1)
+
+
+def step_lbl(stats: MoEStepStats, scope: str, micro_batches: int) -> torch.Tensor:
+    """[L] the LBL of a step per layer, as logged (without its coefficient): for the global
+    scope the LBL of the whole step (`global_lbl`), else the mean over the step's
+    `micro_batches` (over all ranks) of each micro-batch's value."""
+    if counts_unit(scope) == STEP:
+        return global_lbl(stats.slot_counts, stats.prob_sum, stats.scalar("tokens"))
+    return stats.scalar("lbl") / micro_batches
 
 
 class AttachAuxLoss(torch.autograd.Function):

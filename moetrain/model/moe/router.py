@@ -23,7 +23,8 @@ Not every selected assignment has to be computed (`active_TK`):
   assignments before it sum to less than top_p, and always for j < min_k;
 - null experts (ids >= num_experts): selected like experts, they count in the load-balancing
   loss, but compute nothing, so the token's output is the weighted sum of its real experts only.
-The top-k itself is taken with the current `top_k` (a schedule may change it between steps).
+The top-k is taken with the `top_k` the forward is given (the MoE layer's, which a schedule may
+change between steps); the constructor's is the default.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Router(nn.Module):
         routing = routing or RoutingConfig()
         slots = num_experts + routing.num_null_experts
         assert score_func in ("softmax", "sigmoid") and 1 <= top_k <= slots  # validated config
-        self.top_k = top_k
+        self.top_k = top_k  # the default of `forward`
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
@@ -85,7 +86,10 @@ class Router(nn.Module):
         """Routing slots: real experts plus null experts."""
         return self.weight.shape[0]
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, top_k: Optional[int] = None) -> RouterOutput:
+        """x [T, D] -> the routing of its T tokens to `top_k` slots each (default: the
+        constructor's top_k)."""
+        k = self.top_k if top_k is None else top_k
         # fp32 even under bf16 autocast: routing decisions are sensitive to rounding.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = x_TD.float() @ self.weight.float().T
@@ -93,7 +97,7 @@ class Router(nn.Module):
             scores_TE = torch.softmax(logits_TE, dim=-1)
         else:
             scores_TE = torch.sigmoid(logits_TE)
-        topk_idx_TK = self.select(scores_TE.detach())
+        topk_idx_TK = self.select(scores_TE.detach(), k)
         topk_score_TK = scores_TE.gather(1, topk_idx_TK)
         within_TK = self._within_threshold(topk_score_TK.detach(), scores_TE.detach())
         active_TK = within_TK
@@ -112,9 +116,9 @@ class Router(nn.Module):
                             selected_TK=within_TK)
 
     @torch.no_grad()
-    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+    def select(self, scores_TE: torch.Tensor, top_k: Optional[int] = None) -> torch.Tensor:
         """Expert ids [T, k] by descending selection score (bias and groups applied)."""
-        r, k = self.routing, self.top_k
+        r, k = self.routing, self.top_k if top_k is None else top_k
         select_TE = scores_TE + self.expert_bias
         if r.group_mode == "none" or r.num_groups == 1:
             return torch.topk(select_TE, k, dim=-1).indices

@@ -24,7 +24,7 @@ in, [mb, S/tp, D] hidden states between stages), so torch runs no shape-inferenc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,23 +79,12 @@ class Pipeline:
     n_microbatches: int
 
     @property
-    def modules(self) -> list[nn.Module]:
-        return [s.module for s in self.stage_modules]
-
-    @property
     def is_first(self) -> bool:
         return any(s.is_first for s in self.stage_modules)
 
     @property
     def is_last(self) -> bool:
         return any(s.is_last for s in self.stage_modules)
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters under the full model's names."""
-        return self.model.named_parameters()
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.parameters()
 
 
 def build_pipeline(

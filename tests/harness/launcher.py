@@ -3,13 +3,14 @@
 Why not torchrun or `mp.spawn`: each spawned rank re-imports torch, 15-20 s for 8 ranks on the
 2-core CI machine; forking the already-imported pytest process costs ~0.3 s (docs/design.md).
 
-    from tests.distributed.launcher import run_distributed
+    from tests.harness import run_distributed
 
     def check(rank, world_size, expected):        # runs in every rank, process group ready
         ...
         return something_picklable
 
     results = run_distributed(check, 4, expected, timeout=60)   # results[rank]
+    four_ranks = ranks_fixture(check, 4, expected)              # one launch for a module's tests
 
 Import what the ranks need (model, parallel modules) at the top of the test module, in the
 parent: a module first imported inside `fn` is imported again by every forked rank.
@@ -41,6 +42,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -129,6 +131,18 @@ def run_distributed(
             "(killed all ranks)"
         )
     return [results[rank] for rank in range(world_size)]
+
+
+def ranks_fixture(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any):
+    """A module-scoped pytest fixture whose value is `run_distributed(fn, world_size, *args,
+    **kwargs)`: one launch whose results several tests of the module check (assign it to the
+    fixture's name: `four_ranks = ranks_fixture(...)`)."""
+
+    @pytest.fixture(scope="module")
+    def launch():
+        return run_distributed(fn, world_size, *args, **kwargs)
+
+    return launch
 
 
 def _child(rank, world_size, port, backend, pg_timeout, env, reports, fn, args) -> None:

@@ -1,4 +1,5 @@
-"""Pipeline parallelism against one process: loss, every gradient, grad norm, routing statistics.
+"""moetrain.parallel.pipeline (split, stages, schedule) against one process: loss, every
+gradient, grad norm, routing statistics.
 
 One launch per world size (2, 4 ranks) runs every schedule on the tiny experiment's model
 (8 layers) and a fixed batch of token ids, with nonzero LBL and z-loss coefficients, and
@@ -19,20 +20,18 @@ import torch
 import torch.distributed.fsdp  # noqa: F401 - imported in the parent for the forked ranks
 import torch.nn.functional as F
 
-from moetrain.config import compose, to_object
-from moetrain.model import Transformer, moe_layers, moe_step_stats, start_moe_step
-from moetrain.model.moe.stats import StatsColumns
-from moetrain.parallel.context import ParallelContext
-from moetrain.parallel.data_parallel import apply_fsdp
+from moetrain.model import MoEControl, Transformer, moe_layers
+from moetrain.parallel.data_parallel import apply_data_parallel
 from moetrain.parallel.dims import LayoutError, ParallelDims
-from moetrain.parallel.grad_norm import clip_grad_norm_
+from moetrain.parallel.grad_norm import grad_sq_norm_share
 from moetrain.parallel.mesh import build_meshes
 from moetrain.parallel.pipeline.schedule import (
     _boundary_check, build_pipeline, pipeline_eval_step, pipeline_train_step,
 )
 from moetrain.parallel.pipeline.split import rank_layers, split_layers, stage_indices
 from moetrain.parallel.pipeline.stages import RankModel, build_stage_modules
-from tests.distributed.launcher import run_distributed
+from moetrain.parallel.step import cross_entropy_sum
+from tests.harness import run_distributed, tiny_model_config
 
 N_MB, MB, SEQ = 4, 2, 32  # micro-batches per step and DP rank, sequences each, tokens per sequence
 TOKENS = N_MB * MB * SEQ  # tokens of one DP rank's step
@@ -41,12 +40,9 @@ coords = [ParallelDims(4, pp=2).dense_coord(rank) for rank in range(4)]  # pp2 x
 
 
 def _model_cfg(scope: str = "micro"):
-    cfg = to_object(compose([
-        "+experiment=tiny", "model.n_layers=8", "model.moe.lbl.coeff=0.1",
-        "model.moe.z_loss_coeff=0.01", f"model.moe.lbl.scope={scope}",
-        "model.moe.capacity_factor=null",
-    ]))
-    return cfg.model
+    return tiny_model_config("model.n_layers=8", "model.moe.lbl.coeff=0.1",
+                             "model.moe.z_loss_coeff=0.01", f"model.moe.lbl.scope={scope}",
+                             "model.moe.capacity_factor=null")
 
 
 def _sum_over(value, group) -> torch.Tensor:
@@ -56,11 +52,25 @@ def _sum_over(value, group) -> torch.Tensor:
     return out
 
 
-def _stage_stats(module, model_cfg, group):
+def _control(module, model_cfg, micro_batches: int) -> MoEControl:
+    """The trainer's MoE control surface over this rank's part of the model."""
+    return MoEControl(module, model_cfg.moe,
+                      num_moe_layers=model_cfg.n_layers - model_cfg.moe.first_dense_layers,
+                      micro_batches_per_step=micro_batches)
+
+
+def _stage_stats(control: MoEControl, group):
     """Every MoE layer's step statistics, this rank's layers' rows summed with the other stages'."""
-    n = model_cfg.n_layers - model_cfg.moe.first_dense_layers
-    stats = moe_step_stats(module, n, StatsColumns.of(model_cfg.moe))
+    stats = control.step_stats()
     return stats.columns.view(_sum_over(stats.rows_LC, group))
+
+
+def _grad_norm(params, stages: int) -> float:
+    """The trainer's global norm: each rank's share (replicas counted once), summed everywhere."""
+    world = torch.distributed.get_world_size()
+    share = grad_sq_norm_share(params, world // stages)
+    torch.distributed.all_reduce(share)
+    return float(share.sqrt())
 
 
 def _check_stats(res, got, want) -> None:
@@ -83,7 +93,8 @@ def _reference(model: Transformer, tokens: torch.Tensor, aux: bool = True) -> di
     if not aux:
         for layer in moe_layers(model):
             layer.lbl_coeff = layer.z_loss_coeff = 0.0
-    start_moe_step(model, aux_loss_scale=1.0 / n_mb)
+    control = _control(model, model.cfg, n_mb)
+    control.start_step(0)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for mb in range(n_mb):
         batch = tokens[mb * MB:(mb + 1) * MB]
@@ -91,7 +102,7 @@ def _reference(model: Transformer, tokens: torch.Tensor, aux: bool = True) -> di
         ce = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         (ce / tokens_per_step).backward()
         loss_sum += ce.detach().double()
-    stats = moe_step_stats(model)
+    stats = control.step_stats()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     norm = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
     with torch.no_grad():
@@ -116,32 +127,34 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
             stage_modules, schedule=schedule, group=group, device=torch.device("cpu"),
             n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=cfg.d_model,
             vocab_size=cfg.vocab_size, tokens_per_step=TOKENS,
-            cross_entropy_sum=ParallelContext.cross_entropy_sum)
+            cross_entropy_sum=cross_entropy_sum)
+        control = _control(pipe.model, cfg, N_MB)
+        modules = [sm.module for sm in pipe.stage_modules]
         positions = {None: None, "1d": torch.arange(SEQ),
                      "2d": torch.arange(SEQ).repeat(N_MB * MB, 1)}[extra.get("positions")]
-        res = {"names": [n for n, _ in pipe.named_parameters()]}
+        res = {"names": [n for n, _ in pipe.model.named_parameters()]}
         phases = ["train", "train"] + (["eval", "train"] if extra.get("eval") else [])
         for phase in phases:  # the schedule and stages are re-used, across a mode switch too
             if phase == "eval":
-                for m in pipe.modules:
+                for m in modules:
                     m.eval()
                 local = pipeline_eval_step(pipe, tokens[:, :-1], tokens[:, 1:], positions=positions)
                 loss = float(_sum_over(local, group))
                 _track(res, "eval_err", abs(loss - ref["eval"]) / ref["eval"])
                 continue
-            for m in pipe.modules:
+            for m in modules:
                 m.train()
                 m.zero_grad(set_to_none=True)
-                start_moe_step(m, aux_loss_scale=1.0 / N_MB)
+            control.start_step(0)
             local = pipeline_train_step(pipe, tokens[:, :-1], tokens[:, 1:], positions=positions)
             assert (local is not None) == pipe.is_last
             loss = _sum_over(local, group)
             _track(res, "loss_err", abs(float(loss) - float(ref["loss"])) / float(ref["loss"]))
-            for n, p in pipe.named_parameters():
+            for n, p in pipe.model.named_parameters():
                 _track(res, "grad_err", _rel(p.grad, ref["grads"][n]))
-            norm = clip_grad_norm_(list(pipe.parameters()), 0.0, stage_group=group)
+            norm = _grad_norm(list(pipe.model.parameters()), stages=world_size)
             _track(res, "norm_err", abs(norm - ref["norm"]) / ref["norm"])
-            _check_stats(res, _stage_stats(pipe.model, cfg, group), ref["stats"])
+            _check_stats(res, _stage_stats(control, group), ref["stats"])
         res["seconds"] = time.perf_counter() - start
         out[name] = res
     return out
@@ -232,7 +245,7 @@ def _run_pp4_and_pp2_dp2(rank, world_size, models, tokens, refs, cases):
 
 
 def _run_pp_fsdp(rank: int, model, tokens, ref) -> dict:
-    """pp2 x dp2 with FSDP2 on every stage (the data-parallel code's `apply_fsdp`): torch's
+    """pp2 x dp2 with FSDP2 on every stage (the data-parallel code's `apply_data_parallel`): torch's
     stages defer FSDP's reduce-scatter to the end of the step; gradients, loss (summed over pp,
     then dp), grad norm (DTensor shards + pp) and routing statistics equal one process's."""
     dims = ParallelDims(4, pp=2)
@@ -240,28 +253,29 @@ def _run_pp_fsdp(rank: int, model, tokens, ref) -> dict:
     pp_rank, dp_rank = coords[rank].pp, coords[rank].dp
     stage_modules = build_stage_modules(copy.deepcopy(model), pp_rank, 2, 2)
     for sm in stage_modules:
-        apply_fsdp(sm.module, meshes)
+        apply_data_parallel(sm.module, meshes)
     pipe = build_pipeline(
         stage_modules, schedule="interleaved", group=meshes.group("pp"), device=torch.device("cpu"),
         n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=model.cfg.d_model,
         vocab_size=model.cfg.vocab_size, tokens_per_step=2 * TOKENS,
-        cross_entropy_sum=ParallelContext.cross_entropy_sum)
+        cross_entropy_sum=cross_entropy_sum)
     mine = tokens[dp_rank * N_MB * MB:(dp_rank + 1) * N_MB * MB]
-    res = {"names": [n for n, _ in pipe.named_parameters()]}
+    res = {"names": [n for n, _ in pipe.model.named_parameters()]}
+    control = _control(pipe.model, model.cfg, 2 * N_MB)  # the global micro-batches
     for _ in range(2):  # the trainer's calls, on the rank's RankModel
         pipe.model.train()
         pipe.model.zero_grad(set_to_none=True)
-        start_moe_step(pipe.model, aux_loss_scale=1.0 / (2 * N_MB))  # the global micro-batches
+        control.start_step(0)
         local = pipeline_train_step(pipe, mine[:, :-1], mine[:, 1:])
         loss = _sum_over(local, meshes.group("pp"))
         torch.distributed.all_reduce(loss, group=meshes.group("dp_cp"))
         _track(res, "loss_err", abs(float(loss) - float(ref["loss"])) / float(ref["loss"]))
-        for n, p in pipe.named_parameters():
+        for n, p in pipe.model.named_parameters():
             _track(res, "grad_err", _rel(p.grad.full_tensor(), ref["grads"][n]))
-        norm = clip_grad_norm_(list(pipe.parameters()), 0.0, stage_group=meshes.group("pp"))
+        norm = _grad_norm(list(pipe.model.parameters()), stages=2)
         _track(res, "norm_err", abs(norm - ref["norm"]) / ref["norm"])
         # every rank: pp for the layers, dp for the tokens
-        _check_stats(res, _stage_stats(pipe.model, model.cfg, None), ref["stats"])
+        _check_stats(res, _stage_stats(control, None), ref["stats"])
     return res
 
 

@@ -1,7 +1,6 @@
 """Context parallelism against the single-process computation (forked gloo ranks, fp32).
 
 One 4-rank launch checks, on every rank, for CP groups of size 2 ({0,1}, {2,3}) and 4:
-- zig-zag helpers: `unshard(shard_sequence(x))` round-trips (and its backward sums);
 - causal GQA attention, both `cp_comm` modes: the local output and dq/dk/dv after backward
   equal this rank's slices of the unsplit SDPA and its gradients;
 - a whole tiny `Transformer` (the tiny experiment's model, same seed everywhere) with
@@ -10,7 +9,7 @@ One 4-rank launch checks, on every rank, for CP groups of size 2 ({0,1}, {2,3}) 
   single-process ones, and the parameter gradients of the local LM loss (+ the MoE aux losses,
   wired the way the parallel code must wire them under CP) summed over CP equal the
   single-process gradients.
-A second 4-rank launch repeats the Transformer check with TP=2 x CP=2 (DTensor TP + CP).
+The same launch repeats the Transformer check with TP=2 x CP=2 (DTensor TP + CP).
 """
 
 from __future__ import annotations
@@ -23,20 +22,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moetrain.config import compose, to_object
 from moetrain.config.schema import CPComm
-from moetrain.model import Transformer, moe_layers, moe_step_stats
+from moetrain.model import Transformer, moe_layers
 from moetrain.parallel.context_parallel import (
     ContextParallelAttention,
     apply_context_parallel,
     shard_positions,
     shard_sequence,
-    unshard,
 )
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.mesh import build_meshes
 from moetrain.parallel.tensor_parallel import apply_tensor_parallel
-from tests.distributed.launcher import run_distributed
+from tests.harness import run_distributed, tiny_model_config
+from tests.model.tiny import step_rows
 
 TOL = 1e-5
 B, S = 2, 32
@@ -47,11 +45,6 @@ WORLD = 4
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| (the scale of the tensor, so near-zero entries are fine)."""
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
-
-
-@pytest.fixture(scope="module")
-def model_cfg():
-    return to_object(compose(["+experiment=tiny"])).model
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -102,15 +95,6 @@ def _attention_checks(group: dist.ProcessGroup, comm: str, batch_positions: bool
     errs = {"out": rel_err(out_l, shard_sequence(out, r, cp, dim=2))}
     for name, local, full in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
         errs[name] = rel_err(local.grad, shard_sequence(full.grad, r, cp, dim=2))
-
-    # unshard is the inverse of shard_sequence, and its backward sums the ranks' gradients
-    x = torch.randn(B, S, 3, generator=gen)
-    xl = shard_sequence(x, r, cp).requires_grad_()
-    xu = unshard(xl, group)
-    errs["unshard"] = rel_err(xu, x)
-    (xu * torch.arange(S).view(1, S, 1)).sum().backward()
-    errs["unshard_grad"] = rel_err(xl.grad, cp * shard_positions(S, r, cp).view(1, -1, 1)
-                                   .expand(B, -1, 3).float())
     return errs
 
 
@@ -133,7 +117,7 @@ def _reference(cfg, tokens, targets):
     logits = ref(tokens)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
     grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    stats = moe_step_stats(ref)
+    stats = step_rows(ref)
     counts, lbl = stats.tokens_per_expert.sum(0), stats.scalar("lbl").sum()
     return model, logits.detach(), grads, counts, lbl
 
@@ -155,7 +139,7 @@ def _transformer_checks(cfg, group, comm, tokens, targets, reference) -> dict:
     loss = F.cross_entropy(logits.flatten(0, 1), shard_sequence(targets, r, cp).flatten(),
                            reduction="sum")
     loss.backward()
-    stats = moe_step_stats(model)
+    stats = step_rows(model)
     errs = {
         "logits": rel_err(logits.detach(), shard_sequence(ref_logits, r, cp)),
         "loss": rel_err(_sum_over(loss.detach(), group),
@@ -206,8 +190,18 @@ def _report(all_results, timings=None):
     assert not bad, f"relative errors above {TOL}: {bad}"
 
 
-def test_context_parallel_matches_single_process(model_cfg):
-    out = run_distributed(_cp_rank_main, WORLD, model_cfg, timeout=120)
+def _rank_main(rank, world, cfg):
+    """Both checks in one launch: CP alone, then TP x CP (its own meshes)."""
+    return _cp_rank_main(rank, world, cfg), _tp_cp_rank_main(rank, world, cfg)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_distributed(_rank_main, WORLD, tiny_model_config(), timeout=240)
+
+
+def test_context_parallel_matches_single_process(four_ranks):
+    out = [cp for cp, _ in four_ranks]
     _report([res for res, _ in out], out[0][1])
 
 
@@ -217,7 +211,7 @@ def test_context_parallel_matches_single_process(model_cfg):
 def _tp_cp_rank_main(rank, world, cfg):
     dims = ParallelDims(world, tp=2, cp=2)
     meshes = build_meshes(dims, "cpu")
-    cp_group, tp_group = meshes.group("cp"), meshes.group("tp")
+    cp_group = meshes.group("cp")
     shard_group = meshes.group("dp_cp_tp")  # = the cp x tp ranks of one micro-batch (dp = 1)
     r, cp = meshes.local_rank("cp"), dims.cp
     gen = torch.Generator().manual_seed(7)
@@ -246,5 +240,5 @@ def _tp_cp_rank_main(rank, world, cfg):
     return results
 
 
-def test_context_parallel_with_tensor_parallel(model_cfg):
-    _report(run_distributed(_tp_cp_rank_main, WORLD, model_cfg, timeout=120))
+def test_context_parallel_with_tensor_parallel(four_ranks):
+    _report([tp_cp for _, tp_cp in four_ranks])

@@ -1,4 +1,5 @@
-"""The fork launcher: results come back by rank; failures, crashes and hangs fail fast."""
+"""The fork launcher: results come back by rank (also as a module-scoped fixture); failures,
+crashes and hangs fail fast."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.launcher import DistributedTestError, run_distributed
+from tests.harness import DistributedTestError, ranks_fixture, run_distributed
 
 
 def _sum_of_ranks(rank, world_size, scale):
@@ -21,6 +22,13 @@ def _sum_of_ranks(rank, world_size, scale):
 def test_results_by_rank_and_one_thread_per_rank():
     results = run_distributed(_sum_of_ranks, 4, 2.0, timeout=30)
     assert results == [(r, 4, 1, 12.0, str(r)) for r in range(4)]
+
+
+two_ranks = ranks_fixture(_sum_of_ranks, 2, 3.0, timeout=30)
+
+
+def test_a_ranks_fixture_is_its_launch(two_ranks):
+    assert two_ranks == [(r, 2, 1, 3.0, str(r)) for r in range(2)]
 
 
 def _rank1_raises(rank, world_size):

@@ -27,14 +27,17 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.config.schema import RoutingConfig
-from moetrain.model import Transformer, moe_step_stats
+from torch.distributed.tensor import DTensor
+
+from moetrain.model import Transformer
 from moetrain.model.moe import MoELayer
 from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
 from moetrain.parallel import expert_parallel
 from moetrain.parallel.dims import ParallelDims
-from moetrain.parallel.expert_parallel import AllToAllDispatcher, apply_expert_parallel
-from tests.distributed.launcher import run_distributed
-from tests.model.tiny import layer_stats, make_cfg
+from moetrain.parallel.expert_parallel import AllToAllExchange, apply_expert_parallel
+from moetrain.parallel.mesh import build_meshes
+from tests.harness import ranks_fixture, run_distributed
+from tests.model.tiny import layer_stats, make_cfg, step_rows
 
 E, K, D, F = 8, 2, 32, 16
 DEAD = (2, 3)  # experts no token picks in the "empty" scenario
@@ -146,12 +149,13 @@ class Recorder:
     """Wraps the row exchange and the all-gathers of this (forked) rank to record what runs."""
 
     def __init__(self):
-        self.exchanges: list[tuple[dist.ProcessGroup, list[int]]] = []
+        # (group, rows sent to each group rank, rows received from each)
+        self.exchanges: list[tuple[dist.ProcessGroup, list[int], list[int]]] = []
         self.gathers: list[dist.ProcessGroup] = []
         exchange, gather = expert_parallel.all_to_all_rows, dist.all_gather_into_tensor
 
         def recording_exchange(x, output_splits, input_splits, group):
-            self.exchanges.append((group, list(input_splits)))
+            self.exchanges.append((group, list(input_splits), list(output_splits)))
             return exchange(x, output_splits, input_splits, group)
 
         def recording_gather(out, inp, group=None, **kw):
@@ -170,15 +174,8 @@ class Recorder:
         self.gathers.clear()
 
 
-def make_groups(dims: ParallelDims, rank: int) -> dict[str, dist.ProcessGroup]:
-    """This rank's ep / etp / edp groups (every rank creates every group, in the same order)."""
-    mine = {}
-    for kind in ("ep", "etp", "edp"):
-        for ranks in dims.groups_of(kind):
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                mine[kind] = group
-    return mine
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def errors(got, want) -> tuple[float, float]:
@@ -194,7 +191,8 @@ def check_layout(rank: int, world: int, layouts: list[tuple[int, int]]):
     report = {}
     for ep, etp in layouts:
         dims = ParallelDims(world, ep=ep, etp=etp)
-        groups = make_groups(dims, rank)
+        meshes = build_meshes(dims, "cpu")
+        groups = {kind: meshes.group(kind) for kind in ("ep", "etp", "edp")}
         ep_rank, etp_rank = dist.get_rank(groups["ep"]), dist.get_rank(groups["etp"])
         L, F_local = E // ep, F // etp
         e_sl = slice(ep_rank * L, (ep_rank + 1) * L)
@@ -202,12 +200,12 @@ def check_layout(rank: int, world: int, layouts: list[tuple[int, int]]):
         for sc in scenarios(world):
             where = f"ep={ep} etp={etp} {sc.name} rank {rank}"
             ref_layer = make_layer(sc)
-            layer = apply_expert_parallel(copy.deepcopy(ref_layer), groups["ep"],
-                                          groups["etp"] if etp > 1 else None)
-            assert isinstance(layer.dispatcher, AllToAllDispatcher), where
-            assert layer.experts.w1.shape == (L, D, F_local), where
-            assert layer.experts.w2.shape == (L, F_local, D), where
-            assert layer.experts.expert_offset == e_sl.start, where
+            layer = apply_expert_parallel(copy.deepcopy(ref_layer), meshes.experts)
+            assert isinstance(layer.dispatcher.exchange, AllToAllExchange), where
+            assert layer.experts.w1.shape == (E, D, F), where  # DTensors: the global shape
+            assert _local(layer.experts.w1).shape == (L, D, F_local), where
+            assert _local(layer.experts.w2).shape == (L, F_local, D), where
+            assert torch.equal(_local(layer.experts.w2), ref_layer.experts.w2[e_sl, f_sl]), where
             x_full, g_full = make_batch(sc)
             y_ref, gx_ref, grads_ref, dropped_ref, kept_RE = reference(ref_layer, sc, x_full,
                                                                        g_full)
@@ -216,7 +214,7 @@ def check_layout(rank: int, world: int, layouts: list[tuple[int, int]]):
 
             mine = rank_slice(sc, rank)
             recorder.clear()
-            before = moe_step_stats(layer).rows_LC  # the copy holds the reference's forwards
+            before = step_rows(layer).rows_LC  # the copy holds the reference's forwards
             y, gx = forward_backward(layer, x_full[:, mine], g_full[:, mine])
             assert_close(y, y_ref[:, mine], f"{where} output")
             assert_close(gx, gx_ref[:, mine], f"{where} input grad")
@@ -232,16 +230,15 @@ def check_layout(rank: int, world: int, layouts: list[tuple[int, int]]):
             for name, index in (("w1", (e_sl, slice(None), f_sl)),
                                 ("w3", (e_sl, slice(None), f_sl)),
                                 ("w2", (e_sl, f_sl, slice(None)))):
-                grad = getattr(layer.experts, name).grad.clone()
+                grad = _local(getattr(layer.experts, name).grad).clone()
                 dist.all_reduce(grad, group=groups["edp"])  # same shard, other tokens
                 want = grads_ref[f"experts.{name}"][index]
                 assert_close(grad, want, f"{where} {name} grad")
                 errs.append(errors(grad, want))
 
             # Bytes: the forward's EP dispatch is the first exchange on the EP group.
-            ep_sends = [splits for g, splits in recorder.exchanges if g is groups["ep"]]
-            sent, received = ep_sends[0], layer.dispatcher.last_recv_splits
-            assert sent == layer.dispatcher.last_send_splits, where
+            ep_sends = [(out, back) for g, out, back in recorder.exchanges if g is groups["ep"]]
+            sent, received = ep_sends[0]
             peers = dist.get_process_group_ranks(groups["ep"])
             if sc.moe.get("pad_to_capacity"):  # static shapes: capacity rows per expert
                 C = expert_capacity(sc.sizes[rank], K, E, sc.moe["capacity_factor"])
@@ -259,15 +256,15 @@ def check_layout(rank: int, world: int, layouts: list[tuple[int, int]]):
                 assert len(recorder.exchanges) == 2, where
             else:
                 assert all(g is groups["etp"] for g in recorder.gathers), where
-                etp_sends = [s for g, s in recorder.exchanges if g is groups["etp"]]
+                etp_sends = [s for g, s, _ in recorder.exchanges if g is groups["etp"]]
                 assert etp_sends[0] == [sum(received)] * etp, where
             report[(ep, etp, sc.name)] = (
                 max(e[0] for e in errs), max(e[1] for e in errs), received)
-        report[(ep, etp, "transformer")] = check_transformer(rank, world, groups, etp)
+        report[(ep, etp, "transformer")] = check_transformer(rank, world, meshes, etp)
     return report
 
 
-def check_transformer(rank, world, groups, etp):
+def check_transformer(rank, world, meshes, etp):
     """Two MoE blocks (one activation-checkpointed) under EP: every collective of the forward,
     the backward and the recompute must line up across ranks; logits and all grads exact."""
     cfg = make_cfg(moe=dict(num_experts=E, top_k=K, expert_hidden=F), lbl=dict(coeff=0.0),
@@ -275,8 +272,7 @@ def check_transformer(rank, world, groups, etp):
     cfg.moe.first_dense_layers = 1
     torch.manual_seed(7)
     ref = Transformer(cfg)
-    model = apply_expert_parallel(copy.deepcopy(ref), groups["ep"],
-                                  groups["etp"] if etp > 1 else None)
+    model = apply_expert_parallel(copy.deepcopy(ref), meshes.experts)
     for m in (ref, model):
         block = m.layers["2"]
         block.forward = (lambda f: lambda h, pos: checkpoint(f, h, pos, use_reentrant=False))(
@@ -286,21 +282,22 @@ def check_transformer(rank, world, groups, etp):
     ref(tokens).square().sum().backward()
     logits = model(tokens[rank:rank + 1])
     logits.square().sum().backward()
-    where = f"transformer ep={dist.get_world_size(groups['ep'])} etp={etp} rank {rank}"
+    where = f"transformer ep={meshes.dims.ep} etp={etp} rank {rank}"
     with torch.no_grad():
         assert_close(logits, ref(tokens)[rank:rank + 1], f"{where} logits")
         assert_close(model(tokens[rank:rank + 1]), logits.detach(), f"{where} no-grad logits")
     with pytest.raises(RuntimeError, match="already sharded"):
-        apply_expert_parallel(model, groups["ep"])
+        apply_expert_parallel(model, meshes.experts)
     errs = []
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        grad, want = p.grad.clone(), ref_params[name].grad
+        grad, want = _local(p.grad).clone(), ref_params[name].grad
         if ".experts." in name:
-            dist.all_reduce(grad, group=groups["edp"])
-            ex = model.get_submodule(name.rsplit(".", 1)[0])
-            e_sl = slice(ex.expert_offset, ex.expert_offset + ex.num_local_experts)
-            f_sl = slice(ex.hidden_offset, ex.hidden_offset + ex.w1.shape[-1])
+            dist.all_reduce(grad, group=meshes.group("edp"))
+            # this rank's block: experts by EP rank, hidden columns by ETP rank
+            L, F_local = E // meshes.dims.ep, F // etp
+            e0, f0 = meshes.local_rank("ep") * L, meshes.local_rank("etp") * F_local
+            e_sl, f_sl = slice(e0, e0 + L), slice(f0, f0 + F_local)
             want = want[e_sl, :, f_sl] if name.endswith(("w1", "w3")) else want[e_sl, f_sl, :]
         else:
             dist.all_reduce(grad)  # dense and router params: every rank holds other tokens
@@ -335,13 +332,21 @@ def test_ep2():
     _print_errors(results)
 
 
-def test_ep4_with_a_rank_whose_experts_get_no_tokens():
-    results = run_distributed(check_layout, 4, [(4, 1)], timeout=60)
+# One 4-rank launch for ep4 and for ep2 x etp2, ep2 x edp2.
+four_ranks = ranks_fixture(check_layout, 4, [(4, 1), (2, 2), (2, 1)], timeout=150)
+
+
+def _layouts(results, *layouts):
+    """Each rank's report of these (ep, etp) layouts only."""
+    return [{k: v for k, v in per_rank.items() if k[:2] in layouts} for per_rank in results]
+
+
+def test_ep4_with_a_rank_whose_experts_get_no_tokens(four_ranks):
+    results = _layouts(four_ranks, (4, 1))
     _print_errors(results)
     # experts 2 and 3 live on EP rank 1, which receives no rows in the "empty" scenario
     assert results[1][(4, 1, "empty")][2] == [0, 0, 0, 0]
 
 
-def test_ep2_etp2_and_ep2_edp2():
-    results = run_distributed(check_layout, 4, [(2, 2), (2, 1)], timeout=90)
-    _print_errors(results)
+def test_ep2_etp2_and_ep2_edp2(four_ranks):
+    _print_errors(_layouts(four_ranks, (2, 2), (2, 1)))
