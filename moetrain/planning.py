@@ -15,17 +15,35 @@ from typing import Any, Optional
 
 from moetrain.config.schema import head_dim_of
 from moetrain.model.init import TEMP_BYTES_PER_ELEMENT, chunk_elements
-from moetrain.optim import state_bytes_per_element
+from moetrain.optim import ADAMW_STATE_BYTES, state_bytes_per_element
 from moetrain.parallel.dims import ParallelDims
-from moetrain.parallel.pipeline.split import rank_layers
 
 #: Bytes per parameter, as moetrain allocates them on every device: fp32 weights (bf16 runs
 #: autocast, which casts them per op; there is no separate bf16 copy), fp32 gradients, AdamW's
 #: fp32 exp_avg and exp_avg_sq. 16 in all (Megatron's bf16-weights-plus-fp32-master is 18).
 WEIGHT_BYTES = 4
 GRAD_BYTES = 4
-OPTIM_BYTES = 8
+OPTIM_BYTES = ADAMW_STATE_BYTES  # AdamW's; per tensor and optimizer: optimizer_state_bytes
 ACT_BYTES = 2  # bf16 activations
+
+
+def optimizer_state_bytes(optim: Any, spec: Any) -> int:
+    """Bytes of optimizer state per element of one parameter tensor, by optimizer kind.
+
+    `optim`: the config's `optim` section (its `name`, "adamw" when it has none); `spec`: the
+    tensor (`plan_shards.ParamSpec`: model name, global shape, component, kind). The one place
+    the planner learns an optimizer's state: the memory per rank, the dry run's check and the
+    step-time model's optimizer pass (`step_time.optimizer_traffic_bytes`) all read it. The
+    answer is moetrain.optim's (`state_bytes_per_element`, by the rules that route each
+    parameter): AdamW's fp32 exp_avg and exp_avg_sq, 8 B; under optim.name=muon, 4 B (one
+    momentum buffer) for the hidden matrices Muon takes and 8 B for the rest. Raises ValueError
+    for an optimizer moetrain does not build.
+    """
+    # A block's spec is named by its template ("layers.{layer}.…", shared by every block of a
+    # kind); the routing rules match any layer number.
+    return state_bytes_per_element(str(getattr(optim, "name", "adamw")),
+                                   spec.name.format(layer=0))
+
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
               "norms", "output")
@@ -177,6 +195,24 @@ def in_flight_micro_batches(stage: int, dims: ParallelDims, n_micro: int, schedu
     return warm
 
 
+def layer_activation_parts(model: Any, layer: int, tokens: float, dims: ParallelDims,
+                           top_k: int) -> tuple[float, float]:
+    """(kept for the attention and the FFN input, kept inside the FFN) in bytes: one rank's
+    share of block `layer` for one micro-batch, bf16, no recompute (`layer_activation_bytes`)."""
+    d, moe = model.d_model, model.moe
+    qk, v = attention_widths(model)
+    # MLA keeps per-head keys and values (rebuilt from the latent) like GQA with Hkv = H.
+    q, kv = model.n_heads * qk, model.n_kv_heads * (qk + v) // 2
+    attention = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
+    if layer < moe.first_dense_layers:
+        ffn = 3 * model.ffn_hidden
+    else:
+        ffn = top_k * dims.etp * (2 * d + 3 * moe.expert_hidden / dims.etp)
+        ffn += 3 * shared_hidden(model) + 2 * 2 * moe.num_experts
+    scale = ACT_BYTES * tokens / dims.tp
+    return attention * scale, ffn * scale
+
+
 def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: ParallelDims,
                            top_k: int) -> float:
     """Bytes one rank keeps for backward of block `layer` for one micro-batch (bf16, no recompute).
@@ -193,151 +229,129 @@ def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: Parallel
     The attention kernel is a fused (flash) one: no S x S scores are kept, only its output and
     a per-head fp32 logsumexp (2 H elements).
     """
-    d, moe = model.d_model, model.moe
-    qk, v = attention_widths(model)
-    # MLA keeps per-head keys and values (rebuilt from the latent) like GQA with Hkv = H.
-    q, kv = model.n_heads * qk, model.n_kv_heads * (qk + v) // 2
-    per_token = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
-    if layer < moe.first_dense_layers:
-        per_token += 3 * model.ffn_hidden
-    else:
-        per_token += top_k * dims.etp * (2 * d + 3 * moe.expert_hidden / dims.etp)
-        per_token += 3 * shared_hidden(model) + 2 * 2 * moe.num_experts
-    return ACT_BYTES * per_token * tokens / dims.tp
+    return sum(layer_activation_parts(model, layer, tokens, dims, top_k))
 
 
-def _dense_shards(component: str, dims: ParallelDims, fsdp: bool) -> int:
-    """Ranks one dense component is split over. Norm weights are replicated over TP, the router
-    and shared experts too (MoE layers are folded, not TP-sharded); everything else is split
-    over TP (vocab-parallel embedding and output, colwise/rowwise attention and dense MLPs).
-    FSDP shards norms and TP shards over dp_cp, the router and shared experts over dp_cp_tp
-    (the ranks whose gradients they sum: data_parallel.moe_units)."""
-    if component in ("router", "shared_experts"):
-        return dims.dp_cp_tp if fsdp else 1
-    tp = 1 if component == "norms" else dims.tp
-    return tp * (dims.dp_cp if fsdp else 1)
+def stage_activation_bytes(model: Any, layers: list[int], tokens: float, dims: ParallelDims,
+                           top_k: int, recompute: str, in_flight: float) -> float:
+    """Activation bytes of a stage at its peak under `train.recompute`:
+        none   every layer's `layer_activation_bytes`, times the micro-batches in flight;
+        moe    MoE layers keep their attention part and FFN input only (the MoE layer is
+               recomputed from its input), + one MoE layer's inside while it is recomputed;
+        full   each block keeps its input (the fp32 residual, tokens / tp x d x 4 B), + one
+               whole block while it is recomputed.
+    """
+    kept, redo = 0.0, 0.0
+    for layer in layers:
+        attention, ffn = layer_activation_parts(model, layer, tokens, dims, top_k)
+        if recompute == "full":
+            kept += 4 * model.d_model * tokens / dims.tp
+            redo = max(redo, attention + ffn)
+        elif recompute == "moe" and layer >= model.moe.first_dense_layers:
+            kept += attention
+            redo = max(redo, ffn)
+        else:
+            kept += attention + ffn
+    return kept * in_flight + redo
 
 
 @dataclass
 class StageMemory:
-    """Bytes per rank of one pipeline stage (the rank's share under the layout)."""
+    """Bytes per rank of one pipeline stage (one rank's share under the layout)."""
 
     stage: int
-    dense_params: float  # parameters held per rank (after TP, PP and FSDP sharding)
+    dense_params: float  # parameter elements the rank holds (after TP, PP and FSDP sharding)
     expert_params: float
-    weights: float
+    weights: float  # fp32 storage (FSDP2's padded shards)
     grads: float
     optimizer: float
-    fsdp_buffers: float  # transient unsharded fp32 parameters of two layers (current + prefetch)
+    fsdp_buffers: float  # transient unsharded fp32 parameters (all-gather outputs)
     activations: float
     logits: float  # last stage: bf16 logits + fp32 softmax of one micro-batch
     # Peak while initialising (before any gradient or optimizer state exists): the weights plus
     # the generator's temporaries for one chunk (moetrain/model/init.py).
     init_peak: float = 0.0
+    # FSDP with several micro-batches per step: the unsharded fp32 gradients FSDP2 keeps
+    # between them (`set_requires_gradient_sync(False)` accumulates unsharded gradients).
+    grad_accum: float = 0.0
+    rank: int = 0  # the rank these numbers are for (the stage's first)
 
     @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.fsdp_buffers + self.activations
-                + self.logits)
+        return (self.weights + self.grads + self.optimizer + self.fsdp_buffers + self.grad_accum
+                + self.activations + self.logits)
+
+
+def stage_first_rank(dims: ParallelDims, stage: int) -> int:
+    """The first rank of pipeline stage `stage` (pp is the outermost dim of both views)."""
+    return stage * (dims.world_size // dims.pp)
 
 
 def memory_per_rank(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -> list[StageMemory]:
-    """Memory of one rank of each pipeline stage for a `MoetrainConfig` under `dims`.
+    """Memory of one rank of each pipeline stage (its first rank: with uneven shards the
+    largest) for a `MoetrainConfig` under `dims`; `rank_memory` for any rank."""
+    return [rank_memory(cfg, dims, stage_first_rank(dims, s), top_k) for s in range(dims.pp)]
 
-    Dense parameters (embedding, attention, dense MLP, norms, output) are split over tp (except
-    norms) and, with FSDP, over dp_cp; the router and shared experts (not TP-sharded) with FSDP
-    over dp_cp_tp; routed experts over ep * etp and, with FSDP, over edp; layers over pp (stage
-    0 holds the embedding, the last stage the final norm and output). Without FSDP the
-    data-parallel ranks are replicas.
+
+def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = None) -> StageMemory:
+    """Memory of `rank` under `dims`, tensor by tensor (`plan_shards.rank_units`).
+
+    Parameters, weights and gradients are the rank's shards exactly as moetrain shards them:
+    dense weights split over tp (norms and MLA's latent path replicated), routed experts over
+    ep x etp, layers over pp, then with FSDP every tensor's dim 0 over its unit's group (dense:
+    dp_cp; router and shared experts: dp_cp_tp; experts: edp), padded to a multiple of it
+    (the weights and gradients are FSDP2's padded storage, AdamW's states the unpadded shard).
+    Without FSDP the data-parallel ranks are replicas.
     Bytes per parameter: WEIGHT_BYTES + GRAD_BYTES + OPTIM_BYTES (4 + 4 + 8), what the run
-    allocates (a test compares them with real ranks' allocations).
+    allocates (a test compares them with real ranks' allocations, the dry run with the built
+    model). FSDP's transient buffers: without PP the stage root (not resharded after forward)
+    and the two largest other units (the current and the prefetched); under PP every unit,
+    which torch's stages keep gathered after each backward but the last. With several
+    micro-batches per step FSDP2 also keeps their unsharded gradients (`grad_accum`).
     """
-    model, moe, par = cfg.model, cfg.model.moe, cfg.parallel
+    from moetrain.plan_shards import rank_units, stage_modules
+
+    model, moe, par, train = cfg.model, cfg.model.moe, cfg.parallel, cfg.train
     k = moe.top_k if top_k is None else top_k
     fsdp = par.fsdp.enabled
-    micro, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-    chunk = chunk_elements("cpu" if cfg.train.device == "cpu" else "cuda")
-    n_micro = max(1, cfg.train.global_batch_size // (micro * dims.dp))
+    micro, seq = train.micro_batch_size, cfg.data.seq_len
+    chunk = chunk_elements("cpu" if train.device == "cpu" else "cuda")
+    n_micro = max(1, train.global_batch_size // (micro * dims.dp))
     tokens = micro * seq / dims.cp
-    stages = []
-    for s in range(dims.pp):  # pp rank s holds virtual stages s, s + pp, ... (looped)
-        layers = rank_layers(model.n_layers, s, dims.pp, dims.vpp, par.pp_layers)
-        dense_rank = expert_rank = 0.0  # held per rank, after TP, EP and FSDP
-        held = dict.fromkeys(COMPONENTS, 0.0)  # the same, by component (optimizer state)
-        largest_layer = 0.0  # one layer's parameters per rank after TP and EP (FSDP gathers them)
-        for layer in layers:
-            parts = layer_params(model, layer)
-            for c, n in parts.items():
-                if c != "routed_experts":
-                    held[c] += n / _dense_shards(c, dims, fsdp)
-                    dense_rank += n / _dense_shards(c, dims, fsdp)
-            layer_expert = parts["routed_experts"] / (dims.ep * dims.etp)
-            expert_rank += layer_expert / (dims.edp if fsdp else 1)
-            held["routed_experts"] += layer_expert / (dims.edp if fsdp else 1)
-            largest_layer = max(largest_layer, layer_expert + sum(
-                n / _dense_shards(c, dims, False) for c, n in parts.items() if c != "routed_experts"))
-        vocab = model.vocab_size * model.d_model / _dense_shards("embedding", dims, fsdp)
-        if s == 0:
-            dense_rank += vocab
-            held["embedding"] += vocab
-        if s == dims.pp - 1:
-            dense_rank += model.d_model / _dense_shards("norms", dims, fsdp)
-            held["norms"] += model.d_model / _dense_shards("norms", dims, fsdp)
-            output = vocab if not model.tie_embeddings or dims.pp > 1 else 0
-            dense_rank += output
-            held["output"] += output
-        n = dense_rank + expert_rank
-        largest = _largest_local_tensor(model, layers, s == 0 or s == dims.pp - 1, dims, fsdp)
-        gathered = fsdp and (dims.dp_cp > 1 or dims.edp > 1)
-        act = sum(layer_activation_bytes(model, layer, tokens, dims, k) for layer in layers)
-        act *= in_flight_micro_batches(s, dims, n_micro, par.pp_schedule)
-        logits = 0.0
-        if s == dims.pp - 1:
-            logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp
-        stages.append(StageMemory(
-            stage=s, dense_params=dense_rank, expert_params=expert_rank,
-            weights=WEIGHT_BYTES * n, grads=GRAD_BYTES * n,
-            optimizer=_optimizer_bytes(cfg.optim, held),
-            fsdp_buffers=2 * WEIGHT_BYTES * largest_layer if gathered else 0.0,
-            activations=act, logits=logits,
-            init_peak=WEIGHT_BYTES * n + TEMP_BYTES_PER_ELEMENT * min(chunk, largest),
-        ))
-    return stages
-
-
-#: A parameter that stands for each component when the optimizer is asked its state per element
-#: (this planner counts by component: the attention's q/k norm gains and the shared-expert gate,
-#: under 0.1 % of their component, are counted with its matrices).
-_COMPONENT_PARAMETER = {
-    "embedding": "tok_embeddings.weight", "attention": "layers.0.attention.wq.weight",
-    "dense_mlp": "layers.0.mlp.w1.weight", "routed_experts": "layers.0.moe.experts.w1",
-    "shared_experts": "layers.0.moe.shared_experts.w1.weight",
-    "router": "layers.0.moe.router.weight", "norms": "layers.0.attention_norm.weight",
-    "output": "output.weight",
-}
-
-
-def _optimizer_bytes(optim: Any, held: dict[str, float]) -> float:
-    """Optimizer state of the parameters a rank holds, `held` elements by component."""
-    return sum(n * state_bytes_per_element(optim, _COMPONENT_PARAMETER[c]) for c, n in held.items())
-
-
-def _largest_local_tensor(model: Any, layers: list[int], holds_vocab: bool, dims: ParallelDims,
-                          fsdp: bool) -> float:
-    """Elements of the largest parameter shard a rank of the stage holds (bounds the chunk the
-    initialisation generates at once)."""
-    moe = model.moe
-    dense_shard = dims.tp * (dims.dp_cp if fsdp else 1)
-    sizes = [model.vocab_size * model.d_model / dense_shard] if holds_vocab else []
-    for layer in layers:
-        if layer < moe.first_dense_layers:
-            sizes.append(model.d_model * model.ffn_hidden / dense_shard)
-        else:
-            experts = moe.num_experts * model.d_model * moe.expert_hidden
-            sizes.append(experts / (dims.ep * dims.etp * (dims.edp if fsdp else 1)))
-            sizes.append(model.d_model * shared_hidden(model) / (dims.dp_cp_tp if fsdp else 1))
-        sizes.append(attention_params(model) / dense_shard)  # a bound on its largest matrix
-    return max(sizes, default=0.0)
+    stage = dims.dense_coord(rank).pp
+    units = rank_units(cfg, dims, rank)
+    params = [p for u in units for p in u.params]
+    dense = sum(p.held for p in params if p.spec.kind != "experts")
+    experts = sum(p.held for p in params if p.spec.kind == "experts")
+    allocated = sum(p.allocated for p in params)
+    gathered = [u.gathered * WEIGHT_BYTES for u in units if fsdp and u.size > 1 and u.params]
+    if not gathered:
+        buffers = 0.0
+    elif dims.pp > 1:
+        buffers = float(sum(gathered))
+    else:
+        roots = [u.gathered * WEIGHT_BYTES for u in units if u.root and u.size > 1 and u.params]
+        others = sorted((u.gathered * WEIGHT_BYTES for u in units
+                         if not u.root and u.size > 1 and u.params), reverse=True)
+        buffers = float(sum(roots) + sum(others[:2]))
+    accumulating = fsdp and (n_micro > 1 or dims.pp > 1)
+    grad_accum = float(sum(u.unsharded for u in units) * GRAD_BYTES) if accumulating else 0.0
+    layers = [i for _, ids, _, _ in stage_modules(model, dims, par.pp_layers, stage) for i in ids]
+    in_flight = in_flight_micro_batches(stage, dims, n_micro, par.pp_schedule)
+    act = stage_activation_bytes(model, layers, tokens, dims, k,
+                                 getattr(train, "recompute", "none"), in_flight)
+    logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp if stage == dims.pp - 1 else 0.0
+    largest = max((p.allocated for p in params), default=0)
+    optim = getattr(cfg, "optim", None)
+    return StageMemory(
+        stage=stage, dense_params=dense, expert_params=experts,
+        weights=WEIGHT_BYTES * allocated, grads=GRAD_BYTES * allocated,
+        optimizer=float(sum(optimizer_state_bytes(optim, p.spec) * p.held for p in params)),
+        fsdp_buffers=buffers,
+        activations=act, logits=logits,
+        init_peak=WEIGHT_BYTES * allocated + TEMP_BYTES_PER_ELEMENT * min(chunk, largest),
+        grad_accum=grad_accum, rank=rank,
+    )
 
 
 # -- the whole plan -----------------------------------------------------------------------------
@@ -359,6 +373,7 @@ class Plan:
     memory: list[StageMemory] = field(default_factory=list)
     # (min, max) of top_k over the run under model.moe.schedule.top_k.
     top_k_range: tuple[int, int] = (0, 0)
+    recompute: str = "none"  # train.recompute
 
     @property
     def activation_ratio(self) -> float:
@@ -387,6 +402,7 @@ class Plan:
                 "by_component": {c: {"total": self.params.total[c], "active": self.params.active[c]}
                                  for c in COMPONENTS},
             },
+            "recompute": self.recompute,
             "activation_ratio": self.activation_ratio,
             "granularity": self.granularity,
             "flops_per_token": {
@@ -441,6 +457,7 @@ def make_plan(cfg: Any, dims: ParallelDims, top_k: Optional[int] = None) -> Plan
         granularity=granularity(model),
         memory=memory_per_rank(cfg, dims, k),
         top_k_range=k_range,
+        recompute=str(getattr(cfg.train, "recompute", "none")),
     )
 
 
@@ -500,7 +517,8 @@ def format_plan(plan: Plan) -> str:
         f"memory per rank, world {plan.world_size}: dense tp{lay['tp']} cp{lay['cp']} dp{lay['dp']} "
         f"pp{lay['pp']}, MoE ep{lay['ep']} etp{lay['etp']} edp{lay['edp']}",
         f"  {'stage':<7}{'params':>10}{'weights':>12}{'grads':>12}{'optimizer':>12}"
-        f"{'fsdp buf':>12}{'activations':>13}{'logits':>12}{'total':>12}{'init peak':>12}",
+        f"{'fsdp buf':>12}{'grad accum':>12}{'activations':>13}{'logits':>12}{'total':>12}"
+        f"{'init peak':>12}",
     ]
     worst = plan.worst_stage.stage
     for m in plan.memory:
@@ -508,10 +526,14 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"  {m.stage:<7}{human(m.dense_params + m.expert_params):>10}{gib(m.weights):>12}"
             f"{gib(m.grads):>12}{gib(m.optimizer):>12}{gib(m.fsdp_buffers):>12}"
-            f"{gib(m.activations):>13}{gib(m.logits):>12}{gib(m.total):>12}"
+            f"{gib(m.grad_accum):>12}{gib(m.activations):>13}{gib(m.logits):>12}{gib(m.total):>12}"
             f"{gib(m.init_peak):>12}{mark}"
         )
+    recompute = {"none": "no recompute", "moe": "the MoE layers recomputed",
+                 "full": "whole blocks recomputed"}[plan.recompute]
     lines.append("  (per parameter: fp32 weights 4 B + fp32 grads 4 B + AdamW fp32 exp_avg/exp_avg_sq "
-                 "8 B (Muon's matrices: one momentum buffer, 4 B), as allocated; bf16 autocast activations, no recompute; init peak: the "
-                 "weights + one init chunk, before training)")
+                 "8 B (Muon's matrices: one momentum buffer, 4 B), as allocated; bf16 autocast "
+                 f"activations, {recompute} (train.recompute); "
+                 "fsdp buf: gathered fp32 units; grad accum: FSDP's unsharded fp32 gradients "
+                 "between micro-batches; init peak: the weights + one init chunk, before training)")
     return "\n".join(lines)

@@ -10,9 +10,11 @@ step, phase, wall time) every few seconds. The run directory is shared by every 
 needs no process group and keeps working when any one process (rank 0 included) is stopped.
 
 The watchdog (a daemon thread per rank, so "on each node" for all local ranks) declares a hang
-when the current phase has lasted 90% of its collective timeout (it acts before gloo/NCCL
-raise, so it can still say who is missing), or when it has waited `fault.heartbeat_timeout`
-while some rank's heartbeat is that old (a stopped or wedged process). It then
+when the current phase has lasted 90% of its collective timeout while some rank is behind it or
+silent (it acts before gloo/NCCL raise, so it can still say who is missing; ranks all alive in
+the same phase are slow, not hung, and a lone process never is), or when it has waited
+`fault.heartbeat_timeout` while some rank's heartbeat is that old (a stopped or wedged
+process). It then
 - logs which ranks did not arrive (silent heartbeat, or behind in step/phase) to the rank's
   log, and one line on stderr from the lowest-numbered rank that is still alive;
 - dumps the Python stacks of every thread of its own process into the rank's log (each local
@@ -197,8 +199,14 @@ class Watchdog:
                 phase, step, elapsed = self._phase, self._step, now - self._since
                 median = statistics.median(self._recent) if self._recent else None
             if elapsed > self._limit():
-                self._hang(f"{_where(step, phase)} has not finished after {elapsed:.0f} s "
-                           f"(90% of its collective timeout, {self._limit() / _ACT_AT:.0f} s)")
+                # A long phase is a hang only while this rank waits for another one; ranks all
+                # alive in the same phase are slow, not hung (a big step, a loaded host, one
+                # process alone), and a collective that does hang still raises at its timeout.
+                lines, silent = self._missing()
+                if lines:
+                    self._hang(f"{_where(step, phase)} has not finished after {elapsed:.0f} s "
+                               f"(90% of its collective timeout, {self._limit() / _ACT_AT:.0f} s)",
+                               lines, silent)
             if elapsed > self.cfg.heartbeat_timeout:
                 lines, silent = self._missing()
                 if silent:

@@ -6,7 +6,7 @@ import torch
 from moetrain.config import ConfigError, compose, to_object
 from moetrain.config.schema import OptimConfig
 from moetrain.model import Transformer
-from moetrain.optim import build_optimizer, lr_at, route_parameters, state_bytes_per_element
+from moetrain.optim import build_optimizer, lr_at, route_parameters
 from moetrain.optim.muon import Muon, newton_schulz, rms_scale
 
 
@@ -70,8 +70,12 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(overrides):
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_the_planners_state_bytes_are_what_each_parameter_allocates(name):
-    """state_bytes_per_element (the planner's question) against the state a real step
-    allocates for every parameter (AdamW's 0-d step counter aside), MLA and a shared gate too."""
+    """planning.optimizer_state_bytes (the planner's one hook, answered by moetrain.optim's
+    routing rules) against the state a real step allocates for every parameter (AdamW's 0-d
+    step counter aside), MLA and a shared gate too."""
+    from moetrain.plan_shards import ParamSpec
+    from moetrain.planning import optimizer_state_bytes
+
     model = _model("model.moe.num_shared_experts=1", "model.moe.shared_expert_gate=true", *MLA)
     cfg = OptimConfig(name=name)
     opt = build_optimizer(model, cfg)
@@ -80,7 +84,8 @@ def test_the_planners_state_bytes_are_what_each_parameter_allocates(name):
     for n, p in model.named_parameters():
         held = sum(t.numel() * t.element_size() for t in opt.state[p].values()
                    if isinstance(t, torch.Tensor) and t.ndim > 0)
-        assert held == state_bytes_per_element(cfg, n) * p.numel(), n
+        spec = ParamSpec(n, tuple(p.shape), "", "")
+        assert held == optimizer_state_bytes(cfg, spec) * p.numel(), n
 
 
 def test_a_parameter_neither_optimizer_takes_is_refused_by_name():

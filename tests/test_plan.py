@@ -1,18 +1,25 @@
 """The planner: parameter counts against published figures, a hand-computed tiny case, memory
-sharding, and the command line."""
+sharding tensor by tensor, a step's collectives and seconds by hand, the layout search, and the
+command line."""
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from moetrain.config import compose, to_object
+from moetrain.hardware import HardwareError, hardware
+from moetrain.layout_search import RESERVED_GIB, search_layouts
+from moetrain.parallel import check_layout
 from moetrain.parallel.dims import ParallelDims
+from moetrain.plan_comm import Collective, step_collectives
 from moetrain.planning import (
-    count_parameters, flops_per_token, granularity, layer_activation_bytes, make_plan,
-    memory_per_rank,
+    count_parameters, flops_per_token, granularity, layer_activation_bytes, layer_activation_parts,
+    make_plan, memory_per_rank, rank_memory,
 )
+from moetrain.step_time import LATENCY_S, LINK_EFFICIENCY, collective_seconds, estimate_step
 
 
 def config(name, *overrides):
@@ -61,6 +68,60 @@ def test_deepseek_v2_lite_is_the_published_15_7b_with_latent_attention():
     assert p.n_total == 15_706_484_224  # transformers' DeepseekV2ForCausalLM of this config
     # DeepSeek's 2.4B "activated" leaves out the input embedding (a lookup); we count it.
     assert billions(p.n_active - p.active["embedding"]) == pytest.approx(2.4, rel=0.03)
+
+
+def mla_q_lora(d, heads, q_rank, kv_rank=512, nope=128, rope=64, v_head=128):
+    """Multi-head latent attention with low-rank queries (DeepSeek-V3, Kimi K2): q_a_proj, its
+    norm, q_b_proj; kv_a_proj_with_mqa (latent + shared rotary key), its norm, kv_b_proj; o_proj."""
+    q = d * q_rank + q_rank + q_rank * heads * (nope + rope)
+    kv = d * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v_head)
+    return q + kv + heads * v_head * d
+
+
+def deepseek_v3_style(V, d, L, dense, F, E, Fe, shared, heads):
+    """Parameters of a DeepSeek-V3-architecture config.json (no MTP module, no router bias):
+    embeddings and head untied, 2 norms per layer + the final one, SwiGLU MLPs of 3 d F."""
+    attention = mla_q_lora(d, heads, 1536)
+    moe = E * d + 3 * d * Fe * E + 3 * d * Fe * shared
+    return 2 * V * d + d + L * (attention + 2 * d) + dense * 3 * d * F + (L - dense) * moe
+
+
+# From the released config.json files (vocab_size, hidden_size, num_hidden_layers,
+# first_k_dense_replace, intermediate_size, n_routed_experts, moe_intermediate_size,
+# n_shared_experts, num_attention_heads; q_lora_rank 1536, kv_lora_rank 512, rope 64, nope 128,
+# v 128 for both), by hand:
+DEEPSEEK_V3 = deepseek_v3_style(129_280, 7168, 61, 3, 18_432, 256, 2048, 1, 128)
+KIMI_K2 = deepseek_v3_style(163_840, 7168, 61, 1, 18_432, 384, 2048, 1, 64)
+# Qwen3-235B-A22B: 94 layers, d 4096, 64 / 4 heads of 128 with q/k norms, 128 experts of 1536
+QWEN3_235B = 2 * 151_936 * 4096 + 4096 + 94 * (
+    4096 * (64 + 2 * 4) * 128 + 64 * 128 * 4096 + 2 * 128 + 2 * 4096
+    + 128 * 4096 + 3 * 4096 * 1536 * 128)
+
+
+@pytest.mark.parametrize("name, exact, published_total, published_active", [
+    # DeepSeek-V3 report: 671B total, 37B activated (its README: 36.6B without the input
+    # embedding, the 0.9B output head included)
+    ("deepseek_v3", DEEPSEEK_V3, 671e9, 36.6e9),
+    # Kimi K2 model card: 1T total, 32B activated (the tech report's table says 1.04T; the
+    # released shapes give 1.026T)
+    ("kimi_k2", KIMI_K2, 1.0e12, 32e9),
+    # Qwen3 report: 235B total, 22B activated
+    ("qwen3_235b_a22b", QWEN3_235B, 235e9, 22e9),
+])
+def test_frontier_shapes_have_their_published_parameter_counts(name, exact, published_total,
+                                                                published_active):
+    p = count_parameters(config(name).model)
+    assert p.n_total == exact
+    assert p.n_total == pytest.approx(published_total, rel=0.03)
+    assert p.n_active - p.active["embedding"] == pytest.approx(published_active, rel=0.03)
+
+
+def test_frontier_exact_totals():
+    """The integers docs/planning.md quotes; the checkpoints also hold one fp32 router bias per
+    MoE layer and expert (e_score_correction_bias: a buffer in moetrain and transformers)."""
+    assert DEEPSEEK_V3 == 671_026_404_352 and DEEPSEEK_V3 + 58 * 256 == 671_026_419_200
+    assert KIMI_K2 == 1_026_408_209_408 and KIMI_K2 + 60 * 384 == 1_026_408_232_448
+    assert QWEN3_235B == 235_093_634_560
 
 
 def test_granularity_of_the_real_shapes():
@@ -231,3 +292,204 @@ def test_cli_table_and_errors_in_process(capsys):
     assert "model.moe.top_k" in capsys.readouterr().err
     # Whether the logging backends are installed here says nothing about the plan.
     assert main(["+experiment=tiny", "logging.tensorboard=true", "logging.wandb.enabled=true"]) == 0
+
+
+def test_uneven_shards_are_fsdp2_padded_chunks_by_hand():
+    """vocab 8190 over tp2 then FSDP over dp2: 4095 rows per TP rank, chunked 2048 / 2047 over
+    the data-parallel ranks, each storing 2048 (FSDP2 pads dim 0 to a multiple of the group)."""
+    cfg = config("tiny", "model.vocab_size=8190", "parallel.tp=2")
+    dims = ParallelDims.from_config(cfg.parallel, 4)  # ranks 0, 1: dp 0; ranks 2, 3: dp 1
+    first, last = rank_memory(cfg, dims, 0), rank_memory(cfg, dims, 3)
+    assert first.dense_params == 611_648  # as with 8192: 2048 embedding and output rows
+    assert last.dense_params == 611_648 - 2 * 128  # one row fewer of each
+    assert first.weights == last.weights  # the same padded storage
+    # Four micro-batches per step (16 / (2 x dp 2)): FSDP2 keeps every unit's unsharded (TP-
+    # sharded) fp32 gradient between them: attention and MLP halves, replicated norms, 4095
+    # vocab rows of both matrices, routers and all experts (ep 1).
+    unsharded = 4 * 49_152 // 2 + 147_456 // 2 + (4 * 256 + 128) + 2 * 4095 * 128 \
+        + 3 * 1024 + 3 * 589_824
+    assert first.grad_accum == 4 * unsharded == 4 * 2_994_048
+    # Gathered at once: the root (padded: 2 x 2048 rows of each matrix + the final norm) and the
+    # two largest other units, the MoE layers over dp_cp_tp (experts + router).
+    assert first.fsdp_buffers == 4 * ((2 * 2 * 2048 * 128 + 128) + 2 * (589_824 + 1024))
+    one_micro = config("tiny", "model.vocab_size=8190", "parallel.tp=2",
+                       "train.global_batch_size=4")
+    assert rank_memory(one_micro, dims, 0).grad_accum == 0  # nothing to accumulate
+
+
+def test_recompute_keeps_block_inputs_by_hand():
+    cfg = config("tiny")
+    dims = ParallelDims(1)
+    tokens = 2 * 128
+    parts = [layer_activation_parts(cfg.model, i, tokens, dims, 2) for i in range(4)]
+    none = make_plan(cfg, dims).memory[0].activations
+    assert none == sum(a + f for a, f in parts)
+    full = make_plan(config("tiny", "train.recompute=full"), dims).memory[0].activations
+    # each block keeps its fp32 input; one block lives again while it is recomputed
+    assert full == 4 * (4 * 128 * tokens) + max(a + f for a, f in parts)
+    moe = make_plan(config("tiny", "train.recompute=moe"), dims).memory[0].activations
+    assert moe == sum(parts[0]) + sum(a for a, _ in parts[1:]) + max(f for _, f in parts[1:])
+    assert full < moe < none
+
+
+def test_a_steps_collectives_by_hand():
+    """dp2 with FSDP, 4 micro-batches per rank: each block unit gathered for every forward and
+    backward (8 times), the root once per micro-batch; one reduce-scatter each; one reduction."""
+    cfg = config("tiny")
+    calls = step_collectives(cfg, ParallelDims(2), 0)
+    fsdp = [(c.op, c.bytes, c.count) for c in calls if c.what == "fsdp"]
+    block0 = 4 * (49_152 + 256 + 147_456)
+    moe_block = 4 * (49_152 + 256 + 1024 + 589_824)
+    root = 4 * (2 * 1_048_576 + 128)
+    assert fsdp == [("all_gather", block0, 8), ("reduce_scatter", block0, 1)] + \
+        [("all_gather", moe_block, 8), ("reduce_scatter", moe_block, 1)] * 3 + \
+        [("all_gather", root, 4), ("reduce_scatter", root, 1)]
+    (sums,) = [c for c in calls if c.what == "step sums"]
+    assert sums.bytes == 8 * (3 + 2 + 3 * (7 + 2 * 8))  # loss, norm, stop, per rank, 3 stats rows
+    # ep2: per MoE layer and micro-batch the counts and four row exchanges (tokens x k x d):
+    # the dispatch moves the fp32 norm output, the combine the experts' bf16 output (device
+    # auto plans a GPU run under bf16 autocast)
+    calls = step_collectives(config("tiny", "parallel.ep=2"), ParallelDims(2, ep=2), 0)
+    rows = 2 * 128 * 2 * 128  # micro-batch tokens x top-2 x d_model
+    ep = {(c.what, c.bytes, c.count) for c in calls if c.group == "ep"}
+    assert ep == {("ep counts", 8 * 8, 12), ("ep dispatch", 4 * rows, 12),
+                  ("ep combine", 2 * rows, 12), ("ep combine grad", 2 * rows, 12),
+                  ("ep dispatch grad", 4 * rows, 12)}
+
+
+def test_collective_seconds_by_hand():
+    gpu = hardware("h100")  # NVLink 450 GB/s, network 50 GB/s, 8 per node
+    nvlink, net = 450e9 * LINK_EFFICIENCY, 50e9 * LINK_EFFICIENCY
+    inside = Collective("all_gather", "dp_cp", tuple(range(8)), 2**30, 1, "fsdp")
+    assert collective_seconds(inside, gpu, 0) == pytest.approx(7 / 8 * 2**30 / nvlink + LATENCY_S)
+    across = Collective("all_reduce", "dp_cp", (0, 8), 2**30, 1, "x")
+    assert collective_seconds(across, gpu, 0) == pytest.approx(2**30 / net + LATENCY_S)
+    # all-to-all over 16 ranks on two nodes: 7/16 over NVLink while 8/16 crosses the network
+    a2a = Collective("all_to_all", "ep", tuple(range(16)), 2**30, 1, "ep")
+    assert collective_seconds(a2a, gpu, 3) == pytest.approx(8 / 16 * 2**30 / net + LATENCY_S)
+    assert collective_seconds(Collective("all_reduce", "tp", (5,), 2**30, 1, "x"), gpu, 5) == 0
+
+
+def test_step_estimate_is_consistent():
+    cfg = config("qwen3_30b_a3b", "parallel.ep=8")
+    dims = ParallelDims(16, ep=8)
+    est = estimate_step(cfg, dims, hardware("h100"))
+    tokens = 512 * 4096
+    assert est.tokens_per_s_per_gpu == pytest.approx(tokens / est.step_s / 16)
+    flops = make_plan(cfg, dims).flops.train
+    assert est.model_tflops_per_gpu == pytest.approx(est.tokens_per_s_per_gpu * flops / 1e12)
+    assert est.mfu == pytest.approx(est.model_tflops_per_gpu / 989)
+    # two nodes: the EP groups stay inside one, the FSDP groups of 2 (edp) cross them
+    slow = est.slowest
+    assert slow.compute_s > 0 and slow.exposed_comm_s > 0 and est.bubble_s == 0
+    on_b200 = estimate_step(cfg, dims, hardware("b200"))
+    assert on_b200.step_s < est.step_s  # faster everything
+    # replicated data parallelism: FSDP2's all-reduces run on its stream, hidden like FSDP's
+    replicated = estimate_step(config("qwen3_30b_a3b", "parallel.ep=8",
+                                      "parallel.fsdp.enabled=false"), dims, hardware("h100"))
+    slow = replicated.slowest
+    assert slow.fsdp_s > 0 and "replicated grads" not in slow.by_what
+
+
+def test_optimizer_state_is_read_per_tensor_from_one_hook(monkeypatch):
+    """Memory, the optimizer pass and the dry run take the state's bytes per element from
+    `planning.optimizer_state_bytes`: AdamW's 8 B everywhere, and a per-tensor rule (as Muon's
+    one momentum buffer for the experts would be) changes exactly the tensors it names."""
+    import moetrain.planning as planning
+
+    cfg = config("tiny", "parallel.tp=2", "parallel.ep=2")
+    dims = ParallelDims.from_config(cfg.parallel, 4)
+    (adam,) = memory_per_rank(cfg, dims)
+    n = adam.dense_params + adam.expert_params
+    assert adam.optimizer == 8 * n
+    est = estimate_step(cfg, dims, hardware("h100"))
+    assert est.optimizer_s == pytest.approx(32 * n / 3.35e12)  # 16 B + AdamW's 8 B twice
+    with pytest.raises(ValueError, match="optim.name=sgd"):
+        planning.optimizer_state_bytes(SimpleNamespace(name="sgd"), SimpleNamespace(name="x"))
+    monkeypatch.setattr(planning, "optimizer_state_bytes",
+                        lambda optim, spec: 4 if spec.kind == "experts" else 8)
+    (muon_like,) = memory_per_rank(cfg, dims)
+    assert muon_like.optimizer == 8 * adam.dense_params + 4 * adam.expert_params
+    est = estimate_step(cfg, dims, hardware("h100"))
+    assert est.optimizer_s == pytest.approx(
+        (16 * n + 2 * muon_like.optimizer) / 3.35e12)
+    from moetrain.dryrun import dry_run
+
+    run = dry_run(cfg, dims)  # the built tensors, under the same rule, equal the planner
+    assert run.ok and run.roles[0].memory["optimizer bytes"] == (muon_like.optimizer,) * 2
+
+
+def test_hardware_table_and_overrides():
+    assert hardware("H100").memory_gib == 80 and hardware("gb200").gpus_per_node == 72
+    assert hardware("h200", memory_gib=100, gpus_per_node=4).memory_gib == 100
+    for args, flag in [(("a100",), "--gpu"), (("h100", -1), "--gpu-memory"),
+                       (("h100", None, 0), "--gpus-per-node")]:
+        with pytest.raises(HardwareError) as err:
+            hardware(*args)
+        assert flag in str(err.value) and "\n" not in str(err.value)
+
+
+def test_search_returns_fitting_valid_layouts_fastest_first():
+    cfg = config("tiny", "train.device=cuda", "data.seq_len=4096")
+    gpu = hardware("h100", memory_gib=3.1)  # 0.1 GiB usable: some layouts do not fit
+    found, checked = search_layouts(cfg, 8, gpu)
+    assert 0 < len(found) < checked
+    assert any("train.recompute=moe" in c.overrides for c in found)  # recomputing made it fit
+    steps = [c.estimate.step_s for c in found]
+    assert steps == sorted(steps)
+    for cand in found:
+        composed = config("tiny", "train.device=cuda", "data.seq_len=4096", *cand.overrides)
+        dims = check_layout(composed, 8)
+        assert max(m.total for m in memory_per_rank(composed, dims)) <= (3.1 - RESERVED_GIB) * 2**30
+
+
+def test_cli_the_qwen3_case_does_not_fit_and_names_layouts_that_do(capsys):
+    from moetrain.plan import main
+
+    assert main(["+experiment=qwen3_30b_a3b", "parallel.ep=8", "--world-size", "8",
+                 "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "layouts of 8 ranks that fit" in out
+    named = [line.split("(")[0].split() for line in out.splitlines()
+             if line.startswith("    parallel.")]
+    assert len(named) == 3
+    for overrides in named:  # each one named does fit
+        cfg = config("qwen3_30b_a3b", *overrides)
+        peak = max(m.total for m in memory_per_rank(cfg, check_layout(cfg, 8)))
+        assert peak <= (80 - RESERVED_GIB) * 2**30
+    assert "tokens/s/GPU" in out and "MFU" in out and "(within a node)" in out
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--gpu", "a100"], "--gpu"),
+    (["--gpu", "h100", "--gpu-memory", "0"], "--gpu-memory"),
+    (["--gpus-per-node", "8"], "--gpus-per-node needs --gpu"),
+    (["--gpu", "h100", "--search"], "--search needs"),
+    (["--gpu", "h100", "--world-size", "3", "parallel.tp=2"], "parallel.tp"),
+])
+def test_cli_bad_hardware_or_layout_is_refused_in_one_line(args, flag, capsys):
+    from moetrain.plan import main
+
+    assert main(["+experiment=tiny", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and flag in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: ")
+
+
+def test_the_step_time_efficiency_is_the_one_calibrated_on_the_published_run():
+    """docs/planning.md's table: MATMUL_EFFICIENCY reproduces its calibration row (rounded to
+    two digits), so the code, the script and the docs say the same."""
+    import importlib.util
+    from pathlib import Path
+
+    from moetrain import step_time
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_vs_published.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_published", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["plan_vs_published"] = script  # its dataclasses look the module up
+    spec.loader.exec_module(script)
+    (row,) = [r for r in script.ROWS if r.calibrate]
+    assert round(script.calibrate(row), 2) == step_time.MATMUL_EFFICIENCY
+    predicted = script.predict(row)["tokens_per_s_per_gpu"]
+    assert predicted == pytest.approx(row.published, rel=0.02)

@@ -47,6 +47,13 @@ RUN: dict[str, tuple[str, ...]] = {
     "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 --world-size 8": (),
     "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 parallel.pp=2 "
     "--world-size 16": (),
+    "python -m moetrain.plan +experiment=qwen3_30b_a3b parallel.ep=8 --world-size 8 --gpu h100": (),
+    "python -m moetrain.plan +experiment=qwen3_30b_a3b --world-size 16 --gpu h100 --search": (),
+    # the 2,048-rank dry run takes ~20 CPU seconds (docs/planning.md): here 4 layers on 8 ranks
+    "python -m moetrain.plan +experiment=deepseek_v3 parallel.pp=16 parallel.ep=64 "
+    '"parallel.pp_layers=[3,4,4,4,4,4,4,4,4,4,4,4,4,4,3,3]" --world-size 2048 --dry-run':
+        ("--world-size", "8", "parallel.pp=1", "parallel.pp_layers=null", "parallel.ep=8",
+         "model.n_layers=4"),
     "python scripts/lbl_experiment.py --steps 200":
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
     "python -m moetrain.train +experiment=tiny optim=muon optim.qk_clip_threshold=100 "

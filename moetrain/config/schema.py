@@ -384,7 +384,8 @@ class FaultConfig:
     init_timeout: float = 600.0
     # Collective timeout for training steps after the first (torchtitan's train_timeout_seconds).
     step_timeout: float = 120.0
-    # A watchdog thread per rank: a phase that outlives 90% of its timeout, or a step that waits
+    # A watchdog thread per rank: a phase that outlives 90% of its timeout while another rank is
+    # behind or silent (slow ranks all in the same phase are not a hang), or a step that waits
     # on a rank whose heartbeat stopped for `heartbeat_timeout`, is a hang: the ranks that did
     # not arrive are named, stacks dumped to the rank logs, and the rank exits with code 75 so
     # the launcher restarts the workers or SLURM requeues the job.

@@ -211,8 +211,9 @@ def _validate_rope_scaling(rs: Any) -> None:
     _require(rs.factor >= 1, "model.rope_scaling.factor", rs.factor, "must be >= 1")
     _positive("model.rope_scaling.original_max_position_embeddings",
               rs.original_max_position_embeddings)
-    _require(rs.beta_fast > rs.beta_slow > 0, "model.rope_scaling.beta_fast", rs.beta_fast,
-             f"must be > model.rope_scaling.beta_slow={rs.beta_slow} > 0")
+    # Equal counts are a step instead of a ramp (Kimi K2 ships beta_fast = beta_slow = 1).
+    _require(rs.beta_fast >= rs.beta_slow > 0, "model.rope_scaling.beta_fast", rs.beta_fast,
+             f"must be >= model.rope_scaling.beta_slow={rs.beta_slow} > 0")
     _non_negative("model.rope_scaling.mscale", rs.mscale)
     _non_negative("model.rope_scaling.mscale_all_dim", rs.mscale_all_dim)
 

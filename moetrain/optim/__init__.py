@@ -36,14 +36,19 @@ ADAMW_STATE_BYTES = 8
 MUON_STATE_BYTES = 4
 
 
-def state_bytes_per_element(cfg: OptimConfig, name: str) -> int:
+def state_bytes_per_element(optimizer: str, name: str) -> int:
     """Bytes of optimizer state each element of the parameter called `name` (as
-    `named_parameters()` names it) holds under `cfg.name`, by the same rules that route it:
-    8 for AdamW's two moments, 4 for a Muon matrix's momentum buffer. The planner's one
-    question to the optimizer (it counts the unpadded shard, as the state is allocated)."""
-    if cfg.name == "muon" and any(re.fullmatch(rule, name) for rule in MUON_PARAMETERS):
-        return MUON_STATE_BYTES
-    return ADAMW_STATE_BYTES
+    `named_parameters()` names it) holds under optimizer `optimizer` (optim.name), by the same
+    rules that route it: 8 for AdamW's two fp32 moments, 4 for a Muon matrix's fp32 momentum
+    buffer (the unpadded shard, as the state is allocated). The planner asks it through
+    `planning.optimizer_state_bytes`. Raises ValueError for an optimizer moetrain does not build."""
+    if optimizer == "adamw":
+        return ADAMW_STATE_BYTES
+    if optimizer == "muon":
+        muon = any(re.fullmatch(rule, name) for rule in MUON_PARAMETERS)
+        return MUON_STATE_BYTES if muon else ADAMW_STATE_BYTES
+    raise ValueError(f"optim.name={optimizer}: moetrain builds adamw or muon "
+                     "(moetrain.optim.state_bytes_per_element)")
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:

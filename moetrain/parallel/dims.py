@@ -210,12 +210,18 @@ class ParallelDims:
         return [[base + off for off in offsets] for base in _offsets(sizes, strides, outside)]
 
     def group_of(self, kind: str, rank: int) -> list[int]:
-        """The group of the given kind that contains `rank`."""
+        """The group of the given kind that contains `rank` (in `groups_of`'s order), from the
+        rank's coordinates: O(group size), not O(world) (the planner asks it per rank)."""
         self._check_rank(rank)
-        for group in self.groups_of(kind):
-            if rank in group:
-                return group
-        raise AssertionError("unreachable: the groups of a kind partition the world")
+        if kind not in _GROUP_SPANS:
+            raise KeyError(f"unknown group kind {kind!r}; known: {', '.join(GROUP_KINDS)}")
+        view, members = _GROUP_SPANS[kind]
+        sizes = [getattr(self, name) for name in view]
+        strides = _strides(sizes)
+        digits = _decompose(rank, sizes)
+        base = rank - sum(digits[i] * strides[i] for i, name in enumerate(view) if name in members)
+        inside = [i for i, name in enumerate(view) if name in members]
+        return [base + off for off in _offsets(sizes, strides, inside)]
 
     # -- coordinates -------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ def config(*overrides):
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "mixtral_8x7b", "olmoe_1b_7b", "qwen3_30b_a3b",
-                                        "deepseek_v2_lite"])
+                                        "deepseek_v2_lite", "deepseek_v3", "kimi_k2",
+                                        "qwen3_235b_a22b"])
 def test_every_shipped_experiment_is_valid(experiment):
     cfg = to_object(compose([f"+experiment={experiment}"]))
     validate(cfg)

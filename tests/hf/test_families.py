@@ -43,13 +43,20 @@ def test_imported_model_computes_transformers_logits_and_round_trips(family, tmp
         assert torch.equal(back[name], t), name
 
 
-@pytest.mark.parametrize("family", SHIPPED)
-def test_shipped_config_is_the_family_model_with_its_parameter_count(family):
+# The frontier shapes (docs/planning.md): Kimi K2 is transformers' DeepseekV3ForCausalLM.
+FRONTIER = {"deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",
+            "qwen3_235b_a22b": "qwen3_moe"}
+
+
+@pytest.mark.parametrize("family, experiment",
+                         [*SHIPPED.items(), *((f, e) for e, f in FRONTIER.items())],
+                         ids=[*SHIPPED.values(), *FRONTIER])
+def test_shipped_config_is_the_family_model_with_its_parameter_count(family, experiment):
     """The full-size config: transformers' model of the config we would export has exactly the
     planner's parameter count (built on the meta device), and reads back as the same config."""
     from transformers import AutoModelForCausalLM
 
-    cfg = to_object(compose([f"+experiment={SHIPPED[family]}"]))
+    cfg = to_object(compose([f"+experiment={experiment}"]))
     validate(cfg)
     hf_cfg = to_hf_config(cfg.model)
     assert hf_cfg.model_type == family

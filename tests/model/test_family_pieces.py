@@ -83,20 +83,27 @@ def test_latent_attention_is_per_head_attention_over_rebuilt_keys(q_lora_rank):
     torch.testing.assert_close(attn(x, pos), want, rtol=1e-5, atol=1e-6)
 
 
-def test_yarn_frequencies_and_factors_are_transformers():
+@pytest.mark.parametrize("theta, factor, beta_fast, beta_slow, mscale, mscale_all_dim", [
+    (10000.0, 40.0, 32.0, 1.0, 0.707, 0.9),
+    # Kimi K2's config.json: equal rotation counts (a step, not a ramp), over theta 50000
+    (50000.0, 32.0, 1.0, 1.0, 1.0, 1.0),
+])
+def test_yarn_frequencies_and_factors_are_transformers(theta, factor, beta_fast, beta_slow,
+                                                       mscale, mscale_all_dim):
     from transformers import DeepseekV3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0,
-            "beta_slow": 1.0, "original_max_position_embeddings": 4096, "mscale": 0.707,
-            "mscale_all_dim": 0.9}
+    rope = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "beta_fast": beta_fast,
+            "beta_slow": beta_slow, "original_max_position_embeddings": 4096, "mscale": mscale,
+            "mscale_all_dim": mscale_all_dim}
     hf = DeepseekV3Config(qk_rope_head_dim=64, rope_parameters=rope, max_position_embeddings=163840)
-    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
-    ours = RopeScalingConfig(kind="yarn", factor=40.0, original_max_position_embeddings=4096,
-                             mscale=0.707, mscale_all_dim=0.9)
-    torch.testing.assert_close(rope_inv_freq(64, 10000.0, ours).float(), inv_freq, rtol=1e-6, atol=0)
-    assert rope_attention_factor(ours) == pytest.approx(factor, rel=1e-12)
-    assert not torch.allclose(rope_inv_freq(64, 10000.0).float(), inv_freq)  # it does scale
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    ours = RopeScalingConfig(kind="yarn", factor=factor, original_max_position_embeddings=4096,
+                             beta_fast=beta_fast, beta_slow=beta_slow, mscale=mscale,
+                             mscale_all_dim=mscale_all_dim)
+    torch.testing.assert_close(rope_inv_freq(64, theta, ours).float(), inv_freq, rtol=1e-6, atol=0)
+    assert rope_attention_factor(ours) == pytest.approx(attention_factor, rel=1e-12)
+    assert not torch.allclose(rope_inv_freq(64, theta).float(), inv_freq)  # it does scale
 
 
 def test_routed_scaling_factor_and_the_max_group_score():

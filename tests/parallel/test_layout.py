@@ -223,7 +223,8 @@ def test_cli_table_lists_groups_and_ranks():
     assert "dp_cp 4 x 2: [0,2,4,6] [1,3,5,7]" in table
     assert "dp_cp_tp 8 x 1: [0,1,2,3,4,5,6,7]" in table
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("7 ")]
-    assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0"]]
+    assert rows == [["7", "|", "0", "1", "1", "1", "|", "0", "1", "3", "0", "|", "0"]]
+    assert "nodes: 1 of 8 GPUs" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -402,3 +403,19 @@ def test_check_layout_from_whole_config():
         check_layout(cfg, 8)
     with pytest.raises(Exception):  # frozen
         dims.tp = 4
+
+
+@pytest.mark.parametrize("world_size", [8, 24, 64])
+def test_group_of_is_the_group_holding_the_rank(world_size):
+    """group_of computes a rank's group from its coordinates; it is the one groups_of lists."""
+    import itertools
+
+    for tp, cp, pp, ep, etp in itertools.product((1, 2, 4), (1, 2), (1, 2), (1, 2, 4), (1, 2)):
+        try:
+            dims = ParallelDims(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+        except LayoutError:
+            continue
+        for kind in GROUP_KINDS:
+            for group in dims.groups_of(kind):
+                for rank in group:
+                    assert dims.group_of(kind, rank) == group
