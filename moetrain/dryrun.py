@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.plan_comm import Collective, by_op_and_group, micro_batches, step_collectives
 from moetrain.plan_shards import rank_units
 from moetrain import planning
@@ -177,8 +178,9 @@ def _fsdp_units(model: nn.Module) -> list[tuple[Any, int, tuple[int, ...], bool]
 
 def _all_gathers_by_order(actions: list[str], root: bool) -> int:
     """FSDP all-gathers of one unit of a stage over its actions (F, B, I, W), as torch's stages
-    drive FSDP2: a unit is resharded after each forward (a root is not), kept gathered after a
-    backward; a forward or backward on a resharded unit gathers it."""
+    drive FSDP2: a unit is resharded after each forward (a root, or any unit not resharded
+    after forward, is not), kept gathered after a backward; a forward or backward on a
+    resharded unit gathers it."""
     gathers, sharded = 0, True
     for a in actions:
         if a in ("F", "B", "I"):
@@ -227,7 +229,8 @@ def _built_collectives(cfg, dims, model, runner, rank, planned: list[Collective]
             continue
         if len(ranks) == 1:
             continue
-        root = any(module is r for r in roots)  # a stage root (not resharded after forward)
+        # a stage root, or any unit when the layout keeps them gathered after forward
+        root = any(module is r for r in roots) or not fsdp_reshards_after_forward(cfg.parallel)
         if dims.pp == 1:
             gathers = m if root else 2 * m
         else:

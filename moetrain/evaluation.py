@@ -3,12 +3,14 @@
 Each source is evaluated on its own held-out sequences: the first `train.eval_batches` global
 batches of its validation split, in order (fewer when the split is smaller; a source without
 one whole global batch is left out, said once at the start). `val_loss/<source>` is the mean LM
-loss over that source's target tokens; `val_loss` is the sources' losses weighted by their
-mixture weights (renormalised over the evaluated sources), the expected loss on the mixture,
-estimated with the same number of batches per source. With one source it is the mean over the
-first `train.eval_batches` global batches, as before. Evaluating each source separately is what
-OLMo's and Megatron's multiple validation sets do; batches of one source also keep every
-layout's step runner (micro-batch loop, pipeline schedule) unchanged.
+loss over that source's scored target tokens (docs/documents.md); `val_loss` is the sources'
+losses weighted by their mixture weights (renormalised over the evaluated sources), the
+expected loss on the mixture, estimated with the same number of batches per source. With one
+source it is the mean over the first `train.eval_batches` global batches, as before. With
+multi-token prediction, `val_mtp_loss/<k>` is depth k's loss mixed the same way (docs/mtp.md).
+Evaluating each source separately is what OLMo's and Megatron's multiple validation sets do;
+batches of one source also keep every layout's step runner (micro-batch loop, pipeline
+schedule) unchanged.
 
 All sources' sums are reduced over the ranks together: one collective and one host read per
 evaluation.
@@ -23,6 +25,7 @@ import torch
 
 from moetrain.config import ConfigError
 from moetrain.data.sampler import val_steps
+from moetrain.parallel.loss import loss_means
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +71,35 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module, runner: Any,
                  autocast: Callable[[], ContextManager], device: torch.device) -> dict[str, float]:
-        """{"val_loss": ..., "val_loss/<source>": ...} of `model` (in eval mode; back in train
-        mode after). `runner`: the model's step runner (eval_sums, sum_over_tokens;
-        moetrain/parallel/step.py)."""
+        """{"val_loss": ..., "val_loss/<source>": ..., "val_mtp_loss/<k>": ...} of `model` (in
+        eval mode; back in train mode after). `runner`: the model's step runner (eval_sums,
+        sum_over_tokens; moetrain/parallel/step.py). The MTP depths' losses (docs/mtp.md) are
+        mixed over the sources with the same weights as `val_loss`."""
         model.eval()
-        sums = torch.zeros(len(self.steps), 2, dtype=torch.float64, device=device)
+        rows = []  # per source: its token sums (StepLoss.sums) in one vector
         with torch.no_grad():
-            for s, steps in enumerate(self.steps):
+            for steps in self.steps:
+                row = None
                 for micro_batches in steps:
                     batches = [self.val_data.get_batch(indices).to(device)
                                for indices in micro_batches]
-                    sums[s] += runner.eval_sums(model, batches, autocast).to(device)
+                    sums = runner.eval_sums(model, batches, autocast)
+                    names = list(sums)
+                    flat = torch.cat([sums[n].reshape(-1).to(device) for n in names])
+                    row = flat if row is None else row + flat
+                rows.append(row)
         model.train()
-        totals = runner.sum_over_tokens(sums).tolist()  # the evaluation's one host read
-        losses = {name: loss_sum / targets for name, (loss_sum, targets) in zip(self.names, totals)}
-        mixture = sum(w * losses[n] for n, w in zip(self.names, self.weights)) / sum(self.weights)
-        return {"val_loss": mixture, **{f"val_loss/{n}": v for n, v in losses.items()}}
-
+        sizes = [sums[n].numel() for n in names]
+        table = runner.sum_over_tokens({"eval": torch.stack(rows)})["eval"]
+        totals = table.tolist()  # the evaluation's one host read
+        per_source = {}
+        for name, values in zip(self.names, totals):
+            cut, at = {}, 0
+            for n, size in zip(names, sizes):
+                cut[n], at = values[at:at + size], at + size
+            per_source[name] = loss_means(cut, "val_")
+        mixed = {key: sum(w * per_source[n][key] for n, w in zip(self.names, self.weights))
+                 / sum(self.weights) for key in per_source[self.names[0]]}
+        return {**mixed, **{f"val_loss/{n}": v["val_loss"] for n, v in per_source.items()}}
 
 __all__ = ["Evaluator"]

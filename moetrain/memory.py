@@ -19,11 +19,12 @@ import logging
 import re
 import resource
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 GIB = 2**30
 
@@ -73,15 +74,28 @@ def current_bytes(device: torch.device) -> int:
     return 0 if kib is None else kib * 1024
 
 
+def _holders(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors holding `t`'s memory: a DTensor's local shard, a wrapper subclass's
+    inner tensors (torchao's float8 weights under FSDP2's float8 all-gather), else `t`."""
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _holders(getattr(t, name))
+    else:
+        yield t
+
+
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (DTensors: their local shards)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        if local.is_meta:
-            continue
-        storage = local.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        for local in _holders(t):
+            if local.is_meta:
+                continue
+            storage = local.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from moetrain.model.moe.stats import StatsColumns
 from moetrain.model.moe.losses import STEP, counts_unit
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.plan_shards import Unit, rank_units, stage_modules
 
 PARAM_BYTES = 4  # fp32 parameters and gradients
@@ -69,18 +70,20 @@ def micro_batches(cfg: Any, dims: ParallelDims) -> int:
     return max(1, t.global_batch_size // (t.micro_batch_size * dims.dp))
 
 
-def fsdp_all_gathers(unit: Unit, dims: ParallelDims, schedule: str, m: int) -> int:
+def fsdp_all_gathers(unit: Unit, dims: ParallelDims, m: int, reshard_after_forward: bool) -> int:
     """All-gathers of one FSDP unit per step. Without PP each micro-batch gathers every unit
     for its forward and, resharded after it, again for its backward (a stage root once, it is
     not resharded after forward but after backward). Under PP torch's stages keep the units
     gathered after each backward but the last (`set_reshard_after_backward(False)`), so a unit
     is gathered for a forward that follows a forward and a backward that follows a forward:
-    m + 1 times under 1F1B and GPipe, a root once. The interleaved and zero-bubble orders are
-    counted with the same rule per virtual stage (an estimate: the dry run reads the real
-    order)."""
+    m + 1 times under 1F1B and GPipe, a root once. The interleaved order is counted with the
+    same rule per virtual stage (an estimate: the dry run reads the real order). Units not
+    resharded after forward (`parallel.fsdp.reshard_after_forward=false`, and always under
+    zero bubble: `checks.fsdp_reshards_after_forward`) gather as a root does."""
+    root = unit.root or not reshard_after_forward
     if dims.pp == 1:
-        return m if unit.root else 2 * m
-    return 1 if unit.root else m + 1
+        return m if root else 2 * m
+    return 1 if root else m + 1
 
 
 def step_collectives(cfg: Any, dims: ParallelDims, rank: int) -> list[Collective]:
@@ -179,8 +182,8 @@ def _data_parallel(cfg, dims, units: list[Unit], m: int, add) -> None:
         for u in units:
             if u.size > 1 and u.params:
                 nbytes = u.gathered * PARAM_BYTES
-                add("all_gather", u.group, nbytes, fsdp_all_gathers(u, dims, par.pp_schedule, m),
-                    "fsdp")
+                add("all_gather", u.group, nbytes,
+                    fsdp_all_gathers(u, dims, m, fsdp_reshards_after_forward(par)), "fsdp")
                 add("reduce_scatter", u.group, nbytes, 1, "fsdp")
         return
     # Replicated (FSDP2's replicate dimension, shard size 1): no all-gather, no reduce-scatter;

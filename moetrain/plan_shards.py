@@ -32,6 +32,7 @@ from typing import Any, Optional
 from moetrain.config.schema import head_dim_of
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.pipeline.split import split_layers, stage_indices
+from moetrain.parallel.pipeline.stages import last_stage_embeds
 
 
 @dataclass(frozen=True)
@@ -275,19 +276,55 @@ def rank_units(cfg: Any, dims: ParallelDims, rank: int) -> list[Unit]:
             for name, group, params in templates[dense]:
                 units.append(Unit(name.format(layer=layer), group, len(ranks[group]), params,
                                   False, v, layer))
+        if last:
+            units += mtp_units(model, v, ranks, block_units, local)
         root = []
-        if first:
+        # The last stage holds a copy of the embedding the MTP modules and a tied head share
+        # (pipeline/stages.py); a tied head is that embedding, not a parameter of its own.
+        if first or (last and last_stage_embeds(model)):
             root.append(ParamSpec("tok_embeddings.weight", (model.vocab_size, model.d_model),
                                   "embedding", "dense", 0))
         if last:
             root.append(ParamSpec("norm.weight", (model.d_model,), "norms", "dense",
                                   tp_replicated=True))
-            if not (model.tie_embeddings and first):  # tied: the output is the embedding
+            if not model.tie_embeddings:
                 root.append(ParamSpec("output.weight", (model.vocab_size, model.d_model),
                                       "output", "dense", 0))
         units.append(Unit("", "dp_cp", len(ranks["dp_cp"]), local(root, "dp_cp"), True, v))
     return units
 
 
-__all__ = ["LocalParam", "ParamSpec", "Unit", "block_specs", "chunk_size",
+def mtp_units(model: Any, virtual_stage: int, ranks: dict[str, list[int]], block_units,
+              local) -> list[Unit]:
+    """The multi-token-prediction modules' units (moetrain/model/mtp.py; on the last stage), in
+    the order `apply_data_parallel` wraps them: every module's block as the main blocks are
+    wrapped (`block_units(dense)`, named mtp.<k>.block), then each module's own unit - its
+    RMSNorms (replicated over TP) and its projection [2d -> d] (colwise: split over TP).
+    `block_units` and `local` are `rank_units`' (a block's units; specs to this rank's shards)."""
+    depth = getattr(getattr(model, "mtp", None), "depth", 0)
+    if not depth:
+        return []
+    dense, d = model.mtp.block == "dense", model.d_model
+    units = []
+    for k in range(depth):
+        prefix = f"mtp.{k}.block"
+        for name, group, params in block_units(dense):
+            params = [dataclasses.replace(p, spec=dataclasses.replace(
+                p.spec, name=p.spec.name.replace("layers.{layer}", prefix), component="mtp"))
+                for p in params]
+            units.append(Unit(name.replace("layers.{layer}", prefix), group, len(ranks[group]),
+                              params, False, virtual_stage))
+    for k in range(depth):
+        p = f"mtp.{k}"
+        norm = dict(component="mtp", kind="dense", tp_replicated=True)
+        specs = [ParamSpec(f"{p}.enorm.weight", (d,), **norm),
+                 ParamSpec(f"{p}.hnorm.weight", (d,), **norm),
+                 ParamSpec(f"{p}.eh_proj.weight", (d, 2 * d), "mtp", "dense", 0),
+                 ParamSpec(f"{p}.norm.weight", (d,), **norm)]
+        units.append(Unit(p, "dp_cp", len(ranks["dp_cp"]), local(specs, "dp_cp"), False,
+                          virtual_stage))
+    return units
+
+
+__all__ = ["LocalParam", "ParamSpec", "Unit", "block_specs", "chunk_size", "mtp_units",
            "rank_units", "stage_modules"]

@@ -17,6 +17,7 @@ from moetrain.config.schema import head_dim_of
 from moetrain.model.init import TEMP_BYTES_PER_ELEMENT, chunk_elements
 from moetrain.optim import ADAMW_STATE_BYTES, state_bytes_per_element
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.checks import fsdp_reshards_after_forward
 
 #: Bytes per parameter, as moetrain allocates them on every device: fp32 weights (bf16 runs
 #: autocast, which casts them per op; there is no separate bf16 copy), fp32 gradients, AdamW's
@@ -46,7 +47,7 @@ def optimizer_state_bytes(optim: Any, spec: Any) -> int:
 
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
-              "norms", "output")
+              "norms", "output", "mtp")
 
 
 @dataclass
@@ -64,22 +65,39 @@ class ParamCounts:
     def n_active(self) -> int:
         return sum(self.active.values())
 
+    # Multi-token prediction: active parameters of its modules that take part in a matmul, and
+    # how many more times each token goes through the shared output head (its depth D).
+    mtp_matmul: int = 0
+    mtp_heads: int = 0
+
+    @property
+    def n_main(self) -> int:
+        """Parameters of the main model (without the multi-token-prediction modules)."""
+        return self.n_total - self.total["mtp"]
+
     @property
     def n_active_matmul(self) -> int:
-        """Active parameters that take part in a matrix multiply (N_mm of the FLOPs formula)."""
+        """Active parameters applied to each token in a matrix multiply (N_mm of the FLOPs
+        formula): the main model's, and the MTP modules' with the shared output head once per
+        depth (its parameters are counted once, its multiply D + 1 times)."""
         a = self.active
         output = a["output"] or a["embedding"]  # tied: the embedding matrix is the output matmul
         return a["attention"] + a["dense_mlp"] + a["routed_experts"] + a["shared_experts"] + \
-            a["router"] + output
+            a["router"] + output * (1 + self.mtp_heads) + self.mtp_matmul
 
 
 def layer_params(model: Any, layer: int) -> dict[str, int]:
     """Parameters of transformer block `layer` by component (all routed experts)."""
+    return block_params(model, dense=layer < model.moe.first_dense_layers)
+
+
+def block_params(model: Any, dense: bool) -> dict[str, int]:
+    """Parameters of one transformer block by component (all routed experts): dense MLP or MoE."""
     d, moe = model.d_model, model.moe
     out = dict.fromkeys(COMPONENTS, 0)
     out["attention"] = attention_params(model)
     out["norms"] = 2 * d
-    if layer < moe.first_dense_layers:
+    if dense:
         out["dense_mlp"] = 3 * d * model.ffn_hidden
     else:
         out["routed_experts"] = 3 * d * moe.expert_hidden * moe.num_experts
@@ -126,8 +144,25 @@ def shared_hidden(model: Any) -> int:
     return moe.num_shared_experts * (moe.shared_expert_hidden or moe.expert_hidden)
 
 
+def mtp_module_params(model: Any, top_k: Optional[int] = None) -> dict[str, int]:
+    """Parameters of one multi-token-prediction module by component (moetrain/model/mtp.py):
+    its block, its RMSNorms of the embedding, the hidden state and the output (3 d) and its
+    projection [2d -> d]; {"active": ...} counts k of E routed experts. The embedding and the
+    output head are the main model's (shared, not counted)."""
+    mtp, moe, d = model.mtp, model.moe, model.d_model
+    parts = block_params(model, dense=mtp.block == "dense")
+    parts["norms"] += 3 * d
+    total = sum(parts.values()) + 2 * d * d
+    k = moe.top_k if top_k is None else top_k
+    routed_active = 0 if mtp.block == "dense" else k * 3 * d * moe.expert_hidden
+    matmul = total - parts["norms"] - parts["routed_experts"] + routed_active
+    return {"total": total, "active": total - parts["routed_experts"] + routed_active,
+            "matmul": matmul}
+
+
 def count_parameters(model: Any, top_k: Optional[int] = None) -> ParamCounts:
-    """Total and active parameters of a `ModelConfig`; `top_k` overrides model.moe.top_k."""
+    """Total and active parameters of a `ModelConfig`; `top_k` overrides model.moe.top_k.
+    Component "mtp": the multi-token-prediction modules (model.mtp.depth of them)."""
     moe = model.moe
     k = moe.top_k if top_k is None else top_k
     total = dict.fromkeys(COMPONENTS, 0)
@@ -141,7 +176,10 @@ def count_parameters(model: Any, top_k: Optional[int] = None) -> ParamCounts:
     # Exact integer: every routed expert has 3 d F_e parameters.
     moe_layers = model.n_layers - moe.first_dense_layers
     active["routed_experts"] = moe_layers * k * 3 * model.d_model * moe.expert_hidden
-    return ParamCounts(total, active)
+    depth = model.mtp.depth
+    module = mtp_module_params(model, k)
+    total["mtp"], active["mtp"] = depth * module["total"], depth * module["active"]
+    return ParamCounts(total, active, mtp_matmul=depth * module["matmul"], mtp_heads=depth)
 
 
 @dataclass
@@ -165,7 +203,8 @@ def flops_per_token(model: Any, seq_len: int, top_k: Optional[int] = None,
     """Training FLOPs per token of a `ModelConfig` at sequence length `seq_len` (module docstring)."""
     n_mm = count_parameters(model, top_k).n_active_matmul
     qk, v = attention_widths(model)
-    attention = 2.0 * model.n_layers * seq_len * model.n_heads * (qk + v)
+    # every block attends: the main model's layers and the MTP modules' blocks
+    attention = 2.0 * (model.n_layers + model.mtp.depth) * seq_len * model.n_heads * (qk + v)
     return Flops(2.0 * n_mm, attention / 2 if causal else attention)
 
 
@@ -195,22 +234,30 @@ def in_flight_micro_batches(stage: int, dims: ParallelDims, n_micro: int, schedu
     return warm
 
 
-def layer_activation_parts(model: Any, layer: int, tokens: float, dims: ParallelDims,
+def block_activation_parts(model: Any, dense: bool, tokens: float, dims: ParallelDims,
                            top_k: int) -> tuple[float, float]:
     """(kept for the attention and the FFN input, kept inside the FFN) in bytes: one rank's
-    share of block `layer` for one micro-batch, bf16, no recompute (`layer_activation_bytes`)."""
+    share of one block (a dense MLP or an MoE layer) for one micro-batch, bf16, no recompute
+    (`layer_activation_bytes` has the terms)."""
     d, moe = model.d_model, model.moe
     qk, v = attention_widths(model)
     # MLA keeps per-head keys and values (rebuilt from the latent) like GQA with Hkv = H.
     q, kv = model.n_heads * qk, model.n_kv_heads * (qk + v) // 2
     attention = 2 * d + 2 * q + 2 * kv + 2 * model.n_heads + 2 * d
-    if layer < moe.first_dense_layers:
+    if dense:
         ffn = 3 * model.ffn_hidden
     else:
         ffn = top_k * dims.etp * (2 * d + 3 * moe.expert_hidden / dims.etp)
         ffn += 3 * shared_hidden(model) + 2 * 2 * moe.num_experts
     scale = ACT_BYTES * tokens / dims.tp
     return attention * scale, ffn * scale
+
+
+def layer_activation_parts(model: Any, layer: int, tokens: float, dims: ParallelDims,
+                           top_k: int) -> tuple[float, float]:
+    """`block_activation_parts` of transformer block `layer`."""
+    return block_activation_parts(model, layer < model.moe.first_dense_layers, tokens, dims,
+                                  top_k)
 
 
 def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: ParallelDims,
@@ -233,21 +280,28 @@ def layer_activation_bytes(model: Any, layer: int, tokens: float, dims: Parallel
 
 
 def stage_activation_bytes(model: Any, layers: list[int], tokens: float, dims: ParallelDims,
-                           top_k: int, recompute: str, in_flight: float) -> float:
+                           top_k: int, recompute: str, in_flight: float,
+                           mtp_blocks: int = 0) -> float:
     """Activation bytes of a stage at its peak under `train.recompute`:
         none   every layer's `layer_activation_bytes`, times the micro-batches in flight;
         moe    MoE layers keep their attention part and FFN input only (the MoE layer is
                recomputed from its input), + one MoE layer's inside while it is recomputed;
         full   each block keeps its input (the fp32 residual, tokens / tp x d x 4 B), + one
                whole block while it is recomputed.
+    `mtp_blocks`: the multi-token-prediction modules the stage holds (the last stage): each
+    one's block under the same rule (dense or MoE, `model.mtp.block`) and its two normalised
+    inputs and their concatenation (4 d per token, bf16).
     """
-    kept, redo = 0.0, 0.0
-    for layer in layers:
-        attention, ffn = layer_activation_parts(model, layer, tokens, dims, top_k)
+    blocks = [layer < model.moe.first_dense_layers for layer in layers]
+    blocks += [model.mtp.block == "dense"] * mtp_blocks
+    kept = mtp_blocks * ACT_BYTES * 4 * model.d_model * tokens / dims.tp
+    redo = 0.0
+    for dense in blocks:
+        attention, ffn = block_activation_parts(model, dense, tokens, dims, top_k)
         if recompute == "full":
             kept += 4 * model.d_model * tokens / dims.tp
             redo = max(redo, attention + ffn)
-        elif recompute == "moe" and layer >= model.moe.first_dense_layers:
+        elif recompute == "moe" and not dense:
             kept += attention
             redo = max(redo, ffn)
         else:
@@ -306,7 +360,8 @@ def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = 
     allocates (a test compares them with real ranks' allocations, the dry run with the built
     model). FSDP's transient buffers: without PP the stage root (not resharded after forward)
     and the two largest other units (the current and the prefetched); under PP every unit,
-    which torch's stages keep gathered after each backward but the last. With several
+    which torch's stages keep gathered after each backward but the last, and every unit when
+    they are not resharded after forward (`checks.fsdp_reshards_after_forward`). With several
     micro-batches per step FSDP2 also keeps their unsharded gradients (`grad_accum`).
     """
     from moetrain.plan_shards import rank_units, stage_modules
@@ -327,7 +382,7 @@ def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = 
     gathered = [u.gathered * WEIGHT_BYTES for u in units if fsdp and u.size > 1 and u.params]
     if not gathered:
         buffers = 0.0
-    elif dims.pp > 1:
+    elif dims.pp > 1 or not fsdp_reshards_after_forward(par):
         buffers = float(sum(gathered))
     else:
         roots = [u.gathered * WEIGHT_BYTES for u in units if u.root and u.size > 1 and u.params]
@@ -337,10 +392,13 @@ def rank_memory(cfg: Any, dims: ParallelDims, rank: int, top_k: Optional[int] = 
     accumulating = fsdp and (n_micro > 1 or dims.pp > 1)
     grad_accum = float(sum(u.unsharded for u in units) * GRAD_BYTES) if accumulating else 0.0
     layers = [i for _, ids, _, _ in stage_modules(model, dims, par.pp_layers, stage) for i in ids]
+    last = stage == dims.pp - 1
+    depth = model.mtp.depth if last else 0  # the MTP modules sit on the last stage
     in_flight = in_flight_micro_batches(stage, dims, n_micro, par.pp_schedule)
     act = stage_activation_bytes(model, layers, tokens, dims, k,
-                                 getattr(train, "recompute", "none"), in_flight)
-    logits = (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp if stage == dims.pp - 1 else 0.0
+                                 getattr(train, "recompute", "none"), in_flight, mtp_blocks=depth)
+    # the last stage: the main and every MTP depth's logits
+    logits = (1 + depth) * (ACT_BYTES + 4) * tokens * model.vocab_size / dims.tp if last else 0.0
     largest = max((p.allocated for p in params), default=0)
     optim = getattr(cfg, "optim", None)
     return StageMemory(
@@ -398,6 +456,7 @@ class Plan:
             "params": {
                 "total": self.params.n_total,
                 "active": self.params.n_active,
+                "main": self.params.n_main,
                 "active_matmul": self.params.n_active_matmul,
                 "by_component": {c: {"total": self.params.total[c], "active": self.params.active[c]}
                                  for c in COMPONENTS},
@@ -502,8 +561,11 @@ def format_plan(plan: Plan) -> str:
         if p.total[c]:
             lines.append(f"  {c:<16}{human(p.total[c]):>12}{human(p.active[c]):>12}")
     embed = p.total["embedding"] + p.total["output"]
+    lines += [f"  {'all':<16}{human(p.n_total):>12}{human(p.n_active):>12}"]
+    if p.total["mtp"]:  # DeepSeek-V3 reports the main model and its MTP modules apart
+        lines.append(f"  {'main model':<16}{human(p.n_main):>12}"
+                     f"{human(p.n_active - p.active['mtp']):>12}")
     lines += [
-        f"  {'all':<16}{human(p.n_total):>12}{human(p.n_active):>12}",
         f"  {'non-embedding':<16}{human(p.n_total - embed):>12}{human(p.n_active - embed):>12}",
         "",
         f"  activation ratio (active / total)        {plan.activation_ratio:.3f}",

@@ -34,7 +34,11 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def _pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+def planned_device(cfg: TrainConfig, local_rank: int | None = None) -> torch.device:
+    """The device train.device picks for this process (LOCAL_RANK's GPU), without using it:
+    for checks that must run before the process group and the data (train.fp8's recipe)."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,9 +47,15 @@ def _pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
             from moetrain.config.validate import ConfigError
 
             raise ConfigError("train.device='cuda' is invalid: no CUDA device is visible (use auto or cpu)")
-        torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    device = planned_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    return device
 
 
 def init_runtime(cfg: MoetrainConfig) -> Runtime:

@@ -17,10 +17,13 @@ from moetrain.checkpoint import CheckpointError
 from moetrain.config import CONFIG_DIR, ConfigError, compose, register_configs, to_object, validate
 from moetrain.data import DataError, ensure_prepared
 from moetrain.data.report import config_comment, log_data
+from moetrain.fp8 import resolve_fp8
 from moetrain.parallel import LayoutError, check_layout
 from moetrain.rank_exit import exit_with_launcher, report_error, unblock_interrupt
 from moetrain.runlock import check_free, lock_run_dir
-from moetrain.runtime import Runtime, create_run_dir, init_runtime, resolve_run_dir, shutdown
+from moetrain.runtime import (
+    Runtime, create_run_dir, init_runtime, planned_device, resolve_run_dir, shutdown,
+)
 
 log = logging.getLogger("moetrain")
 
@@ -82,6 +85,7 @@ def run(cfg: DictConfig) -> int:
         typed = to_object(cfg)
         validate(typed)
         check_layout(typed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        resolve_fp8(typed.train, planned_device(typed.train))  # a recipe this device cannot run
         if typed.run.dir:  # a live run there: refused before anything is prepared or built
             check_free(Path(typed.run.dir).resolve())
         if typed.model.init.from_hf or typed.model.init.upcycle_from:

@@ -25,15 +25,19 @@ from moetrain.config.schema import MoetrainConfig
 from moetrain.data import DataExhausted, MixtureSampler, ensure_prepared, mixture_datasets
 from moetrain.data.index import tokenizer_source
 from moetrain.evaluation import Evaluator
+from moetrain.fp8 import resolve_fp8
 from moetrain.metrics import MetricsLogger, summarize_routing
 from moetrain.metrics.throughput import Throughput, device_peak
-from moetrain.model import MoEControl, Transformer, set_recompute
+from moetrain.model import MoEControl, Transformer, num_moe_layers, set_recompute
 from moetrain.model.init import init_parameters
+from moetrain.model.inputs import InputSpec
+from moetrain.model.mtp import mtp_loss_scale_at
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
 from moetrain.optim.qk_clip import QKClip
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
+from moetrain.parallel.loss import loss_means
 from moetrain.parallel.parallelize import BatchShape, parallelize
 from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
@@ -54,6 +58,7 @@ class Trainer:
         t = cfg.train
         dims = ParallelDims.from_config(cfg.parallel, rt.world_size)
         self.rank = RankLayout.create(dims, rt.device)
+        self.fp8 = resolve_fp8(t, rt.device)  # None: train.fp8=none (moetrain/fp8)
 
         init = cfg.model.init
         if init.from_hf or init.upcycle_from:
@@ -82,16 +87,19 @@ class Trainer:
         memory.reset_peak(rt.device)
         with torch.device("meta"):
             model = Transformer(cfg.model)
+        # How windows become inputs and targets: MTP, documents (the data's EOS id).
+        inputs = InputSpec(mtp_depth=cfg.model.mtp.depth, eos_id=self.train_data.eos_id,
+                           document_mask=cfg.data.document_mask,
+                           mask_boundary=cfg.data.boundary_loss == "mask")
         batch = BatchShape(t.micro_batch_size, self.micro_batches_per_step // dims.dp,
-                           cfg.data.seq_len)
+                           cfg.data.seq_len, inputs)
         self.model, self.runner = parallelize(model, self.rank, cfg.parallel, batch,
-                                              compile=t.compile)
+                                              compile=t.compile, fp8=self.fp8)
         init_parameters(self.model, cfg.model, t.seed)
         set_recompute(self.model, t.recompute)
         # The MoE layers' per-step state: schedules, aux-loss scale, statistics, expert bias.
         self.moe = MoEControl(
-            self.model, cfg.model.moe,
-            num_moe_layers=cfg.model.n_layers - cfg.model.moe.first_dense_layers,
+            self.model, cfg.model.moe, num_moe_layers=num_moe_layers(cfg.model),
             micro_batches_per_step=self.micro_batches_per_step,
             eval_capacity_factor=t.eval_capacity_factor, device=rt.device)
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
@@ -110,7 +118,8 @@ class Trainer:
                          init.from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.qk_clip = None if cfg.optim.qk_clip_threshold is None else QKClip(
-            self.model, cfg.optim.qk_clip_threshold, cfg.model.n_layers, cfg.model.n_heads)
+            self.model, cfg.optim.qk_clip_threshold, cfg.model.n_layers, cfg.model.n_heads,
+            cfg.model.mtp.depth)
 
         self.state = TrainState()
         self._resume()
@@ -231,7 +240,7 @@ class Trainer:
                 scalars, routing = summarize_routing(moe_stats, self.micro_batches_per_step,
                                                      moe.lbl.coeff, moe.z_loss_coeff, moe.lbl.scope)
                 record.update(scalars, total_loss=record["lm_loss"] + scalars["aux_loss"]
-                              + scalars["z_loss"])
+                              + scalars["z_loss"] + record.get("mtp_loss", 0.0))
 
                 self.state.step += 1
                 self.state.consumed_tokens += self.tokens_per_step
@@ -348,38 +357,54 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[list[int]]) -> tuple[dict[str, Any], Any]:
         """Optimizer step `self.state.step` over this rank's micro-batches. Returns the step's
-        global loss, gradient norm, skip flag and top-k, and the MoE statistics summed over
-        every rank, on the host (None without MoE layers). Reads the device once (plus the
-        expert-parallel count exchanges inside the MoE layers)."""
+        global loss, gradient norm, skip flag and top-k (and, with `model.moe.ep_budget`, the
+        exchange's budget metrics), and the MoE statistics summed over every rank, on the host
+        (None without MoE layers). Reads the device once (plus, with exact-size expert-parallel
+        exchanges, their count exchanges inside the MoE layers); a step whose sync-free exchange
+        overflowed its budget is redone, one more read each time."""
         model, rt, runner = self.model, self.rt, self.runner
         model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        # The step's top-k and capacity (its schedules), and the aux losses' gradient: summing
-        # gradients over all micro-batches of all ranks gives the gradient of (mean LM loss over
-        # the global batch + mean aux loss per micro-batch).
-        routing = self.moe.start_step(self.state.step)
         batches = [self.train_data.get_batch(indices).to(rt.device, non_blocking=True)
                    for indices in micro_batches]
-        # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed LM
-        # loss is backpropagated divided by the global batch's token count.
-        lm_sum = runner.forward_backward(model, batches, self.tokens_per_step, rt.autocast)
-        stats = self.moe.step_stats()
-        # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
-        # reduction and the routing statistics: one reduction, one host read.
-        self.step_peak_bytes = memory.peak_bytes(rt.device)
-        sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
-        if stats is not None:
-            sums["moe"] = stats.rows_LC
-        # QK-clip: every attention head's largest logit of the step, maximum over the ranks
-        maxima = None if self.qk_clip is None else {"head_max": self.qk_clip.head_maxima(
-            runner.layout.tp_rank, runner.layout.dims.tp)}
-        summed = runner.reduce_step(model, token_sums={"lm_sum": lm_sum}, sums=sums,
-                                    per_rank={"memory_peak": self.step_peak_bytes},
-                                    maxima=maxima)
+        mtp_scale = mtp_loss_scale_at(self.cfg.model.mtp, self.state.step)
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            # The step's top-k and capacity (its schedules), and the aux losses' gradient:
+            # summing gradients over all micro-batches of all ranks gives the gradient of (mean
+            # LM loss over the global batch + mean aux loss per micro-batch).
+            routing = self.moe.start_step(self.state.step)
+            # A loop over the micro-batches, or a pipeline schedule; each micro-batch's summed
+            # LM (and MTP) loss is backpropagated divided by the global batch's token count.
+            token_sums = runner.forward_backward(model, batches, self.tokens_per_step,
+                                                 rt.autocast, mtp_loss_scale=mtp_scale)
+            stats = self.moe.step_stats()
+            # Loss, gradient norm, stop flags, every rank's peak memory since the previous step's
+            # reduction, the routing statistics and the exchange's counters: one reduction, one
+            # host read.
+            self.step_peak_bytes = memory.peak_bytes(rt.device)
+            sums = {"stop": torch.tensor(float(self._wants_to_stop()))}
+            if stats is not None:
+                sums["moe"] = stats.rows_LC
+            exchange_sums, exchange_per_rank = self.moe.exchange_sums()
+            per_rank = {"memory_peak": self.step_peak_bytes, **exchange_per_rank}
+            if self.qk_clip is not None:  # QK-clip: every attention head's largest logit [L, H]
+                per_rank["head_max"] = self.qk_clip.head_maxima(runner.layout.tp_rank,
+                                                                runner.layout.dims.tp)
+            summed = runner.reduce_step(model, token_sums=token_sums,
+                                        sums={**sums, **exchange_sums}, per_rank=per_rank)
+            # The redo decision: an attempt whose sync-free expert exchange overflowed its budget
+            # on any rank is not the dropless step; it runs again on the same batch, with a
+            # budget grown to cover it (nothing of it was applied).
+            if not self.moe.exchange_overflowed(summed):
+                break
         memory.reset_peak(rt.device)  # the next step's window starts here
         self._stop_requested = summed.item("stop") > 0
-        lm_loss, grad_norm = summed.item("lm_sum") / self.tokens_per_step, summed.grad_norm
-        skipped = not (math.isfinite(lm_loss) and math.isfinite(grad_norm))
+        losses = loss_means({name: summed.values(name) for name in token_sums})
+        lm_loss, grad_norm = losses["loss"], summed.grad_norm
+        mtp = {k: v for k, v in losses.items() if k.startswith("mtp_loss/")}
+        if mtp:  # what the MTP term adds to the total loss: lambda / D * sum_k mean CE_k
+            losses["mtp_loss"] = mtp_scale / len(mtp) * sum(mtp.values())
+        skipped = not all(math.isfinite(v) for v in (*losses.values(), grad_norm))
         columns = self.moe.columns
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -387,21 +412,22 @@ class Trainer:
             scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
             if self.qk_clip is not None:
-                self.qk_clip.apply_(summed.device["head_max"])
+                self.qk_clip.apply_(summed.rank_maximum("head_max"))
             # Aux-loss-free balancing from this step's global load (on the device).
             self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
         host = None if stats is None else columns.view(summed.host("moe"))
-        record = {"loss": lm_loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "skipped": skipped,
-                  "top_k": routing.top_k,
-                  "memory_peak_gib": max(summed.values("memory_peak")) / memory.GIB}
+        record = {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
+                  "skipped": skipped, "top_k": routing.top_k,
+                  "memory_peak_gib": summed.maximum("memory_peak") / memory.GIB,
+                  **self.moe.exchange_record()}
         if self.qk_clip is not None:  # the step's largest attention logit, before the clip
-            record["max_attn_logit"] = max(summed.values("head_max"))
+            record["max_attn_logit"] = summed.maximum("head_max")
         return record, host
 
     def evaluate(self) -> dict[str, float]:
-        """`val_loss` and `val_loss/<source>` (moetrain/evaluation.py) with the MoE layers at
-        `train.eval_capacity_factor` (null = dropless), so that they do not depend on the
-        training capacity (Megatron and DeepSpeed also keep the two apart); the step's training
-        routing is set again afterwards."""
+        """`val_loss`, `val_loss/<source>` and `val_mtp_loss/<k>` (moetrain/evaluation.py) with
+        the MoE layers at `train.eval_capacity_factor` (null = dropless), so that they do not
+        depend on the training capacity (Megatron and DeepSpeed also keep the two apart); the
+        step's training routing is set again afterwards."""
         with self.moe.evaluation(), self._phase("eval"):
             return self.evaluator(self.model, self.runner, self.rt.autocast, self.rt.device)

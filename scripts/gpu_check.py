@@ -9,7 +9,7 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
 
     install          carried wheels (--wheels, default .gpu_wheels/) into a private folder put
                      on PYTHONPATH of the later steps (the GPU machine lacks hydra-core,
-                     omegaconf, antlr4-python3-runtime); skipped without wheels
+                     omegaconf, antlr4-python3-runtime, torchao); skipped without wheels
     env              device, driver, versions, what is importable
     kernel_tests     pytest tests/kernels (compiled on a GPU)
     gpu_tests        pytest -m gpu over the rest of tests/ (none collected: status 'none')
@@ -17,7 +17,20 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
     bench_moe_layer  scripts/bench_moe_layer.py: mixtral, olmoe, qwen3; baseline, moetrain, triton
     optim_cost       scripts/bench_optim.py cost: the optimizer step of one OLMoE-1B-7B block
                      (64 experts), AdamW against Muon, time and state
+    bench_fp8        scripts/bench_fp8.py: the MoE layer at the same shapes, bf16 against each
+                     FP8 recipe this GPU runs (docs/fp8.md)
+    bench_documents  scripts/bench_documents.py: document-masked attention, SDPA through the dense
+                     mask vs compiled flex attention (the path `data.document_mask` takes on CUDA)
+    moe_graph        scripts/check_moe_graph.py: host stalls per step of MoE layers with the
+                     exact-size expert exchange (a host read per layer) and the sync-free one
+                     (none); a CUDA-graph capture of one MoE layer (sync-free: must capture and
+                     replay the eager bits; exact: expected to fail)
+    bench_dispatcher scripts/bench_dispatcher.py --device cuda: exact / sync-free x overlap
+                     off / on over 2 GPUs (NCCL); 'unavailable' on a one-GPU machine
     train_eager      scripts/bench_train.py: OLMoE-1B-7B-shaped, 4 layers, seq 4096
+    train_fp8        the same, bf16 against each FP8 variant this GPU runs (torchao tensorwise,
+                     rowwise, mxfp8; Transformer Engine tensorwise, mxfp8), side by side in one
+                     process, 8 timed steps after 3: tokens/s, TFLOP/s, peak memory, loss
     train_compiled   the same with train.compile=true; 'unavailable' where the config has no
                      train.compile
 
@@ -53,6 +66,8 @@ PY = sys.executable
 TRAIN = ["+experiment=olmoe_1b_7b", "model.n_layers=4"]
 TRAIN_SMOKE = ["+experiment=tiny", "model.n_layers=2", "model.vocab_size=512", "data.seq_len=32",
                "train.micro_batch_size=2"]
+# Each variant against bf16 ("none"); those the GPU cannot run are recorded with the reason.
+FP8_VARIANTS = "none,tensorwise,rowwise,mxfp8,te:tensorwise,te:mxfp8"
 RESERVE_S = 10  # kept back from the deadline for writing the JSON
 MIN_STEP_S = 15  # a step with less time than this left is skipped
 
@@ -71,7 +86,8 @@ try:
                     device_count=torch.cuda.device_count())
 except Exception as e:
     info["torch_error"] = repr(e)
-for name in ("triton", "transformer_engine", "hydra", "omegaconf", "datasets", "transformers"):
+for name in ("triton", "transformer_engine", "torchao", "hydra", "omegaconf", "datasets",
+             "transformers"):
     spec = importlib.util.find_spec(name)
     if spec is None:
         info[name] = None
@@ -137,12 +153,40 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
                               else ["--device", "cuda", "--ranks", "1", "--experts", "64",
                                     "--plan-experts", "64", "--iters", "5", "--warmup", "2"])],
              120, "optim_cost.json"),
+        Step("bench_fp8", [PY, "scripts/bench_fp8.py", "--json", str(work / "bench_fp8.json"),
+                           *(["--shape", "64,128,8,2,256", "--dtype", "fp32", "--device", "cpu",
+                              "--iters", "1", "--warmup", "1"] if smoke
+                             else ["--iters", "10", "--warmup", "3"])],
+             150, "bench_fp8.json"),
+        Step("bench_documents", [PY, "scripts/bench_documents.py", "--json", str(work / "bench_documents.json"),
+                                 *(["--shape", "1,4,2,256,32", "--doc", "50", "--device", "cpu",
+                                    "--iters", "2", "--warmup", "1"] if smoke
+                                   else ["--iters", "20", "--warmup", "5"])],
+             90, "bench_documents.json"),
+        Step("moe_graph", [PY, "scripts/check_moe_graph.py", "--json", str(work / "moe_graph.json"),
+                           *(["--device", "cpu", "--dtype", "fp32", "--layers", "2", "--tokens",
+                              "64", "--dim", "32", "--experts", "4", "--expert-hidden", "16",
+                              "--iters", "2", "--warmup", "1"] if smoke else [])],
+             120, "moe_graph.json"),
+        Step("bench_dispatcher", [PY, "scripts/bench_dispatcher.py", "--json",
+                                  str(work / "bench_dispatcher.json"),
+                                  *(["--ranks", "2", "--tokens", "64", "--dim", "32",
+                                     "--expert-hidden", "16", "--experts", "4", "--shared-hidden",
+                                     "16", "--iters", "2", "--warmup", "1"] if smoke else
+                                    ["--device", "cuda", "--dtype", "bf16", "--ranks", "2",
+                                     "--tokens", "8192", "--dim", "2048", "--expert-hidden", "768",
+                                     "--experts", "16", "--shared-hidden", "2048"])],
+             150, "bench_dispatcher.json",
+             unavailable_if=(r"--device cuda needs 2 GPUs", "one GPU: the expert all-to-all "
+                                                            "needs two ranks")),
     ]
     train = TRAIN_SMOKE if smoke else TRAIN
     counts = ["--steps", "2", "--warmup", "1"] if smoke else ["--steps", "8", "--warmup", "3"]
     steps += [
         Step("train_eager", [PY, "scripts/bench_train.py", *train, *counts, "--json",
                              str(work / "train_eager.json")], 150, "train_eager.json"),
+        Step("train_fp8", [PY, "scripts/bench_train.py", *train, *counts, "--fp8", FP8_VARIANTS,
+                           "--json", str(work / "train_fp8.json")], 240, "train_fp8.json"),
         Step("train_compiled", [PY, "scripts/bench_train.py", *train, "train.compile=true", *counts,
                                 "--json", str(work / "train_compiled.json")], 210,
              "train_compiled.json",
@@ -153,7 +197,8 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
 
 
 STEP_NAMES = ("install", "env", "kernel_tests", "gpu_tests", "bench_kernels", "bench_moe_layer",
-              "optim_cost", "train_eager", "train_compiled")
+              "optim_cost", "bench_fp8", "bench_documents", "moe_graph", "bench_dispatcher",
+              "train_eager", "train_fp8", "train_compiled")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -274,7 +319,8 @@ def summarize(steps: dict) -> dict:
         for impl in moe.get("impls", []):
             t = shape.get(impl)
             if t:
-                summary[f"moe_{name}_{impl}_tflops"] = round(t["tflops"], 4)
+                # 4 significant digits (not decimals: a loaded CPU's smoke run is < 1e-4)
+                summary[f"moe_{name}_{impl}_tflops"] = float(f"{t['tflops']:.4g}")
                 if t.get("act_bytes") is not None:
                     summary[f"moe_{name}_{impl}_act_mib"] = round(t["act_bytes"] / 2**20, 1)
         summary[f"moe_{name}_agree"] = shape.get("agree")
@@ -288,6 +334,46 @@ def summarize(steps: dict) -> dict:
         key = f"optim_{row['layout']}{row['ranks']}"
         summary[f"{key}_adamw_step_s"] = round(row["adamw_step_s"], 5)
         summary[f"{key}_muon_step_s"] = round(row["muon_step_s"], 5)
+    fp8 = (steps.get("bench_fp8") or {}).get("result") or {}
+    for shape in fp8.get("shapes", []):
+        name = shape["shape"]["name"]
+        for variant, r in shape.get("variants", {}).items():
+            if "tflops" in r:
+                summary[f"fp8_moe_{name}_{variant}_tflops"] = float(f"{r['tflops']:.4g}")
+                summary[f"fp8_moe_{name}_{variant}_speedup"] = round(r["speedup"], 3)
+            elif "refused" in r:
+                summary[f"fp8_moe_{name}_{variant}"] = "not runnable"
+    train_fp8 = ((steps.get("train_fp8") or {}).get("result") or {}).get("variants", {})
+    for variant, r in train_fp8.items():
+        key = f"train_fp8_{variant.replace(':', '_')}"
+        if "tokens_per_s" in r:
+            summary[f"{key}_tokens_per_s"] = round(r["tokens_per_s"], 1)
+            summary[f"{key}_last_loss"] = round(r["last_loss"], 4)
+            if r.get("peak_memory_bytes") is not None:
+                summary[f"{key}_peak_gib"] = round(r["peak_memory_bytes"] / 2**30, 2)
+        else:
+            summary[key] = "not runnable"
+    docs = (steps.get("bench_documents") or {}).get("result") or {}
+    if docs:
+        summary["documents_flex_speedup"] = round(docs["speedup"], 3)
+        summary["documents_flex_rel_err"] = docs["rel_err"]
+    graph = (steps.get("moe_graph") or {}).get("result") or {}
+    for name, v in (graph.get("host_stalls") or {}).items():
+        key = name.replace("-", "_")
+        summary[f"moe_{key}_step_ms"] = round(v["step_ms"], 3)
+        summary[f"moe_{key}_host_read_ms"] = round(v["host_read_ms"], 3)
+        summary[f"moe_{key}_queue_ms"] = round(v["queue_ms"], 3)
+    capture = (graph.get("graph_capture") or {}).get("sync-free")
+    if capture:
+        summary["moe_graph_capture"] = capture.get("status")
+        if capture.get("status") == "ok":
+            summary["moe_graph_replay_equals_eager"] = capture.get("replay_equals_eager")
+            summary["moe_graph_replay_speedup"] = round(capture["eager_ms"] / capture["replay_ms"], 3)
+    disp = (steps.get("bench_dispatcher") or {}).get("result") or {}
+    for r in disp.get("results", []):
+        for name, v in r["variants"].items():
+            summary[f"ep{r['ranks']}_{name.replace('-', '_').replace('+', '_')}_step_ms"] = \
+                round(v["step_ms"], 3)
     kern = (steps.get("bench_kernels") or {}).get("result") or {}
     for e in kern.get("entries", []):
         if e.get("triton_ms"):

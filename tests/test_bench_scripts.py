@@ -192,3 +192,29 @@ def test_bench_optim_sweeps_on_the_first_seed_then_runs_the_best_rates(tmp_path,
     # AdamW ends at 4.0 + 1/40 (+0.01 for seed 1); Muon's curve 3.5 + 1/s reaches it at step 10
     assert [row["muon_reaches_adamw_final_at"] for row in tiny["seeds"]] == [10, 10]
     assert tiny["seeds"][0]["token_efficiency"] == 4.0
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_documents_bench_agrees_and_reports_both_paths(tmp_path):
+    """scripts/bench_documents.py on a tiny CPU shape (flex attention eager, forward only)."""
+    bench = load("bench_documents")
+    out = tmp_path / "docs.json"
+    assert bench.main(["--device", "cpu", "--shape", "1,4,2,256,16", "--doc", "30",
+                       "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rel_err"] < 1e-5 and result["dense_ms"] > 0 and result["flex_ms"] > 0
+    assert 0 < result["blocks_skipped"] < 1 and result["backward"] is False
+    assert bench.main(["--shape", "1,2,3"]) == 2
+
+
+def test_mtp_bench_refuses_unknown_models_and_tables_its_runs(capsys):
+    """scripts/bench_mtp.py: an unknown --models entry is one line and exit 2 (nothing run);
+    the table shows each run's main-token val_loss, its MTP loss or '-', the step time."""
+    bench = load("bench_mtp")
+    assert bench.main(["--models", "tiny,huge", "--out", "x.json"]) == 2
+    assert "--models: unknown ['huge']" in capsys.readouterr().err
+    run = {"model": "tiny", "seed": 1, "val_loss": 7.5, "step_time_s": 0.25}
+    table = bench.table({"runs": [{**run, "variant": "mtp0", "val_mtp_loss_1": None},
+                                  {**run, "variant": "mtp1", "val_mtp_loss_1": 7.625}]})
+    assert table.splitlines()[2:] == ["| tiny | 1 | mtp0 | 7.5000 | - | 0.25 |",
+                                      "| tiny | 1 | mtp1 | 7.5000 | 7.6250 | 0.25 |"]

@@ -32,6 +32,10 @@ CASES = [
     # uneven vocabulary shards (FSDP2 padding), ETP and CP, replicated data parallelism
     ("tiny", 8, ["model.vocab_size=8190", "parallel.tp=2", "parallel.etp=2", "parallel.cp=2"]),
     ("tiny", 8, ["parallel.fsdp.enabled=false", "parallel.ep=4", "model.moe.num_shared_experts=1"]),
+    # (DeepSeek-V3 and Kimi K2 above train one MoE MTP module.) Two dense MTP modules with a
+    # tied head under PP and TP: the last stage's copy of the embedding, colwise projections
+    ("tiny", 4, ["model.mtp.depth=2", "model.mtp.block=dense", "model.tie_embeddings=true",
+                 "parallel.pp=2", "parallel.tp=2"]),
 ]
 
 

@@ -2,6 +2,7 @@
 failures, timeouts and the deadline, on the CPU."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,35 @@ def test_summary_of_training_and_kernel_results(check):
         "kernel_qwen3_swiglu_speedup": 1.5}
 
 
+def test_summary_of_the_moe_graph_and_dispatcher_results(check):
+    stalls = {"exact": {"step_ms": 9.0, "queue_ms": 8.5, "host_read_ms": 4.25, "host_reads": 4},
+              "sync-free": {"step_ms": 7.0, "queue_ms": 1.5, "host_read_ms": 0.0,
+                            "host_reads": 0}}
+    capture = {"sync-free": {"status": "ok", "replay_equals_eager": True, "eager_ms": 3.0,
+                             "replay_ms": 2.0},
+               "exact": {"status": "failed", "expected": True}}
+    steps = {"moe_graph": {"status": "ok", "result": {"host_stalls": stalls,
+                                                      "graph_capture": capture}},
+             "bench_dispatcher": {"status": "ok", "result": {"results": [
+                 {"ranks": 2, "variants": {"exact": {"step_ms": 5.0},
+                                           "sync-free+overlap": {"step_ms": 4.0}}}]}}}
+    assert check.summarize(steps) == {
+        "moe_graph": "ok", "bench_dispatcher": "ok",
+        "moe_exact_step_ms": 9.0, "moe_exact_host_read_ms": 4.25, "moe_exact_queue_ms": 8.5,
+        "moe_sync_free_step_ms": 7.0, "moe_sync_free_host_read_ms": 0.0,
+        "moe_sync_free_queue_ms": 1.5, "moe_graph_capture": "ok",
+        "moe_graph_replay_equals_eager": True, "moe_graph_replay_speedup": 1.5,
+        "ep2_exact_step_ms": 5.0, "ep2_sync_free_overlap_step_ms": 4.0}
+
+
+def test_the_dispatcher_bench_is_unavailable_on_one_gpu(check):
+    (step,) = [s for s in check.build_steps("gpu", Path("/w"), Path("/none"), Path("/s"))
+               if s.name == "bench_dispatcher"]
+    pattern, note = step.unavailable_if
+    # what scripts/bench_dispatcher.py prints there
+    assert re.search(pattern, "error: --device cuda needs 2 GPUs, 1 visible") and "one GPU" in note
+
+
 def test_pytest_summary_is_parsed(check):
     assert check.parse_pytest("...\n29 passed, 2 skipped, 1 error in 3.1s\n") == \
         {"passed": 29, "skipped": 2, "error": 1}
@@ -114,17 +144,23 @@ def test_smoke_run_through_the_wrapper(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         ["bash", str(SCRIPTS / "gpu_check.sh"), "--profile", "smoke", "--only",
-         "install,env,bench_moe_layer,optim_cost", "--wheels", str(tmp_path / "none"),
+         "install,env,bench_moe_layer,optim_cost,moe_graph", "--wheels", str(tmp_path / "none"),
          "--out-dir", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["install", "env", "bench_moe_layer", "optim_cost"]
+    assert list(steps) == ["install", "env", "bench_moe_layer", "optim_cost", "moe_graph"]
     assert steps["install"]["status"] == "skipped" and "no wheels" in steps["install"]["note"]
     assert report["env"]["torch"] and report["env"]["moetrain"] == "importable"
     assert report["env"]["cuda_available"] is False
     assert steps["bench_moe_layer"]["status"] == "ok"
     assert steps["bench_moe_layer"]["result"]["shapes"][0]["agree"] is True
+    # the CPU run of the MoE graph check: host reads counted, no GPU to capture on
+    graph = steps["moe_graph"]["result"]
+    assert steps["moe_graph"]["status"] == "ok", steps["moe_graph"]["output_tail"]
+    assert graph["host_stalls"]["exact"]["host_reads"] == 2  # one per layer and forward
+    assert graph["host_stalls"]["sync-free"]["host_reads"] == 0
+    assert graph["graph_capture"]["status"] == "unavailable"
     summary = report["summary"]
     assert summary["moe_64,128,8,2,256_moetrain_tflops"] > 0 and summary["env"] == "ok"
     # the optimizer step on 1 and 2 CPU ranks: Muon's bytes as planned, less state than AdamW

@@ -1,6 +1,8 @@
 """The host-sync budget of a training step: one read of the device per optimizer step (loss,
-gradient norm, stop flags and routing statistics together), plus with expert parallelism the
-count exchange the all-to-all needs, once per MoE layer and forward.
+gradient norm, stop flags and routing statistics together) - also under expert parallelism with
+the sync-free exchange (model.moe.ep_budget: ep2 and ep4; dropless, capacity, top-p with null
+experts, recompute with the overlapped exchange), where an overflowing step is redone with one
+more read; the exact-size exchange adds its count exchange, once per MoE layer and forward.
 
 On the CPU nothing actually waits, so the test counts what would make a GPU step wait: host
 reads (`.item()`/`float()`/`bool()` via aten._local_scalar_dense, `.tolist()`, `.cpu()`,
@@ -57,8 +59,10 @@ def _caller() -> str:
 
 
 @contextlib.contextmanager
-def counting(trainer: Trainer):
-    """Count during `train_step`, except inside `optimizer.step`; Python-level reads too."""
+def count_reads():
+    """Count host reads and data-dependent shapes inside: the aten ops (`SyncCounter`) and the
+    Python-level reads (`Tensor.tolist/.cpu/.numpy`). Yields the events list and a one-item
+    list whose True pauses the Python-level count."""
     counter = SyncCounter()
     originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
     paused = [False]
@@ -70,26 +74,34 @@ def counting(trainer: Trainer):
             return originals[name](self, *args, **kwargs)
         return method
 
-    step = trainer.optimizer.step
-
-    def optimizer_step(*args, **kwargs):
-        paused[0] = True
-        with torch.utils._python_dispatch._disable_current_modes():
-            try:
-                return step(*args, **kwargs)
-            finally:
-                paused[0] = False
-
-    trainer.optimizer.step = optimizer_step
     for name in originals:
         setattr(torch.Tensor, name, wrap(name))
     try:
         with counter:
-            yield counter.events
+            yield counter.events, paused
     finally:
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
-        trainer.optimizer.step = step
+
+
+@contextlib.contextmanager
+def counting(trainer: Trainer):
+    """Count during `train_step`, except inside `optimizer.step`; Python-level reads too."""
+    step = trainer.optimizer.step
+    with count_reads() as (events, paused):
+        def optimizer_step(*args, **kwargs):
+            paused[0] = True
+            with torch.utils._python_dispatch._disable_current_modes():
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    paused[0] = False
+
+        trainer.optimizer.step = optimizer_step
+        try:
+            yield events
+        finally:
+            trainer.optimizer.step = step
 
 
 def _trainer(tmp_path, overrides, world_size=1):
@@ -130,6 +142,48 @@ def test_expert_parallel_adds_only_the_count_exchange(tmp_path):
         others = [e for e in events if e not in exchanges]
         assert len(exchanges) == n_layers and all(e.startswith("Tensor.tolist") for e in exchanges)
         assert len(others) == 1 and others[0].startswith("Tensor.tolist (parallel/step.py"), events
+
+
+# The sync-free exchange: a budget of ep x the balanced load covers any routing (a slot then
+# holds every row a rank has), so no step overflows and each keeps its one read.
+SYNC_FREE_CASES = {
+    "dropless": [],
+    "capacity": ["model.moe.capacity_factor=1.0", "model.moe.lbl.scope=global"],
+    "top-p, null experts": ["model.moe.routing.top_p=0.5", "model.moe.routing.num_null_experts=2",
+                            "model.moe.routing.bias_rate=0.01", "model.moe.token_rounding=8"],
+    "recompute, overlap": ["train.recompute=full", "model.moe.ep_overlap=true"],
+}
+
+
+def _sync_free_events(rank, world_size, tmp_path):
+    # one micro-batch per rank (dp = ep = world size)
+    layout = [f"parallel.ep={world_size}", f"train.micro_batch_size={4 // world_size}"]
+    events = {}
+    for i, (name, overrides) in enumerate(SYNC_FREE_CASES.items()):
+        trainer = _trainer(tmp_path / f"r{rank}-{i}",
+                           [*layout, f"model.moe.ep_budget={world_size}", *overrides], world_size)
+        events[name] = _count_step(trainer)
+    # A budget below the balanced load: the step overflows, is redone, and reads once more.
+    trainer = _trainer(tmp_path / f"r{rank}-overflow", [*layout, "model.moe.ep_budget=0.25"],
+                       world_size)
+    trainer.train_step(trainer.sampler.next_step())  # lazy initialisation; the budget grows
+    trainer.moe.budget.factor = 0.25  # too small again for the counted step
+    with counting(trainer) as counted:
+        record, _ = trainer.train_step(trainer.sampler.next_step())
+    events["overflow"] = (counted, record["ep_overflows"])
+    return events
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sync_free_expert_parallelism_reads_the_device_once_per_step(tmp_path, world_size):
+    for per_rank in run_distributed(_sync_free_events, world_size, tmp_path, timeout=300):
+        for name in SYNC_FREE_CASES:
+            events = per_rank[name]
+            assert len(events) == 1 and events[0].startswith("Tensor.tolist (parallel/step.py"), \
+                (name, events)
+        events, redos = per_rank["overflow"]
+        assert len(events) == 1 + redos and redos >= 1, events  # each redo's own read
+        assert all(e.startswith("Tensor.tolist (parallel/step.py") for e in events)
 
 
 def test_the_counter_sees_reads_and_dynamic_shapes():

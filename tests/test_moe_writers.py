@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from moetrain.model.moe.dispatcher import TokenDispatcher
 from moetrain.model.moe.experts import GroupedExperts

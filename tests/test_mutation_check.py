@@ -79,3 +79,55 @@ def test_the_report_replaces_only_the_marked_block(tmp_path):
     with pytest.raises(mc.UserError, match="needs one"):
         mc.write_report(tmp_path / "plain.md", "x")
     assert mc.main(["--only", "no-such-mutation"]) == 2
+
+
+def test_every_config_key_is_classified_for_the_key_coverage_sweep():
+    """A branch that adds config keys fails here, one line naming the key, until it puts the
+    key in MATH_KEYS (with a mutation bending it) or NOT_MATH in scripts/mutation_check.py."""
+    for key in mc.schema_keys():
+        try:
+            mc.classify(key)
+        except mc.UnclassifiedKey as err:
+            pytest.fail(str(err), pytrace=False)
+    mc.check_classification()  # MATH_KEYS and every mutation's keys are schema keys
+
+
+def test_an_unknown_key_is_refused_in_one_line_naming_it(monkeypatch, capsys):
+    with pytest.raises(mc.UnclassifiedKey) as err:
+        mc.classify("model.mtp.num_layers")
+    assert "model.mtp.num_layers" in str(err.value) and "\n" not in str(err.value)
+    keys = mc.schema_keys()
+    monkeypatch.setattr(mc, "schema_keys", lambda: [*keys, "model.moe.ep_budget"])
+    assert mc.main(["--keys"]) == 2
+    assert capsys.readouterr().err == (
+        "error: config key model.moe.ep_budget is not classified for the key-coverage sweep: "
+        "add it to MATH_KEYS with a mutation that bends it (keys=...) or to NOT_MATH with the "
+        "reason, in scripts/mutation_check.py\n")
+
+
+def test_a_key_without_a_caught_mutation_is_a_failing_line(tmp_path):
+    bend = mc.Mutation("lr-ignored", "moetrain/optim.py", "a", "b", ("tests/test_optim.py",),
+                       "lr ignored", keys=("optim.lr",))
+    caught = {"lr-ignored": {"status": "caught", "test": "tests/test_optim.py::t", "seconds": 1,
+                             "digest": bend.digest, "date": "2026-12-07"}}
+    text, failing = mc.key_report([bend], caught)
+    assert "| `optim.lr` | `lr-ignored`: lr ignored | `tests/test_optim.py::t` |" in text
+    assert "optim.lr" not in failing and "optim.decay" in failing
+    assert "| `optim.decay` | **UNCOVERED: no mutation bends it** | **FAIL** |" in text
+    # A survivor, a run of an older text, or no run at all covers nothing.
+    for record in ({**caught["lr-ignored"], "status": "survived"},
+                   {**caught["lr-ignored"], "digest": "0" * 12}, None):
+        _, failing = mc.key_report([bend], {} if record is None else {"lr-ignored": record})
+        assert "optim.lr" in failing
+    # Records merge: a run of one mutation keeps the others'.
+    path = tmp_path / "results.json"
+    other = mc.Mutation("other", "x.py", "a", "b", ("t.py",), "")
+    mc.record_results([mc.Outcome(bend, "caught", "t::a", 1.0)], {"date": "d"}, path)
+    mc.record_results([mc.Outcome(other, "survived", "", 2.0)], {"date": "d"}, path)
+    assert set(mc.load_results(path)) == {"lr-ignored", "other"}
+
+
+def test_the_docs_key_coverage_block_is_generated_from_the_list_and_the_record():
+    """docs/testing.md's table cannot drift: re-run `mutation_check.py --report docs/testing.md`."""
+    text, _ = mc.coverage_text()
+    assert mc.marked_block(mc.ROOT / "docs" / "testing.md") == text

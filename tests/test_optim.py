@@ -50,7 +50,8 @@ MLA = ["model.attention=mla", "model.n_kv_heads=4", "model.mla.q_lora_rank=16",
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.moe.num_shared_experts=1",
-                                            "model.moe.shared_expert_gate=true", *MLA]])
+                                            "model.moe.shared_expert_gate=true", *MLA,
+                                            "model.mtp.depth=1"]])
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(overrides):
     model = _model(*overrides)
     muon, adamw = route_parameters(model)
@@ -58,13 +59,19 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(overrides):
     assert "layers.1.moe.experts.w1" in muon_names and "layers.0.mlp.w2.weight" in muon_names
     assert {"tok_embeddings.weight", "output.weight", "norm.weight",
             "layers.1.moe.router.weight"} <= adamw_names
-    assert all(".attention.w" in n or ".mlp." in n or "experts.w" in n for n in muon_names)
+    assert all(".attention.w" in n or ".mlp." in n or "experts.w" in n or ".eh_proj." in n
+               for n in muon_names)
     assert not any(".attention.w" in n for n in adamw_names)  # every projection is Muon's
     if overrides:
         assert {"layers.1.attention.wq_b.weight", "layers.1.attention.wkv_a.weight",
                 "layers.1.moe.shared_experts.w3.weight"} <= muon_names
         assert {"layers.1.attention.kv_a_norm.weight", "layers.1.moe.shared_expert_gate.weight"} \
             <= adamw_names
+        # the multi-token prediction module: its block like a layer's, its projection Muon's
+        assert {"mtp.0.eh_proj.weight", "mtp.0.block.attention.wq_b.weight",
+                "mtp.0.block.moe.experts.w2"} <= muon_names
+        assert {"mtp.0.enorm.weight", "mtp.0.block.moe.router.weight",
+                "mtp.0.block.moe.shared_expert_gate.weight"} <= adamw_names
     assert len(muon) + len(adamw) == len(list(model.parameters()))
 
 
@@ -76,10 +83,13 @@ def test_the_planners_state_bytes_are_what_each_parameter_allocates(name):
     from moetrain.plan_shards import ParamSpec
     from moetrain.planning import optimizer_state_bytes
 
-    model = _model("model.moe.num_shared_experts=1", "model.moe.shared_expert_gate=true", *MLA)
+    model = _model("model.moe.num_shared_experts=1", "model.moe.shared_expert_gate=true", *MLA,
+                   "model.mtp.depth=1")
     cfg = OptimConfig(name=name)
     opt = build_optimizer(model, cfg)
-    model(torch.randint(0, 64, (2, 8))).float().square().mean().backward()
+    tokens = torch.randint(0, 64, (2, 9))
+    logits = model(tokens[:, :8], mtp_tokens=tokens[:, 1:, None])  # every parameter gets a grad
+    sum(x.float().square().mean() for x in logits).backward()
     opt.step()
     for n, p in model.named_parameters():
         held = sum(t.numel() * t.element_size() for t in opt.state[p].values()
@@ -147,6 +157,46 @@ def test_newton_schulz_in_fp32_orthogonalises_like_the_exact_iteration():
     assert torch.allclose(newton_schulz(G, 5).double(), X, atol=3e-2)
 
 
+def test_ns_dtype_fp32_steps_with_the_fp32_iteration():
+    """optim.ns_dtype=fp32 through build_optimizer: the first step of one matrix is
+    w (1 - lr wd) - lr 0.2 sqrt(max(m, n)) NS(nesterov update), NS the quintic iteration in
+    float64 here (bf16 Newton-Schulz is ~3e-2 off)."""
+    model = torch.nn.Module()  # one Muon matrix, named as a layer's MLP projection
+    model.layers = torch.nn.ModuleDict({"0": torch.nn.Module()})
+    model.layers["0"].mlp = torch.nn.Module()
+    model.layers["0"].mlp.w1 = torch.nn.Linear(40, 24, bias=False)
+    w = model.layers["0"].mlp.w1.weight
+    with torch.no_grad():
+        w.copy_(torch.randn(24, 40, generator=torch.Generator().manual_seed(2)))
+    start = w.detach().clone().double()
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
+    w.grad = g.clone()
+    lr, wd, mu = 0.02, 0.1, 0.9
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=lr, weight_decay=wd, momentum=mu,
+                                             ns_dtype="fp32"))
+    opt.step()
+    update = g.double().lerp((1 - mu) * g.double(), mu)  # Nesterov: g + mu (buf - g)
+    X = update / update.norm()
+    for _ in range(5):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    want = start * (1 - lr * wd) - lr * 0.2 * math.sqrt(40) * X
+    torch.testing.assert_close(w.detach().double(), want, rtol=0, atol=1e-6)
+
+
 def test_the_update_is_scaled_to_adamw_rms():
     assert rms_scale((128, 512)) == pytest.approx(0.2 * math.sqrt(512))
     assert rms_scale((8, 384, 128)) == pytest.approx(0.2 * math.sqrt(384))  # a stack's matrices
+
+
+def test_adamw_first_step_uses_the_configured_eps():
+    """First AdamW step (bias-corrected m = g, v = g^2): w -= lr * g / (|g| + eps), by hand; an
+    eps of 0.5 makes the configured value visible (the default 1e-8 would not be)."""
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    opt = build_optimizer(model, OptimConfig(lr=0.1, eps=0.5, weight_decay=0.0))
+    g = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    model.weight.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), 1.0 - 0.1 * g / (g.abs() + 0.5))

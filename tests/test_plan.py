@@ -110,7 +110,9 @@ QWEN3_235B = 2 * 151_936 * 4096 + 4096 + 94 * (
 ])
 def test_frontier_shapes_have_their_published_parameter_counts(name, exact, published_total,
                                                                 published_active):
-    p = count_parameters(config(name).model)
+    # The main model: the deepseek_v3 and kimi_k2 experiments add an MTP module, which the
+    # published figures leave out (test_deepseek_v3_main_model_and_mtp_module_as_released).
+    p = count_parameters(config(name, "model.mtp.depth=0").model)
     assert p.n_total == exact
     assert p.n_total == pytest.approx(published_total, rel=0.03)
     assert p.n_active - p.active["embedding"] == pytest.approx(published_active, rel=0.03)
@@ -143,6 +145,7 @@ TINY_TOTAL = {
     "router": 3 * 8 * 128,  # 3,072
     "norms": 4 * 2 * 128 + 128,  # 1,152
     "output": 8192 * 128,
+    "mtp": 0,  # model.mtp.depth = 0
 }
 
 
@@ -164,6 +167,8 @@ def test_tiny_parameters_and_flops_by_hand():
     [],
     ["model.tie_embeddings=true", "model.moe.num_shared_experts=2",
      "model.moe.shared_expert_hidden=64", "model.moe.first_dense_layers=0", "model.head_dim=32"],
+    ["model.mtp.depth=2", "model.moe.num_shared_experts=1"],
+    ["model.mtp.depth=1", "model.mtp.block=dense", "model.tie_embeddings=true"],
 ])
 def test_counts_equal_the_built_model(overrides):
     import torch
@@ -180,6 +185,48 @@ def test_counts_equal_the_built_model(overrides):
     active = total - idle
     p = count_parameters(model_cfg)
     assert (p.n_total, p.n_active) == (total, active)
+    mtp = sum(q.numel() for n, q in model.named_parameters() if n.startswith("mtp."))
+    assert p.total["mtp"] == mtp and p.n_main == total - mtp
+
+
+def test_mtp_parameters_and_flops_of_the_tiny_model():
+    """One MoE MTP module on the tiny model, by hand: its attention (49,152), routed experts
+    (8 x 3 x 128 x 192 = 589,824; top-2 active: 147,456), router (1,024), projection
+    [256 -> 128] (32,768), norms (2 x 128 in its block, enorm, hnorm and the final one:
+    5 x 128). Its forward multiplies by the active matmul weights and by the shared output
+    head (8192 x 128) once more; its block attends like the main model's four."""
+    model = config("tiny", "model.mtp.depth=1").model
+    p = count_parameters(model)
+    assert p.total["mtp"] == 49_152 + 589_824 + 1_024 + 32_768 + 5 * 128 == 673_408
+    assert p.active["mtp"] == 673_408 - 589_824 + 147_456 == 231_040
+    assert p.n_active_matmul == 1_838_080 + (49_152 + 147_456 + 1_024 + 32_768) + 1_048_576
+    f = flops_per_token(model, 128)
+    assert f.matmul_forward == 2 * 3_117_056
+    assert f.attention_forward == 4 * (4 + 1) * 128 * 8 * 16
+
+
+def test_deepseek_v3_main_model_and_mtp_module_as_released():
+    """DeepSeek-V3's MTP layer (model.layers.61 of the released checkpoint), tensor by tensor:
+    256 routed experts of 3 x 7168 x 2048, the shared expert, the router, MLA (q_a 7168 x 1536,
+    its norm, q_b 1536 x 128 x 192, kv_a_proj_with_mqa 7168 x 576, its norm 512, kv_b
+    512 x 128 x 256, o_proj 128 x 128 x 7168), five norms of 7168 (its block's two, enorm,
+    hnorm, shared_head.norm) and eh_proj 7168 x 14336: 11.61 B unique parameters. The
+    checkpoint stores the shared embedding and head again in that layer (2 x 129280 x 7168):
+    671.03 B + 13.47 B = 684.49 B, the "685B" of the model card with its FP8 scales, of which
+    DeepSeek counts 671 B for the main model and 14 B for the MTP module."""
+    model = config("deepseek_v3").model
+    p = count_parameters(model)
+    mla = 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 \
+        + 128 * 128 * 7168
+    layer_61 = (256 * 3 * 7168 * 2048 + 3 * 7168 * 2048 + 256 * 7168 + mla + 5 * 7168
+                + 7168 * 14336)
+    assert p.total["mtp"] == layer_61 == 11_610_067_968
+    assert round(p.n_main / 1e9) == 671
+    copies = 2 * 129280 * 7168
+    assert p.n_total + copies == 684_489_830_400
+    # Kimi K2's shapes with the same module: 384 experts, 64 heads
+    kimi = count_parameters(config("kimi_k2").model)
+    assert kimi.total["mtp"] > 0 and round(kimi.n_main / 1e9) == 1026
 
 
 # -- memory --------------------------------------------------------------------------------------

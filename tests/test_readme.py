@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from moetrain.fp8 import torchao_available
+from tests.fp8 import TORCHAO_MISSING
+
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL_RUN = ("train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -34,12 +37,16 @@ RUN: dict[str, tuple[str, ...]] = {
     "python -m moetrain.batches --run outputs/tiny-<time> --step 2": (),
     "python -m moetrain.batches --run outputs/tiny-<time> --val --out /tmp/val.jsonl": (),
     "python -m moetrain.layout --world-size 8 parallel.tp=2 parallel.ep=4 model.moe.num_experts=8": (),
+    "python -m moetrain.train +experiment=tiny model.mtp.depth=1 data.document_mask=true "
+    "run.dir=outputs/mtp": SMALL_RUN,
+    "python -m moetrain.plan +experiment=deepseek_v3 parallel.pp=16 parallel.ep=64 "
+    "--world-size 2048 \"parallel.pp_layers=[4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,1]\"": (),
     "python scripts/prepare_data.py --corpus data/corpus --out /tmp/prepared --vocab-size 8192": (),
     "python -m moetrain.plan +experiment=mixtral_8x7b parallel.tp=2 parallel.ep=8 parallel.pp=4 "
     "--world-size 64": (),
     "python scripts/plot_routing.py outputs/tiny-<time>": (),
-    "python scripts/bench_dispatcher.py --ranks 2 4 8":
-        ("--ranks", "2", "--tokens", "64", "--iters", "1", "--warmup", "0"),
+    "python scripts/bench_dispatcher.py --ranks 2 4":
+        ("--ranks", "2", "--tokens", "64", "--dim", "32", "--iters", "1", "--warmup", "0"),
     "python scripts/bench_checkpoint.py --steps 20 --save-every 5":
         ("train.global_batch_size=4", "--steps", "3", "--save-every", "1", "--warmup", "1"),
     "python scripts/bench_init.py --experiments olmoe_1b_7b --layers 1 --ranks 1 2":
@@ -60,7 +67,15 @@ RUN: dict[str, tuple[str, ...]] = {
     "run.dir=outputs/muon": SMALL_RUN,
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),
     "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/flat": (),
+    "python -m moetrain.train +experiment=tiny train.fp8=rowwise run.dir=outputs/fp8": SMALL_RUN,
+    "python scripts/bench_fp8_quality.py --models tiny":
+        ("--recipes", "none,mxfp8", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+         "--global-batch", "2", "--seq-len", "32"),
 }
+
+# README commands that train or measure with train.fp8: skipped where torchao is missing
+NEEDS_TORCHAO = {"python -m moetrain.train +experiment=tiny train.fp8=rowwise run.dir=outputs/fp8",
+                 "python scripts/bench_fp8_quality.py --models tiny"}
 
 ENVIRONMENT = "sets up the environment these tests run in (a venv, packages from the network)"
 SKIPPED: dict[str, str] = {
@@ -85,6 +100,9 @@ SKIPPED: dict[str, str] = {
     "python scripts/bench_optim.py cost --ranks 1 2 4":
         "minutes per rank count at the OLMoE block shape; tests/test_gpu_check.py runs it on 1 "
         "and 2 ranks at small shapes (the GPU check's smoke profile)",
+    "python scripts/bench_fp8.py":
+        "needs a GPU (real shapes, FP8 kernels); tests/fp8/test_bench_fp8.py runs it at a small "
+        "CPU shape, emulated",
     "python -m moetrain.hf export outputs/olmoe-<time> /tmp/olmoe-hf":
         "needs a run of the real-size OLMoE experiment; tests/hf/test_round_trip.py exports tiny "
         "models of every family and loads them with transformers",
@@ -127,6 +145,7 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
     commands = readme_commands()
     assert commands, "no ```bash blocks found in README.md"
     assert not set(RUN) & set(SKIPPED)
+    assert NEEDS_TORCHAO <= set(RUN)
     unlisted = [c for c in commands if c not in RUN and c not in SKIPPED]
     assert not unlisted, f"README commands neither run nor listed as skipped: {unlisted}"
     stale = [c for c in [*RUN, *SKIPPED] if c not in commands]
@@ -174,6 +193,8 @@ def tiny_run(workdir) -> Path:
 def test_readme_command(command, workdir, tiny_run):
     if command in SKIPPED:
         pytest.skip(SKIPPED[command])
+    if command in NEEDS_TORCHAO and not torchao_available():
+        pytest.skip(TORCHAO_MISSING)
     if command == TINY_TRAIN:  # ran for the fixture
         assert (tiny_run / "checkpoints" / "latest").read_text().strip() == "step_2"
         return

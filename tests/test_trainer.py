@@ -158,14 +158,19 @@ def _documented_metrics_keys() -> set[str]:
 
 
 def test_metrics_records_have_exactly_the_keys_the_design_documents(tmp_path):
-    # every optional key too: val_loss (evaluation), max_attn_logit (QK-clip)
+    # every optional key too: val_loss (evaluation), max_attn_logit (QK-clip), the multi-token
+    # prediction's keys (documented as "only with MTP")
     trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
-                    "optim=muon", "optim.qk_clip_threshold=100")
+                    "optim=muon", "optim.qk_clip_threshold=100", "model.mtp.depth=2")
     trainer.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    logged = {re.sub(r"^(source_tokens|val_loss)/.+$", r"\1/<name>", k) for r in recs for k in r}
-    # `nonfinite` only in a record with a NaN (test_a_nan_step_is_skipped_counted_and_training_goes_on)
-    assert logged == _documented_metrics_keys() - {"nonfinite"}
+    logged = {re.sub(r"/\d+$", "/<k>", re.sub(r"^(source_tokens|val_loss)/.+$", r"\1/<name>", k))
+              for r in recs for k in r}
+    # `nonfinite` only in a record with a NaN (test_a_nan_step_is_skipped_counted_and_training_goes_on);
+    # the ep_* keys only with model.moe.ep_budget (tests/distributed/test_equivalence_ep.py)
+    assert logged == _documented_metrics_keys() - {"nonfinite", "ep_budget", "ep_need",
+                                                   "ep_overflows", "ep_wasted_rows"}
+    assert {"mtp_loss/1", "mtp_loss/2", "val_mtp_loss/2"} <= set(recs[-1])
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "corpus"
@@ -226,3 +231,12 @@ def test_the_batch_any_step_trained_is_what_moetrain_batches_shows(tmp_path):
         rows = list(batches(trainer.cfg, tmp_path, step, val=False))
         assert [r["ids"] for r in rows] == trained[step - 1].tolist(), step
         assert {r["source"] for r in rows} == {"corpus"} and rows[0]["text"]
+
+
+def test_train_seed_sets_the_initial_weights(tmp_path):
+    """The same train.seed gives the same initial weights, another seed other weights."""
+    first = [build(tmp_path / n, f"train.seed={s}").model.state_dict()
+             for n, s in (("a", 1), ("b", 1), ("c", 2))]
+    names = [n for n, t in first[0].items() if t.is_floating_point() and t.ndim >= 2]
+    assert names and all(torch.equal(first[0][n], first[1][n]) for n in names)
+    assert not any(torch.equal(first[0][n], first[2][n]) for n in names)

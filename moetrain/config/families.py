@@ -66,6 +66,13 @@ def family_problems(model: Any) -> list[tuple[str, str]]:
     if family in ("mixtral", "olmoe"):
         need(moe.first_dense_layers == 0, "model.moe.first_dense_layers",
              "must be 0 (every layer is MoE)")
+    if family == "deepseek_v3":
+        # The checkpoint's MTP layer model.layers.<n_layers + k> is one of its MoE layers.
+        need(model.mtp.depth == 0 or model.mtp.block == "moe", "model.mtp.block",
+             "must be moe (the MTP layer is an MoE layer)")
+    else:
+        need(model.mtp.depth == 0, "model.mtp.depth",
+             "must be 0 (no multi-token-prediction layer; deepseek_v3 has one)")
     return [(key, f"{why} in the {family} family (model.family={family})")
             for key, why in problems]
 

@@ -50,9 +50,14 @@ ModelFamily = _choice("ModelFamily", "custom", "mixtral", "qwen3_moe", "olmoe", 
 AttentionKind = _choice("AttentionKind", "gqa", "mla")
 QKNorm = _choice("QKNorm", "none", "head", "full")
 RopeScaling = _choice("RopeScaling", "none", "yarn")
+# FP8 training recipes and their implementations (moetrain/fp8, docs/fp8.md).
+FP8Recipe = _choice("FP8Recipe", "none", "tensorwise", "rowwise", "mxfp8")
+FP8Backend = _choice("FP8Backend", "torchao", "te")
 GroupScore = _choice("GroupScore", "top2_sum", "max")
 OptimName = _choice("OptimName", "adamw", "muon")
 NSDType = _choice("NSDType", "bf16", "fp32")
+MTPBlock = _choice("MTPBlock", "moe", "dense")
+BoundaryLoss = _choice("BoundaryLoss", "keep", "mask")
 
 
 @dataclass
@@ -143,6 +148,16 @@ class MoEConfig:
     # The permute / combine / SwiGLU implementation (moetrain.kernels): auto = Triton on CUDA
     # where the recorded benchmark shows it faster, else PyTorch; torch; triton.
     kernels: MoEKernels = MoEKernels("auto")
+    # Expert parallelism (docs/expert_parallel.md). ep_budget: the sync-free dispatcher - static
+    # receive buffers of this factor of the balanced load (rows per EP rank), counts exchanged
+    # on the device, no host read per MoE layer; a step that overflows the budget anywhere is
+    # redone with a budget that covers it, and the budget adapts. null = exact-size buffers
+    # (the split sizes read on the host once per MoE layer and forward).
+    ep_budget: Optional[float] = None
+    # Overlap the expert all-to-alls with compute: the rows move in two halves (the EP ranks'
+    # experts split in two), each half's dispatch / combine in flight while the other half's
+    # experts and the shared experts compute, forward and backward.
+    ep_overlap: bool = False
     lbl: LBLConfig = field(default_factory=LBLConfig)
     z_loss_coeff: float = 0.0
     # Progressive sparsification: top_k and capacity_factor as functions of the step.
@@ -197,6 +212,24 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3, arXiv:2412.19437 section 2.2): `depth` sequential
+    modules after the main model, module k predicting the token k + 1 ahead from module k-1's
+    hidden state and the embedding of the token k ahead (moetrain/model/mtp.py)."""
+
+    # Prediction depths D (0 = no MTP).
+    depth: int = 0
+    # lambda: the MTP loss added to the LM loss is lambda / D * sum_k CE_k (DeepSeek-V3: 0.3 for
+    # the first 10T tokens, then 0.1).
+    loss_scale: float = 0.3
+    # lambda as a function of the optimizer step (start / end null = loss_scale).
+    loss_scale_schedule: ValueSchedule = field(default_factory=ValueSchedule)
+    # The transformer block of each module: moe (an MoE layer of model.moe, DeepSeek-V3) or
+    # dense (a SwiGLU MLP of model.ffn_hidden).
+    block: MTPBlock = MTPBlock("moe")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 128
@@ -225,6 +258,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     init: InitConfig = field(default_factory=InitConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
 
 def head_dim_of(model: Any) -> int:
@@ -301,6 +335,13 @@ class DataConfig:
     # When a source has no sequences left for the next global batch: repeat (a new epoch of
     # that source, a fresh permutation) or stop (cleanly, with a checkpoint and a message).
     on_exhausted: OnExhausted = OnExhausted("repeat")
+    # Packed documents: attention stays inside each document of a window (the EOS that ends a
+    # document belongs to it) and RoPE positions restart at 0 with each document.
+    document_mask: bool = False
+    # The loss at a document boundary, where the EOS token predicts the next document's first
+    # token: keep it (the only place that first token is learnt) or mask it. Targets of the
+    # multi-token prediction that reach past an EOS are always masked (docs/documents.md).
+    boundary_loss: BoundaryLoss = BoundaryLoss("keep")
 
 
 @dataclass
@@ -361,6 +402,17 @@ class TrainConfig:
     recompute: Recompute = Recompute("none")
     # Compile every transformer block with torch.compile (regional compilation; docs/performance.md).
     compile: bool = False
+    # FP8 training (docs/fp8.md): none | tensorwise | rowwise | mxfp8. The linears of attention,
+    # dense MLPs and shared experts compute in float8, the routed experts' grouped GEMMs through
+    # torchao's MoE training ops; router, norms, embeddings (and the output head, unless
+    # fp8_output_head) stay in high precision, and so do the weights and checkpoints. On the CPU
+    # every recipe runs emulated (quantize -> dequantize -> high-precision GEMM); on a GPU a
+    # recipe its hardware cannot run is refused.
+    fp8: FP8Recipe = FP8Recipe("none")
+    # torchao | te (Transformer Engine for the dense linears: NVIDIA GPUs where it is installed).
+    fp8_backend: FP8Backend = FP8Backend("torchao")
+    # The output head as a float8 linear too (off by default: the logits are the most sensitive).
+    fp8_output_head: bool = False
 
 
 @dataclass

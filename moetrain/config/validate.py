@@ -115,6 +115,10 @@ def validate(cfg: MoetrainConfig) -> None:
         _require(isinstance(moe.token_rounding, int) and not isinstance(moe.token_rounding, bool)
                  and moe.token_rounding >= 1, "model.moe.token_rounding", moe.token_rounding,
                  "must be a positive integer (the GEMM tile, e.g. 128) or null")
+    if moe.ep_budget is not None:
+        _require(moe.ep_budget > 0, "model.moe.ep_budget", moe.ep_budget,
+                 "must be > 0 (a factor of the balanced load, e.g. 1.5), or null for exact-size "
+                 "buffers")
     _require(moe.routed_scaling_factor > 0, "model.moe.routed_scaling_factor",
              moe.routed_scaling_factor, "must be > 0")
     _require(not moe.shared_expert_gate or moe.num_shared_experts > 0,
@@ -127,6 +131,7 @@ def validate(cfg: MoetrainConfig) -> None:
     _validate_schedule("model.moe.schedule.capacity_factor", moe.schedule.capacity_factor,
                        moe.capacity_factor, _capacity_range)
     _validate_routing(moe)
+    _validate_mtp(m.mtp)
 
     _validate_data(cfg)
 
@@ -163,6 +168,7 @@ def validate(cfg: MoetrainConfig) -> None:
                  "must be > 0, or null for dropless evaluation")
     if t.max_time is not None:
         _require(t.max_time > 0, "train.max_time", t.max_time, "must be > 0 seconds, or null")
+    _validate_fp8(cfg)
 
     f = cfg.fault
     for key in ("init_timeout", "step_timeout", "heartbeat_timeout"):
@@ -181,6 +187,30 @@ def validate(cfg: MoetrainConfig) -> None:
     if cfg.logging.tensorboard:
         _require(_importable("tensorboard"), "logging.tensorboard", True,
                  "tensorboard is not installed: pip install 'moetrain[tensorboard]', or set it to false")
+
+
+def _validate_fp8(cfg: MoetrainConfig) -> None:
+    """train.fp8 and its companions (docs/fp8.md); what the device runs is checked by
+    moetrain.fp8.resolve_fp8, what the layout allows by moetrain.parallel.check_layout."""
+    t, m = cfg.train, cfg.model
+    if t.fp8 == "none":
+        _require(t.fp8_backend == "torchao", "train.fp8_backend", str(t.fp8_backend),
+                 "needs train.fp8 set (tensorwise, rowwise or mxfp8)")
+        _require(not t.fp8_output_head, "train.fp8_output_head", t.fp8_output_head,
+                 "needs train.fp8 set (tensorwise, rowwise or mxfp8)")
+        return
+    _require(not (t.fp8_backend == "te" and t.fp8 == "rowwise"), "train.fp8", str(t.fp8),
+             "has no Transformer Engine recipe (it scales per tensor or per block): use "
+             "tensorwise or mxfp8 with train.fp8_backend=te, or train.fp8_backend=torchao")
+    _require(not (t.fp8_output_head and m.tie_embeddings), "train.fp8_output_head",
+             t.fp8_output_head, "cannot be combined with model.tie_embeddings=true (the "
+             "embedding shares the output head's weight); untie them or set it to false")
+    align = 32 if t.fp8 == "mxfp8" else 16
+    for key, value in (("model.d_model", m.d_model),
+                       ("model.moe.expert_hidden", m.moe.expert_hidden)):
+        _require(value % align == 0, key, value,
+                 f"must be a multiple of {align} with train.fp8={t.fp8} (the routed experts' "
+                 "FP8 GEMMs quantize along it)")
 
 
 def _value_of(cfg: Any, key: str) -> Any:
@@ -237,6 +267,20 @@ def _validate_data(cfg: MoetrainConfig) -> None:
         resolve_sources(d)  # names, weights, corpus vs sources
     except DataError as err:
         raise ConfigError(str(err)) from None
+
+
+def _validate_mtp(mtp: Any) -> None:
+    _require(isinstance(mtp.depth, int) and not isinstance(mtp.depth, bool) and mtp.depth >= 0,
+             "model.mtp.depth", mtp.depth,
+             "must be an integer >= 0 (multi-token prediction depths; 0 = off)")
+    _require(_is_number(mtp.loss_scale) and mtp.loss_scale >= 0, "model.mtp.loss_scale",
+             mtp.loss_scale, "must be a number >= 0")
+    _validate_schedule("model.mtp.loss_scale_schedule", mtp.loss_scale_schedule, mtp.loss_scale,
+                       _loss_scale_range)
+
+
+def _loss_scale_range(key: str, value: Any) -> None:
+    _require(_is_number(value) and value >= 0, key, value, "must be a number >= 0")
 
 
 def _validate_routing(moe: Any) -> None:

@@ -110,6 +110,7 @@ class MixtureDataset:
         self.offsets = np.cumsum([0] + self.sizes)
         self.seq_len, self.split = seq_len, split
         self.vocab_size = self.parts[0].vocab_size
+        self.eos_id = self.parts[0].eos_id  # one tokenizer for every source
         self.order = order
 
     def __len__(self) -> int:

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from moetrain.hf.config import HFConfigError
     try:
         if args.command == "overrides":
-            from moetrain.hf.config import format_overrides, hf_overrides, load_hf_config
+            from moetrain.hf.config import folder_overrides, format_overrides
 
-            print(format_overrides(hf_overrides(load_hf_config(args.hf_dir))))
+            print(format_overrides(folder_overrides(args.hf_dir)))
             return 0
         from moetrain.hf.export import export, parse_size
 

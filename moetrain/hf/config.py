@@ -1,6 +1,7 @@
 """Hugging Face config <-> moetrain `model.*` keys, per family.
 
     hf_overrides(hf_config)          the model.* values that make moetrain the same model
+    folder_overrides(dir)            the same for a folder (its MTP layers counted from its tensors)
     check_matches(model_cfg, dir)    [(key, ours, Hugging Face's)] that differ
     to_hf_config(model_cfg, ...)     the transformers config an export writes
 
@@ -121,6 +122,11 @@ def hf_overrides(hf: Any) -> dict[str, Any]:
     out["model.moe.top_k"] = int(hf.num_experts_per_tok)
     out["model.moe.routing.num_null_experts"] = 0
     out["model.moe.routing.top_p"] = None
+    # DeepSeek-V3's multi-token-prediction layers (after the main model's); none elsewhere.
+    mtp = int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if family == "deepseek_v3" else 0
+    out["model.mtp.depth"] = mtp
+    if mtp:
+        out["model.mtp.block"] = "moe"
     if family in MLA_FAMILIES:
         out.update(_deepseek(hf))
         return out
@@ -226,10 +232,15 @@ def _same(a: Any, b: Any) -> bool:
 def differences(model_cfg: Any, wanted: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, moetrain value, wanted value) for every key of `wanted` the config differs in.
     model.head_dim null and d_model / n_heads count as equal, so do
-    model.moe.shared_expert_hidden null and model.moe.expert_hidden."""
+    model.moe.shared_expert_hidden null and model.moe.expert_hidden; fewer MTP modules
+    (model.mtp.depth) than the checkpoint has is fine (the others are not trained)."""
     out = []
     for key, want in wanted.items():
         have = config_value(model_cfg, key)
+        if key == "model.mtp.depth" and have <= want:
+            continue
+        if key == "model.mtp.block" and model_cfg.mtp.depth == 0:
+            continue
         if key == "model.head_dim":
             have, want = head_dim_of(model_cfg), want or model_cfg.d_model // model_cfg.n_heads
         if key == "model.moe.shared_expert_hidden":  # null = model.moe.expert_hidden
@@ -240,10 +251,43 @@ def differences(model_cfg: Any, wanted: dict[str, Any]) -> list[tuple[str, Any, 
     return out
 
 
+def folder_overrides(path: str | Path) -> dict[str, Any]:
+    """`hf_overrides` of a Hugging Face folder, with the multi-token-prediction layers it holds:
+    DeepSeek-V3 configs declare num_nextn_predict_layers (transformers' default is 1) whether or
+    not the folder has those layers' tensors (transformers saves none), so the tensors decide."""
+    hf = load_hf_config(path)
+    out = hf_overrides(hf)
+    if out.get("model.mtp.depth"):
+        names = _tensor_names(Path(path))
+        n, depth = int(hf.num_hidden_layers), 0
+        while f"model.layers.{n + depth}.eh_proj.weight" in names:
+            depth += 1
+        out["model.mtp.depth"] = min(depth, out["model.mtp.depth"])
+        if not out["model.mtp.depth"]:
+            del out["model.mtp.block"]
+    return out
+
+
+def _tensor_names(path: Path) -> set[str]:
+    """The tensor names of a folder's safetensors (its index, or model.safetensors' header)."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = path / "model.safetensors"
+    if not single.is_file():
+        return set()
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return set(f.keys())
+
+
 def check_matches(model_cfg: Any, path: str | Path, key: str = "model.init.from_hf") -> None:
     """Refuse (HFConfigError naming every differing key and Hugging Face's value) a model
     config that is not the model of the Hugging Face folder `path`."""
-    diffs = differences(model_cfg, hf_overrides(load_hf_config(path)))
+    diffs = differences(model_cfg, folder_overrides(path))
     if diffs:
         listed = "; ".join(f"{k}={have!r} but the checkpoint has {want!r}" for k, have, want in diffs)
         raise HFConfigError(f"{key}={str(path)!r}: the model config differs from the checkpoint's: "
@@ -316,11 +360,15 @@ def to_hf_config(model_cfg: Any, *, top_k: Optional[int] = None, bos_token_id: O
     if family == "deepseek_v2":
         return transformers.DeepseekV2Config(
             **ds, topk_method="group_limited_greedy" if limited else "greedy")
-    return transformers.DeepseekV3Config(**ds, rope_interleave=True)
+    # transformers keeps num_nextn_predict_layers as DeepSeek's config.json has it (its model
+    # ignores those layers' tensors); moetrain's import reads them back.
+    return transformers.DeepseekV3Config(**ds, rope_interleave=True,
+                                         num_nextn_predict_layers=m.mtp.depth)
 
 
 __all__ = ["HFConfigError", "check_matches", "config_value", "dense_overrides", "differences",
-           "format_overrides", "hf_overrides", "load_hf_config", "require_transformers",
+           "folder_overrides", "format_overrides", "hf_overrides", "load_hf_config",
+           "require_transformers",
            "to_hf_config"]
 
 

@@ -26,7 +26,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from moetrain.hf.config import (
     HFConfigError, check_matches, dense_overrides, differences, load_hf_config, model_config_from,
 )
-from moetrain.hf.tensors import Source, hf_names, read_slice, tensor_map
+from moetrain.hf.tensors import Source, hf_names, read_slice, shared_copies, tensor_map
 
 _WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 
@@ -88,9 +88,16 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield _canonical(f"{mod_name}.{n}" if mod_name else n), t
 
 
-def _ignorable(name: str, n_layers: int) -> bool:
-    # DeepSeek-V3's multi-token-prediction layer (after the last layer) and rotary tables.
-    return name.startswith(f"model.layers.{n_layers}.") or name.endswith("rotary_emb.inv_freq")
+def _ignorable(name: str, model_cfg: Any, have: set[str]) -> bool:
+    """DeepSeek-V3's multi-token-prediction layers the model does not train (a layer
+    model.layers.<n> with an `eh_proj`, n >= n_layers + model.mtp.depth: a run with fewer MTP
+    modules starts from the rest) and rotary tables."""
+    parts = name.split(".")
+    if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
+        n = int(parts[2])
+        return (n >= model_cfg.n_layers + model_cfg.mtp.depth
+                and f"model.layers.{n}.eh_proj.weight" in have)
+    return name.endswith("rotary_emb.inv_freq")
 
 
 def check_folder(files: SafetensorsFolder, model_cfg: Any, family: Optional[str] = None,
@@ -99,7 +106,7 @@ def check_folder(files: SafetensorsFolder, model_cfg: Any, family: Optional[str]
     want = hf_names(model_cfg, family)
     have = set(files.weight_map)
     missing = sorted(want - have)
-    extra = sorted(n for n in have - want if not _ignorable(n, model_cfg.n_layers))
+    extra = sorted(n for n in have - want if not _ignorable(n, model_cfg, have))
     if missing:
         raise HFCheckpointError(f"{key}={str(files.path)!r} has no tensor {missing[0]!r}"
                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
@@ -148,8 +155,25 @@ def load_hf_weights(model: nn.Module, path: str | Path, model_cfg: Any,
             shape, offset, local = global_shape, (0,) * len(global_shape), tensor
         if local.numel():
             local.copy_(read_slice(src, files, tuple(offset), tuple(shape)).to(local.dtype))
+            _check_copies(files, model_cfg, name, src, tuple(offset), tuple(shape), key)
         filled += 1
     return filled
+
+
+def _check_copies(files: SafetensorsFolder, model_cfg: Any, name: str, src: Source,
+                  offset: tuple[int, ...], shape: tuple[int, ...], key: str) -> None:
+    """The MTP layers' copies of the shared embedding / head (this rank's region of them) equal
+    the main tensor: moetrain holds one of each, so a checkpoint whose copies differ is not a
+    model it can represent."""
+    for hf, ours in shared_copies(model_cfg).items():
+        if ours != name:
+            continue
+        main = read_slice(src, files, offset, shape)
+        copy = read_slice(Source("same", hf), files, offset, shape)
+        if not torch.equal(main, copy):
+            raise HFCheckpointError(
+                f"{key}={str(files.path)!r}: {hf} differs from {src.hf}; moetrain's MTP modules "
+                "share the main model's embedding and output head (DeepSeek-V3's are copies)")
 
 
 def read_dense_state(path: str | Path, dense_cfg: Any, family: str) -> dict[str, torch.Tensor]:
@@ -180,7 +204,8 @@ def dense_config(model_cfg: Any, path: str | Path) -> tuple[Any, str]:
         raise HFConfigError(f"model.init.upcycle_from={str(path)!r}: the MoE trunk differs from "
                             f"the dense {hf.model_type} checkpoint: {listed}")
     dense = model_config_from({"model.moe.first_dense_layers": model_cfg.n_layers,
-                               "model.ffn_hidden": int(hf.intermediate_size)}, model_cfg)
+                               "model.ffn_hidden": int(hf.intermediate_size),
+                               "model.mtp.depth": 0}, model_cfg)
     return dense, hf.model_type
 
 

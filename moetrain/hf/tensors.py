@@ -19,6 +19,13 @@ the others' `mlp` with gate/up/down_proj and the router `mlp.gate`):
     moe.experts.w3[e], w2[e] [F, D]         ... {up_proj|w3}, {down_proj|w2} [D, F]
     moe.shared_experts.w{1,3,2}             mlp.shared_experts.{gate,up,down}_proj (DeepSeek)
 
+DeepSeek-V3's multi-token-prediction layer k is `model.layers.<n_layers + k>` (k from 0):
+
+    mtp.k.enorm / hnorm / eh_proj / norm    model.layers.M.enorm / hnorm / eh_proj / shared_head.norm
+    mtp.k.block.*                           model.layers.M.* as any MoE layer (input_layernorm, ...)
+    (the shared embedding and head)         model.layers.M.embed_tokens / shared_head.head: copies
+                                            of model.embed_tokens / lm_head (`shared_copies`)
+
 DeepSeek checkpoints pair rotary dimensions (2i, 2i+1); moetrain rotates halves (i, i + d/2).
 Their rotary rows are permuted on the way in (HF row 2i -> i, 2i+1 -> d/2 + i) and back on the
 way out: attention scores are unchanged (q and k are permuted alike) and the round trip is exact.
@@ -89,44 +96,70 @@ def tensor_map(m: Any, family: Optional[str] = None) -> dict[str, Source]:
                               "norm.weight": Source("same", "model.norm.weight")}
     if not m.tie_embeddings:
         out["output.weight"] = Source("same", "lm_head.weight")
+    for n in range(m.n_layers):
+        out.update(_block(m, family, f"layers.{n}", f"model.layers.{n}",
+                          dense=n < moe.first_dense_layers))
+    for k in range(m.mtp.depth):  # DeepSeek-V3's MTP layers follow the main model's
+        ours, hf = f"mtp.{k}", f"model.layers.{m.n_layers + k}"
+        for ours_w, hf_w in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                             ("norm", "shared_head.norm")):
+            out[f"{ours}.{ours_w}.weight"] = Source("same", f"{hf}.{hf_w}.weight")
+        out.update(_block(m, family, f"{ours}.block", hf, dense=m.mtp.block == "dense"))
+    return out
+
+
+def shared_copies(m: Any) -> dict[str, str]:
+    """{Hugging Face name: moetrain name} of the tensors a checkpoint stores again for its MTP
+    layers (DeepSeek-V3 keeps the shared embedding and output head in each): moetrain holds one
+    of each, written to every copy on export and checked equal to the main one on import."""
+    out = {}
+    head = "tok_embeddings.weight" if m.tie_embeddings else "output.weight"
+    for k in range(m.mtp.depth):
+        hf = f"model.layers.{m.n_layers + k}"
+        out[f"{hf}.embed_tokens.weight"] = "tok_embeddings.weight"
+        out[f"{hf}.shared_head.head.weight"] = head
+    return out
+
+
+def _block(m: Any, family: str, ours: str, hf: str, dense: bool) -> dict[str, Source]:
+    """One transformer block's tensors: moetrain prefix `ours`, Hugging Face prefix `hf`."""
+    moe, out = m.moe, {}
     mixtral = family == "mixtral"
     block, (g, u, d) = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else (
         "mlp", ("gate_proj", "up_proj", "down_proj"))
-    for n in range(m.n_layers):
-        ours, hf = f"layers.{n}", f"model.layers.{n}"
-        out[f"{ours}.attention_norm.weight"] = Source("same", f"{hf}.input_layernorm.weight")
-        out[f"{ours}.ffn_norm.weight"] = Source("same", f"{hf}.post_attention_layernorm.weight")
-        if m.attention == "mla":
-            for k, v in _mla(m, f"{hf}.self_attn", family).items():
-                out[f"{ours}.{k}"] = v
-        else:
-            for w in "qkvo":
-                out[f"{ours}.attention.w{w}.weight"] = Source("same", f"{hf}.self_attn.{w}_proj.weight")
-            if m.qk_norm != "none":
-                for w in "qk":
-                    out[f"{ours}.attention.{w}_norm.weight"] = Source(
-                        "same", f"{hf}.self_attn.{w}_norm.weight")
-        if n < moe.first_dense_layers:
-            for ours_w, hf_w in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                out[f"{ours}.mlp.{ours_w}.weight"] = Source("same", f"{hf}.mlp.{hf_w}.weight")
-            continue
-        out[f"{ours}.moe.router.weight"] = Source("same", f"{hf}.{block}.gate.weight")
-        if family == "deepseek_v3":
-            out[f"{ours}.moe.router.expert_bias"] = Source(
-                "same", f"{hf}.mlp.gate.e_score_correction_bias")
-        for ours_w, hf_w in (("w1", g), ("w3", u), ("w2", d)):
-            out[f"{ours}.moe.experts.{ours_w}"] = Source(
-                "experts", f"{hf}.{block}.experts.{{e}}.{hf_w}.weight")
-        if moe.num_shared_experts:
-            for ours_w, hf_w in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                out[f"{ours}.moe.shared_experts.{ours_w}.weight"] = Source(
-                    "same", f"{hf}.mlp.shared_experts.{hf_w}.weight")
+    out[f"{ours}.attention_norm.weight"] = Source("same", f"{hf}.input_layernorm.weight")
+    out[f"{ours}.ffn_norm.weight"] = Source("same", f"{hf}.post_attention_layernorm.weight")
+    if m.attention == "mla":
+        for k, v in _mla(m, f"{hf}.self_attn", family).items():
+            out[f"{ours}.{k}"] = v
+    else:
+        for w in "qkvo":
+            out[f"{ours}.attention.w{w}.weight"] = Source("same", f"{hf}.self_attn.{w}_proj.weight")
+        if m.qk_norm != "none":
+            for w in "qk":
+                out[f"{ours}.attention.{w}_norm.weight"] = Source(
+                    "same", f"{hf}.self_attn.{w}_norm.weight")
+    if dense:
+        for ours_w, hf_w in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            out[f"{ours}.mlp.{ours_w}.weight"] = Source("same", f"{hf}.mlp.{hf_w}.weight")
+        return out
+    out[f"{ours}.moe.router.weight"] = Source("same", f"{hf}.{block}.gate.weight")
+    if family == "deepseek_v3":
+        out[f"{ours}.moe.router.expert_bias"] = Source(
+            "same", f"{hf}.mlp.gate.e_score_correction_bias")
+    for ours_w, hf_w in (("w1", g), ("w3", u), ("w2", d)):
+        out[f"{ours}.moe.experts.{ours_w}"] = Source(
+            "experts", f"{hf}.{block}.experts.{{e}}.{hf_w}.weight")
+    if moe.num_shared_experts:
+        for ours_w, hf_w in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            out[f"{ours}.moe.shared_experts.{ours_w}.weight"] = Source(
+                "same", f"{hf}.mlp.shared_experts.{hf_w}.weight")
     return out
 
 
 def hf_names(m: Any, family: Optional[str] = None) -> set[str]:
     """Every Hugging Face tensor name the model's checkpoint holds."""
-    names: set[str] = set()
+    names: set[str] = set(shared_copies(m))
     for src in tensor_map(m, family).values():
         if src.kind == "experts":
             names.update(src.hf.format(e=e) for e in range(m.moe.num_experts))
@@ -151,6 +184,8 @@ def to_hf_state(state: dict[str, torch.Tensor], m: Any) -> dict[str, torch.Tenso
         else:
             for e in range(t.shape[0]):
                 out[src.hf.format(e=e)] = t[e].t().contiguous()
+    for hf, ours in shared_copies(m).items():
+        out[hf] = state[ours].clone()  # own storage: safetensors refuses shared tensors
     return out
 
 
@@ -173,4 +208,4 @@ def read_slice(src: Source, files: Any, offset: tuple[int, ...], shape: tuple[in
     return torch.stack(parts) if parts else torch.empty(shape)
 
 
-__all__ = ["Source", "hf_names", "read_slice", "tensor_map", "to_hf_state"]
+__all__ = ["Source", "hf_names", "read_slice", "shared_copies", "tensor_map", "to_hf_state"]

@@ -16,27 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.model.documents import document_attention, document_mask
 from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import apply_rope, rope_cos_sin
 
 
 class AttentionFn(Protocol):
-    """(q [B, Hq, S, d_qk], k [B, Hkv, S, d_qk], v [B, Hkv, S, d_v], positions, scale)
-    -> out [B, Hq, S, d_v]; scale None = 1 / sqrt(d_qk)."""
+    """(q [B, Hq, S, d_qk], k [B, Hkv, S, d_qk], v [B, Hkv, S, d_v], positions, scale,
+    doc_positions) -> out [B, Hq, S, d_v]; scale None = 1 / sqrt(d_qk). positions: the tokens'
+    indices in the window [S] or [B, S]; doc_positions [B, S]: their indices in their documents
+    (None = one document per window; moetrain/model/documents.py)."""
 
     def __call__(self, q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor,
-                 positions: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor: ...
+                 positions: torch.Tensor, scale: Optional[float] = None,
+                 doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
 
 def causal_attention(
     q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, v_BKSd: torch.Tensor, positions: torch.Tensor,
-    scale: Optional[float] = None,
+    scale: Optional[float] = None, doc_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Causal SDPA; query head h reads kv head h // (Hq / Hkv) (`enable_gqa`, no repeated copy).
+    """Causal SDPA; query head h reads kv head h // (Hq / Hkv) (`enable_gqa`, no repeated copy);
+    with `doc_positions`, inside each document (`document_attention`).
 
-    Assumes the sequence is the whole, in-order sequence (positions unused). Context parallelism
-    replaces `Attention.attention_fn` with a function that builds its mask from `positions`.
+    Assumes the sequence is the whole, in-order sequence. Context parallelism replaces
+    `Attention.attention_fn` with a function that builds its mask from `positions`.
     """
+    if doc_positions is not None:
+        return document_attention(q_BHSd, k_BKSd, v_BKSd, positions, doc_positions, scale)
     return F.scaled_dot_product_attention(
         q_BHSd, k_BKSd, v_BKSd, is_causal=True, scale=scale,
         enable_gqa=q_BHSd.shape[1] != k_BKSd.shape[1],
@@ -44,11 +51,13 @@ def causal_attention(
 
 
 class MaxLogitsFn(Protocol):
-    """(q [B, Hq, S, d], k [B, Hkv, S, d], positions, scale) -> the largest causal logit of
-    each query head, fp32 [Hq] (over every query and the keys it may see)."""
+    """(q [B, Hq, S, d], k [B, Hkv, S, d], positions, scale, doc_positions) -> the largest
+    causal logit of each query head, fp32 [Hq] (over every query and the keys it may see: in
+    its document too with `doc_positions` [B, S])."""
 
     def __call__(self, q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, positions: torch.Tensor,
-                 scale: Optional[float] = None) -> torch.Tensor: ...
+                 scale: Optional[float] = None,
+                 doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
 
 # Query rows per block of the max-logit computation: at most this many fp32 logits at once.
@@ -57,10 +66,13 @@ _MAX_LOGIT_BLOCK_ELEMENTS = 2 ** 26
 
 def causal_max_logits(q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, q_positions: torch.Tensor,
                       scale: Optional[float] = None,
-                      k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      k_positions: Optional[torch.Tensor] = None,
+                      doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The largest pre-softmax logit scale * q.k of each query head [Hq] (fp32), over every
     query and the keys it may see (k_position <= q_position; positions [S] or [B, S],
-    `k_positions` default `q_positions`). Query head h reads kv head h // (Hq / Hkv).
+    `k_positions` default `q_positions`; with the queries' `doc_positions` [B, S] only keys of
+    their own documents, `document_mask`: the logits the softmax uses). Query head h reads kv
+    head h // (Hq / Hkv).
 
     For MuonClip (optim.qk_clip_threshold): SDPA never shows its logits, so they are computed
     again here, without gradient, in fp32 and in blocks of queries (memory bounded by
@@ -78,7 +90,11 @@ def causal_max_logits(q_BHSd: torch.Tensor, k_BKSd: torch.Tensor, q_positions: t
         for start in range(0, S, block):
             rows = slice(start, start + block)
             logits = torch.matmul(q5[..., rows, :], k5.transpose(-1, -2)) * scale
-            visible = q_positions[..., rows].unsqueeze(-1) >= k_positions.unsqueeze(-2)
+            if doc_positions is None:
+                visible = q_positions[..., rows].unsqueeze(-1) >= k_positions.unsqueeze(-2)
+            else:  # [B, 1, s, Sk]
+                visible = document_mask(q_positions[..., rows], k_positions,
+                                        doc_positions[..., rows])[:, 0]
             if visible.dim() == 3:  # [B, s, Sk] -> over K and G
                 visible = visible[:, None, None]
             logits = logits.masked_fill(~visible, float("-inf"))
@@ -97,10 +113,11 @@ class MaxLogitTracking:
     max_logits_fn: MaxLogitsFn = staticmethod(causal_max_logits)
 
     def _note_max_logits(self, q_BHSd: torch.Tensor, k_BKSd: torch.Tensor,
-                         positions: torch.Tensor, scale: Optional[float]) -> None:
+                         positions: torch.Tensor, scale: Optional[float],
+                         doc_positions: Optional[torch.Tensor] = None) -> None:
         if not (self.track_max_logits and self.training):
             return
-        step_max = self.max_logits_fn(q_BHSd, k_BKSd, positions, scale)
+        step_max = self.max_logits_fn(q_BHSd, k_BKSd, positions, scale, doc_positions)
         # An activation-checkpoint recompute gives the same values: the maximum is unchanged.
         self.max_logits = step_max if self.max_logits is None else torch.maximum(
             self.max_logits, step_max)
@@ -139,8 +156,11 @@ class Attention(MaxLogitTracking, nn.Module):
             self.k_norm = RMSNorm(n_kv_heads * head_dim, norm_eps)
         self.attention_fn: AttentionFn = causal_attention
 
-    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], positions [S] or [B, S] (integer token positions) -> [B, S, D]."""
+    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor,
+                doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, S, D], positions [S] or [B, S] (the tokens' integer positions in the window),
+        doc_positions [B, S] or None (their positions in their documents: RoPE rotates by
+        these and attention stays inside each document) -> [B, S, D]."""
         B, S, _ = x_BSD.shape
         d = self.head_dim
         q, k = self.wq(x_BSD), self.wk(x_BSD)
@@ -150,12 +170,15 @@ class Attention(MaxLogitTracking, nn.Module):
         if self.qk_norm == "head":
             q_BSHd, k_BSKd = self.q_norm(q_BSHd), self.k_norm(k_BSKd)
         v_BSKd = self.wv(x_BSD).view(B, S, -1, d)
-        cos, sin = rope_cos_sin(positions, d, self.rope_theta, self.rope_scaling)
+        rope_positions = positions if doc_positions is None else doc_positions
+        cos, sin = rope_cos_sin(rope_positions, d, self.rope_theta, self.rope_scaling)
         q_BSHd = apply_rope(q_BSHd, cos, sin)
         k_BSKd = apply_rope(k_BSKd, cos, sin)
-        self._note_max_logits(q_BSHd.transpose(1, 2), k_BSKd.transpose(1, 2), positions, None)
+        self._note_max_logits(q_BSHd.transpose(1, 2), k_BSKd.transpose(1, 2), positions, None,
+                              doc_positions)
         o_BHSd = self.attention_fn(
-            q_BSHd.transpose(1, 2), k_BSKd.transpose(1, 2), v_BSKd.transpose(1, 2), positions
+            q_BSHd.transpose(1, 2), k_BSKd.transpose(1, 2), v_BSKd.transpose(1, 2), positions,
+            doc_positions=doc_positions,
         )
         return self.wo(o_BHSd.transpose(1, 2).reshape(B, S, -1))
 
@@ -173,29 +196,36 @@ class Attention(MaxLogitTracking, nn.Module):
         return {"wq.weight": eta_q.repeat_interleave(d), "wk.weight": eta_k.repeat_interleave(d)}
 
 
-def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+def attention_layers(model: nn.Module, n_layers: int = 0) -> list[tuple[int, nn.Module]]:
     """(layer index, attention module) of every block of `model` (under pipeline parallelism
-    the rank's blocks, with their full-model indices)."""
+    the rank's blocks, with their full-model indices): `layers.i` at i, and the multi-token
+    prediction modules' blocks `mtp.k.block` at n_layers + k (left out while n_layers is 0)."""
     out = []
     for name, module in model.named_modules():
+        if not isinstance(module, MaxLogitTracking):
+            continue
         match = re.search(r"(?:^|\.)layers\.(\d+)\.attention$", name)
-        if match and isinstance(module, MaxLogitTracking):
+        if match:
             out.append((int(match.group(1)), module))
+        match = re.search(r"(?:^|\.)mtp\.(\d+)\.block\.attention$", name)
+        if match and n_layers > 0:
+            out.append((n_layers + int(match.group(1)), module))
     return out
 
 
-def track_max_logits(model: nn.Module, enabled: bool = True) -> None:
-    """Keep every attention's largest logit per head during training forwards (MuonClip)."""
-    for _, module in attention_layers(model):
+def track_max_logits(model: nn.Module, enabled: bool = True, n_layers: int = 0) -> None:
+    """Keep every attention's largest logit per head during training forwards (MuonClip);
+    `n_layers` as in `attention_layers`."""
+    for _, module in attention_layers(model, n_layers):
         module.track_max_logits = enabled
         module.max_logits = None
 
 
-def take_max_logits(model: nn.Module) -> list[tuple[int, torch.Tensor]]:
+def take_max_logits(model: nn.Module, n_layers: int = 0) -> list[tuple[int, torch.Tensor]]:
     """(layer index, [local query heads] largest logits since the last call) of every
-    attention that ran a training forward; resets them."""
+    attention that ran a training forward (`attention_layers`' indices); resets them."""
     out = []
-    for layer, module in attention_layers(model):
+    for layer, module in attention_layers(model, n_layers):
         if module.max_logits is not None:
             out.append((layer, module.max_logits))
         module.max_logits = None

@@ -68,8 +68,11 @@ class MultiHeadLatentAttention(MaxLogitTracking, nn.Module):
         self.wo = nn.Linear(n_heads * self.d_v, dim, bias=False)
         self.attention_fn: AttentionFn = causal_attention
 
-    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], positions [S] or [B, S] (integer token positions) -> [B, S, D]."""
+    def forward(self, x_BSD: torch.Tensor, positions: torch.Tensor,
+                doc_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, S, D], positions [S] or [B, S] (integer token positions in the window),
+        doc_positions [B, S] or None (positions in their documents; `Attention.forward`)
+        -> [B, S, D]."""
         B, S, _ = x_BSD.shape
         if self.wq is not None:
             q = self.wq(x_BSD)
@@ -79,15 +82,17 @@ class MultiHeadLatentAttention(MaxLogitTracking, nn.Module):
         H = q_BSHd.shape[2]
         kv_BSHd = self.wkv_b(self.kv_a_norm(self.wkv_a(x_BSD))).view(B, S, H, self.d_nope + self.d_v)
         k_nope_BSHd, v_BSHd = kv_BSHd.split([self.d_nope, self.d_v], dim=-1)
-        cos, sin = rope_cos_sin(positions, self.d_rope, self.rope_theta, self.rope_scaling)
+        rope_positions = positions if doc_positions is None else doc_positions
+        cos, sin = rope_cos_sin(rope_positions, self.d_rope, self.rope_theta, self.rope_scaling)
         q_rope_BSHd = apply_rope(q_BSHd[..., self.d_nope:], cos, sin)
         k_rope_BS1d = apply_rope(self.wk_rope(x_BSD).view(B, S, 1, self.d_rope), cos, sin)
         q_BSHd = torch.cat([q_BSHd[..., :self.d_nope], q_rope_BSHd], dim=-1)
         k_BSHd = torch.cat([k_nope_BSHd, k_rope_BS1d.expand(B, S, H, self.d_rope)], dim=-1)
         self._note_max_logits(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), positions,
-                              self.softmax_scale)
+                              self.softmax_scale, doc_positions)
         o_BHSd = self.attention_fn(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2),
-                                   v_BSHd.transpose(1, 2), positions, scale=self.softmax_scale)
+                                   v_BSHd.transpose(1, 2), positions, scale=self.softmax_scale,
+                                   doc_positions=doc_positions)
         return self.wo(o_BHSd.transpose(1, 2).reshape(B, S, -1))
 
     def qk_clip_scales(self, eta_H: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,19 +15,22 @@ from moetrain.config.schema import OptimConfig
 # optim.name=muon: which parameters are Muon's hidden matrices and which stay with AdamW, by
 # full name (pipeline stages and compiled blocks keep these names). A parameter matching
 # neither is refused: a new kind of parameter must be routed on purpose.
+# A block: a layer of the model, or a multi-token prediction module's (model.mtp).
+_BLOCK = r"(layers\.\d+|mtp\.\d+\.block)"
 MUON_PARAMETERS = (
-    r"layers\.\d+\.attention\.(wq|wk|wv|wo|wq_a|wq_b|wkv_a|wkv_b|wk_rope)\.weight",
-    r"layers\.\d+\.mlp\.w[123]\.weight",
-    r"layers\.\d+\.moe\.shared_experts\.w[123]\.weight",
-    r"layers\.\d+\.moe\.experts\.w[123]",  # [E, m, n]: each expert's matrix separately
+    _BLOCK + r"\.attention\.(wq|wk|wv|wo|wq_a|wq_b|wkv_a|wkv_b|wk_rope)\.weight",
+    _BLOCK + r"\.mlp\.w[123]\.weight",
+    _BLOCK + r"\.moe\.shared_experts\.w[123]\.weight",
+    _BLOCK + r"\.moe\.experts\.w[123]",  # [E, m, n]: each expert's matrix separately
+    r"mtp\.\d+\.eh_proj\.weight",  # the MTP module's [D, 2D] projection: a hidden matrix
 )
 ADAMW_PARAMETERS = (
     r"tok_embeddings\.weight",
     r"output\.weight",
     r"(.+\.)?\w*norm\.weight",  # RMSNorm gains
     r".+\.bias",
-    r"layers\.\d+\.moe\.router\.weight",
-    r"layers\.\d+\.moe\.shared_expert_gate\.weight",
+    _BLOCK + r"\.moe\.router\.weight",
+    _BLOCK + r"\.moe\.shared_expert_gate\.weight",
 )
 
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from moetrain.model.block import blocks
+
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    """Compile every block of `model.layers` in place (`nn.Module.compile`: parameter names,
-    checkpoints and optimizer groups are unchanged, unlike with a torch.compile wrapper)."""
-    for block in model.layers.values():
+    """Compile every block of `model` (its layers and MTP modules' blocks) in place
+    (`nn.Module.compile`: parameter names, checkpoints and optimizer groups are unchanged,
+    unlike with a torch.compile wrapper)."""
+    for block in blocks(model):
         block.compile()
     return model
 

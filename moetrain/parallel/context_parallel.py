@@ -5,7 +5,11 @@
     allgather_attention / ring_attention               the two ways to see the other ranks' K/V
 
 Zig-zag load balancing, masking from true positions, the all-gather and ring algorithms and why
-the ring is one explicit autograd.Function: docs/context_parallel.md. Hand-written rather than
+the ring is one explicit autograd.Function: docs/context_parallel.md. Packed documents
+(`doc_positions`, moetrain/model/documents.py): a query at true position i and document
+position p sees the keys at true positions i - p .. i, on whichever rank they are; a document
+may span chunks and ranks, and a block of keys with nothing visible to a query row adds
+nothing to it. Hand-written rather than
 torch's experimental `context_parallel`, which has no CPU SDPA strategy (gloo tests) and patches
 SDPA globally; this swaps one `attention_fn` and composes with TP and MLA.
 """
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.attention import Attention, causal_max_logits
+from moetrain.model.documents import document_mask
 from moetrain.model.mla import MultiHeadLatentAttention
 
 # torch 2.13 renamed it (the old name warns); the GPU image's torch 2.11 has only the old one.
@@ -100,9 +105,11 @@ def allgather_attention(
     positions: torch.Tensor,
     cp_group: dist.ProcessGroup,
     scale: Optional[float] = None,
+    doc_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of local queries over the whole sequence, K/V all-gathered (their head
-    widths may differ, as in multi-head latent attention); `scale` None = 1/sqrt(d_qk)."""
+    widths may differ, as in multi-head latent attention); `scale` None = 1/sqrt(d_qk);
+    `doc_positions` [B, S/cp]: inside each document (module docstring)."""
     _check_shapes(q_BHSd, k_BKSd, positions)
     cp = dist.get_world_size(cp_group)
     r = dist.get_rank(cp_group)
@@ -117,11 +124,15 @@ def allgather_attention(
     outs = []
     for half, chunk in enumerate(_zigzag_chunks(r, cp)):
         rows = slice(half * c, (half + 1) * c)
-        # Keys of earlier chunks are all visible; the diagonal chunk is this rank's own half.
-        diag = _causal_mask(positions[..., rows], positions[..., rows])
-        visible = diag.new_ones(diag.shape[:-1] + (chunk * c,))
-        mask = torch.cat([visible, diag], dim=-1)
         n = (chunk + 1) * c
+        if doc_positions is not None:  # keys at true positions 0..n-1, in sequence order
+            k_pos = torch.arange(n, device=positions.device)
+            mask = document_mask(positions[..., rows], k_pos, doc_positions[..., rows])
+        else:
+            # Keys of earlier chunks are all visible; the diagonal chunk is this rank's own half.
+            diag = _causal_mask(positions[..., rows], positions[..., rows])
+            visible = diag.new_ones(diag.shape[:-1] + (chunk * c,))
+            mask = torch.cat([visible, diag], dim=-1)
         outs.append(F.scaled_dot_product_attention(
             q_BHSd[:, :, rows], k_full[:, :, :n], v_full[:, :, :n], attn_mask=mask,
             enable_gqa=gqa, scale=scale,
@@ -135,12 +146,14 @@ def allgather_attention(
 def _block_forward(q5, k5, v5, mask, scale):
     """Partial attention of q5 [B, K, G, Sq, d] over k5/v5 [B, K, 1, Sk, d] (fp32).
 
-    Returns (out [B, K, G, Sq, d], lse [B, K, G, Sq]); out is normalised within the block."""
+    Returns (out [B, K, G, Sq, d], lse [B, K, G, Sq]); out is normalised within the block. A
+    query row that sees no key of the block (documents) gets out 0 and lse -inf."""
     s = torch.matmul(q5, k5.transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v5), lse
+    finite = lse.masked_fill(torch.isinf(lse), 0.0)  # exp(-inf - 0) = 0 for an empty row
+    return torch.matmul(torch.exp(s - finite.unsqueeze(-1)), v5), lse
 
 
 def _block_backward(q5, k5, v5, mask, scale, dout5, lse, delta):
@@ -160,6 +173,15 @@ def _mask5(positions: torch.Tensor) -> torch.Tensor:
     """The local diagonal mask, broadcastable to [B, K, G, S, S]."""
     mask = positions.unsqueeze(-1) >= positions.unsqueeze(-2)
     return mask if mask.dim() == 2 else mask[:, None, None]
+
+
+def _document_mask5(positions: torch.Tensor, doc_positions: torch.Tensor, rows: slice,
+                    src: int, cols: slice, cp: int) -> torch.Tensor:
+    """The document mask of this rank's query rows over CP rank `src`'s key block `cols`
+    (keys at src's true positions), broadcastable to [B, K, G, Sq, Sk]."""
+    S_local = doc_positions.shape[-1]
+    k_pos = shard_positions(S_local * cp, src, cp, device=positions.device)[cols]
+    return document_mask(positions[..., rows], k_pos, doc_positions[..., rows]).unsqueeze(1)
 
 
 def _ring_plan(step: int, r: int, cp: int, c: int):
@@ -200,9 +222,17 @@ def _wait(reqs: Optional[list]) -> None:
         req.wait()
 
 
+def _ring_mask(positions, doc_positions, mask, step, rows, cols, masked, ring):
+    """The mask of a ring step's block (None: all visible)."""
+    if doc_positions is not None:
+        src = (ring.rank - step) % ring.size
+        return _document_mask5(positions, doc_positions, rows, src, cols, ring.size)
+    return mask if masked else None
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, positions, group, scale):
+    def forward(ctx, q, k, v, positions, group, scale, doc_positions):
         ring = _Ring(group)
         B, H, S, d = q.shape
         K, d_v = k.shape[1], v.shape[-1]
@@ -221,8 +251,9 @@ class _RingAttention(torch.autograd.Function):
             rows, cols, masked = _ring_plan(step, ring.rank, ring.size, c)
             k5 = kv[:, :, cols, :d].float().unsqueeze(2)
             v5 = kv[:, :, cols, d:].float().unsqueeze(2)
-            o_b, l_b = _block_forward(q5[..., rows, :], k5, v5, mask if masked else None, scale)
-            l_old = lse[..., rows]
+            block_mask = _ring_mask(positions, doc_positions, mask, step, rows, cols, masked, ring)
+            o_b, l_b = _block_forward(q5[..., rows, :], k5, v5, block_mask, scale)
+            l_old = lse[..., rows]  # finite after step 0: every query sees itself
             l_new = torch.logaddexp(l_old, l_b)
             out[..., rows, :] = (out[..., rows, :] * torch.exp(l_old - l_new).unsqueeze(-1)
                                  + o_b * torch.exp(l_b - l_new).unsqueeze(-1))
@@ -230,13 +261,15 @@ class _RingAttention(torch.autograd.Function):
             _wait(reqs)
             if incoming is not None:
                 kv = incoming
-        ctx.group, ctx.scale = group, scale
-        ctx.save_for_backward(q, k, v, positions, out, lse)
+        ctx.group, ctx.scale, ctx.documents = group, scale, doc_positions is not None
+        ctx.save_for_backward(q, k, v, positions, out, lse,
+                              *(() if doc_positions is None else (doc_positions,)))
         return out.flatten(1, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, positions, out, lse = ctx.saved_tensors
+        q, k, v, positions, out, lse, *rest = ctx.saved_tensors
+        doc_positions = rest[0] if ctx.documents else None
         ring = _Ring(ctx.group)
         B, H, S, d = q.shape
         K = k.shape[1]
@@ -260,8 +293,9 @@ class _RingAttention(torch.autograd.Function):
             rows, cols, masked = _ring_plan(step, ring.rank, ring.size, c)
             k5 = kv[:, :, cols, :d].float().unsqueeze(2)
             v5 = kv[:, :, cols, d:].float().unsqueeze(2)
+            block_mask = _ring_mask(positions, doc_positions, mask, step, rows, cols, masked, ring)
             dq_b, dk_b, dv_b = _block_backward(
-                q5[..., rows, :], k5, v5, mask if masked else None, scale,
+                q5[..., rows, :], k5, v5, block_mask, scale,
                 dout5[..., rows, :], lse[..., rows], delta[..., rows],
             )
             dq5[..., rows, :] += dq_b
@@ -282,7 +316,7 @@ class _RingAttention(torch.autograd.Function):
         _wait(dkv_reqs)
         dq = dq5.flatten(1, 2).to(q.dtype)
         return (dq, dkv_in[..., :d].to(k.dtype), dkv_in[..., d:].to(v.dtype), None, None,
-                None)
+                None, None)
 
 
 def ring_attention(
@@ -292,11 +326,14 @@ def ring_attention(
     positions: torch.Tensor,
     cp_group: dist.ProcessGroup,
     scale: Optional[float] = None,
+    doc_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of local queries over the whole sequence, K/V passed around the ring
-    (their head widths may differ); `scale` None = 1/sqrt(d_qk)."""
+    (their head widths may differ); `scale` None = 1/sqrt(d_qk); `doc_positions` [B, S/cp]:
+    inside each document (module docstring)."""
     _check_shapes(q_BHSd, k_BKSd, positions)
-    return _RingAttention.apply(q_BHSd, k_BKSd, v_BKSd, positions, cp_group, scale)
+    return _RingAttention.apply(q_BHSd, k_BKSd, v_BKSd, positions, cp_group, scale,
+                                doc_positions)
 
 
 # ---------------------------------------------------------------------------- installation
@@ -304,7 +341,8 @@ def ring_attention(
 
 class ContextParallelAttention:
     """An `AttentionFn`: (q [B, Hq, S/cp, d], k [B, Hkv, S/cp, d], v [B, Hkv, S/cp, d_v],
-    positions, scale) -> [B, Hq, S/cp, d_v], attending over the CP group's whole sequence."""
+    positions, scale, doc_positions) -> [B, Hq, S/cp, d_v], attending over the CP group's whole
+    sequence (inside each document with doc_positions)."""
 
     def __init__(self, cp_group: dist.ProcessGroup, cp_comm: str = "allgather"):
         assert cp_comm in ("allgather", "ring"), cp_comm  # the schema's CPComm
@@ -312,13 +350,15 @@ class ContextParallelAttention:
         self.cp_comm = cp_comm
         self._fn = allgather_attention if cp_comm == "allgather" else ring_attention
 
-    def __call__(self, q_BHSd, k_BKSd, v_BKSd, positions, scale=None):
-        return self._fn(q_BHSd, k_BKSd, v_BKSd, positions, self.cp_group, scale)
+    def __call__(self, q_BHSd, k_BKSd, v_BKSd, positions, scale=None, doc_positions=None):
+        return self._fn(q_BHSd, k_BKSd, v_BKSd, positions, self.cp_group, scale, doc_positions)
 
-    def max_logits(self, q_BHSd, k_BKSd, positions, scale=None) -> torch.Tensor:
+    def max_logits(self, q_BHSd, k_BKSd, positions, scale=None,
+                   doc_positions=None) -> torch.Tensor:
         """The largest causal logit of each local query head [Hq] over the whole sequence
         (a `MaxLogitsFn`, for MuonClip): the keys and their positions all-gathered over the CP
-        group (no gradient; the mask comes from the positions, so their order is free)."""
+        group (no gradient; the mask comes from the positions and the queries' document
+        positions, so the keys' order is free)."""
         cp = dist.get_world_size(self.cp_group)
         def gather(x: torch.Tensor) -> list[torch.Tensor]:  # every CP rank's x, by rank
             x = x.contiguous()
@@ -328,7 +368,8 @@ class ContextParallelAttention:
 
         keys = torch.cat(gather(k_BKSd.detach()), dim=2)  # [B, K, S, d], rank order
         key_positions = torch.cat(gather(positions), dim=-1)
-        return causal_max_logits(q_BHSd, keys, positions, scale, k_positions=key_positions)
+        return causal_max_logits(q_BHSd, keys, positions, scale, k_positions=key_positions,
+                                 doc_positions=doc_positions)
 
     def __repr__(self) -> str:
         return (f"ContextParallelAttention(cp={dist.get_world_size(self.cp_group)}, "

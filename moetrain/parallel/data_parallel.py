@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from moetrain.model.block import blocks
 from moetrain.parallel.mesh import Meshes
 
 
@@ -47,13 +48,15 @@ def apply_data_parallel(model: nn.Module, meshes: Meshes, *, shard: bool = True,
 
     reshard = reshard_after_forward and shard
     same = lambda a, b: _same_ranks(meshes.mesh(a), meshes.mesh(b))  # noqa: E731
-    for block in model.layers.values():
+    for block in blocks(model):  # the main model's, then the MTP modules'
         if block.moe is not None:
             if not same("edp", "dp_cp_tp"):
                 wrap(block.moe.experts, "edp", reshard)
             if not same("dp_cp_tp", "dp_cp"):
                 wrap(block.moe, "dp_cp_tp", reshard)
         wrap(block, "dp_cp", reshard)
+    for module in (getattr(model, "mtp", None) or {}).values():  # its norms and projection
+        wrap(module, "dp_cp", reshard)
     wrap(model, "dp_cp", False)
     return units
 

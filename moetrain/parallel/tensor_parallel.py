@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from moetrain.model.block import TransformerBlock, blocks
 from moetrain.model.mla import MultiHeadLatentAttention
 
 
@@ -104,46 +105,61 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         parallelize_module(model, tp_mesh, top)
     if tied:  # each style made its own DTensor; both are Shard(0) over the vocabulary
         model.output.weight = model.tok_embeddings.weight
-    # A pipeline stage without the embedding / the output head: its ends carry the residual
-    # stream as this rank's plain sequence shard [B, S/t, D] (static shapes, no DTensor in the
+    # A pipeline stage after the first / before the last: its ends carry the residual stream
+    # as this rank's plain sequence shard [B, S/t, D] (static shapes, no DTensor in the
     # schedule's send/recv), re-wrapped as Shard(1) inside.
-    if model.tok_embeddings is None:
+    if model.takes_hidden:
         parallelize_module(model, tp_mesh, PrepareModuleInput(
             input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),)))
     if model.output is None:
         parallelize_module(model, tp_mesh, PrepareModuleOutput(
             output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),),
             use_local_output=True))
-
-    for block in model.layers.values():
-        plan: dict[str, object] = {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
-            ),
-            **_attention_plan(block.attention),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-            "ffn_norm": SequenceParallel(),
-        }
-        if block.mlp is not None:
-            plan.update({
-                "mlp": PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-                ),
-                "mlp.w1": ColwiseParallel(),
-                "mlp.w3": ColwiseParallel(),
-                "mlp.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-            })
-        if block.moe is not None:
-            # Each rank routes its own S/t positions: no communication in or out of the layer.
-            plan["moe"] = PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                use_local_input=True,
-                output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),),
-                use_local_output=False,
-            )
-        parallelize_module(block, tp_mesh, plan)
+    for module in (model.mtp or {}).values():
+        # The MTP module's norms on the sequence shards; its projection [2d -> d] colwise on the
+        # whole sequence, back to sequence shards for its block (Megatron-Core shards it so).
+        parallelize_module(module, tp_mesh, {
+            "enorm": SequenceParallel(),
+            "hnorm": SequenceParallel(),
+            "eh_proj": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1),
+                                       use_local_output=False),
+            "norm": SequenceParallel(),
+        })
+    for block in blocks(model):
+        parallelize_module(block, tp_mesh, _block_plan(block))
     return model
+
+
+def _block_plan(block: TransformerBlock) -> dict[str, ParallelStyle]:
+    """Attention heads and the dense MLP colwise/rowwise; norms and residuals sequence-sharded;
+    the MoE layer on this rank's positions."""
+    plan: dict[str, ParallelStyle] = {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+        ),
+        **_attention_plan(block.attention),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "ffn_norm": SequenceParallel(),
+    }
+    if block.mlp is not None:
+        plan.update({
+            "mlp": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            ),
+            "mlp.w1": ColwiseParallel(),
+            "mlp.w3": ColwiseParallel(),
+            "mlp.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        })
+    if block.moe is not None:
+        # Each rank routes its own S/t positions: no communication in or out of the layer.
+        plan["moe"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+            use_local_input=True,
+            output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),),
+            use_local_output=False,
+        )
+    return plan
 
 
 def _attention_plan(attention: nn.Module) -> dict[str, ParallelStyle]:

@@ -75,6 +75,16 @@ def test_keep_last_prunes_old_checkpoints_but_never_latest(tmp_path):
     assert (tmp_path / "checkpoints" / "step_2" / ".metadata").exists()
 
 
+def test_keep_last_orders_steps_by_number_across_a_power_of_ten(tmp_path):
+    """step_10 is newer than step_9 (by name it sorts first): pruning keeps the newest by step."""
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in (8, 9, 10, 11):
+        save(mgr, model, opt, step)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_10", "step_11"]
+
+
 def test_resolve_accepts_run_dir_checkpoints_dir_and_step_dir(tmp_path):
     model, opt = make()
     mgr = CheckpointManager(tmp_path, keep_last=None)

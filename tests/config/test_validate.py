@@ -49,6 +49,7 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("optim.qk_clip_threshold=-3", "optim.qk_clip_threshold"),
     ("optim.momentum=1", "optim.momentum"),
     ("optim.ns_steps=0", "optim.ns_steps"),
+    ("model.moe.ep_budget=0", "model.moe.ep_budget"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -79,6 +80,18 @@ def test_choices_of_a_config_built_in_python_are_checked():
     with pytest.raises(ConfigError, match="model.moe.score_func='relu' is invalid: must be one of "
                                           "softmax, sigmoid"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["model.moe.ep_budget=1.5", "model.moe.ep_overlap=true"])
+def test_expert_parallel_exchange_settings_without_expert_parallelism_are_refused(override):
+    key = override.split("=")[0]
+    cfg = config(override)
+    validate(cfg)
+    with pytest.raises(LayoutError, match=rf"^{key} = .* needs expert parallelism "
+                                          r"\(parallel.ep > 1\)") as err:
+        check_layout(cfg, 2)
+    assert err.value.keys == (key, "parallel.ep") and "\n" not in str(err.value)
+    check_layout(config(override, "parallel.ep=2"), 2)
 
 
 def test_layout_errors_name_the_keys_for_the_world_size():

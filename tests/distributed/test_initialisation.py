@@ -157,6 +157,9 @@ def test_two_ranks_start_from_one_process_weights_and_hold_what_the_planner_says
         "etp2": ["parallel.etp=2"],
         "tp2": ["parallel.tp=2"],
         "pp2": ["parallel.pp=2"],
+        # the MTP module on the last stage with its copy of the (tied) embedding: the copy
+        # starts equal to the first stage's and the planner counts it
+        "pp2-mtp-tied": ["parallel.pp=2", "model.mtp.depth=1", "model.tie_embeddings=true"],
         # 8 slices of the dense MLP over 8 experts: each EP rank's experts take other slices
         "ep2-upcycled": ["parallel.ep=2", *upcycled, "model.moe.expert_hidden=24",
                          "model.init.upcycle_granularity=8"],

@@ -1,10 +1,13 @@
-"""`model.moe.lbl.scope`: micro vs global on the same data, each against one process (dp2, cp2).
+"""`model.moe.lbl.scope`: micro, seq and global on the same data, each against one process (dp2, cp2).
 
 What "layout-invariant" means for each scope (moe/losses.py, docs/load_balancing.md):
 
 - micro: f and p over one micro-batch. A layout that keeps the micro-batch (micro_batch_size
   sequences; split over CP x TP or not) gives the same loss and gradient: dp2 with micro-batches
   of 2 equals one process with micro-batches of 2.
+- seq: f and p per sequence, averaged over the micro-batch's sequences: the ranks splitting a
+  sequence (CP x TP) sum their counts, DP ranks hold other sequences and sum nothing, so dp2
+  with micro-batches of 2 equals one process with micro-batches of 2.
 - global: micro-batch m's f counts the tokens of micro-steps 1..m of *every* DP rank, so the
   gradient depends on the micro-step: the dp * micro_batch_size sequences the DP ranks process
   together. A layout equals one process whose micro-batches are those micro-steps: dp2 with one
@@ -32,13 +35,15 @@ TWO_RANKS = {
     "dp2-global": Layout(("train.micro_batch_size=2", GLOBAL), "b4-mb4-global"),
     "cp2-global": Layout(("parallel.cp=2", GLOBAL), "b4-global"),
     "dp2-global-2mb": Layout(("train.micro_batch_size=1", GLOBAL), "b4-global"),
+    # seq: each sequence's own counts; DP ranks hold other sequences, nothing to sum over them
+    "dp2-seq": Layout(("model.moe.lbl.scope=seq",), "b4-seq"),
 }
 
 
 two_ranks = layouts_fixture(2, TWO_RANKS)
 
 
-@pytest.mark.parametrize("name", ["dp2-micro", "dp2-global", "cp2-global"])
+@pytest.mark.parametrize("name", ["dp2-micro", "dp2-global", "cp2-global", "dp2-seq"])
 def test_scope_is_layout_invariant_where_the_micro_steps_are(name, two_ranks, references):
     check_case(two_ranks, name, TWO_RANKS[name], references)
 

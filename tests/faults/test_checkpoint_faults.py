@@ -1,7 +1,9 @@
 """Checkpoint faults on one process (docs/faults.md): damaged files, a NaN streak, the rollback,
 a full disk, a stale .partial, a crafted pickle. The runs are in-process Trainers of the tiny
-experiment, a few steps each; "exact" means every loss equals an uninterrupted run's, bit for
-bit (train.deterministic=true)."""
+experiment at a smaller size (faults do not depend on the model's size), a few steps each;
+"exact" means every loss equals an uninterrupted run's, bit for bit (train.deterministic=true).
+One uninterrupted run of 8 steps (`reference`) is both the losses to equal and the checkpoints
+the damage tests start from (each on a copy)."""
 
 from __future__ import annotations
 
@@ -26,9 +28,14 @@ from moetrain.trainer import TrainingError
 from tests.test_trainer import build, poison
 
 # optim.decay=constant: the learning rate does not depend on train.max_steps, so a run of 6
-# steps is the first 6 steps of a run of 8
+# steps is the first 6 steps of a run of 8. SMALL: two layers (a dense one, then MoE: the
+# entries damaged below), 2 micro-batches of one 32-token sequence - ~3x cheaper per step than
+# the tiny model, and smaller checkpoints to write, hash and copy.
+SMALL = ("model.n_layers=2", "model.d_model=64", "model.ffn_hidden=128",
+         "model.moe.expert_hidden=64", "train.global_batch_size=2", "train.micro_batch_size=1",
+         "data.seq_len=32")
 RUN = ("train.eval_every=0", "train.deterministic=true", "optim.decay=constant",
-       "checkpoint.every=2")
+       "checkpoint.every=2", "checkpoint.resume=auto", *SMALL)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -43,20 +50,30 @@ def events(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, float]:
-    """Losses of an uninterrupted 8-step run."""
-    run = tmp_path_factory.mktemp("reference")
-    build(run, "train.max_steps=8", *RUN).fit()
-    return losses(run)
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of 8 steps with checkpoints at steps 4, 6 and 8 (keep_last=3);
+    read-only: a test that changes it works on `copy_of` it."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    build(run, "train.max_steps=8", *RUN, "checkpoint.keep_last=3").fit()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest", "step_4", "step_6", "step_8"]
+    return run
+
+
+def copy_of(reference: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    return run
 
 
 def entry_bytes(step_dir: Path, prefix: str) -> tuple[Path, int, int]:
-    """(file, offset, length) of the first stored entry whose key starts with `prefix` (this
-    test reads the metadata of a checkpoint it wrote itself)."""
+    """(file, offset, length) of the middle of the first stored entry whose key starts with
+    `prefix`: inside the tensor's values, past its serialisation header, so without the checksum
+    the damage would load silently (this test reads the metadata of a checkpoint it wrote)."""
     md = FileSystemReader(str(step_dir)).read_metadata()
     for index, info in sorted(md.storage_data.items(), key=lambda kv: kv[0].fqn):
         if index.fqn.startswith(prefix) and info.length >= 64:
-            return step_dir / info.relative_path, info.offset, info.length
+            return step_dir / info.relative_path, info.offset + info.length // 2, 64
     raise AssertionError(f"no entry {prefix}* in {step_dir}")
 
 
@@ -67,16 +84,8 @@ def flip(path: Path, offset: int, n: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def six_steps(tmp_path_factory) -> Path:
-    """A run of 6 steps with checkpoints at steps 2, 4 and 6."""
-    run = tmp_path_factory.mktemp("six") / "run"
-    build(run, "train.max_steps=6", *RUN).fit()
-    return run
-
-
 def damage(run: Path, how: str) -> None:
-    newest = run / "checkpoints" / "step_6"
+    newest = run / "checkpoints" / "step_8"
     if how == "weights":
         flip(*entry_bytes(newest, "model.layers.1.moe.experts.w1")[:2])
     elif how == "optimizer":
@@ -88,58 +97,61 @@ def damage(run: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["optimizer", "missing_file", "latest_dangling"])
-def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, six_steps, how):
-    run = tmp_path / "run"
-    shutil.copytree(six_steps, run)
+def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, reference, how):
+    run = copy_of(reference, tmp_path)
     damage(run, how)
     resumed = build(run, "train.max_steps=8", *RUN)
-    assert resumed.resumed_from == run / "checkpoints" / "step_4"
+    assert resumed.resumed_from == run / "checkpoints" / "step_6"
     (rejected,) = resumed.rejected
-    assert rejected.path == run / "checkpoints" / "step_6"
+    assert rejected.path == run / "checkpoints" / "step_8"
     assert {"optimizer": "does not match its checksum (the file is corrupt)",
             "missing_file": ".distcp is missing",
             "latest_dangling": "checksums.json is missing"}[how] in rejected.reason
 
 
 def test_flipped_weight_bytes_are_passed_over_loudly_and_the_run_ends_exact(
-        tmp_path, six_steps, reference, caplog):
-    run = tmp_path / "run"
-    shutil.copytree(six_steps, run)
+        tmp_path, reference, caplog):
+    run = copy_of(reference, tmp_path)
     damage(run, "weights")
     caplog.set_level(logging.WARNING, logger="moetrain")
     resumed = build(run, "train.max_steps=8", *RUN)
-    assert resumed.resumed_from == run / "checkpoints" / "step_4"
-    resumed.fit()
-    assert losses(run) == reference  # steps 5..8 again from step 4: bit-identical
+    assert resumed.resumed_from == run / "checkpoints" / "step_6"
+    resumed.fit()  # the resume drops the records of steps 7 and 8 and logs them again
+    assert losses(run) == losses(reference)  # steps 7, 8 again from step 6: bit-identical
     (fallback,) = [e for e in events(run) if e["event"] == "resume_fallback"]
-    assert fallback["step"] == 4 and fallback["resumed_from"].endswith("step_4")
-    assert fallback["rejected"][0]["path"].endswith("step_6")
+    assert fallback["step"] == 6 and fallback["resumed_from"].endswith("step_6")
+    assert fallback["rejected"][0]["path"].endswith("step_8")
     assert "does not match its checksum" in fallback["rejected"][0]["reason"]
-    assert re.search(r"passing over \S+step_6: \S+\.distcp does not match", caplog.text)
+    assert re.search(r"passing over \S+step_8: \S+\.distcp does not match", caplog.text)
 
 
-def test_an_explicit_resume_path_that_fails_verification_is_refused_naming_the_file(tmp_path):
-    run = tmp_path / "run"
-    build(run, "train.max_steps=2", *RUN).fit()
-    step = run / "checkpoints" / "step_2"
+def one_checkpoint(reference: Path, tmp_path: Path) -> Path:
+    """A copy of the reference's step_4 as the only checkpoint of a run folder."""
+    step = tmp_path / "run" / "checkpoints" / "step_4"
+    shutil.copytree(reference / "checkpoints" / "step_4", step)
+    return step
+
+
+def test_an_explicit_resume_path_that_fails_verification_is_refused_naming_the_file(
+        tmp_path, reference):
+    step = one_checkpoint(reference, tmp_path)
+    run = step.parents[1]
     shard, offset, _ = entry_bytes(step, "model.output.weight")
     flip(shard, offset)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     with pytest.raises(CheckpointError, match=rf"checkpoint.resume='{step}': {shard} does not "
                        r"match its checksum \(the file is corrupt\)$"):
-        build(tmp_path / "other", "train.max_steps=4", *RUN, f"checkpoint.resume={step}")
+        build(tmp_path / "other", "train.max_steps=8", *RUN, f"checkpoint.resume={step}")
     with pytest.raises(CheckpointError, match="does not match its checksum"):  # the tools too
         inspect(step)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing touched
 
 
-def test_a_crafted_metadata_pickle_is_refused_before_it_is_unpickled(tmp_path):
+def test_a_crafted_metadata_pickle_is_refused_before_it_is_unpickled(tmp_path, reference):
     """A checkpoint is code: a .metadata that runs a command when unpickled. The checksum check
     comes first, so the command never runs (a crafted checkpoint with matching checksums would
     run it: load only trusted checkpoints, docs/faults.md)."""
-    run = tmp_path / "run"
-    build(run, "train.max_steps=2", *RUN).fit()
-    step = run / "checkpoints" / "step_2"
+    step = one_checkpoint(reference, tmp_path)
     witness = tmp_path / f"pwned-{uuid.uuid4().hex}"
 
     class Payload:
@@ -148,7 +160,7 @@ def test_a_crafted_metadata_pickle_is_refused_before_it_is_unpickled(tmp_path):
 
     (step / ".metadata").write_bytes(pickle.dumps(Payload()))
     for load in (lambda: inspect(step),
-                 lambda: build(tmp_path / "b", "train.max_steps=4", *RUN,
+                 lambda: build(tmp_path / "b", "train.max_steps=8", *RUN,
                                f"checkpoint.resume={step}")):
         with pytest.raises(CheckpointError, match=r"\.metadata has \d+ bytes, its checksum "
                                                   r"record says \d+"):
@@ -157,73 +169,84 @@ def test_a_crafted_metadata_pickle_is_refused_before_it_is_unpickled(tmp_path):
 
 
 def test_a_nan_streak_writes_no_checkpoint_prunes_nothing_and_stops(tmp_path):
-    """keep_last=1: the streak's checkpoints would have replaced the last good one."""
+    """keep_last=1: the streak's checkpoint (step 4, due inside the streak: the streak's last
+    step raises before any save) would have replaced the last good one."""
     run = tmp_path / "run"
-    trainer = build(run, "train.max_steps=12", *RUN, "checkpoint.keep_last=1",
-                    "train.max_bad_steps=4")
-    poison(trainer, set(range(4, 13)))  # from step 4 on, every step is NaN
-    with pytest.raises(TrainingError, match=r"4 steps in a row .*stopping at step 7; no "
+    trainer = build(run, "train.max_steps=8", *RUN, "checkpoint.keep_last=1",
+                    "train.max_bad_steps=2")
+    poison(trainer, set(range(4, 9)))  # from step 4 on, every step is NaN
+    with pytest.raises(TrainingError, match=r"2 steps in a row .*stopping at step 5; no "
                        r"checkpoint was written during the streak"):
         trainer.fit()
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_2"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_2"]
     # a resume continues from the good checkpoint, not from a poisoned one
-    assert build(run, "train.max_steps=12", *RUN).resumed_from == ckpts / "step_2"
+    assert build(run, "train.max_steps=8", *RUN).resumed_from == ckpts / "step_2"
 
 
 def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_streaks_batches(tmp_path):
     run = tmp_path / "run"
-    trainer = build(run, "train.max_steps=8", *RUN, "train.max_bad_steps=2",
+    trainer = build(run, "train.max_steps=4", *RUN, "train.max_bad_steps=2",
                     "train.on_bad_steps=rollback")
     good = {}
     drawn = []
     next_step = trainer.sampler.next_step
     forward = trainer.model.forward
 
-    def transient_nan(*args, **kwargs):  # the 5th and 6th steps run, once: a passing fault
+    def transient_nan(*args, **kwargs):  # the 3rd and 4th steps run, once: a passing fault
         out = forward(*args, **kwargs)
-        return out * math.nan if len(drawn) in (5, 6) else out
+        return out * math.nan if len(drawn) in (3, 4) else out
 
     trainer.model.forward = transient_nan
 
     def spy():
         batches = next_step()
         drawn.append(batches)
-        if trainer.state.step == 4 and not good:  # the weights of the step_4 checkpoint
+        if trainer.state.step == 2 and not good:  # the weights of the step_2 checkpoint
             good.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
-        if len(drawn) == 7:  # the first step after the rollback: weights back at step 4
-            assert trainer.state.step == 4
+        if len(drawn) == 5:  # the first step after the rollback: weights back at step 2
+            assert trainer.state.step == 2
             for n, p in trainer.model.named_parameters():
                 assert torch.equal(p, good[n]), n
         return batches
 
     trainer.sampler.next_step = spy
     trainer.fit()
-    assert trainer.state.step == 8 and len(drawn) == 10  # 6 + (8 - 4): two batches skipped
+    assert trainer.state.step == 4 and len(drawn) == 6  # 4 + (4 - 2): two batches skipped
     (roll,) = [e for e in events(run) if e["event"] == "rollback"]
-    assert roll["step"] == 6 and roll["to_step"] == 4 and roll["resumed_from"].endswith("step_4")
+    assert roll["step"] == 4 and roll["to_step"] == 2 and roll["resumed_from"].endswith("step_2")
     assert all(math.isfinite(v) for v in losses(run).values())  # the last record of each step
     # the steps after the rollback go on through the data: not the streak's batches again
-    assert drawn[6] not in drawn[:6]
+    assert drawn[4] not in drawn[:4]
 
 
 def test_a_rollback_without_progress_since_the_last_one_stops(tmp_path):
-    trainer = build(tmp_path, "train.max_steps=12", *RUN, "train.max_bad_steps=2",
+    """max_bad_steps=1: step 3 rolls back to step_2, and step 3 is NaN again."""
+    trainer = build(tmp_path, "train.max_steps=8", *RUN, "train.max_bad_steps=1",
                     "train.on_bad_steps=rollback")
-    poison(trainer, set(range(3, 13)))  # the weights make every step NaN from step 3 on
+    poison(trainer, set(range(3, 9)))  # the weights make every step NaN from step 3 on
+    drawn = []
+    next_step = trainer.sampler.next_step
+
+    def bounded():  # a rollback loop that does not stop fails here rather than hanging
+        drawn.append(None)
+        assert len(drawn) <= 4, "still training after a rollback without progress"
+        return next_step()
+
+    trainer.sampler.next_step = bounded
     with pytest.raises(TrainingError, match=r"again after rolling back to \S+step_2: no progress"):
         trainer.fit()
 
 
-def test_a_start_removes_partial_folders_left_by_crashes(tmp_path, caplog):
-    run = tmp_path / "run"
-    build(run, "train.max_steps=2", *RUN).fit()
-    stale = run / "checkpoints" / "step_3.partial"
+def test_a_start_removes_partial_folders_left_by_crashes(tmp_path, reference, caplog):
+    """The start of a finished run (resumed at its last step, no step to train) is enough."""
+    run = copy_of(reference, tmp_path)
+    stale = run / "checkpoints" / "step_7.partial"
     stale.mkdir()
     (stale / "__0_0.distcp").write_bytes(b"x" * 1000)
     caplog.set_level(logging.WARNING, logger="moetrain")
-    build(run, "train.max_steps=4", *RUN).fit()
+    build(run, "train.max_steps=8", *RUN).fit()
     assert not stale.exists() and f"removed {stale}" in caplog.text
 
 

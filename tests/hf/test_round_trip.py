@@ -5,6 +5,10 @@
          == the HF tensors, bit-exact, every one (and once more into pp2 x etp2)
       -> 2 training steps -> checkpoint step_2 -> python -m moetrain.hf export
       -> AutoModelForCausalLM.from_pretrained: logits == moetrain's (rel. 1e-5)
+
+and a DeepSeek-V3 with its multi-token-prediction layer written in the released layout
+(model.layers.<n_layers>.*): imported into the MTP module (bit-exact), trained with it on ep2 x
+tp2, exported with every MTP tensor (and the layer's copies of the embedding and head).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from moetrain.config.families import FAMILIES
 from moetrain.config.schema import DataConfig
 from moetrain.data import ensure_prepared
 from moetrain.data.index import tokenizer_source
-from moetrain.hf.config import format_overrides, hf_overrides, load_hf_config
+from moetrain.hf.config import folder_overrides, format_overrides
 from moetrain.hf.load import check_init, use_hf_tokenizer
 from moetrain.hf.tensors import to_hf_state
 from moetrain.hf.tokenizer import sentencepiece_to_hf
@@ -35,6 +39,7 @@ from tests.hf.families import VOCAB, rel_err, save_hf
 LAYOUT = ["parallel.tp=2", "parallel.ep=2"]  # 4 ranks: dp2 x tp2 dense, ep2 x edp2 experts
 # and one more import: pipeline stages x ETP (each rank a stage's half of every expert's width)
 PP_CASE = ("deepseek_v3", ["parallel.pp=2", "parallel.pp_layers=[1,2]", "parallel.etp=2"])
+MTP_CASE = "deepseek_v3-mtp"  # DeepSeek-V3 with its MTP layer, on LAYOUT
 # Over the harness's tiny run (tests/harness): 2 steps of 4 micro-batches of one 32-token
 # sequence, a checkpoint at the end, dropless, no warmup.
 ROUND_TRIP = ["train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=1",
@@ -57,11 +62,12 @@ def runs(tmp_path_factory):
     jobs, out = [], {}
     cases = [(family, family, LAYOUT) for family in FAMILIES]
     cases.append((f"{PP_CASE[0]}-pp2-etp2", PP_CASE[0], PP_CASE[1]))
+    cases.append((MTP_CASE, "deepseek_v3", LAYOUT))
     for name, family, layout in cases:
         hf_dir = root / f"hf-{name}"
-        save_hf(family, hf_dir)
+        save_hf(family, hf_dir, mtp_layers=1 if name == MTP_CASE else 0)
         sentencepiece_to_hf(spm, hf_dir)
-        overrides = format_overrides(hf_overrides(load_hf_config(hf_dir))).splitlines()
+        overrides = format_overrides(folder_overrides(hf_dir)).splitlines()
         cfg = tiny_config([*ROUND_TRIP, *layout, *overrides, f"model.init.from_hf={hf_dir}"], 4)
         check_init(cfg)
         use_hf_tokenizer(cfg)
@@ -76,7 +82,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, f"{PP_CASE[0]}-pp2-etp2"])
+@pytest.mark.parametrize("family", [*FAMILIES, f"{PP_CASE[0]}-pp2-etp2", MTP_CASE])
 def test_import_into_a_parallel_layout_is_bit_exact(family, runs):
     cfg, hf_dir, run_dir = runs[family]
     imported = to_hf_state(load_model_state(run_dir / "checkpoints" / "step_0"), cfg.model)
@@ -116,3 +122,39 @@ def test_trained_checkpoint_exports_to_what_transformers_loads(family, runs, tmp
     text = "To be, or not to be: that is the question."
     assert (AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False)
             == AutoTokenizer.from_pretrained(str(hf_dir)).encode(text, add_special_tokens=False))
+
+
+def test_deepseek_v3_mtp_layer_round_trips(runs, tmp_path):
+    """The MTP layer of a DeepSeek-V3 checkpoint: read into the MTP module (the import test
+    above compares step_0 with the folder, MTP tensors included), trained (its weights move),
+    exported back as model.layers.<n_layers>.* equal to the trained module, with the layer's
+    copies of the embedding and head equal to the exported main ones; transformers loads the
+    folder (ignoring that layer, as it does DeepSeek's)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, hf_dir, run_dir = runs[MTP_CASE]
+    assert cfg.model.mtp.depth == 1
+    n = cfg.model.n_layers
+    mtp_names = {k for k in load_file(str(hf_dir / "model.safetensors"))
+                 if k.startswith(f"model.layers.{n}.")}
+    assert {f"model.layers.{n}.{w}" for w in ("enorm.weight", "hnorm.weight", "eh_proj.weight",
+                                              "shared_head.norm.weight")} <= mtp_names
+    out = tmp_path / "export"
+    run_python("-m", "moetrain.hf", "export", run_dir, out, check=True)
+    exported = {}
+    for f in sorted(set(json.loads((out / "model.safetensors.index.json").read_text())
+                        ["weight_map"].values())):
+        exported.update(load_file(str(out / f)))
+    trained = load_model_state(run_dir / "checkpoints" / "step_2")
+    start = load_model_state(run_dir / "checkpoints" / "step_0")
+    assert not torch.equal(trained["mtp.0.eh_proj.weight"], start["mtp.0.eh_proj.weight"])
+    want = to_hf_state(trained, cfg.model)
+    assert {k for k in exported if k.startswith(f"model.layers.{n}.")} == mtp_names
+    for name in mtp_names:
+        assert torch.equal(exported[name], want[name]), name
+    layer = f"model.layers.{n}."
+    assert torch.equal(exported[layer + "embed_tokens.weight"],
+                       exported["model.embed_tokens.weight"])
+    assert torch.equal(exported[layer + "shared_head.head.weight"], exported["lm_head.weight"])
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)

@@ -30,6 +30,7 @@ def test_step_statistics_sum_counts_and_average_losses_over_micro_batches():
     scalars, record = summarize(columns, a + b, micro_batches=2, lbl_coeff=0.1, z_coeff=0.01)
     layer = record["layers"][0]
     assert layer["tokens_per_expert"] == [4, 4, 4, 4]
+    assert layer["lbl"] == pytest.approx(2.0)  # the mean of the micro-batches' 1 and 3
     assert layer["load_cv"] == 0.0 and scalars["load_cv"] == 0.0  # balanced over the whole step
     assert scalars["aux_loss"] == pytest.approx(0.1 * 2.0)
     assert scalars["z_loss"] == pytest.approx(0.01 * 0.5)

@@ -95,13 +95,32 @@ class _RecordingExchange:
     def __init__(self):
         self.calls = []
 
-    def exchange(self, x_ND, counts):
-        self.calls.append("exchange")
-        return x_ND * 2, counts, "state"
+    def open(self, x_ND, counts, *, chunks=1, budget=None, capacity=None, asynchronous=False):
+        self.calls.append(("open", chunks, budget))
+        exchange = self
 
-    def exchange_back(self, y_ND, state):
-        self.calls.append(("exchange_back", state))
-        return y_ND / 2
+        class Flow:
+            counters = None
+
+            def __init__(self):
+                self.chunks = 1
+
+            def send(self, c):
+                exchange.calls.append("send")
+
+            def receive(self, c):
+                exchange.calls.append("receive")
+                return x_ND * 2, counts, 0
+
+            def send_back(self, c, y):
+                exchange.calls.append("send_back")
+                self.y = y
+
+            def gather(self):
+                exchange.calls.append("gather")
+                return self.y / 2
+
+        return Flow()
 
 
 def test_exchange_hooks_sit_between_permute_and_unpermute():
@@ -111,5 +130,5 @@ def test_exchange_hooks_sit_between_permute_and_unpermute():
     idx = torch.tensor([[0], [2], [1], [2]])
     x_ND, _, handle = disp.dispatch(x, routing(idx, torch.ones(4, 1)))
     y = disp.combine(x_ND, handle)
-    assert exchange.calls == ["exchange", ("exchange_back", "state")]
+    assert exchange.calls == [("open", 1, None), "send", "receive", "send_back", "gather"]
     torch.testing.assert_close(y, x)

@@ -106,6 +106,27 @@ def test_yarn_frequencies_and_factors_are_transformers(theta, factor, beta_fast,
     assert not torch.allclose(rope_inv_freq(64, theta).float(), inv_freq)  # it does scale
 
 
+def test_yarn_without_mscale_scales_attention_as_transformers():
+    """A YaRN config that names neither mscale nor mscale_all_dim (a Qwen3 / Llama YaRN config):
+    the attention factor is 0.1 ln(factor) + 1 on cos and sin, as transformers computes it."""
+    from transformers import Qwen3MoeConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 32}
+    hf = Qwen3MoeConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
+                        rope_parameters=rope, max_position_embeddings=128)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    assert factor == pytest.approx(0.1 * math.log(4.0) + 1)  # the formula, independently
+    ours = RopeScalingConfig(kind="yarn", factor=4.0, original_max_position_embeddings=32)
+    positions = torch.arange(100)
+    cos, sin = rope_cos_sin(positions, 16, 10000.0, ours)
+    angles = positions[:, None].double() * inv_freq.double()
+    angles = torch.cat([angles, angles], dim=-1)
+    torch.testing.assert_close(cos, (angles.cos() * factor).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sin, (angles.sin() * factor).float(), rtol=1e-5, atol=1e-6)
+
+
 def test_routed_scaling_factor_and_the_max_group_score():
     torch.manual_seed(0)
     x = torch.randn(64, D)

@@ -43,6 +43,31 @@ def test_largest_logit_per_head_against_the_explicit_scores(monkeypatch, block_e
                        explicit_max(q, k_all, pos, k_pos, 0.3))
 
 
+@pytest.mark.parametrize("block_elements", [2 ** 26, 7])
+def test_packed_documents_count_only_the_logits_of_each_document(monkeypatch, block_elements):
+    """data.document_mask: a query's largest logit is over its own document's keys (the logits
+    the softmax uses), written out by hand per document; a huge logit across a boundary is not
+    seen."""
+    monkeypatch.setattr(attention_module, "_MAX_LOGIT_BLOCK_ELEMENTS", block_elements)
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 6, 8, generator=gen), torch.randn(2, 2, 6, 8, generator=gen)
+    pos = torch.arange(6)
+    # sequence 0: documents [0, 1, 2] [3, 4, 5]; sequence 1: [0] [1, 2, 3, 4, 5]
+    docs = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 1, 2, 3, 4]])
+    k[0, :, 2] = 50 * q[0, ::2, 3]  # the key before sequence 0's boundary, huge for query 3
+    want = torch.full((4,), float("-inf"))
+    for b in range(2):
+        for i in range(6):
+            start = i - int(docs[b, i])
+            scores = torch.einsum("hd,hkd->hk", q[b, :, i],
+                                  k[b, :, start:i + 1].repeat_interleave(2, 0)) * 0.3
+            want = torch.maximum(want, scores.amax(-1))
+    got = causal_max_logits(q, k, pos, 0.3, doc_positions=docs)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert (causal_max_logits(q, k, pos, 0.3) > got).any()  # across the boundary: larger
+
+
+
 def test_attention_tracks_the_step_maximum_only_while_training():
     torch.manual_seed(0)
     model = torch.nn.Module()
@@ -90,7 +115,7 @@ def _logits_per_head(module, x, pos):
     """The logits each head computes, from the q and k the module hands its attention."""
     seen = {}
 
-    def record(q, k, v, positions, scale=None):
+    def record(q, k, v, positions, scale=None, doc_positions=None):
         seen["logits"] = torch.einsum(
             "bhqd,bhkd->bhqk", q, k.repeat_interleave(q.shape[1] // k.shape[1], 1))
         return torch.zeros(*q.shape[:3], v.shape[-1])

@@ -32,6 +32,23 @@ def test_top_p_takes_experts_until_the_probability_mass_is_reached():
     assert r(x).selected_TK.sum(-1).tolist() == [2, 2]
 
 
+def test_top_p_with_sigmoid_scores_measures_the_mass_over_all_experts():
+    """Sigmoid scores are not a distribution: top-p reads each chosen score as a share of the
+    sum over ALL experts' scores (docs/load_balancing.md "Routing variants"), not of the chosen
+    ones'; the combine weights are renormalised over the experts taken."""
+    s = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.95, 0.12, 0.1, 0.05]])
+    r = Router(2, 4, 3, "sigmoid", norm_topk_prob=True, routing=RoutingConfig(top_p=0.6))
+    with torch.no_grad():
+        r.weight.copy_(torch.logit(s, eps=0).T)
+    out = r(torch.eye(2))
+    assert out.topk_idx_TK.tolist() == [[0, 1, 2], [0, 1, 2]]
+    # token 0: shares of the sum 3.0: 0.3, 0.267, 0.233 -> mass before 0, 0.3, 0.567 < 0.6 -> 3
+    # experts (over the chosen 2.4 it would be 0, 0.375, 0.708 -> 2); token 1: 0.95 / 1.22 > 0.6
+    assert out.selected_TK.tolist() == [[True, True, True], [True, False, False]]
+    torch.testing.assert_close(out.topk_weight_TK[0], s[0, :3] / s[0, :3].sum())
+    assert out.topk_weight_TK[1, 0] == 1.0
+
+
 def test_null_experts_are_selected_and_balanced_but_compute_nothing():
     cfg = make_cfg(moe=dict(num_experts=4, top_k=2))
     cfg.moe.routing.num_null_experts = 2

@@ -8,8 +8,8 @@ thread); each optimizer step's micro-batches go to the reference too, before the
 the step. Compared, per step, with the reference's values (only outputs, no trainer internals):
 
 - the logged records (metrics.jsonl, routing.jsonl): loss, aux_loss, z_loss, grad_norm,
-  dropped_frac, experts_per_token, tokens_per_expert
-  (rel. RTOL), per-layer tokens_per_expert (exactly), lr and top_k (metrics.jsonl);
+  dropped_frac, experts_per_token, the MTP losses per depth and weighted (rel. RTOL), per-layer
+  tokens_per_expert (exactly), lr and top_k (metrics.jsonl);
 - the gradients AdamW receives (an optimizer step pre-hook: after accumulation and clipping),
   the weights after the step and AdamW's exp_avg / exp_avg_sq (per tensor, relative L2 error
   ||a - b|| / ||b|| < RTOL) and its step count;
@@ -123,7 +123,8 @@ def run_lockstep(run_dir: Path, overrides: list[str],
     ckpt = [] if resume_after is None else [f"checkpoint.every={resume_after}"]
     trainer = build_trainer(run_dir, [*overrides, *ckpt])
     ref = (reference or Reference)(trainer.cfg, {n: t.detach().clone()
-                                                for n, t in trainer.model.state_dict().items()})
+                                                for n, t in trainer.model.state_dict().items()},
+                                   eos_id=trainer.train_data.eos_id)
     result = LockstepResult(list(overrides), reference=ref)
     planned: dict[int, list[list[int]]] = {}
     _attach(trainer, ref, result, planned, stop_at=resume_after)
@@ -142,6 +143,14 @@ def run_lockstep(run_dir: Path, overrides: list[str],
         step = record["step"]
         for key in SCALARS:
             result.check(step, key, rel(record[key], getattr(want, key)))
+        mtp = {f"mtp_loss/{k}": v for k, v in enumerate(want.mtp_losses, start=1)}
+        result.exact(step, "MTP losses logged", sorted(k for k in record if "mtp_loss/" in k),
+                     sorted(mtp))
+        for key, value in mtp.items():
+            result.check(step, key, rel(record.get(key, math.nan), value))
+        if mtp:  # what the MTP term adds to the total loss
+            result.check(step, "mtp_loss", rel(record["mtp_loss"],
+                                               want.mtp_scale / len(mtp) * sum(mtp.values())))
         result.exact(step, "tokens_per_expert",
                      [layer["tokens_per_expert"] for layer in layers["layers"]],
                      want.tokens_per_expert)
@@ -213,10 +222,10 @@ def _attach(trainer: Trainer, ref: Reference, result: LockstepResult,
                     continue
                 for key in ("exp_avg", "exp_avg_sq"):
                     ref_state[q][key].copy_(state[p][key])
-        for i, bias in ref.bias.items():
-            got = model.get_buffer(f"layers.{i}.moe.router.expert_bias")
+        for prefix, bias in ref.bias.items():
+            got = model.get_buffer(f"{prefix}moe.router.expert_bias")
             if not torch.equal(got, bias):
-                result.failures.append(f"step {step} expert_bias of layer {i}: {got.tolist()} "
+                result.failures.append(f"step {step} expert_bias of {prefix}: {got.tolist()} "
                                        f"!= reference {bias.tolist()}")
         return out
 

@@ -13,6 +13,11 @@ well-kept library: the reference uses it, with its own parameter groups and lear
     out = ref.train_step([tokens_of_micro_batch_1, ...])   # token ids [b, S + 1] each
     out.loss, out.aux_loss, out.grads, ...; ref.params, ref.bias, ref.optimizer after the step
 
+Multi-token prediction (docs/mtp.md: DeepSeek-V3's modules, the MTP loss lambda / D * sum_k
+CE_k over the window's tokens) and packed documents (docs/documents.md: attention and RoPE
+positions inside each document, the targets that cross a document masked) are computed from the
+token ids with loops over positions, not from the trainer's masks.
+
 Everything runs in fp32 on the CPU like the trainer's tests; sums that docs/ define in integers
 (loads, the bias direction) are integers here too.
 """
@@ -79,30 +84,57 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rope(x_BSHd: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE at positions 0..S-1: dimension i pairs with i + d/2."""
-    S, d = x_BSHd.shape[1], x_BSHd.shape[-1]
+def rope(x_BSHd: torch.Tensor, theta: float, positions_BS: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE at integer positions [B, S]: dimension i pairs with i + d/2."""
+    d = x_BSHd.shape[-1]
     inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angle = torch.arange(S, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [S, d/2]
-    cos = angle.cos().float()[None, :, None, :]
-    sin = angle.sin().float()[None, :, None, :]
+    angle = positions_BS.double()[..., None] * inv_freq  # [B, S, d/2]
+    cos = angle.cos().float()[:, :, None, :]
+    sin = angle.sin().float()[:, :, None, :]
     x1, x2 = x_BSHd[..., : d // 2], x_BSHd[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+@dataclass
+class Window:
+    """Where each input token of a micro-batch may look: RoPE positions [B, S] and the visible
+    keys [B, S, S] (True = attend)."""
+
+    positions: torch.Tensor
+    visible: torch.Tensor
+
+
+def window_of(tokens_BS: torch.Tensor, eos_id: Optional[int], per_document: bool) -> Window:
+    """Without document masking: positions 0..S-1, causal. With it (docs/documents.md): a
+    document ends with its EOS; a token sees the tokens of its document up to itself and is
+    at its index inside the document."""
+    B, S = tokens_BS.shape
+    positions = torch.zeros(B, S, dtype=torch.long)
+    visible = torch.zeros(B, S, S, dtype=torch.bool)
+    for b in range(B):
+        start = 0
+        for i in range(S):
+            if per_document and i > 0 and int(tokens_BS[b, i - 1]) == eos_id:
+                start = i
+            first = start if per_document else 0
+            positions[b, i] = i - first
+            visible[b, i, first:i + 1] = True
+    return Window(positions, visible)
+
+
 def attention(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], head_dim: int,
-              theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal self-attention; query head h reads key/value head h // (heads / kv heads).
-    Returns the output and each head's largest logit over the batch [H] (MuonClip)."""
+              theta: float, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention over the visible keys; query head h reads key/value head
+    h // (heads / kv heads). Returns the output and each head's largest logit over the batch
+    and the logits the softmax uses [H] (MuonClip)."""
     B, S, _ = x_BSD.shape
-    q = rope((x_BSD @ w["wq"].T).view(B, S, -1, head_dim), theta)
-    k = rope((x_BSD @ w["wk"].T).view(B, S, -1, head_dim), theta)
+    q = rope((x_BSD @ w["wq"].T).view(B, S, -1, head_dim), theta, window.positions)
+    k = rope((x_BSD @ w["wk"].T).view(B, S, -1, head_dim), theta, window.positions)
     v = (x_BSD @ w["wv"].T).view(B, S, -1, head_dim)
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(head_dim)
-    future = torch.ones(S, S, dtype=torch.bool).triu(1)
-    masked = scores.masked_fill(future, float("-inf"))
+    masked = scores.masked_fill(~window.visible[:, None], float("-inf"))
     probs = masked.softmax(-1)
     out = torch.einsum("bhst,bthd->bshd", probs, v).reshape(B, S, -1)
     return out @ w["wo"].T, masked.detach().amax(dim=(0, 2, 3))
@@ -224,17 +256,51 @@ def moe_forward(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Ten
 
 def _hidden_matrix(name: str) -> bool:
     """A hidden matrix for Muon (docs/optimizers.md): attention projections, dense MLPs,
-    shared and routed experts; not embeddings, output head, norms, router."""
+    shared and routed experts (of the layers and the MTP modules' blocks), the MTP modules'
+    projections; not embeddings, output head, norms, router."""
     return any(part in name for part in (".attention.w", ".mlp.w", ".shared_experts.w",
-                                         ".moe.experts.w"))
+                                         ".moe.experts.w", ".eh_proj."))
 
 
 # ----------------------------------------------------------------------------- the step
+IGNORED = -1  # a target the loss does not score
+
+
+def targets_of(batch_BL: torch.Tensor, ahead: int, eos_id: Optional[int],
+               mask_boundary: bool) -> torch.Tensor:
+    """The targets `ahead` tokens after each input position i (1 = the next token), IGNORED
+    where not scored (docs/mtp.md, docs/documents.md): past the window; when the chain
+    t_i .. t_{i+ahead-1} that predicts it holds an EOS anywhere but at its end; and, with
+    data.boundary_loss=mask, when its last token t_{i+ahead-1} is an EOS."""
+    B, L = batch_BL.shape
+    S = L - 1
+    out = torch.full((B, S), IGNORED, dtype=torch.long)
+    for b in range(B):
+        row = batch_BL[b].tolist()
+        for i in range(S):
+            j = i + ahead
+            if j > S:
+                continue
+            chain = row[i:j]
+            if eos_id in chain[:-1] or (mask_boundary and chain[-1] == eos_id):
+                continue
+            out[b, i] = row[j]
+    return out
+
+
+def ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the scored targets, and their number."""
+    logp = logits.log_softmax(-1)
+    scored = targets != IGNORED
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * scored).sum(), int(scored.sum())
+
+
 @dataclass
 class StepOutput:
     """What one optimizer step gives: the logged values and the gradients AdamW received."""
 
-    loss: float  # LM cross-entropy, mean over the global batch's tokens
+    loss: float  # LM cross-entropy, mean over the global batch's scored targets
     aux_loss: float  # lbl.coeff * LBL summed over MoE layers (docs: "What is logged")
     z_loss: float  # z_loss_coeff * z summed over MoE layers, mean over micro-batches
     grad_norm: float  # global L2 norm before clipping
@@ -247,10 +313,17 @@ class StepOutput:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # after clipping
     loads: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, real experts
     max_attn_logit: float = 0.0  # the largest attention logit of the step (before QK-clip)
+    mtp_losses: list[float] = field(default_factory=list)  # per depth, mean over scored targets
+    mtp_scale: float = 0.0  # lambda of the step
+    boundaries: int = 0  # EOS tokens among the step's inputs (documents ending inside a window)
 
 
 class Reference:
     """The model's weights (copied), AdamW, the expert biases and the step counter.
+
+    MoE layers are named by their module prefix ("layers.3.", "mtp.0.block."), in the model's
+    order (the main model's, then the MTP modules'). `eos_id`: the data's end-of-document token
+    (document masking and the MTP target rules need it).
 
     Subclasses may override `step_counts` and `aux_scale` or set `biased_weights` to build the
     known bugs back in (tests/oracle/test_known_bugs.py shows the lockstep comparison sees them).
@@ -258,22 +331,26 @@ class Reference:
 
     biased_weights = False
 
-    def __init__(self, cfg: MoetrainConfig, state_dict: dict[str, torch.Tensor]) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: MoetrainConfig, state_dict: dict[str, torch.Tensor],
+                 eos_id: Optional[int] = None) -> None:
+        self.cfg, self.eos_id = cfg, eos_id
         m, moe = cfg.model, cfg.model.moe
         if moe.routing.group_mode != "none" and moe.routing.num_groups > 1:
             raise NotImplementedError("model.moe.routing.group_mode: not in the reference")
-        self.moe_layers = list(range(moe.first_dense_layers, m.n_layers))
+        self.depth = m.mtp.depth
+        self.moe_layers = [f"layers.{i}." for i in range(moe.first_dense_layers, m.n_layers)]
+        if m.mtp.block == "moe":
+            self.moe_layers += [f"mtp.{k}.block." for k in range(self.depth)]
         expected = self._parameter_names()
-        biases = {f"layers.{i}.moe.router.expert_bias" for i in self.moe_layers}
+        biases = {f"{p}moe.router.expert_bias" for p in self.moe_layers}
         tied = {"output.weight"} if m.tie_embeddings else set()
         unknown = set(state_dict) - expected - biases - tied
         missing = (expected | biases) - set(state_dict)
         assert not unknown and not missing, f"state dict: unknown {unknown}, missing {missing}"
         self.params = {n: state_dict[n].detach().clone().float().requires_grad_(True)
                        for n in sorted(expected)}
-        self.bias = {i: state_dict[f"layers.{i}.moe.router.expert_bias"].detach().clone().float()
-                     for i in self.moe_layers}
+        self.bias = {p: state_dict[f"{p}moe.router.expert_bias"].detach().clone().float()
+                     for p in self.moe_layers}
         o = cfg.optim
         # optim.name=muon: torch.optim.Muon on every hidden matrix - attention, dense MLP and
         # shared-expert projections whole, each expert's matrix of an [E, m, n] stack on its
@@ -295,8 +372,19 @@ class Reference:
             [{"params": decay, "weight_decay": o.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
-        self.head_max: dict[int, torch.Tensor] = {}  # the step's largest logit per layer, head
+        self.head_max: dict[str, torch.Tensor] = {}  # the step's largest logit per block, head
         self.step = 0
+
+    def _block_names(self, p: str, dense: bool) -> set[str]:
+        m = self.cfg.model
+        names = {p + "attention_norm.weight", p + "ffn_norm.weight"}
+        names |= {f"{p}attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        if dense:
+            return names | {f"{p}mlp.{w}.weight" for w in ("w1", "w2", "w3")}
+        names |= {p + "moe.router.weight"} | {f"{p}moe.experts.{w}" for w in ("w1", "w2", "w3")}
+        if m.moe.num_shared_experts > 0:
+            names |= {f"{p}moe.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")}
+        return names
 
     def _parameter_names(self) -> set[str]:
         m, moe = self.cfg.model, self.cfg.model.moe
@@ -304,51 +392,69 @@ class Reference:
         if not m.tie_embeddings:
             names.add("output.weight")
         for i in range(m.n_layers):
-            p = f"layers.{i}."
-            names |= {p + "attention_norm.weight", p + "ffn_norm.weight"}
-            names |= {f"{p}attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
-            if i < moe.first_dense_layers:
-                names |= {f"{p}mlp.{w}.weight" for w in ("w1", "w2", "w3")}
-                continue
-            names |= {p + "moe.router.weight"} | {f"{p}moe.experts.{w}" for w in ("w1", "w2", "w3")}
-            if moe.num_shared_experts > 0:
-                names |= {f"{p}moe.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")}
+            names |= self._block_names(f"layers.{i}.", i < moe.first_dense_layers)
+        for k in range(self.depth):
+            p = f"mtp.{k}."
+            names |= {p + "enorm.weight", p + "hnorm.weight", p + "eh_proj.weight",
+                      p + "norm.weight"}
+            names |= self._block_names(p + "block.", m.mtp.block == "dense")
         return names
 
-    def forward(self, inputs_BS: torch.Tensor, top_k: int, capacity_factor: Optional[float],
-                running: dict[int, torch.Tensor]) -> tuple[torch.Tensor, list[MoEForward]]:
+    def block(self, h: torch.Tensor, p: str, window: Window, top_k: int,
+              capacity_factor: Optional[float], running: dict[str, torch.Tensor],
+              moe_outs: list) -> torch.Tensor:
+        """One pre-norm block: attention, then the dense MLP or the MoE layer (named `p`)."""
         m, P = self.cfg.model, self.params
         head_dim = m.head_dim or m.d_model // m.n_heads
-        h = P["tok_embeddings.weight"][inputs_BS]
-        moe_outs = []
-        for i in range(m.n_layers):
-            p = f"layers.{i}."
-            attn = {w: P[f"{p}attention.{w}.weight"] for w in ("wq", "wk", "wv", "wo")}
-            out, head_max = attention(rms_norm(h, P[p + "attention_norm.weight"], m.norm_eps),
-                                      attn, head_dim, m.rope_theta)
-            h = h + out
-            self.head_max[i] = torch.maximum(self.head_max.get(i, head_max), head_max)
-            x = rms_norm(h, P[p + "ffn_norm.weight"], m.norm_eps)
-            if i < m.moe.first_dense_layers:
-                h = h + swiglu(x, *(P[f"{p}mlp.{w}.weight"].T for w in ("w1", "w3", "w2")))
-                continue
-            w = {"router": P[p + "moe.router.weight"],
-                 **{n: P[f"{p}moe.experts.{n}"] for n in ("w1", "w2", "w3")}}
-            if m.moe.num_shared_experts > 0:
-                w.update({f"shared_{n}": P[f"{p}moe.shared_experts.{n}.weight"]
-                          for n in ("w1", "w2", "w3")})
-            out = moe_forward(x, w, self.bias[i], m.moe, top_k, capacity_factor, running.get(i),
-                              self.biased_weights)
-            moe_outs.append(out)
-            h = h + out.y
-        h = rms_norm(h, P["norm.weight"], m.norm_eps)
-        out_w = P["tok_embeddings.weight"] if m.tie_embeddings else P["output.weight"]
-        return h @ out_w.T, moe_outs
+        attn = {w: P[f"{p}attention.{w}.weight"] for w in ("wq", "wk", "wv", "wo")}
+        out, head_max = attention(rms_norm(h, P[p + "attention_norm.weight"], m.norm_eps), attn,
+                                  head_dim, m.rope_theta, window)
+        h = h + out
+        self.head_max[p] = torch.maximum(self.head_max.get(p, head_max), head_max)
+        x = rms_norm(h, P[p + "ffn_norm.weight"], m.norm_eps)
+        if p not in self.moe_layers:
+            return h + swiglu(x, *(P[f"{p}mlp.{w}.weight"].T for w in ("w1", "w3", "w2")))
+        w = {"router": P[p + "moe.router.weight"],
+             **{n: P[f"{p}moe.experts.{n}"] for n in ("w1", "w2", "w3")}}
+        if m.moe.num_shared_experts > 0:
+            w.update({f"shared_{n}": P[f"{p}moe.shared_experts.{n}.weight"]
+                      for n in ("w1", "w2", "w3")})
+        out = moe_forward(x, w, self.bias[p], m.moe, top_k, capacity_factor, running.get(p),
+                          self.biased_weights)
+        moe_outs.append(out)
+        return h + out.y
 
-    def step_counts(self) -> dict[int, torch.Tensor]:
+    def forward(self, batch_BL: torch.Tensor, top_k: int, capacity_factor: Optional[float],
+                running: dict[str, torch.Tensor],
+                ) -> tuple[list[torch.Tensor], list[MoEForward]]:
+        """Logits of a micro-batch's inputs (token ids [B, S + 1]): the next token's, then each
+        MTP depth's (DeepSeek-V3: h^k = Block_k(M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1})]),
+        logits = OutHead(RMSNorm_k(h^k)), h^0 the main model's last hidden state)."""
+        m, P = self.cfg.model, self.params
+        tokens = batch_BL[:, :-1]
+        window = window_of(tokens, self.eos_id, self.cfg.data.document_mask)
+        h = P["tok_embeddings.weight"][tokens]
+        moe_outs: list[MoEForward] = []
+        for i in range(m.n_layers):
+            h = self.block(h, f"layers.{i}.", window, top_k, capacity_factor, running, moe_outs)
+        out_w = P["tok_embeddings.weight"] if m.tie_embeddings else P["output.weight"]
+        logits = [rms_norm(h, P["norm.weight"], m.norm_eps) @ out_w.T]
+        S = tokens.shape[1]
+        padded = torch.cat([batch_BL, torch.zeros_like(batch_BL[:, :self.depth])], dim=1)
+        for k in range(1, self.depth + 1):
+            p = f"mtp.{k - 1}."
+            emb = P["tok_embeddings.weight"][padded[:, k:k + S]]  # t_{i+k}
+            x = torch.cat([rms_norm(emb, P[p + "enorm.weight"], m.norm_eps),
+                           rms_norm(h, P[p + "hnorm.weight"], m.norm_eps)], dim=-1)
+            h = self.block(x @ P[p + "eh_proj.weight"].T, p + "block.", window, top_k,
+                           capacity_factor, running, moe_outs)
+            logits.append(rms_norm(h, P[p + "norm.weight"], m.norm_eps) @ out_w.T)
+        return logits, moe_outs
+
+    def step_counts(self) -> dict[str, torch.Tensor]:
         """The global scope's running counts per MoE layer: from zero at every step."""
         slots = self.cfg.model.moe.num_experts + self.cfg.model.moe.routing.num_null_experts
-        return {i: torch.zeros(slots, dtype=torch.int64) for i in self.moe_layers}
+        return {p: torch.zeros(slots, dtype=torch.int64) for p in self.moe_layers}
 
     def aux_scale(self, micro_batches: int) -> float:
         """Each micro-batch's aux losses count 1 / micro-batches (their mean over the step)."""
@@ -357,10 +463,11 @@ class Reference:
     def train_step(self, micro_batches: list[torch.Tensor],
                    grads: Optional[dict[str, torch.Tensor]] = None) -> StepOutput:
         """One optimizer step over the global batch given as micro-batches of token ids
-        [b, S + 1]: the gradient of (LM mean over all tokens + the mean over micro-batches of
-        each MoE layer's lbl.coeff * LBL + z_loss_coeff * z), clipped, then the optimizer at
-        this step's LR, QK-clip, the bias update. `grads`: step the optimizer with these
-        (clipped) gradients instead of its own (see `update`)."""
+        [b, S + 1]: the gradient of (LM sum over the scored targets + lambda / D * each MTP
+        depth's sum, over all tokens of the global batch + the mean over micro-batches of each
+        MoE layer's lbl.coeff * LBL + z_loss_coeff * z), clipped, then the optimizer at this
+        step's LR, QK-clip, the bias update. `grads`: step the optimizer with these (clipped)
+        gradients instead of its own (see `update`)."""
         out = self.gradients(micro_batches)
         self.update(out, grads)
         return out
@@ -374,19 +481,26 @@ class Reference:
         top_k = top_k_at(moe, self.step)
         capacity_factor = capacity_factor_at(moe, self.step)
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        mtp_scale = scheduled(cfg.model.mtp.loss_scale_schedule, self.step,
+                              cfg.model.mtp.loss_scale)
+        mask_boundary = cfg.data.boundary_loss == "mask"
         for p in self.params.values():
             p.grad = None
         self.head_max = {}
         running = self.step_counts() if moe.lbl.scope == "global" else {}
-        lm_total = 0.0
+        sums = [0.0] * (1 + self.depth)
+        counts = [0] * (1 + self.depth)
         per_layer: list[list[MoEForward]] = [[] for _ in self.moe_layers]
         for batch in micro_batches:
-            logits, outs = self.forward(batch[:, :-1], top_k, capacity_factor, running)
-            logp = logits.log_softmax(-1)
-            lm_sum = -logp.gather(-1, batch[:, 1:].unsqueeze(-1)).sum()
+            logits, outs = self.forward(batch, top_k, capacity_factor, running)
+            loss = 0.0
+            for k, lg in enumerate(logits):
+                total, n = ce_sum(lg, targets_of(batch, k + 1, self.eos_id, mask_boundary))
+                loss = loss + (total if k == 0 else mtp_scale / self.depth * total)
+                sums[k] += float(total.detach())
+                counts[k] += n
             aux = sum(moe.lbl.coeff * o.lbl + moe.z_loss_coeff * o.z for o in outs)
-            (lm_sum / tokens + self.aux_scale(M) * aux).backward()
-            lm_total += float(lm_sum.detach())
+            (loss / tokens + self.aux_scale(M) * aux).backward()
             for layer, o in zip(per_layer, outs):
                 layer.append(o)
 
@@ -401,16 +515,16 @@ class Reference:
         if moe.lbl.scope == "global":  # the whole step's LBL: all its counts and tokens
             lbl = 0.0
             for layer in per_layer:
-                counts = sum(o.slot_counts for o in layer).double()
-                p = sum(o.prob_sum for o in layer).double() / sum(o.tokens for o in layer)
-                lbl += len(counts) * float((counts / counts.sum() * p).sum())
+                counts_E = sum(o.slot_counts for o in layer).double()
+                prob = sum(o.prob_sum for o in layer).double() / sum(o.tokens for o in layer)
+                lbl += len(counts_E) * float((counts_E / counts_E.sum() * prob).sum())
         else:
             lbl = sum(float(o.lbl.detach()) for layer in per_layer for o in layer) / M
         active = [sum(o.active for o in layer) for layer in per_layer]
         kept = [sum(o.kept for o in layer) for layer in per_layer]
         layer_tokens = [sum(o.tokens for o in layer) for layer in per_layer]
         return StepOutput(
-            loss=lm_total / tokens,
+            loss=sums[0] / counts[0],
             aux_loss=moe.lbl.coeff * lbl,
             z_loss=moe.z_loss_coeff * sum(float(o.z.detach()) for layer in per_layer
                                           for o in layer) / M,
@@ -422,6 +536,9 @@ class Reference:
             grads={n: g.detach().clone() for n, g in grads.items()},
             loads=loads,
             max_attn_logit=max(float(m.max()) for m in self.head_max.values()),
+            mtp_losses=[sums[k] / counts[k] for k in range(1, 1 + self.depth)],
+            mtp_scale=mtp_scale,
+            boundaries=sum(int((b[:, :-1] == self.eos_id).sum()) for b in micro_batches),
         )
 
     def update(self, out: StepOutput, grads: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -447,9 +564,9 @@ class Reference:
             self.qk_clip(cfg.optim.qk_clip_threshold)
         if moe.routing.bias_rate > 0:
             E = moe.num_experts
-            for i, load in zip(self.moe_layers, out.loads):
+            for p, load in zip(self.moe_layers, out.loads):
                 direction = torch.sign(load.sum() - E * load)  # sign(mean - load_i), in integers
-                self.bias[i][:E] += moe.routing.bias_rate * direction.float()
+                self.bias[p][:E] += moe.routing.bias_rate * direction.float()
         self.step += 1
 
     @torch.no_grad()
@@ -461,8 +578,8 @@ class Reference:
         m = self.cfg.model
         d = m.head_dim or m.d_model // m.n_heads
         group = m.n_heads // m.n_kv_heads
-        for i, head_max in self.head_max.items():
-            wq, wk = (self.params[f"layers.{i}.attention.{w}.weight"] for w in ("wq", "wk"))
+        for p, head_max in self.head_max.items():  # every block's, the MTP modules' too
+            wq, wk = (self.params[f"{p}attention.{w}.weight"] for w in ("wq", "wk"))
             eta = [threshold / float(x) if float(x) > threshold else 1.0 for x in head_max]
             for g in range(m.n_kv_heads):
                 eta_g = min(eta[g * group:(g + 1) * group])

@@ -8,6 +8,7 @@ every layout (aux-loss bookkeeping, accumulation scales, bias, schedules) is che
 
 import pytest
 
+from tests.documents import documents_overrides
 from tests.oracle.lockstep import run_lockstep
 
 BIAS = ("model.moe.routing.bias_rate=0.01",)
@@ -52,6 +53,19 @@ CASES = {
                                       "optim.ns_steps=3", f"optim.qk_clip_threshold={QK_CLIP}",
                                       "train.recompute=full"),
 }
+# Multi-token prediction on short documents (tests/documents.py: windows of 16 tokens hold
+# document boundaries): two MoE modules (their experts biased and balanced like the main
+# model's) with document-masked attention and per-document RoPE positions; one dense module with
+# the EOS -> next-document target masked, lambda from a schedule (0.3, then 0.1 from step 2),
+# a tied head and recomputation.
+DOCUMENT_CASES = {
+    "mtp2-moe-documents-bias": ("model.mtp.depth=2", "data.document_mask=true", *BIAS),
+    "mtp1-dense-boundary-mask-schedule": (
+        "model.mtp.depth=1", "model.mtp.block=dense", "data.boundary_loss=mask",
+        "model.mtp.loss_scale_schedule.kind=step",
+        "model.mtp.loss_scale_schedule.milestones=[[2,0.1]]", "model.tie_embeddings=true",
+        "train.recompute=full"),
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -76,6 +90,23 @@ def test_trainer_equals_the_independent_reference(case, tmp_path):
     if "qk_clip" in " ".join(overrides):  # some heads were clipped (the update checks how)
         assert any(step.max_attn_logit > QK_CLIP for step in out)
         assert all("max_attn_logit" in record for record in result.records)
+    print(f"{case}: worst rel. error {result.worst:.2e}",
+          {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
+
+
+@pytest.mark.parametrize("case", DOCUMENT_CASES)
+def test_trainer_with_mtp_and_documents_equals_the_independent_reference(case, tmp_path):
+    overrides = [*documents_overrides(), *DOCUMENT_CASES[case]]
+    result = run_lockstep(tmp_path / "run", overrides)
+    result.assert_equal()
+    out = result.outputs
+    assert all(step.boundaries > 0 for step in out)  # documents end inside the windows
+    assert all(len(step.mtp_losses) == (2 if case.startswith("mtp2") else 1) for step in out)
+    if "schedule" in case:
+        assert [step.mtp_scale for step in out] == [0.3, 0.3, 0.1]
+    if BIAS[0] in overrides:  # the MTP layers' experts are biased too
+        assert all(b.abs().sum() > 0 for b in result.reference.bias.values())
+        assert len(result.reference.bias) == 4  # 2 main MoE layers + 2 MTP modules
     print(f"{case}: worst rel. error {result.worst:.2e}",
           {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
 

@@ -14,6 +14,12 @@ Byte accounting: every row the EP path moves goes through `expert_parallel.all_t
 which the ranks wrap to record the rows sent to each peer; the EP dispatch must send exactly the
 kept assignments (those on other ranks cross the wire, those on this rank stay local), and
 without ETP no all-gather may run at all.
+
+The other exchanges (where every rank holds as many tokens, as the sync-free one requires):
+the sync-free exchange (`SyncFreeAllToAllExchange`, static slots of a budget), the overlapped
+one (two asynchronous pieces, the shared experts in between) and both together must give the
+exact-size exchange's outputs and gradients bit for bit, reading nothing on the host in the
+sync-free case; a budget too small must be reported as an overflow by the counters.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ from moetrain.config.schema import RoutingConfig
 from torch.distributed.tensor import DTensor
 
 from moetrain.model import Transformer
-from moetrain.model.moe import MoELayer
+from moetrain.model.moe import MoELayer, moe_layers
 from moetrain.model.moe.capacity import capacity_keep_mask, expert_capacity
 from moetrain.parallel import expert_parallel
 from moetrain.parallel.dims import ParallelDims
-from moetrain.parallel.expert_parallel import AllToAllExchange, apply_expert_parallel
+from moetrain.parallel.expert_parallel import (
+    AllToAllExchange, SyncFreeAllToAllExchange, apply_expert_parallel,
+)
 from moetrain.parallel.mesh import build_meshes
 from tests.harness import ranks_fixture, run_distributed
+from tests.test_host_syncs import count_reads
 from tests.model.tiny import layer_stats, make_cfg, step_rows
 
 E, K, D, F = 8, 2, 32, 16
@@ -76,8 +85,8 @@ def scenarios(world: int) -> list[Scenario]:
     ]
 
 
-def make_layer(sc: Scenario) -> MoELayer:
-    cfg = make_cfg(moe=dict(num_experts=E, top_k=K, expert_hidden=F, **sc.moe),
+def make_layer(sc: Scenario, **moe) -> MoELayer:
+    cfg = make_cfg(moe=dict(num_experts=E, top_k=K, expert_hidden=F, **sc.moe, **moe),
                    lbl=dict(coeff=sc.lbl_coeff), d_model=D)
     torch.manual_seed(1234)
     layer = MoELayer(D, cfg.moe)
@@ -260,28 +269,90 @@ def check_layout(rank: int, world: int, layouts: list[tuple[int, int]]):
                 assert etp_sends[0] == [sum(received)] * etp, where
             report[(ep, etp, sc.name)] = (
                 max(e[0] for e in errs), max(e[1] for e in errs), received)
+            if len(set(sc.sizes)) == 1:
+                check_variants(sc, meshes, x_full[:, mine], g_full[:, mine], where)
         report[(ep, etp, "transformer")] = check_transformer(rank, world, meshes, etp)
     return report
 
 
+# (sync-free budget or None, overlap): budget 4 fits every slot of these scenarios.
+VARIANTS = {"sync-free": (4.0, False), "overlap": (None, True), "sync-free overlap": (4.0, True)}
+
+
+def run_variant(sc: Scenario, meshes, x, g, budget, overlap, shared=0):
+    """A fresh EP layer (exact-size exchange unless `budget`) and its forward + backward:
+    (output, input grad, local parameter grads by name, exchange counters, host-read events)."""
+    layer = apply_expert_parallel(make_layer(sc, ep_overlap=overlap, num_shared_experts=shared),
+                                  meshes.experts, sync_free=budget is not None)
+    layer.start_step(top_k=K, capacity_factor=layer.capacity_factor, aux_loss_scale=1.0,
+                     ep_budget=budget)
+    with count_reads() as (events, _):
+        y, gx = forward_backward(layer, x, g)
+    grads = {n: _local(p.grad).clone() for n, p in layer.named_parameters()}
+    return y, gx, grads, layer.exchange_stats.clone(), list(events), layer
+
+
+def check_variants(sc: Scenario, meshes, x, g, where):
+    """The sync-free, overlapped and both exchanges equal the exact one bit for bit (with and
+    without shared experts, which overlap the exchange); the sync-free ones read nothing."""
+    for shared in (0, 1):
+        y0, gx0, grads0, stats0, events0, _ = run_variant(sc, meshes, x, g, None, False, shared)
+        assert stats0.tolist() == [0, 0, 0, 0], where  # the exact exchange counts nothing
+        assert any("Tensor.tolist (parallel/expert_parallel.py" in e for e in events0), where
+        for name, (budget, overlap) in VARIANTS.items():
+            at = f"{where} {name} shared={shared}"
+            y, gx, grads, stats, events, layer = run_variant(sc, meshes, x, g, budget, overlap,
+                                                             shared)
+            assert isinstance(layer.dispatcher.exchange,
+                              SyncFreeAllToAllExchange if budget else AllToAllExchange), at
+            assert torch.equal(y, y0) and torch.equal(gx, gx0), at
+            assert all(torch.equal(grads[n], grads0[n]) for n in grads0), at
+            if budget is not None:
+                assert events == [], f"{at}: host reads {events}"
+                overflowed, need, rows, slots = stats.tolist()
+                assert overflowed == 0 and 0 < need <= budget and rows <= slots, (at, stats)
+    # A budget far too small: rows do not fit, the counters say so on some rank.
+    *_, stats, _, _ = run_variant(sc, meshes, x, g, 0.25, False)
+    flags = torch.tensor([float(stats[0])])
+    dist.all_reduce(flags)
+    assert flags.item() > 0 and stats[2] <= stats[3], f"{where}: no overflow reported {stats}"
+
+
 def check_transformer(rank, world, meshes, etp):
     """Two MoE blocks (one activation-checkpointed) under EP: every collective of the forward,
-    the backward and the recompute must line up across ranks; logits and all grads exact."""
+    the backward and the recompute must line up across ranks; logits and all grads exact. The
+    overlapped and the sync-free exchanges give the exact exchange's logits and grads bitwise
+    (the asynchronous pieces also in the recompute)."""
     cfg = make_cfg(moe=dict(num_experts=E, top_k=K, expert_hidden=F), lbl=dict(coeff=0.0),
                    d_model=D, n_layers=3)
     cfg.moe.first_dense_layers = 1
     torch.manual_seed(7)
     ref = Transformer(cfg)
-    model = apply_expert_parallel(copy.deepcopy(ref), meshes.experts)
-    for m in (ref, model):
+    base = copy.deepcopy(ref)  # unwrapped, without gradients: what every EP model starts from
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, cfg.vocab_size, (world, 6), generator=gen)
+
+    def checkpointed(m):
         block = m.layers["2"]
         block.forward = (lambda f: lambda h, pos: checkpoint(f, h, pos, use_reentrant=False))(
             block.forward)
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, cfg.vocab_size, (world, 6), generator=gen)
-    ref(tokens).square().sum().backward()
-    logits = model(tokens[rank:rank + 1])
-    logits.square().sum().backward()
+        return m
+
+    def ep_model(budget=None, overlap=False):
+        source = copy.deepcopy(base)
+        if overlap:  # the config fixes it at construction: rebuild the layers' dispatchers
+            for layer in moe_layers(source):
+                layer.dispatcher.overlap = True
+        model = checkpointed(apply_expert_parallel(source, meshes.experts,
+                                                   sync_free=budget is not None))
+        for layer in moe_layers(model):
+            layer.start_step(top_k=K, capacity_factor=None, aux_loss_scale=1.0, ep_budget=budget)
+        logits = model(tokens[rank:rank + 1])
+        logits.square().sum().backward()
+        return model, logits
+
+    checkpointed(ref)(tokens).square().sum().backward()
+    model, logits = ep_model()
     where = f"transformer ep={meshes.dims.ep} etp={etp} rank {rank}"
     with torch.no_grad():
         assert_close(logits, ref(tokens)[rank:rank + 1], f"{where} logits")
@@ -303,6 +374,11 @@ def check_transformer(rank, world, meshes, etp):
             dist.all_reduce(grad)  # dense and router params: every rank holds other tokens
         assert_close(grad, want, f"{where} {name} grad")
         errs.append(errors(grad, want))
+    for variant, (budget, overlap) in VARIANTS.items():
+        other, other_logits = ep_model(budget, overlap)
+        assert torch.equal(other_logits, logits), f"{where} {variant} logits"
+        for (name, p), q in zip(model.named_parameters(), other.parameters()):
+            assert torch.equal(_local(p.grad), _local(q.grad)), f"{where} {variant} {name} grad"
     return max(e[0] for e in errs), max(e[1] for e in errs), None
 
 

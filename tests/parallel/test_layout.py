@@ -115,9 +115,12 @@ def test_validate_names_keys(world_size, degrees, keys, text):
 
 def _model(**kw):
     moe = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith("moe_")}
+    mtp = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith("mtp_")}
     model = ModelConfig(**kw)
     for k, v in moe.items():
         setattr(model.moe, k, v)
+    for k, v in mtp.items():
+        setattr(model.mtp, k, v)
     return model
 
 
@@ -134,6 +137,9 @@ def _model(**kw):
          "model.n_kv_heads = 2 is not divisible by parallel.tp = 4"),
         (dict(tp=2), dict(moe_first_dense_layers=1, ffn_hidden=511), {}, 128, "model.ffn_hidden",
          "model.ffn_hidden = 511"),
+        # a dense MTP block is a dense MLP too
+        (dict(tp=2), dict(moe_first_dense_layers=0, ffn_hidden=511, mtp_depth=1,
+                          mtp_block="dense"), {}, 128, "model.ffn_hidden", "model.ffn_hidden = 511"),
         (dict(cp=2), {}, {}, 130, "data.seq_len",
          "data.seq_len = 130 is not divisible by 2*parallel.cp = 4"),
         (dict(tp=2), {}, {}, 127, "data.seq_len",
@@ -178,8 +184,6 @@ def test_model_fit_accepts_good_and_refuses_too_few_kv_heads():
         (dict(pp=2, vpp=2), "interleaved", {}, dict(global_batch_size=40, micro_batch_size=2),
          ("parallel.pp_schedule", "train.global_batch_size", "train.micro_batch_size"),
          "(5) to be a multiple of max(1, micro-batches // parallel.pp) = 2"),
-        (dict(pp=2), "1f1b", dict(tie_embeddings=True), {}, ("model.tie_embeddings",),
-         "model.tie_embeddings = true is not supported with pipeline parallelism"),
     ],
 )
 def test_pipeline_schedule_is_checked_before_any_process_group(degrees, schedule, model, train,
@@ -198,8 +202,10 @@ def test_pipeline_schedules_that_fit():
     for schedule in ("interleaved", "zero_bubble"):
         check_model_fit(ParallelDims(2, pp=2, vpp=2), ModelConfig(), train, 128,
                            pp_schedule=schedule)
-    # pp = 1: the schedule and tied embeddings do not matter
+    # tied embeddings fit any layout (the last stage's copy: docs/pipeline_parallel.md)
     check_model_fit(ParallelDims(2), _model(tie_embeddings=True), train, 128, pp_schedule="1f1b")
+    check_model_fit(ParallelDims(4, pp=2), _model(tie_embeddings=True), train, 128,
+                    pp_schedule="1f1b")
 
 
 # -- the layout tool -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from moetrain.parallel.pipeline.schedule import (
 )
 from moetrain.parallel.pipeline.split import rank_layers, split_layers, stage_indices
 from moetrain.parallel.pipeline.stages import RankModel, build_stage_modules
-from moetrain.parallel.step import cross_entropy_sum
+from moetrain.parallel.loss import StepLoss
 from tests.harness import run_distributed, tiny_model_config
 
 N_MB, MB, SEQ = 4, 2, 32  # micro-batches per step and DP rank, sequences each, tokens per sequence
@@ -126,8 +126,7 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
         pipe = build_pipeline(
             stage_modules, schedule=schedule, group=group, device=torch.device("cpu"),
             n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=cfg.d_model,
-            vocab_size=cfg.vocab_size, tokens_per_step=TOKENS,
-            cross_entropy_sum=cross_entropy_sum)
+            vocab_size=cfg.vocab_size, loss=StepLoss())
         control = _control(pipe.model, cfg, N_MB)
         modules = [sm.module for sm in pipe.stage_modules]
         positions = {None: None, "1d": torch.arange(SEQ),
@@ -138,6 +137,7 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
             if phase == "eval":
                 for m in modules:
                     m.eval()
+                pipe.loss.start(TOKENS)
                 local = pipeline_eval_step(pipe, tokens[:, :-1], tokens[:, 1:], positions=positions)
                 loss = float(_sum_over(local, group))
                 _track(res, "eval_err", abs(loss - ref["eval"]) / ref["eval"])
@@ -146,6 +146,7 @@ def _run_cases(rank: int, world_size: int, models, all_tokens, refs, cases):
                 m.train()
                 m.zero_grad(set_to_none=True)
             control.start_step(0)
+            pipe.loss.start(TOKENS)
             local = pipeline_train_step(pipe, tokens[:, :-1], tokens[:, 1:], positions=positions)
             assert (local is not None) == pipe.is_last
             loss = _sum_over(local, group)
@@ -257,8 +258,7 @@ def _run_pp_fsdp(rank: int, model, tokens, ref) -> dict:
     pipe = build_pipeline(
         stage_modules, schedule="interleaved", group=meshes.group("pp"), device=torch.device("cpu"),
         n_microbatches=N_MB, micro_batch_size=MB, seq_len=SEQ, d_model=model.cfg.d_model,
-        vocab_size=model.cfg.vocab_size, tokens_per_step=2 * TOKENS,
-        cross_entropy_sum=cross_entropy_sum)
+        vocab_size=model.cfg.vocab_size, loss=StepLoss())
     mine = tokens[dp_rank * N_MB * MB:(dp_rank + 1) * N_MB * MB]
     res = {"names": [n for n, _ in pipe.model.named_parameters()]}
     control = _control(pipe.model, model.cfg, 2 * N_MB)  # the global micro-batches
@@ -266,6 +266,7 @@ def _run_pp_fsdp(rank: int, model, tokens, ref) -> dict:
         pipe.model.train()
         pipe.model.zero_grad(set_to_none=True)
         control.start_step(0)
+        pipe.loss.start(2 * TOKENS)
         local = pipeline_train_step(pipe, mine[:, :-1], mine[:, 1:])
         loss = _sum_over(local, meshes.group("pp"))
         torch.distributed.all_reduce(loss, group=meshes.group("dp_cp"))

@@ -19,6 +19,7 @@ and LBL counts, the expert bias) is set through `start_step` / `finish_step`, wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -71,7 +72,8 @@ class MoELayer(nn.Module):
             self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
         # The layout (`use_layout`): how expert rows move between ranks (the dispatcher's
         # exchange), and how many ranks split every micro-batch's tokens between them.
-        self.dispatcher = TokenDispatcher(E, cfg.pad_to_capacity, cfg.kernels)
+        self.dispatcher = TokenDispatcher(E, cfg.pad_to_capacity, cfg.kernels,
+                                          overlap=cfg.ep_overlap)
         self.token_shards = 1
         # This step's settings (`start_step`): the config's values until a step sets them.
         self.top_k = cfg.top_k
@@ -81,6 +83,11 @@ class MoELayer(nn.Module):
         # Sum of the rows of this optimizer step's training forwards (moe/stats.py).
         self.register_buffer("step_stats", torch.zeros(self.stats_columns.width,
                                                        dtype=torch.float64), persistent=False)
+        # A sync-free exchange's counters over this step's training forwards: forwards that
+        # overflowed the budget, the largest need (factor of the balanced load), rows received,
+        # receive-buffer rows (`ExchangeFlow.counters`; zeros for exact-size exchanges).
+        self.register_buffer("exchange_stats", torch.zeros(4, dtype=torch.float64),
+                             persistent=False)
 
     def use_layout(self, *, exchange: Optional[Exchange] = None,
                    token_shards: Optional[int] = None,
@@ -105,21 +112,26 @@ class MoELayer(nn.Module):
             self.lbl.sum_counts = sum_counts
 
     def start_step(self, *, top_k: int, capacity_factor: Optional[float],
-                   aux_loss_scale: float) -> None:
+                   aux_loss_scale: float, ep_budget: Optional[float] = None) -> None:
         """Set the routing of the forwards that follow (experts per token, capacity factor; None
-        = dropless) and the gradient each micro-batch's aux loss gets (the factor of its LM
-        loss, e.g. 1 / micro-batches of the step); clear the step's statistics and the
-        global-scope LBL counts. Called by `MoEControl` only."""
+        = dropless), the sync-free exchange's budget (None: exact sizes) and the gradient each
+        micro-batch's aux loss gets (the factor of its LM loss, e.g. 1 / micro-batches of the
+        step); clear the step's statistics, exchange counters and the global-scope LBL counts.
+        Called by `MoEControl` only."""
         assert 1 <= top_k <= self.router.num_experts, top_k  # validated schedule
-        self.configure(top_k=top_k, capacity_factor=capacity_factor)
+        self.configure(top_k=top_k, capacity_factor=capacity_factor, ep_budget=ep_budget)
         self.aux_loss_scale = float(aux_loss_scale)
         self.step_stats.zero_()
+        self.exchange_stats.zero_()
         self.lbl.reset()
 
-    def configure(self, *, top_k: int, capacity_factor: Optional[float]) -> None:
-        """Routing of the forwards that follow, the statistics kept (`MoEControl.evaluation`)."""
+    def configure(self, *, top_k: int, capacity_factor: Optional[float],
+                  ep_budget: Optional[float] = None) -> None:
+        """Routing and exchange budget of the forwards that follow, the statistics kept
+        (`MoEControl.evaluation`)."""
         self.top_k = int(top_k)
         self.capacity_factor = capacity_factor
+        self.dispatcher.budget = ep_budget
 
     def finish_step(self, tokens_per_expert_E: torch.Tensor) -> None:
         """After the optimizer step: the aux-loss-free bias update from the step's global loads
@@ -150,14 +162,11 @@ class MoELayer(nn.Module):
             keep_TK = whole_TK if keep_TK is None else whole_TK & keep_TK
         routing = dataclasses.replace(routing, keep_TK=keep_TK)
 
-        x_ND, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, tokens_per_expert)
-        y_TD = self.dispatcher.combine(y_ND, handle)
+        shared = None
         if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            shared = functools.partial(self._shared, x_TD)
+        # Routed experts (+ the shared experts, overlapped with the exchange where it can be).
+        y_TD, exchange_counters = self.dispatcher(x_TD, routing, self.experts, shared)
         y_BSD = y_TD.view(B, S, D)
 
         probs_TE = score_distribution(routing.scores_TE, self.score_func)
@@ -167,11 +176,26 @@ class MoELayer(nn.Module):
             lbl, z = lbl / self.token_shards, z / self.token_shards
         if self.training and not in_backward():  # a recompute repeats the same forward
             self._record_stats(routing, probs_TE, lbl, z, counts_E)
+            if exchange_counters is not None:
+                self._record_exchange(exchange_counters)
         if torch.is_grad_enabled() and (self.lbl_coeff or self.z_loss_coeff):
             aux = self.lbl_coeff * lbl + self.z_loss_coeff * z
             if aux.requires_grad:
                 y_BSD = AttachAuxLoss.apply(y_BSD, aux, self.aux_loss_scale)
         return y_BSD
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_expert_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+        return shared_TD
+
+    @torch.no_grad()
+    def _record_exchange(self, counters: torch.Tensor) -> None:
+        """Add a forward's exchange counters [overflowed, need, rows, slots] (need: max)."""
+        stats = self.exchange_stats
+        stats.copy_(torch.stack([stats[0] + counters[0], torch.maximum(stats[1], counters[1]),
+                                 stats[2] + counters[2], stats[3] + counters[3]]))
 
     @torch.no_grad()
     def _record_stats(self, routing, probs_TE, lbl, z, counts_E) -> None:

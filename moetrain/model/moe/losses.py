@@ -39,7 +39,12 @@ def in_backward() -> bool:
 
     torch has no public flag for "this forward is a checkpoint recompute"; the engine's current
     graph-task id (-1 outside backward) is the most direct signal and works for both forms.
+    Inside torch.compile it is False: the compiler traces a forward once, and a checkpoint in
+    compiled code is recomputed by the compiled graph, not by running the Python forward again
+    (and the id is not traceable: it would break the graph).
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -1,6 +1,6 @@
 """torch.distributed.pipelining stages and schedules around this rank's stage modules.
 
-    build_pipeline(stage_modules, ...)  -> Pipeline: stages, schedule, loss
+    build_pipeline(stage_modules, ..., loss=StepLoss(D))  -> Pipeline: stages, schedule, loss
     pipeline_train_step(pipe, inputs, targets)  one optimizer step's micro-batches; returns the
                                                 LM loss sum on the last stage, else None
     pipeline_eval_step(pipe, inputs, targets)   forward only
@@ -12,19 +12,23 @@ Schedules (`parallel.pp_schedule`; torch class):
     zero_bubble  ScheduleInterleavedZeroBubble   vpp >= 1 (ZB1P: backward split into input and
                                                  weight gradients)
 
-The schedule calls the loss function once per micro-batch on the last stage; it returns
-sum-CE / tokens_per_step (the global tokens of the step), as the micro-batch loop does, with
-`scale_grads=False`, so gradients summed over micro-batches and ranks are those of the global
-mean. The MoE aux losses need no pipeline support (`AttachAuxLoss` feeds them their gradient from
-the backward of the layer's output, whichever stage that is on), nor do the MoE statistics (each
-layer sums its own; moe/stats.py). Stage boundaries are declared statically ([mb, S] token ids
-in, [mb, S/tp, D] hidden states between stages), so torch runs no shape-inference pass.
+The schedule calls the loss function (moetrain/parallel/loss.py, the micro-batch loop's) once
+per micro-batch on the last stage; it returns the micro-batch's loss / tokens_per_step (the
+global tokens of the step), with `scale_grads=False`, so gradients summed over micro-batches and
+ranks are those of the global mean. The MoE aux losses need no pipeline support
+(`AttachAuxLoss` feeds them their gradient from the backward of the layer's output, whichever
+stage that is on), nor do the MoE statistics (each layer sums its own; moe/stats.py). The
+multi-token-prediction modules sit on the last stage, after the output head; their inputs (the
+tokens k ahead, `mtp_tokens`) reach every stage as keyword arguments like the positions, and
+the last stage returns (logits, MTP logits...) to the loss. Stage boundaries are declared
+statically ([mb, S] token ids in, [mb, S/tp, D] hidden states between stages), so torch runs no
+shape-inference pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,36 +40,13 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 
 from moetrain.parallel.checks import MULTI_STAGE_SCHEDULES
+from moetrain.parallel.loss import StepLoss
 from moetrain.parallel.pipeline.stages import RankModel, StageModule
 
 #: parallel.pp_schedule -> torch schedule class (which ones run several stages per rank:
 #: moetrain.parallel.checks.MULTI_STAGE_SCHEDULES).
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "interleaved": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}
-
-CESum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> sum of CE
-
-
-class PipelineLoss:
-    """The schedule's loss_fn: sum-CE / tokens_per_step; keeps each micro-batch's CE sum."""
-
-    def __init__(self, tokens_per_step: int, cross_entropy_sum: CESum):
-        self.tokens_per_step = tokens_per_step
-        self.cross_entropy_sum = cross_entropy_sum
-        self.sums: list[torch.Tensor] = []
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss_sum = self.cross_entropy_sum(logits, targets)
-        self.sums.append(loss_sum.detach())
-        return loss_sum / self.tokens_per_step
-
-    def total(self) -> torch.Tensor:
-        """fp64 sum over the micro-batches so far, added in micro-batch order."""
-        total = torch.zeros((), dtype=torch.float64, device=self.sums[0].device)
-        for s in self.sums:
-            total += s.to(torch.float64)
-        return total
-
 
 @dataclass
 class Pipeline:
@@ -75,7 +56,7 @@ class Pipeline:
     stages: list[PipelineStage]
     stage_modules: list[StageModule]
     model: RankModel
-    loss: PipelineLoss
+    loss: StepLoss
     n_microbatches: int
 
     @property
@@ -98,8 +79,7 @@ def build_pipeline(
     seq_len: int,
     d_model: int,
     vocab_size: int,
-    tokens_per_step: int,
-    cross_entropy_sum: CESum,
+    loss: StepLoss,
     activation_dtype: Optional[torch.dtype] = None,
     sequence_shards: int = 1,
 ) -> Pipeline:
@@ -108,23 +88,22 @@ def build_pipeline(
     schedule. The schedule and micro-batch count were checked with the layout
     (`moetrain.parallel.checks`).
 
-    n_microbatches: this DP rank's micro-batches per optimizer step; tokens_per_step: tokens of
-    the whole global batch (the LM loss's divisor); seq_len: the tokens per sequence a stage
-    sees (after CP splitting); activation_dtype: dtype of the hidden states between stages
-    (default: the stage parameters' dtype); cross_entropy_sum: sum-CE of (logits, targets);
-    sequence_shards: ranks splitting the hidden states between stages along the sequence (TP's
-    sequence parallelism: each rank sends its [mb, seq_len / tp, D] shard).
+    n_microbatches: this DP rank's micro-batches per optimizer step; seq_len: the tokens per
+    sequence a stage sees (after CP splitting); loss: the step's loss function (its
+    `mtp_depth` D: the last stage returns 1 + D logits); activation_dtype: dtype of the hidden
+    states between stages (default: the stage parameters' dtype); sequence_shards: ranks
+    splitting the hidden states between stages along the sequence (TP's sequence parallelism:
+    each rank sends its [mb, seq_len / tp, D] shard).
     """
     num_stages = stage_modules[0].num_stages
     stages = []
     for sm in stage_modules:
         inputs, outputs = _boundary_examples(sm, micro_batch_size, seq_len, d_model, vocab_size,
-                                             activation_dtype, sequence_shards)
+                                             activation_dtype, sequence_shards, loss.mtp_depth)
         if not sm.is_last:  # a wrong declaration would garble the activations sent
             sm.module.register_forward_hook(_boundary_check(outputs))
         stages.append(PipelineStage(sm.module, sm.index, num_stages, device, group=group,
                                     input_args=inputs, output_args=outputs))
-    loss = PipelineLoss(tokens_per_step, cross_entropy_sum)
     cls = SCHEDULES[schedule]
     stage_arg = stages if schedule in MULTI_STAGE_SCHEDULES else stages[0]
     sched = cls(stage_arg, n_microbatches=n_microbatches, loss_fn=loss, scale_grads=False)
@@ -132,8 +111,9 @@ def build_pipeline(
 
 
 def _boundary_examples(sm: StageModule, mb: int, seq_len: int, d_model: int, vocab_size: int,
-                       dtype: Optional[torch.dtype], sequence_shards: int = 1):
-    """Meta tensors of a stage's input and output (what torch would infer by a forward)."""
+                       dtype: Optional[torch.dtype], sequence_shards: int = 1, mtp_depth: int = 0):
+    """Meta tensors of a stage's input and output (what torch would infer by a forward): the
+    last stage's output is the logits, or with D MTP modules a tuple of 1 + D logits."""
     if dtype is None:
         dtype = next(sm.module.parameters()).dtype
     hidden = torch.empty(mb, seq_len // sequence_shards, d_model, dtype=dtype, device="meta",
@@ -141,8 +121,9 @@ def _boundary_examples(sm: StageModule, mb: int, seq_len: int, d_model: int, voc
     inputs = torch.empty(mb, seq_len, dtype=torch.long, device="meta") if sm.is_first else hidden
     outputs = hidden
     if sm.is_last:
-        outputs = torch.empty(mb, seq_len, vocab_size, dtype=dtype, device="meta",
-                              requires_grad=True)
+        logits = [torch.empty(mb, seq_len, vocab_size, dtype=dtype, device="meta",
+                              requires_grad=True) for _ in range(1 + mtp_depth)]
+        outputs = logits[0] if mtp_depth == 0 else tuple(logits)
     return inputs, outputs
 
 
@@ -160,7 +141,7 @@ def _boundary_check(expected: torch.Tensor):
     return check
 
 
-def _step_args(pipe: Pipeline, inputs, targets, positions):
+def _step_args(pipe: Pipeline, inputs, targets, positions, doc_positions, mtp_tokens):
     args = (inputs,) if pipe.is_first else ()
     target = targets if pipe.is_last else None
     kwargs = {}
@@ -168,6 +149,11 @@ def _step_args(pipe: Pipeline, inputs, targets, positions):
         if positions.dim() == 1:  # one row for every micro-batch; each gets [1, S]
             positions = positions.unsqueeze(0).expand(pipe.n_microbatches, -1)
         kwargs["positions"] = positions
+    # [micro-batches * mb, S(, D)]: split into micro-batches like the inputs
+    if doc_positions is not None:
+        kwargs["doc_positions"] = doc_positions
+    if mtp_tokens is not None:
+        kwargs["mtp_tokens"] = mtp_tokens
     return args, target, kwargs
 
 
@@ -177,20 +163,24 @@ def pipeline_train_step(
     targets: Optional[torch.Tensor],
     *,
     positions: Optional[torch.Tensor] = None,
+    doc_positions: Optional[torch.Tensor] = None,
+    mtp_tokens: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Forward and backward of all this DP rank's micro-batches of one optimizer step.
 
     inputs / targets: [n_microbatches * micro_batch, S] token ids (the micro-batches stacked in
-    order), needed on the first / last stage (may be None elsewhere). positions: None (0..S-1),
-    [S], or [n_microbatches * micro_batch, S], on every stage. Gradients accumulate into the
-    stage parameters' .grad (zero them before; start the MoE step before, as without PP).
-    Returns the fp64 sum of the LM cross-entropy over this rank's tokens on the last stage,
-    None elsewhere.
+    order; targets [.., S, 1 + D] with MTP), needed on the first / last stage (may be None
+    elsewhere). positions: None (0..S-1), [S], or [n_microbatches * micro_batch, S];
+    doc_positions [n_microbatches * micro_batch, S] and mtp_tokens [.., S, D] or None; all on
+    every stage. Start `pipe.loss` before (its divisor and MTP weight). Gradients accumulate
+    into the stage parameters' .grad (zero them before; start the MoE step before, as without
+    PP). Returns the fp64 sum of the LM cross-entropy over this rank's tokens on the last stage
+    (`pipe.loss.sums` has all the sums), None elsewhere.
     """
-    pipe.loss.sums.clear()
-    args, target, kwargs = _step_args(pipe, inputs, targets, positions)
+    args, target, kwargs = _step_args(pipe, inputs, targets, positions, doc_positions,
+                                      mtp_tokens)
     pipe.schedule.step(*args, target=target, return_outputs=False, **kwargs)
-    return pipe.loss.total() if pipe.is_last else None
+    return pipe.loss.sums(_device(pipe))["lm_sum"] if pipe.is_last else None
 
 
 @torch.no_grad()
@@ -200,13 +190,20 @@ def pipeline_eval_step(
     targets: Optional[torch.Tensor],
     *,
     positions: Optional[torch.Tensor] = None,
+    doc_positions: Optional[torch.Tensor] = None,
+    mtp_tokens: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """Forward only (modules in eval mode); the LM cross-entropy sum on the last stage."""
-    pipe.loss.sums.clear()
-    args, target, kwargs = _step_args(pipe, inputs, targets, positions)
+    """Forward only (modules in eval mode; start `pipe.loss` before); the LM cross-entropy sum
+    on the last stage (`pipe.loss.sums` has all the sums)."""
+    args, target, kwargs = _step_args(pipe, inputs, targets, positions, doc_positions,
+                                      mtp_tokens)
     pipe.schedule.eval(*args, target=target, **kwargs)
-    return pipe.loss.total() if pipe.is_last else None
+    return pipe.loss.sums(_device(pipe))["lm_sum"] if pipe.is_last else None
 
 
-__all__ = ["SCHEDULES", "Pipeline", "PipelineLoss", "build_pipeline", "pipeline_eval_step",
+def _device(pipe: Pipeline) -> torch.device:
+    return pipe.stages[0].device
+
+
+__all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "pipeline_eval_step",
            "pipeline_train_step"]
