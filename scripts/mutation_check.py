@@ -549,7 +549,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              'if cfg.decay == "linear":', "if False:", ("tests/test_optim.py",),
              "linear decay follows the cosine", keys=("optim.decay",)),
     Mutation("optim-betas-swapped", "moetrain/optim/__init__.py",
-             "betas=(cfg.beta1, cfg.beta2)", "betas=(cfg.beta2, cfg.beta1)",
+             "lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)", "lr=cfg.lr, betas=(cfg.beta2, cfg.beta1)",
              ("tests/test_optim.py", ORACLE), "AdamW's beta1 and beta2 swapped",
              keys=("optim.beta1", "optim.beta2")),
     Mutation("eval-capacity-ignored", "moetrain/model/moe/control.py",
