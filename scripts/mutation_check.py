@@ -261,7 +261,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              keys=("optim.qk_clip_threshold",)),
     Mutation("qk-clip-max-logits-across-documents", "moetrain/model/attention.py",
              "            if doc_positions is None:\n                visible",
-             "            if True:\n                visible", ("tests/model/test_max_logits.py",),
+             "            if True:\n                visible",
+             ("tests/model/test_max_logits.py", "tests/oracle/test_oracle.py::test_trainer_with_mtp_"
+              "and_documents_equals_the_independent_reference[mtp1-muon-qk-clip-documents]"),
              "QK-clip's largest logits taken over keys of other documents (data.document_mask)",
              keys=("optim.qk_clip_threshold", "data.document_mask")),
     # -- checkpoints

@@ -117,7 +117,8 @@ class MaxLogitTracking:
                          doc_positions: Optional[torch.Tensor] = None) -> None:
         if not (self.track_max_logits and self.training):
             return
-        step_max = self.max_logits_fn(q_BHSd, k_BKSd, positions, scale, doc_positions)
+        step_max = self.max_logits_fn(q_BHSd, k_BKSd, positions, scale,
+                                      doc_positions=doc_positions)
         # An activation-checkpoint recompute gives the same values: the maximum is unchanged.
         self.max_logits = step_max if self.max_logits is None else torch.maximum(
             self.max_logits, step_max)

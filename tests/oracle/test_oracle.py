@@ -52,6 +52,10 @@ CASES = {
     "muon-plain-momentum-recompute": ("optim=muon", "optim.nesterov=false", "optim.momentum=0.9",
                                       "optim.ns_steps=3", f"optim.qk_clip_threshold={QK_CLIP}",
                                       "train.recompute=full"),
+    # MuonClip over packed documents with an MTP module: the largest logits within each
+    # document, the MTP block's heads clipped and its matrices Muon's like the layers'
+    "mtp1-muon-qk-clip-documents": ("model.mtp.depth=1", "data.document_mask=true",
+                                    "optim=muon", f"optim.qk_clip_threshold={QK_CLIP}"),
 }
 # Multi-token prediction on short documents (tests/documents.py: windows of 16 tokens hold
 # document boundaries): two MoE modules (their experts biased and balanced like the main
@@ -65,6 +69,10 @@ DOCUMENT_CASES = {
         "model.mtp.loss_scale_schedule.kind=step",
         "model.mtp.loss_scale_schedule.milestones=[[2,0.1]]", "model.tie_embeddings=true",
         "train.recompute=full"),
+    # MuonClip over packed documents with an MTP module: the largest logits within each
+    # document, the MTP block's heads clipped and its matrices Muon's like the layers'
+    "mtp1-muon-qk-clip-documents": ("model.mtp.depth=1", "data.document_mask=true",
+                                    "optim=muon", f"optim.qk_clip_threshold={QK_CLIP}"),
 }
 
 
@@ -107,6 +115,9 @@ def test_trainer_with_mtp_and_documents_equals_the_independent_reference(case, t
     if BIAS[0] in overrides:  # the MTP layers' experts are biased too
         assert all(b.abs().sum() > 0 for b in result.reference.bias.values())
         assert len(result.reference.bias) == 4  # 2 main MoE layers + 2 MTP modules
+    if "qk-clip" in case:
+        assert any(step.max_attn_logit > QK_CLIP for step in out)
+        assert "mtp.0.block." in result.reference.head_max  # the MTP block's heads tracked too
     print(f"{case}: worst rel. error {result.worst:.2e}",
           {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
 
