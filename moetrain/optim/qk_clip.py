@@ -12,7 +12,8 @@ logits shrink by eta = threshold / max logit (optim.qk_clip_threshold).
 The attention modules keep their heads' maxima in the forward (moetrain/model/attention.py,
 `MaxLogitTracking`, no host read); which rows of which projection scale by what is theirs to
 say (`qk_clip_scales`: GQA, MLA's head-specific parts); this module scales whatever shard of
-those rows this rank holds (its rows from DTensor's placements, moetrain/parallel/whole_matrices.py).
+those rows this rank holds (its rows from DTensor's placements,
+moetrain/parallel/whole_matrices.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class QKClip:
         track_max_logits(model, n_layers=n_layers)
 
     def head_maxima(self, tp_rank: int = 0, tp: int = 1) -> torch.Tensor:
-        """[n_layers + mtp_depth, n_heads] fp32: this rank's heads' largest logits since the last call
-        (tensor parallelism splits the heads: TP rank t holds heads [t H/tp, (t+1) H/tp)),
+        """[n_layers + mtp_depth, n_heads] fp32: this rank's heads' largest logits since the last
+        call (tensor parallelism splits the heads: TP rank t holds heads [t H/tp, (t+1) H/tp)),
         zeros where this rank has no head (other stages, other TP ranks); resets them."""
         device = next(self.model.parameters()).device
         table = torch.zeros(self.rows, self.n_heads, dtype=torch.float32, device=device)
