@@ -52,10 +52,6 @@ CASES = {
     "muon-plain-momentum-recompute": ("optim=muon", "optim.nesterov=false", "optim.momentum=0.9",
                                       "optim.ns_steps=3", f"optim.qk_clip_threshold={QK_CLIP}",
                                       "train.recompute=full"),
-    # MuonClip over packed documents with an MTP module: the largest logits within each
-    # document, the MTP block's heads clipped and its matrices Muon's like the layers'
-    "mtp1-muon-qk-clip-documents": ("model.mtp.depth=1", "data.document_mask=true",
-                                    "optim=muon", f"optim.qk_clip_threshold={QK_CLIP}"),
 }
 # Multi-token prediction on short documents (tests/documents.py: windows of 16 tokens hold
 # document boundaries): two MoE modules (their experts biased and balanced like the main
