@@ -109,7 +109,8 @@ def gradient_bytes(model: nn.Module) -> int:
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (AdamW: exp_avg, exp_avg_sq, step)."""
+    """Bytes of the optimizer's state tensors (AdamW: exp_avg, exp_avg_sq, step; Muon:
+    momentum_buffer)."""
     return _storage_bytes(v for state in optimizer.state.values() for v in state.values()
                           if isinstance(v, torch.Tensor))
 

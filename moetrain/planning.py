@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from moetrain.config.schema import head_dim_of
 from moetrain.model.init import TEMP_BYTES_PER_ELEMENT, chunk_elements
+from moetrain.optim import ADAMW_STATE_BYTES, state_bytes_per_element
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.checks import fsdp_reshards_after_forward
 
@@ -23,8 +24,9 @@ from moetrain.parallel.checks import fsdp_reshards_after_forward
 #: fp32 exp_avg and exp_avg_sq. 16 in all (Megatron's bf16-weights-plus-fp32-master is 18).
 WEIGHT_BYTES = 4
 GRAD_BYTES = 4
-OPTIM_BYTES = 8  # AdamW's; other optimizers: optimizer_state_bytes
+OPTIM_BYTES = ADAMW_STATE_BYTES  # AdamW's; per tensor and optimizer: optimizer_state_bytes
 ACT_BYTES = 2  # bf16 activations
+
 
 def optimizer_state_bytes(optim: Any, spec: Any) -> int:
     """Bytes of optimizer state per element of one parameter tensor, by optimizer kind.
@@ -32,16 +34,16 @@ def optimizer_state_bytes(optim: Any, spec: Any) -> int:
     `optim`: the config's `optim` section (its `name`, "adamw" when it has none); `spec`: the
     tensor (`plan_shards.ParamSpec`: model name, global shape, component, kind). The one place
     the planner learns an optimizer's state: the memory per rank, the dry run's check and the
-    step-time model's optimizer pass (`step_time.optimizer_traffic_bytes`) all read it. AdamW:
-    fp32 exp_avg and exp_avg_sq, 8 B for every tensor. An optimizer whose state differs by
-    tensor (Muon: one momentum buffer for the hidden matrices, AdamW's two for the rest) adds
-    its rule here. Raises ValueError for an optimizer the planner does not know.
+    step-time model's optimizer pass (`step_time.optimizer_traffic_bytes`) all read it. The
+    answer is moetrain.optim's (`state_bytes_per_element`, by the rules that route each
+    parameter): AdamW's fp32 exp_avg and exp_avg_sq, 8 B; under optim.name=muon, 4 B (one
+    momentum buffer) for the hidden matrices Muon takes and 8 B for the rest. Raises ValueError
+    for an optimizer moetrain does not build.
     """
-    name = str(getattr(optim, "name", "adamw"))
-    if name == "adamw":
-        return OPTIM_BYTES
-    raise ValueError(f"optim.name={name}: the planner knows the optimizer state of adamw only "
-                     "(moetrain.planning.optimizer_state_bytes)")
+    # A block's spec is named by its template ("layers.{layer}.…", shared by every block of a
+    # kind); the routing rules match any layer number.
+    return state_bytes_per_element(str(getattr(optim, "name", "adamw")),
+                                   spec.name.format(layer=0))
 
 
 COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router",
@@ -592,7 +594,8 @@ def format_plan(plan: Plan) -> str:
     recompute = {"none": "no recompute", "moe": "the MoE layers recomputed",
                  "full": "whole blocks recomputed"}[plan.recompute]
     lines.append("  (per parameter: fp32 weights 4 B + fp32 grads 4 B + AdamW fp32 exp_avg/exp_avg_sq "
-                 f"8 B, as allocated; bf16 autocast activations, {recompute} (train.recompute); "
+                 "8 B (Muon's matrices: one momentum buffer, 4 B), as allocated; bf16 autocast "
+                 f"activations, {recompute} (train.recompute); "
                  "fsdp buf: gathered fp32 units; grad accum: FSDP's unsharded fp32 gradients "
                  "between micro-batches; init peak: the weights + one init chunk, before training)")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from moetrain.model.inputs import InputSpec
 from moetrain.model.mtp import mtp_loss_scale_at
 from moetrain.model.upcycle import UpcycleError, upcycle_
 from moetrain.optim import build_optimizer, lr_at, set_lr
+from moetrain.optim.qk_clip import QKClip
 from moetrain.parallel import ParallelDims
 from moetrain.parallel.grad_norm import clip_coefficient, scale_grads_
 from moetrain.parallel.loss import loss_means
@@ -116,6 +117,9 @@ class Trainer:
                 log.info("initialised %d tensors from the Hugging Face checkpoint %s", n,
                          init.from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.qk_clip = None if cfg.optim.qk_clip_threshold is None else QKClip(
+            self.model, cfg.optim.qk_clip_threshold, cfg.model.n_layers, cfg.model.n_heads,
+            cfg.model.mtp.depth)
 
         self.state = TrainState()
         self._resume()
@@ -382,9 +386,12 @@ class Trainer:
             if stats is not None:
                 sums["moe"] = stats.rows_LC
             exchange_sums, exchange_per_rank = self.moe.exchange_sums()
-            summed = runner.reduce_step(
-                model, token_sums=token_sums, sums={**sums, **exchange_sums},
-                per_rank={"memory_peak": self.step_peak_bytes, **exchange_per_rank})
+            per_rank = {"memory_peak": self.step_peak_bytes, **exchange_per_rank}
+            if self.qk_clip is not None:  # QK-clip: every attention head's largest logit [L, H]
+                per_rank["head_max"] = self.qk_clip.head_maxima(runner.layout.tp_rank,
+                                                                runner.layout.dims.tp)
+            summed = runner.reduce_step(model, token_sums=token_sums,
+                                        sums={**sums, **exchange_sums}, per_rank=per_rank)
             # The redo decision: an attempt whose sync-free expert exchange overflowed its budget
             # on any rank is not the dropless step; it runs again on the same batch, with a
             # budget grown to cover it (nothing of it was applied).
@@ -404,13 +411,18 @@ class Trainer:
         else:
             scale_grads_(model.parameters(), clip_coefficient(grad_norm, self.cfg.optim.grad_clip))
             self.optimizer.step()
+            if self.qk_clip is not None:
+                self.qk_clip.apply_(summed.rank_maximum("head_max"))
             # Aux-loss-free balancing from this step's global load (on the device).
             self.moe.finish_step(None if stats is None else columns.view(summed.device["moe"]))
         host = None if stats is None else columns.view(summed.host("moe"))
-        return {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
-                "skipped": skipped, "top_k": routing.top_k,
-                "memory_peak_gib": summed.maximum("memory_peak") / memory.GIB,
-                **self.moe.exchange_record()}, host
+        record = {"loss": lm_loss, "lm_loss": lm_loss, **losses, "grad_norm": grad_norm,
+                  "skipped": skipped, "top_k": routing.top_k,
+                  "memory_peak_gib": summed.maximum("memory_peak") / memory.GIB,
+                  **self.moe.exchange_record()}
+        if self.qk_clip is not None:  # the step's largest attention logit, before the clip
+            record["max_attn_logit"] = summed.maximum("head_max")
+        return record, host
 
     def evaluate(self) -> dict[str, float]:
         """`val_loss`, `val_loss/<source>` and `val_mtp_loss/<k>` (moetrain/evaluation.py) with

@@ -15,6 +15,8 @@ Steps, in order (each a subprocess with its own time budget, cut to what is left
     gpu_tests        pytest -m gpu over the rest of tests/ (none collected: status 'none')
     bench_kernels    scripts/bench_kernels.py: each Triton kernel against the PyTorch path
     bench_moe_layer  scripts/bench_moe_layer.py: mixtral, olmoe, qwen3; baseline, moetrain, triton
+    optim_cost       scripts/bench_optim.py cost: the optimizer step of one OLMoE-1B-7B block
+                     (64 experts), AdamW against Muon, time and state
     bench_fp8        scripts/bench_fp8.py: the MoE layer at the same shapes, bf16 against each
                      FP8 recipe this GPU runs (docs/fp8.md)
     bench_documents  scripts/bench_documents.py: document-masked attention, SDPA through the dense
@@ -144,6 +146,13 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
                                     "cpu", "--iters", "2", "--warmup", "1"] if smoke
                                    else ["--iters", "10", "--warmup", "3"])],
              210, "bench_moe_layer.json"),
+        Step("optim_cost", [PY, "scripts/bench_optim.py", "cost", "--json", str(work / "optim_cost.json"),
+                            *(["--device", "cpu", "--ranks", "1", "2", "--d-model", "128", "--heads",
+                               "4", "--expert-hidden", "64", "--experts", "4", "--plan-experts", "8",
+                               "--iters", "1", "--warmup", "1"] if smoke
+                              else ["--device", "cuda", "--ranks", "1", "--experts", "64",
+                                    "--plan-experts", "64", "--iters", "5", "--warmup", "2"])],
+             120, "optim_cost.json"),
         Step("bench_fp8", [PY, "scripts/bench_fp8.py", "--json", str(work / "bench_fp8.json"),
                            *(["--shape", "64,128,8,2,256", "--dtype", "fp32", "--device", "cpu",
                               "--iters", "1", "--warmup", "1"] if smoke
@@ -188,8 +197,8 @@ def build_steps(profile: str, work: Path, wheels: Path, site: Path) -> list[Step
 
 
 STEP_NAMES = ("install", "env", "kernel_tests", "gpu_tests", "bench_kernels", "bench_moe_layer",
-              "bench_fp8", "bench_documents", "moe_graph", "bench_dispatcher", "train_eager",
-              "train_fp8", "train_compiled")
+              "optim_cost", "bench_fp8", "bench_documents", "moe_graph", "bench_dispatcher",
+              "train_eager", "train_fp8", "train_compiled")
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -320,6 +329,11 @@ def summarize(steps: dict) -> dict:
         if r:
             summary[f"train_{mode}_tokens_per_s"] = round(r["tokens_per_s"], 1)
             summary[f"train_{mode}_mfu"] = round(r["mfu"], 4)
+    optim = (steps.get("optim_cost") or {}).get("result") or {}
+    for row in optim.get("rows", []):
+        key = f"optim_{row['layout']}{row['ranks']}"
+        summary[f"{key}_adamw_step_s"] = round(row["adamw_step_s"], 5)
+        summary[f"{key}_muon_step_s"] = round(row["muon_step_s"], 5)
     fp8 = (steps.get("bench_fp8") or {}).get("result") or {}
     for shape in fp8.get("shapes", []):
         name = shape["shape"]["name"]

@@ -148,6 +148,52 @@ def test_triton_variant_is_chosen_only_where_it_runs(bench, monkeypatch):
         bench.triton_wanted("on", cpu, torch.float32)
 
 
+def test_bench_optim_finds_where_muon_reaches_adamw_and_tabulates():
+    bench = load("bench_optim")
+    curve = [(10, 5.0), (20, 4.2), (30, 3.9), (40, 3.7)]
+    assert bench.first_step_reaching(curve, 4.0) == 30
+    assert bench.first_step_reaching(curve, 4.2) == 20
+    assert bench.first_step_reaching(curve, 3.0) is None
+    result = {"models": {"tiny": {"best_lr": {"adamw": 0.003, "muon": 0.01},
+                                  "sweep": {"adamw": {0.003: 4.0}, "muon": {0.01: 3.7}},
+                                  "seeds": [{"seed": 0, "adamw_final": 4.0, "muon_final": 3.7,
+                                             "muon_reaches_adamw_final_at": 30,
+                                             "token_efficiency": 40 / 30}]}}}
+    table = bench.quality_table(result)
+    assert "| tiny | 0 | 0.003 | 0.01 | 4.0000 | 3.7000 | 30 | 1.33x |" in table
+
+
+def test_bench_optim_sweeps_on_the_first_seed_then_runs_the_best_rates(tmp_path, monkeypatch):
+    """The quality protocol over stand-in runs (the training itself is the command line's):
+    every rate on seed 0, the lowest final validation loss picked per optimizer, only those
+    on the other seeds, and Muon's step at AdamW's final loss."""
+    bench = load("bench_optim")
+    calls = []
+
+    def fake_train(run_dir, overrides):
+        opt = next(o for o in overrides if o.startswith("optim="))[6:]
+        lr = float(next(o for o in overrides if o.startswith("optim.lr="))[9:])
+        seed = int(next(o for o in overrides if o.startswith("train.seed="))[11:])
+        calls.append((opt, lr, seed))
+        best = 3e-3 if opt == "adamw" else 1e-2
+        floor = (4.0 if opt == "adamw" else 3.5) + abs(lr - best) * 10 + seed * 0.01
+        return [{"step": s, "val_loss": floor + 1.0 / s} for s in (10, 20, 30, 40)]
+
+    monkeypatch.setattr(bench, "_train", fake_train)
+    args = bench.main.__globals__["argparse"].Namespace(
+        models=["tiny"], steps=40, eval_every=10, seeds=[0, 1], lr_adamw=[1e-3, 3e-3],
+        lr_muon=[3e-3, 1e-2], workers=1, out=str(tmp_path))
+    result = bench.quality(args)
+    assert sorted(c for c in calls if c[2] == 0) == sorted(
+        [("adamw", 1e-3, 0), ("adamw", 3e-3, 0), ("muon", 3e-3, 0), ("muon", 1e-2, 0)])
+    assert sorted(c for c in calls if c[2] == 1) == [("adamw", 3e-3, 1), ("muon", 1e-2, 1)]
+    tiny = result["models"]["tiny"]
+    assert tiny["best_lr"] == {"adamw": 3e-3, "muon": 1e-2}
+    # AdamW ends at 4.0 + 1/40 (+0.01 for seed 1); Muon's curve 3.5 + 1/s reaches it at step 10
+    assert [row["muon_reaches_adamw_final_at"] for row in tiny["seeds"]] == [10, 10]
+    assert tiny["seeds"][0]["token_efficiency"] == 4.0
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_documents_bench_agrees_and_reports_both_paths(tmp_path):
     """scripts/bench_documents.py on a tiny CPU shape (flex attention eager, forward only)."""

@@ -90,12 +90,15 @@ def test_failures_timeouts_and_the_deadline_are_recorded(check, tmp_path, monkey
 
 def test_summary_of_training_and_kernel_results(check):
     steps = {"train_eager": {"status": "ok", "result": {"tokens_per_s": 1234.56, "mfu": 0.41234}},
+             "optim_cost": {"status": "ok", "result": {"rows": [
+                 {"layout": "fsdp", "ranks": 1, "adamw_step_s": 0.0123456, "muon_step_s": 0.5}]}},
              "train_compiled": {"status": "unavailable"},
              "bench_kernels": {"status": "ok", "result": {"entries": [
                  {"op": "swiglu", "shape": {"name": "qwen3"}, "torch_ms": 3.0, "triton_ms": 2.0},
                  {"op": "permute", "shape": {"name": "qwen3"}, "torch_ms": 1.0, "triton_ms": None}]}}}
     assert check.summarize(steps) == {
         "train_eager": "ok", "train_compiled": "unavailable", "bench_kernels": "ok",
+        "optim_cost": "ok", "optim_fsdp1_adamw_step_s": 0.01235, "optim_fsdp1_muon_step_s": 0.5,
         "train_eager_tokens_per_s": 1234.6, "train_eager_mfu": 0.4123,
         "kernel_qwen3_swiglu_speedup": 1.5}
 
@@ -141,12 +144,12 @@ def test_smoke_run_through_the_wrapper(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         ["bash", str(SCRIPTS / "gpu_check.sh"), "--profile", "smoke", "--only",
-         "install,env,bench_moe_layer,moe_graph", "--wheels", str(tmp_path / "none"),
+         "install,env,bench_moe_layer,optim_cost,moe_graph", "--wheels", str(tmp_path / "none"),
          "--out-dir", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["install", "env", "bench_moe_layer", "moe_graph"]
+    assert list(steps) == ["install", "env", "bench_moe_layer", "optim_cost", "moe_graph"]
     assert steps["install"]["status"] == "skipped" and "no wheels" in steps["install"]["note"]
     assert report["env"]["torch"] and report["env"]["moetrain"] == "importable"
     assert report["env"]["cuda_available"] is False
@@ -160,6 +163,15 @@ def test_smoke_run_through_the_wrapper(tmp_path):
     assert graph["graph_capture"]["status"] == "unavailable"
     summary = report["summary"]
     assert summary["moe_64,128,8,2,256_moetrain_tflops"] > 0 and summary["env"] == "ok"
+    # the optimizer step on 1 and 2 CPU ranks: Muon's bytes as planned, less state than AdamW
+    rows = {(r["layout"], r["ranks"]): r for r in steps["optim_cost"]["result"]["rows"]}
+    assert set(rows) == {("fsdp", 1), ("fsdp", 2), ("ep", 2)}
+    assert rows[("fsdp", 1)]["muon_sent_bytes"] == 0
+    for r in rows.values():
+        assert r["muon_sent_bytes"] == r["muon_plan_bytes"] and r["adamw_sent_bytes"] == 0
+        assert r["muon_state_bytes"] < r["adamw_state_bytes"] and r["muon_step_s"] > 0
+    assert rows[("fsdp", 2)]["muon_sent_bytes"] > 0
+    assert summary["optim_fsdp2_muon_step_s"] > 0
     assert report["failures"] == [] and report["finished"] and report["profile"] == "smoke"
     assert "gpu_check (" in proc.stdout and Path(out / "gpu_check.log").stat().st_size > 0
     assert str(ROOT)  # the wrapper ran from another folder: it changes to the repository root

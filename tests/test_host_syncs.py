@@ -122,6 +122,7 @@ def _count_step(trainer) -> list[str]:
     ["model.moe.routing.top_p=0.5", "model.moe.routing.num_null_experts=2",
      "model.moe.routing.bias_rate=0.01", "model.moe.token_rounding=8"],
     ["train.recompute=full"],
+    ["optim=muon", "optim.qk_clip_threshold=0.1"],  # the max logits ride in the one read
 ])
 def test_one_host_read_per_step(tmp_path, overrides):
     events = _count_step(_trainer(tmp_path, overrides))
@@ -193,3 +194,23 @@ def test_the_counter_sees_reads_and_dynamic_shapes():
         t[t > 2]
         torch.bincount(t)
     assert len(counter.events) == 3
+
+
+def _muon_events(rank, world_size, tmp_path):
+    """The Muon part of the optimizer step (momentum, the whole-matrix exchange, Newton-Schulz,
+    the update) and QK-clip, counted on their own: torch's AdamW part reads its step counters
+    on the CPU (the fused CUDA one does not), Muon must read nothing."""
+    trainer = _trainer(tmp_path / f"r{rank}", ["optim=muon", "parallel.tp=2",
+                                               "optim.qk_clip_threshold=0.1"], world_size)
+    trainer.train_step(trainer.sampler.next_step())
+    counter = SyncCounter()
+    muon_step, clip = trainer.optimizer._muon_step, trainer.qk_clip.apply_
+    with counter:
+        muon_step(trainer.optimizer._muon_group())
+        clip(torch.full((4, 8), 1.0))
+    return counter.events, trainer.optimizer.exchange.communicates
+
+
+def test_muon_and_qk_clip_read_nothing_from_the_device(tmp_path):
+    for events, communicates in run_distributed(_muon_events, 2, tmp_path, timeout=120):
+        assert communicates and events == [], events

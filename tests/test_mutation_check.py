@@ -97,12 +97,12 @@ def test_an_unknown_key_is_refused_in_one_line_naming_it(monkeypatch, capsys):
         mc.classify("model.mtp.num_layers")
     assert "model.mtp.num_layers" in str(err.value) and "\n" not in str(err.value)
     keys = mc.schema_keys()
-    monkeypatch.setattr(mc, "schema_keys", lambda: [*keys, "model.moe.ep_budget"])
+    monkeypatch.setattr(mc, "schema_keys", lambda: [*keys, "model.moe.unclassified_knob"])
     assert mc.main(["--keys"]) == 2
     assert capsys.readouterr().err == (
-        "error: config key model.moe.ep_budget is not classified for the key-coverage sweep: "
-        "add it to MATH_KEYS with a mutation that bends it (keys=...) or to NOT_MATH with the "
-        "reason, in scripts/mutation_check.py\n")
+        "error: config key model.moe.unclassified_knob is not classified for the key-coverage "
+        "sweep: add it to MATH_KEYS with a mutation that bends it (keys=...) or to NOT_MATH with "
+        "the reason, in scripts/mutation_check.py\n")
 
 
 def test_a_key_without_a_caught_mutation_is_a_failing_line(tmp_path):

@@ -246,6 +246,12 @@ def test_tiny_memory_sharding_by_hand():
     # Initialisation: the weights plus the generator's temporaries (24 B per element) for the
     # largest shard, the embedding's 8192 x 128 / tp 2 / dp 2 = 2^18 elements (<= one chunk).
     assert stage.init_peak == 4 * n + 24 * 2**18
+    # optim=muon: one momentum buffer (4 B) for the attention, dense MLP and expert matrices,
+    # AdamW's 8 B for the embedding, output, norms and routers
+    muon = config("tiny", "parallel.tp=2", "parallel.ep=2", "optim=muon")
+    (with_muon,) = memory_per_rank(muon, dims)
+    matrices = (4 * 49_152 + 147_456) / 4 + 442_368
+    assert with_muon.optimizer == 4 * matrices + 8 * (n - matrices)
     no_fsdp = config("tiny", "parallel.tp=2", "parallel.ep=2", "parallel.fsdp.enabled=false")
     (replicated,) = memory_per_rank(no_fsdp, dims)
     assert replicated.dense_params == 1_224_832 and replicated.fsdp_buffers == 0
@@ -446,7 +452,7 @@ def test_optimizer_state_is_read_per_tensor_from_one_hook(monkeypatch):
     est = estimate_step(cfg, dims, hardware("h100"))
     assert est.optimizer_s == pytest.approx(32 * n / 3.35e12)  # 16 B + AdamW's 8 B twice
     with pytest.raises(ValueError, match="optim.name=sgd"):
-        planning.optimizer_state_bytes(SimpleNamespace(name="sgd"), None)
+        planning.optimizer_state_bytes(SimpleNamespace(name="sgd"), SimpleNamespace(name="x"))
     monkeypatch.setattr(planning, "optimizer_state_bytes",
                         lambda optim, spec: 4 if spec.kind == "experts" else 8)
     (muon_like,) = memory_per_rank(cfg, dims)

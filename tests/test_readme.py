@@ -63,6 +63,8 @@ RUN: dict[str, tuple[str, ...]] = {
          "model.n_layers=4"),
     "python scripts/lbl_experiment.py --steps 200":
         ("--steps", "2", "--global-batch", "4", "--eval-batches", "1", "--windows", "1"),
+    "python -m moetrain.train +experiment=tiny optim=muon optim.qk_clip_threshold=100 "
+    "run.dir=outputs/muon": SMALL_RUN,
     "python scripts/inspect_checkpoint.py outputs/tiny-<time>": (),
     "python scripts/convert_checkpoint.py outputs/tiny-<time> --to safetensors /tmp/flat": (),
     "python -m moetrain.train +experiment=tiny train.fp8=rowwise run.dir=outputs/fp8": SMALL_RUN,
@@ -92,6 +94,12 @@ SKIPPED: dict[str, str] = {
         "needs a GPU (compiled Triton); tests/test_bench_kernels.py runs it at small CPU shapes "
         "through the interpreter",
     "bash scripts/gpu_check.sh": "needs a GPU; tests/test_gpu_check.py tests its CPU-side logic",
+    "python scripts/bench_optim.py quality":
+        "hours of training on a CPU; tests/test_bench_scripts.py runs its sweep, seeds and "
+        "comparison over stand-in runs",
+    "python scripts/bench_optim.py cost --ranks 1 2 4":
+        "minutes per rank count at the OLMoE block shape; tests/test_gpu_check.py runs it on 1 "
+        "and 2 ranks at small shapes (the GPU check's smoke profile)",
     "python scripts/bench_fp8.py":
         "needs a GPU (real shapes, FP8 kernels); tests/fp8/test_bench_fp8.py runs it at a small "
         "CPU shape, emulated",

@@ -158,9 +158,10 @@ def _documented_metrics_keys() -> set[str]:
 
 
 def test_metrics_records_have_exactly_the_keys_the_design_documents(tmp_path):
-    # With multi-token prediction (its keys are documented as "only with MTP").
+    # every optional key too: val_loss (evaluation), max_attn_logit (QK-clip), the multi-token
+    # prediction's keys (documented as "only with MTP")
     trainer = build(tmp_path, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
-                    "model.mtp.depth=2")
+                    "optim=muon", "optim.qk_clip_threshold=100", "model.mtp.depth=2")
     trainer.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = {re.sub(r"/\d+$", "/<k>", re.sub(r"^(source_tokens|val_loss)/.+$", r"\1/<name>", k))

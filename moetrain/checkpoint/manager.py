@@ -329,9 +329,11 @@ class CheckpointManager:
             verify(path)
         model_sd = get_model_state_dict(model)
         saved_keys = _check_shapes(path, model_sd)
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+        _check_optimizer(path, saved_keys, optim_sd)
         full: dict[str, Any] = {
             "model": model_sd,
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": optim_sd,
             "train": "",
         }
         rng_key = f"rng_rank{_rank()}"
@@ -339,7 +341,9 @@ class CheckpointManager:
             full[rng_key] = rng_state()
         try:
             dcp.load(full, checkpoint_id=str(path))
-        except Exception as err:  # DCP raises several types; name the checkpoint in every case
+        # DCP raises several types (its CheckpointException is a BaseException); name the
+        # checkpoint in every case
+        except (Exception, dcp.CheckpointException) as err:
             raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(err)}") from err
         set_model_state_dict(model, full["model"])
         set_optimizer_state_dict(model, optimizer, full["optim"])
@@ -369,6 +373,8 @@ def verify(path: Path) -> None:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
+    if isinstance(err, dcp.CheckpointException) and text:
+        return text[-1]  # a rank's traceback: its last line is the error
     return text[0] if text else type(err).__name__
 
 
@@ -397,6 +403,21 @@ def _check_shapes(path: Path, model_sd: dict[str, Any]) -> set[str]:
             )
     _check_files(path, metadata)
     return set(saved)
+
+
+def _check_optimizer(path: Path, saved: set[str], optim_sd: dict[str, Any]) -> None:
+    """Refuse a checkpoint without this optimizer's state (saved with another optim.name:
+    AdamW's exp_avg / exp_avg_sq where Muon needs momentum_buffer, or the reverse)."""
+    wanted = [(f"optim.state.{fqn}.{key}", f"state {fqn}.{key}")
+              for fqn, state in optim_sd.get("state", {}).items() for key in state]
+    wanted += [(f"optim.param_groups.{i}.{key}", f"group {i} entry {key!r}")
+               for i, group in enumerate(optim_sd.get("param_groups", [])) for key in group
+               if key != "params"]
+    for key, what in wanted:
+        if key not in saved:
+            raise CheckpointError(
+                f"checkpoint {path} has no optimizer {what}: it was saved with another "
+                "optimizer; resume with the optim.name it was saved with")
 
 
 def _check_files(path: Path, metadata: Any) -> None:

@@ -54,6 +54,8 @@ RopeScaling = _choice("RopeScaling", "none", "yarn")
 FP8Recipe = _choice("FP8Recipe", "none", "tensorwise", "rowwise", "mxfp8")
 FP8Backend = _choice("FP8Backend", "torchao", "te")
 GroupScore = _choice("GroupScore", "top2_sum", "max")
+OptimName = _choice("OptimName", "adamw", "muon")
+NSDType = _choice("NSDType", "bf16", "fp32")
 MTPBlock = _choice("MTPBlock", "moe", "dense")
 BoundaryLoss = _choice("BoundaryLoss", "keep", "mask")
 
@@ -344,6 +346,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw: AdamW for every parameter. muon: Muon for the hidden matrices (attention
+    # projections, dense MLPs, shared and routed experts - each expert's matrices separately),
+    # AdamW for the rest (embeddings, output head, norms, router); docs/optimizers.md.
+    name: OptimName = OptimName("adamw")
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -354,6 +360,17 @@ class OptimConfig:
     decay: LRDecay = LRDecay("cosine")
     # Clip the global gradient norm to this value; 0 disables clipping.
     grad_clip: float = 1.0
+    # Muon (optim.name=muon): Nesterov momentum, Newton-Schulz steps; the update is scaled by
+    # 0.2 sqrt(max(rows, cols)) so lr and weight_decay carry over from AdamW.
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    # Precision of Newton-Schulz: bf16 as torch.optim.Muon (fast; its rounding makes runs
+    # that differ in the last bit of a gradient differ by ~1% in the update), or fp32.
+    ns_dtype: NSDType = NSDType("bf16")
+    # MuonClip (Kimi K2): after each step, scale the query/key projections of every attention
+    # head whose largest pre-softmax logit of the step exceeded this threshold; null = off.
+    qk_clip_threshold: Optional[float] = None
 
 
 @dataclass

@@ -144,6 +144,16 @@ def validate(cfg: MoetrainConfig) -> None:
     _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     _non_negative("optim.warmup_steps", o.warmup_steps)
     _non_negative("optim.grad_clip", o.grad_clip)
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _require(1 <= o.ns_steps < 100, "optim.ns_steps", o.ns_steps,
+             "must be in [1, 99] (Newton-Schulz iterations)")
+    if o.qk_clip_threshold is not None:
+        _require(o.qk_clip_threshold > 0 and math.isfinite(o.qk_clip_threshold),
+                 "optim.qk_clip_threshold", o.qk_clip_threshold,
+                 "must be a finite number > 0 (the largest attention logit allowed), or null")
+        _require(m.qk_norm == "none", "optim.qk_clip_threshold", o.qk_clip_threshold,
+                 f"needs model.qk_norm=none (got {m.qk_norm}): the q/k norms undo the projection "
+                 "scaling QK-clip applies; they bound the logits themselves")
 
     t = cfg.train
     _positive("train.max_steps", t.max_steps)

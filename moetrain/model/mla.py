@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from moetrain.model.attention import AttentionFn, causal_attention
+from moetrain.model.attention import AttentionFn, MaxLogitTracking, causal_attention
 from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import apply_rope, rope_cos_sin, yarn_mscale
 
@@ -38,7 +38,7 @@ def mla_softmax_scale(mla: Any, rope_scaling: Optional[Any]) -> float:
     return scale
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(MaxLogitTracking, nn.Module):
     """MLA over x [B, S, D] with explicit positions; `mla` is an `MLAConfig`, `rope_scaling` a
     `RopeScalingConfig` or None. Head counts are read from the weights at forward time, so a
     tensor-parallel module (wq/wq_b/wkv_b colwise, wo rowwise) works as is."""
@@ -88,7 +88,22 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope_BS1d = apply_rope(self.wk_rope(x_BSD).view(B, S, 1, self.d_rope), cos, sin)
         q_BSHd = torch.cat([q_BSHd[..., :self.d_nope], q_rope_BSHd], dim=-1)
         k_BSHd = torch.cat([k_nope_BSHd, k_rope_BS1d.expand(B, S, H, self.d_rope)], dim=-1)
+        self._note_max_logits(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), positions,
+                              self.softmax_scale, doc_positions)
         o_BHSd = self.attention_fn(q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2),
                                    v_BSHd.transpose(1, 2), positions, scale=self.softmax_scale,
                                    doc_positions=doc_positions)
         return self.wo(o_BHSd.transpose(1, 2).reshape(B, S, -1))
+
+    def qk_clip_scales(self, eta_H: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MuonClip's row factors for MLA (Kimi K2 report, "MuonClip"): only the head-specific
+        parts - each head's q_nope rows and k_nope rows (wkv_b) by sqrt(eta_h), its q_rope rows
+        by eta_h; the shared rotary key (wk_rope), the values and the latents stay. Head h's
+        logit q_nope.k_nope + q_rope.k_rope then scales by eta_h. Global row counts."""
+        H = eta_H.numel()
+        root = eta_H.sqrt()
+        q = torch.cat([root[:, None].expand(H, self.d_nope),
+                       eta_H[:, None].expand(H, self.d_rope)], dim=1).reshape(-1)
+        kv = torch.cat([root[:, None].expand(H, self.d_nope),
+                        torch.ones_like(eta_H)[:, None].expand(H, self.d_v)], dim=1).reshape(-1)
+        return {("wq.weight" if self.wq is not None else "wq_b.weight"): q, "wkv_b.weight": kv}

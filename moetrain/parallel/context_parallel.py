@@ -25,7 +25,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.model.attention import Attention
+from moetrain.model.attention import Attention, causal_max_logits
 from moetrain.model.documents import document_mask
 from moetrain.model.mla import MultiHeadLatentAttention
 
@@ -353,6 +353,24 @@ class ContextParallelAttention:
     def __call__(self, q_BHSd, k_BKSd, v_BKSd, positions, scale=None, doc_positions=None):
         return self._fn(q_BHSd, k_BKSd, v_BKSd, positions, self.cp_group, scale, doc_positions)
 
+    def max_logits(self, q_BHSd, k_BKSd, positions, scale=None,
+                   doc_positions=None) -> torch.Tensor:
+        """The largest causal logit of each local query head [Hq] over the whole sequence
+        (a `MaxLogitsFn`, for MuonClip): the keys and their positions all-gathered over the CP
+        group (no gradient; the mask comes from the positions and the queries' document
+        positions, so the keys' order is free)."""
+        cp = dist.get_world_size(self.cp_group)
+        def gather(x: torch.Tensor) -> list[torch.Tensor]:  # every CP rank's x, by rank
+            x = x.contiguous()
+            out = x.new_empty((cp * x.shape[0], *x.shape[1:]))
+            dist.all_gather_into_tensor(out, x, group=self.cp_group)
+            return list(out.view(cp, *x.shape).unbind(0))
+
+        keys = torch.cat(gather(k_BKSd.detach()), dim=2)  # [B, K, S, d], rank order
+        key_positions = torch.cat(gather(positions), dim=-1)
+        return causal_max_logits(q_BHSd, keys, positions, scale, k_positions=key_positions,
+                                 doc_positions=doc_positions)
+
     def __repr__(self) -> str:
         return (f"ContextParallelAttention(cp={dist.get_world_size(self.cp_group)}, "
                 f"comm={self.cp_comm})")
@@ -375,6 +393,7 @@ def apply_context_parallel(
     for module in model.modules():
         if isinstance(module, (Attention, MultiHeadLatentAttention)):
             module.attention_fn = fn
+            module.max_logits_fn = fn.max_logits
             found += 1
     if not found:
         raise ValueError("apply_context_parallel found no moetrain Attention module in the model")

@@ -60,6 +60,11 @@ class StepSums:
         """The largest element of a sum (of a per-rank vector: the largest rank's value)."""
         return max(self.values(name))
 
+    def rank_maximum(self, name: str) -> torch.Tensor:
+        """A per-rank value's element-wise maximum over the ranks ([world_size, *shape] slots
+        -> [*shape]), on the device: for updates that must not wait for the host."""
+        return self.device[name].amax(0)
+
     def host(self, name: str) -> torch.Tensor:
         return torch.tensor(self.values(name), dtype=torch.float64).view(
             self.packed.shapes[name])

@@ -144,9 +144,12 @@ class StepRunner:
         token from the logits), counted once per micro-batch (`holds_loss`);
         sums: values every rank contributes (MoE statistics rows - every rank routes different
         tokens or holds different layers -, stop flags);
-        per_rank: one value per rank (a float, e.g. its peak memory, or a device scalar, e.g.
-        the sync-free exchange's largest need), each rank filling its own slot of a world-size
-        vector, so the sum carries them all (`host[name].max()` is the largest);
+        per_rank: one value per rank (a float, e.g. its peak memory, a device scalar, e.g. the
+        sync-free exchange's largest need, or a device tensor, e.g. the attention heads' largest
+        logits [L, H], zero where the rank has no head), each rank filling its own slot of a
+        [world_size, *shape] tensor, so the sum carries them all (`StepSums.maximum(name)` is
+        the largest value, `rank_maximum(name)` the element-wise maximum over the ranks, on the
+        device);
         and "grad_sq", this rank's share of the squared global gradient norm
         (`grad_sq_norm_share`), so `StepSums.grad_norm` is the whole model's.
         """
@@ -159,8 +162,10 @@ class StepRunner:
         named["grad_sq"] = grad_sq_norm_share(self.norm_parameters(model), stage_ranks, device)
         named.update(sums)
         for name, value in per_rank.items():
-            slots = torch.zeros(layout.dims.world_size, dtype=torch.float64, device=device)
-            slots[layout.rank] = value  # a float, or a device scalar: nothing is read
+            shape = value.shape if isinstance(value, torch.Tensor) else ()
+            slots = torch.zeros(layout.dims.world_size, *shape, dtype=torch.float64,
+                                device=device)
+            slots[layout.rank] = value  # a float, or a device tensor: nothing is read
             named[name] = slots
         packed = Packed(named, device)
         summed = layout.all_reduce(packed.flat)

@@ -118,3 +118,27 @@ def test_missing_shard_and_other_shape_are_refused_with_the_name(tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=shard.name):
         mgr.load(step_dir, model, opt)
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_naming_the_state(tmp_path):
+    """AdamW's moments saved, Muon's momentum buffers wanted (and the reverse): one line naming
+    the missing optimizer state, not DCP's cross-rank exception."""
+    from moetrain.optim.muon import Muon
+
+    model, opt = make()
+    mgr = CheckpointManager(tmp_path / "adamw", keep_last=None)
+    step_dir = save(mgr, model, opt, 1)
+    muon = Muon([("0.weight", model[0].weight)],
+                [{"params": [model[0].bias, *model[1].parameters()]}], lr=0.1, weight_decay=0.0)
+    with pytest.raises(CheckpointError, match=r"no optimizer group 0 entry 'algorithm': it was "
+                                              r"saved with another optimizer"):
+        mgr.load(step_dir, model, muon)
+    for p in model.parameters():  # no gradients: the state is made first (DCP's lr-0 step)
+        p.grad = None
+    with pytest.raises(CheckpointError, match=r"no optimizer state 0\.weight\.momentum_buffer"):
+        mgr.load(step_dir, model, Muon([("0.weight", model[0].weight)],
+                                       [{"params": [model[0].bias, *model[1].parameters()]}],
+                                       lr=0.1, weight_decay=0.0))
+    muon_dir = save(CheckpointManager(tmp_path / "muon", keep_last=None), model, muon, 1)
+    with pytest.raises(CheckpointError, match=r"no optimizer state 0\.weight\.(step|exp_avg)"):
+        mgr.load(muon_dir, model, torch.optim.AdamW(model.parameters(), lr=0.1))

@@ -45,6 +45,10 @@ def test_the_tiny_experiment_fits_every_small_layout(world, layout):
     ("model.moe.routing.top_p=1.5", "model.moe.routing.top_p"),
     ("model.moe.routing.num_null_experts=-1", "model.moe.routing.num_null_experts"),
     ("model.moe.routing.bias_rate=-1", "model.moe.routing.bias_rate"),
+    ("optim.qk_clip_threshold=0", "optim.qk_clip_threshold"),
+    ("optim.qk_clip_threshold=-3", "optim.qk_clip_threshold"),
+    ("optim.momentum=1", "optim.momentum"),
+    ("optim.ns_steps=0", "optim.ns_steps"),
     ("model.moe.ep_budget=0", "model.moe.ep_budget"),
 ])
 def test_bad_values_name_their_key(override, key):
@@ -60,6 +64,8 @@ def test_bad_values_name_their_key(override, key):
     ("model.moe.routing.group_mode=clustered", "model.moe.routing.group_mode"),
     ("model.moe.lbl.scope=batch", "model.moe.lbl.scope"),
     ("train.recompute=some", "train.recompute"),
+    ("optim.name=lion", "optim.name"),
+    ("optim.ns_dtype=fp16", "optim.ns_dtype"),
 ])
 def test_values_outside_a_choice_list_are_refused_while_composing(override, key):
     with pytest.raises(ConfigError) as err:
@@ -147,3 +153,17 @@ def test_from_hf_needs_a_folder_and_a_named_family(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="model.family='custom' is invalid: must name"):
         validate(config(f"model.init.from_hf={tmp_path}"))
+
+
+def test_qk_clip_is_refused_with_qk_norms():
+    """The q/k norms undo a scaling of the projections: QK-clip would silently do nothing."""
+    with pytest.raises(ConfigError, match="optim.qk_clip_threshold.*model.qk_norm=none"):
+        validate(config("optim=muon", "optim.qk_clip_threshold=100", "model.qk_norm=head"))
+    validate(config("optim=muon", "optim.qk_clip_threshold=100"))
+
+
+def test_the_muon_group_selects_muon_with_its_defaults():
+    o = config("optim=muon").optim
+    assert (o.name, o.momentum, o.nesterov, o.ns_steps, o.ns_dtype, o.qk_clip_threshold) == (
+        "muon", 0.95, True, 5, "bf16", None)
+    assert config().optim.name == "adamw"

@@ -46,9 +46,10 @@ STEPS = 3
 EQUIVALENCE = (f"train.max_steps={STEPS}", "model.moe.capacity_factor=null",
                "model.moe.lbl.scope=micro")
 KEYS = ("loss", "grad_norm", "aux_loss", "z_loss", "load_cv")
-# Compared too where the runs log them: the MTP losses per depth (model.mtp.depth > 0) and the
-# validation losses (train.eval_every).
-OPTIONAL = re.compile(r"^(val_loss(/.+)?|val_mtp_loss/\d+|mtp_loss/\d+)$")
+# Compared too where the runs log them: the MTP losses per depth (model.mtp.depth > 0), the
+# validation losses (train.eval_every) and the step's largest attention logit
+# (optim.qk_clip_threshold).
+OPTIONAL = re.compile(r"^(val_loss(/.+)?|val_mtp_loss/\d+|mtp_loss/\d+|max_attn_logit)$")
 EXCHANGE_KEYS = ("ep_budget", "ep_need", "ep_overflows", "ep_wasted_rows")  # with ep_budget
 RTOL = 1e-5
 
@@ -227,6 +228,12 @@ MLA = ("model.attention=mla", "model.n_kv_heads=8", "model.mla.q_lora_rank=32",
        "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=12", "model.rope_scaling.kind=yarn",
        "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=32",
        "model.rope_scaling.mscale=1.0", "model.rope_scaling.mscale_all_dim=1.0")
+# Muon with Newton-Schulz in fp32 (in bf16 its rounding turns the last-bit differences every
+# layout's gradients have into ~1% of an update: docs/optimizers.md) and QK-clip at a threshold
+# the tiny model's largest logits cross (1.9 at the first step, then 0.36-0.43 once clipped;
+# MLA's 0.84, then 0.18-0.19).
+MUON = ("optim=muon", "optim.ns_dtype=fp32", "optim.qk_clip_threshold=0.3")
+MUON_MLA = (*MUON[:2], "optim.qk_clip_threshold=0.15")
 # Qwen2-MoE's sigmoid gate on a shared expert.
 GATE = ("model.moe.num_shared_experts=1", "model.moe.shared_expert_gate=true")
 REFERENCES: dict[str, list[str]] = {
@@ -241,6 +248,10 @@ REFERENCES: dict[str, list[str]] = {
     "b4-global": [*B4, "model.moe.lbl.scope=global"],
     "b4-mb4-global": [*B4, "train.micro_batch_size=4", "model.moe.lbl.scope=global"],
     "b4-mla": [*B4, *MLA],
+    "b4-muon": [*B4, *MUON],
+    "b4-mb1-muon": [*B4, "train.micro_batch_size=1", *MUON],
+    "b8-mb1-muon": ["train.micro_batch_size=1", *MUON],
+    "b4-mla-muon": [*B4, *MLA, *MUON_MLA],
     # a shared expert: what the overlapped exchange computes while the rows travel
     "b4-shared": [*B4, "model.moe.num_shared_experts=1"],
     # the shared-expert gate (reduced with the router) and the expert bias (global loads)

@@ -172,4 +172,6 @@ def test_four_ranks_folded_layouts(tmp_path):
         "tp2-ep2": ["parallel.tp=2", "parallel.ep=2"],  # FSDP over TP (2-D) and EP
         "pp2-ep2": ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"],
         "dp4-ep2-tied": ["parallel.ep=2", "model.tie_embeddings=true", "train.micro_batch_size=1"],
+        # Muon: one momentum buffer per matrix element (the planner's 4 B), AdamW's 8 B for the rest
+        "tp2-ep2-muon": ["parallel.tp=2", "parallel.ep=2", "optim=muon"],
     }, tmp_path)

@@ -101,6 +101,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         ("train.global_batch_size=3", "train.global_batch_size"),
         ("parallel.tp=2", "parallel.tp"),
         ("model.moe.lbl.scope=batch", "model.moe.lbl.scope"),
+        ("optim.qk_clip_threshold=0", "optim.qk_clip_threshold"),
     ],
 )
 def test_bad_values_are_refused_before_training(tmp_path, override, needle):

@@ -1,6 +1,7 @@
 """Two ranks under the README's launcher: SIGKILL of the launcher alone after a checkpoint ends
 every rank within seconds (no orphan keeps training and writing); the relaunch takes the dead
-run's lock over, resumes, and gets bit-identical losses."""
+run's lock over, resumes, and gets bit-identical losses (AdamW; and Muon with QK-clip, whose
+momentum buffers and clipped weights the checkpoint holds, with bit-identical largest logits)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from tests.harness import start_train, torchrun
 pytestmark = pytest.mark.slow
 
 
-def two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
-    """18 steps of a global batch of 4 on 2 ranks under moetrain.torchrun (the README's
-    launcher), a checkpoint every 6."""
-    return start_train(["train.global_batch_size=4", "train.max_steps=18", "checkpoint.every=6",
-                        f"run.dir={run_dir}", *extra], launcher=torchrun(2, relay=True),
-                       stderr=subprocess.STDOUT)
+ADAMW = ("train.max_steps=18", "checkpoint.every=6")
+MUON = ("train.max_steps=6", "checkpoint.every=2", "optim=muon", "optim.qk_clip_threshold=0.3")
+
+
+def two_ranks(run_dir: Path, run: tuple[str, ...], *extra: str) -> subprocess.Popen:
+    """`run` (steps, checkpoint interval, optimizer) with a global batch of 4 on 2 ranks under
+    moetrain.torchrun (the README's launcher)."""
+    return start_train(["train.global_batch_size=4", *run, f"run.dir={run_dir}", *extra],
+                       launcher=torchrun(2, relay=True), stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -32,9 +36,9 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path) -> dict[int, tuple]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs}
+    return {r["step"]: (r["loss"], r.get("max_attn_logit")) for r in recs}
 
 
 def alive(pid: int) -> bool:
@@ -45,11 +49,14 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited (nobody reaps an orphan's child at once)
 
 
-def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("run", [ADAMW, MUON], ids=["adamw", "muon"])
+def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_identically(
+        tmp_path, run):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    finish(two_ranks(full))
+    steps = int(run[0].split("=")[1])
+    finish(two_ranks(full, run))
 
-    proc = two_ranks(killed)
+    proc = two_ranks(killed, run)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists():
@@ -66,12 +73,12 @@ def test_sigkill_of_the_launcher_ends_its_ranks_and_the_relaunch_resumes_bit_ide
     print(f"ranks gone {gone_after:.2f} s after the launcher's SIGKILL")
     assert not any(alive(pid) for pid in ranks), "ranks outlived their launcher by 10 s"
     saved = int(latest.read_text().strip().split("_")[1])
-    assert saved < 18, "the run finished before it could be killed"
+    assert saved < steps, "the run finished before it could be killed"
     # (the first rank to notice exits; the other may instead see its collective fail)
     assert any("the launcher (pid" in (killed / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
 
-    finish(two_ranks(killed, "checkpoint.resume=auto"))
+    finish(two_ranks(killed, run, "checkpoint.resume=auto"))
     assert "which is no longer running" in (killed / "logs" / "rank0.log").read_text()  # took over
     a, b = losses(full), losses(killed)
-    assert sorted(b) == list(range(1, 19))
-    assert all(a[s] == b[s] for s in range(1, 19)), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    assert sorted(b) == list(range(1, steps + 1))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]

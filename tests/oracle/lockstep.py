@@ -33,6 +33,9 @@ from tests.oracle.reference import Reference, StepOutput
 STEPS = 3
 RTOL = 1e-5
 UPDATE_RTOL = 1e-3
+# Muon's update of the same gradient: the same bf16 Newton-Schulz on the same bits, but the
+# momentum's fp32 rounding may differ in the last bit (which bf16 can turn into one ulp).
+MUON_UPDATE_RTOL = 1e-4
 # Over the harness's tiny run (tests/harness): a tinier model, 3 layers (one dense, two MoE), 4
 # experts of width 16, sequences of 16 tokens, a global batch of 4 sequences; one warmup step,
 # then cosine decay (both parts of the LR rule).
@@ -152,6 +155,8 @@ def run_lockstep(run_dir: Path, overrides: list[str],
                      [layer["tokens_per_expert"] for layer in layers["layers"]],
                      want.tokens_per_expert)
         result.check(step, "lr", rel(record["lr"], want.lr))
+        if "max_attn_logit" in record:
+            result.check(step, "max_attn_logit", rel(record["max_attn_logit"], want.max_attn_logit))
         result.exact(step, "top_k", record["top_k"], want.top_k)
     result.exact(0, "steps logged", [r["step"] for r in result.records], list(range(1, STEPS + 1)))
     return result
@@ -179,9 +184,11 @@ def _attach(trainer: Trainer, ref: Reference, result: LockstepResult,
         if stop_at is not None and step > stop_at:
             raise _Stop
         before = {n: p.detach().clone() for n, p in params.items()}
-        want = ref.train_step([trainer.train_data.get_batch(ix) for ix in micro_batches])
+        want = ref.gradients([trainer.train_data.get_batch(ix) for ix in micro_batches])
         fed.clear()
         out = step_fn(micro_batches)
+        # Muon's update is compared for the trainer's own gradient (Reference.update says why)
+        ref.update(want, grads=dict(fed) if ref.muon_views else None)
         result.outputs.append(want)
         result.exact(step, "gradients of", sorted(fed), sorted(want.grads))
         for name, g in want.grads.items():
@@ -192,14 +199,27 @@ def _attach(trainer: Trainer, ref: Reference, result: LockstepResult,
         for name, p in params.items():
             q = ref.params[name]
             result.check(step, f"update {name}", rel_l2(p.detach() - before[name],
-                                                         q.detach() - before[name]), UPDATE_RTOL)
-            for key in ("exp_avg", "exp_avg_sq"):
-                result.check(step, f"{key} {name}", rel_l2(state[p][key], ref_state[q][key]))
-            result.exact(step, f"adam step {name}", float(state[p]["step"]),
-                         float(ref_state[q]["step"]))
+                                                         q.detach() - before[name]),
+                         MUON_UPDATE_RTOL if name in ref.muon_views else UPDATE_RTOL)
+            if name in ref.muon_views:  # torch.optim.Muon's buffers, one per matrix
+                views = ref.muon_views[name]
+                ref_buf = torch.stack([ref.muon.state[v]["momentum_buffer"] for v in views])
+                result.check(step, f"momentum_buffer {name}",
+                             rel_l2(state[p]["momentum_buffer"], ref_buf.view_as(p)))
+            else:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    result.check(step, f"{key} {name}", rel_l2(state[p][key], ref_state[q][key]))
+                result.exact(step, f"adam step {name}", float(state[p]["step"]),
+                             float(ref_state[q]["step"]))
             # The next step starts both from the trainer's weights and moments.
             with torch.no_grad():
                 q.copy_(p)
+                if name in ref.muon_views:
+                    buf = state[p]["momentum_buffer"]
+                    for e, v in enumerate(ref.muon_views[name]):
+                        ref.muon.state[v]["momentum_buffer"].copy_(buf[e] if buf.ndim == 3
+                                                                   else buf)
+                    continue
                 for key in ("exp_avg", "exp_avg_sq"):
                     ref_state[q][key].copy_(state[p][key])
         for prefix, bias in ref.bias.items():

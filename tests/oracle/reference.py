@@ -123,9 +123,10 @@ def window_of(tokens_BS: torch.Tensor, eos_id: Optional[int], per_document: bool
 
 
 def attention(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], head_dim: int,
-              theta: float, window: Window) -> torch.Tensor:
+              theta: float, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention over the visible keys; query head h reads key/value head
-    h // (heads / kv heads)."""
+    h // (heads / kv heads). Returns the output and each head's largest logit over the batch
+    and the logits the softmax uses [H] (MuonClip)."""
     B, S, _ = x_BSD.shape
     q = rope((x_BSD @ w["wq"].T).view(B, S, -1, head_dim), theta, window.positions)
     k = rope((x_BSD @ w["wk"].T).view(B, S, -1, head_dim), theta, window.positions)
@@ -133,9 +134,10 @@ def attention(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], head_dim: int,
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(head_dim)
-    probs = scores.masked_fill(~window.visible[:, None], float("-inf")).softmax(-1)
+    masked = scores.masked_fill(~window.visible[:, None], float("-inf"))
+    probs = masked.softmax(-1)
     out = torch.einsum("bhst,bthd->bshd", probs, v).reshape(B, S, -1)
-    return out @ w["wo"].T
+    return out @ w["wo"].T, masked.detach().amax(dim=(0, 2, 3))
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -252,6 +254,14 @@ def moe_forward(x_BSD: torch.Tensor, w: dict[str, torch.Tensor], bias: torch.Ten
                       int(active.sum()), int(keep.sum()), T, taken.sum(-1).tolist())
 
 
+def _hidden_matrix(name: str) -> bool:
+    """A hidden matrix for Muon (docs/optimizers.md): attention projections, dense MLPs,
+    shared and routed experts (of the layers and the MTP modules' blocks), the MTP modules'
+    projections; not embeddings, output head, norms, router."""
+    return any(part in name for part in (".attention.w", ".mlp.w", ".shared_experts.w",
+                                         ".moe.experts.w", ".eh_proj."))
+
+
 # ----------------------------------------------------------------------------- the step
 IGNORED = -1  # a target the loss does not score
 
@@ -301,6 +311,8 @@ class StepOutput:
     experts_per_token: float
     taken_per_token: list[int]  # over the step's tokens and MoE layers
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # after clipping
+    loads: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, real experts
+    max_attn_logit: float = 0.0  # the largest attention logit of the step (before QK-clip)
     mtp_losses: list[float] = field(default_factory=list)  # per depth, mean over scored targets
     mtp_scale: float = 0.0  # lambda of the step
     boundaries: int = 0  # EOS tokens among the step's inputs (documents ending inside a window)
@@ -340,13 +352,27 @@ class Reference:
         self.bias = {p: state_dict[f"{p}moe.router.expert_bias"].detach().clone().float()
                      for p in self.moe_layers}
         o = cfg.optim
+        # optim.name=muon: torch.optim.Muon on every hidden matrix - attention, dense MLP and
+        # shared-expert projections whole, each expert's matrix of an [E, m, n] stack on its
+        # own (views into the stack, so the forward sees the update) - and AdamW for the rest.
+        self.muon_views: dict[str, list[torch.Tensor]] = {}
+        if o.name == "muon":
+            self.muon_views = {n: ([p.detach()[e] for e in range(p.shape[0])] if p.ndim == 3
+                                   else [p.detach()])
+                               for n, p in self.params.items() if _hidden_matrix(n)}
+            self.muon = torch.optim.Muon(
+                [v for views in self.muon_views.values() for v in views], lr=o.lr,
+                weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
+                ns_steps=o.ns_steps, adjust_lr_fn="match_rms_adamw")
+        rest = {n: p for n, p in self.params.items() if n not in self.muon_views}
         # Decoupled weight decay on matrices only: 1-D tensors (norm gains) are not decayed.
-        decay = [p for n, p in self.params.items() if p.ndim >= 2]
-        no_decay = [p for n, p in self.params.items() if p.ndim < 2]
+        decay = [p for n, p in rest.items() if p.ndim >= 2]
+        no_decay = [p for n, p in rest.items() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+        self.head_max: dict[str, torch.Tensor] = {}  # the step's largest logit per block, head
         self.step = 0
 
     def _block_names(self, p: str, dense: bool) -> set[str]:
@@ -381,8 +407,10 @@ class Reference:
         m, P = self.cfg.model, self.params
         head_dim = m.head_dim or m.d_model // m.n_heads
         attn = {w: P[f"{p}attention.{w}.weight"] for w in ("wq", "wk", "wv", "wo")}
-        h = h + attention(rms_norm(h, P[p + "attention_norm.weight"], m.norm_eps), attn,
-                          head_dim, m.rope_theta, window)
+        out, head_max = attention(rms_norm(h, P[p + "attention_norm.weight"], m.norm_eps), attn,
+                                  head_dim, m.rope_theta, window)
+        h = h + out
+        self.head_max[p] = torch.maximum(self.head_max.get(p, head_max), head_max)
         x = rms_norm(h, P[p + "ffn_norm.weight"], m.norm_eps)
         if p not in self.moe_layers:
             return h + swiglu(x, *(P[f"{p}mlp.{w}.weight"].T for w in ("w1", "w3", "w2")))
@@ -432,12 +460,21 @@ class Reference:
         """Each micro-batch's aux losses count 1 / micro-batches (their mean over the step)."""
         return 1.0 / micro_batches
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepOutput:
+    def train_step(self, micro_batches: list[torch.Tensor],
+                   grads: Optional[dict[str, torch.Tensor]] = None) -> StepOutput:
         """One optimizer step over the global batch given as micro-batches of token ids
         [b, S + 1]: the gradient of (LM sum over the scored targets + lambda / D * each MTP
         depth's sum, over all tokens of the global batch + the mean over micro-batches of each
-        MoE layer's lbl.coeff * LBL + z_loss_coeff * z), clipped, then AdamW at this step's
-        LR, then the bias update."""
+        MoE layer's lbl.coeff * LBL + z_loss_coeff * z), clipped, then the optimizer at this
+        step's LR, QK-clip, the bias update. `grads`: step the optimizer with these (clipped)
+        gradients instead of its own (see `update`)."""
+        out = self.gradients(micro_batches)
+        self.update(out, grads)
+        return out
+
+    def gradients(self, micro_batches: list[torch.Tensor]) -> StepOutput:
+        """The step's forward, backward and clipping (the parameters' .grad) and logged values;
+        `update` takes the step."""
         cfg, moe = self.cfg, self.cfg.model.moe
         M = len(micro_batches)
         tokens = sum(b[:, 1:].numel() for b in micro_batches)
@@ -449,6 +486,7 @@ class Reference:
         mask_boundary = cfg.data.boundary_loss == "mask"
         for p in self.params.values():
             p.grad = None
+        self.head_max = {}
         running = self.step_counts() if moe.lbl.scope == "global" else {}
         sums = [0.0] * (1 + self.depth)
         counts = [0] * (1 + self.depth)
@@ -472,17 +510,7 @@ class Reference:
             coef = min(1.0, cfg.optim.grad_clip / (norm + 1e-6))
             for g in grads.values():
                 g.mul_(coef)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-
         loads = [sum(o.slot_counts for o in layer)[: moe.num_experts] for layer in per_layer]
-        if moe.routing.bias_rate > 0:
-            E = moe.num_experts
-            for p, load in zip(self.moe_layers, loads):
-                direction = torch.sign(load.sum() - E * load)  # sign(mean - load_i), in integers
-                self.bias[p][:E] += moe.routing.bias_rate * direction.float()
-        self.step += 1
 
         if moe.lbl.scope == "global":  # the whole step's LBL: all its counts and tokens
             lbl = 0.0
@@ -506,7 +534,55 @@ class Reference:
             experts_per_token=sum(a / t for a, t in zip(active, layer_tokens)) / len(active),
             taken_per_token=[n for layer in per_layer for o in layer for n in o.taken_per_token],
             grads={n: g.detach().clone() for n, g in grads.items()},
+            loads=loads,
+            max_attn_logit=max(float(m.max()) for m in self.head_max.values()),
             mtp_losses=[sums[k] / counts[k] for k in range(1, 1 + self.depth)],
             mtp_scale=mtp_scale,
             boundaries=sum(int((b[:, :-1] == self.eos_id).sum()) for b in micro_batches),
         )
+
+    def update(self, out: StepOutput, grads: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The optimizer step at this step's LR (with `grads` in place of the parameters' own
+        where given: Muon's bf16 Newton-Schulz turns a last-bit difference of a gradient into
+        ~1% of its update, so the lockstep compares the update of the SAME gradient and the
+        gradients on their own), QK-clip, the bias update; the step counter moves on."""
+        cfg, moe = self.cfg, self.cfg.model.moe
+        if grads is not None:
+            for n, p in self.params.items():
+                p.grad = grads[n].clone()
+        for opt in (self.optimizer, *([self.muon] if self.muon_views else [])):
+            for group in opt.param_groups:
+                group["lr"] = out.lr
+        for n, views in self.muon_views.items():  # each matrix's slice of the gradient
+            g = self.params[n].grad
+            for e, v in enumerate(views):
+                v.grad = g[e] if g.ndim == 3 else g
+        self.optimizer.step()
+        if self.muon_views:
+            self.muon.step()
+        if cfg.optim.qk_clip_threshold is not None:
+            self.qk_clip(cfg.optim.qk_clip_threshold)
+        if moe.routing.bias_rate > 0:
+            E = moe.num_experts
+            for p, load in zip(self.moe_layers, out.loads):
+                direction = torch.sign(load.sum() - E * load)  # sign(mean - load_i), in integers
+                self.bias[p][:E] += moe.routing.bias_rate * direction.float()
+        self.step += 1
+
+    @torch.no_grad()
+    def qk_clip(self, threshold: float) -> None:
+        """docs/optimizers.md, "QK-clip": head h whose largest logit of the step m_h exceeds
+        the threshold t gets eta_h = t / m_h (others 1); the kv head shared by a group of query
+        heads scales by sqrt(eta_g), eta_g the group's smallest eta, and query head h by
+        eta_h / sqrt(eta_g), so every logit of head h scales by eta_h."""
+        m = self.cfg.model
+        d = m.head_dim or m.d_model // m.n_heads
+        group = m.n_heads // m.n_kv_heads
+        for p, head_max in self.head_max.items():  # every block's, the MTP modules' too
+            wq, wk = (self.params[f"{p}attention.{w}.weight"] for w in ("wq", "wk"))
+            eta = [threshold / float(x) if float(x) > threshold else 1.0 for x in head_max]
+            for g in range(m.n_kv_heads):
+                eta_g = min(eta[g * group:(g + 1) * group])
+                wk[g * d:(g + 1) * d] *= math.sqrt(eta_g)
+                for h in range(g * group, (g + 1) * group):
+                    wq[h * d:(h + 1) * d] *= eta[h] / math.sqrt(eta_g)

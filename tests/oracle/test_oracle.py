@@ -12,6 +12,7 @@ from tests.documents import documents_overrides
 from tests.oracle.lockstep import run_lockstep
 
 BIAS = ("model.moe.routing.bias_rate=0.01",)
+QK_CLIP = 0.055  # below the tiny model's largest attention logits of the first steps
 # Each case: the micro-batching (global batch 4), the LBL scope and the routing features it covers.
 CASES = {
     "micro-1mb": ("train.micro_batch_size=4",),
@@ -41,6 +42,16 @@ CASES = {
     # Shared expert, tied embeddings, linear LR decay, no clipping.
     "shared-tied-noclip": ("model.moe.num_shared_experts=1", "model.tie_embeddings=true",
                            "optim.decay=linear", "optim.grad_clip=0"),
+    # Muon (torch.optim.Muon on each whole matrix and each expert's slice; AdamW for the rest).
+    "muon": ("optim=muon",),
+    # ... with QK-clip below the heads' largest logits (~0.05-0.07 here), a shared expert and
+    # tied embeddings (AdamW for the one embedding / output matrix).
+    "muon-qk-clip-shared-tied": ("optim=muon", f"optim.qk_clip_threshold={QK_CLIP}",
+                                 "model.moe.num_shared_experts=1", "model.tie_embeddings=true"),
+    # ... plain momentum, 3 Newton-Schulz steps, and the max logits through a full recompute.
+    "muon-plain-momentum-recompute": ("optim=muon", "optim.nesterov=false", "optim.momentum=0.9",
+                                      "optim.ns_steps=3", f"optim.qk_clip_threshold={QK_CLIP}",
+                                      "train.recompute=full"),
 }
 # Multi-token prediction on short documents (tests/documents.py: windows of 16 tokens hold
 # document boundaries): two MoE modules (their experts biased and balanced like the main
@@ -54,6 +65,10 @@ DOCUMENT_CASES = {
         "model.mtp.loss_scale_schedule.kind=step",
         "model.mtp.loss_scale_schedule.milestones=[[2,0.1]]", "model.tie_embeddings=true",
         "train.recompute=full"),
+    # MuonClip over packed documents with an MTP module: the largest logits within each
+    # document, the MTP block's heads clipped and its matrices Muon's like the layers'
+    "mtp1-muon-qk-clip-documents": ("model.mtp.depth=1", "data.document_mask=true",
+                                    "optim=muon", f"optim.qk_clip_threshold={QK_CLIP}"),
 }
 
 
@@ -76,6 +91,9 @@ def test_trainer_equals_the_independent_reference(case, tmp_path):
         assert any(step.experts_per_token < 3 for step in out)
     if case.startswith("top-k"):
         assert [step.top_k for step in out] == [4, 3, 1]
+    if "qk_clip" in " ".join(overrides):  # some heads were clipped (the update checks how)
+        assert any(step.max_attn_logit > QK_CLIP for step in out)
+        assert all("max_attn_logit" in record for record in result.records)
     print(f"{case}: worst rel. error {result.worst:.2e}",
           {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
 
@@ -93,6 +111,9 @@ def test_trainer_with_mtp_and_documents_equals_the_independent_reference(case, t
     if BIAS[0] in overrides:  # the MTP layers' experts are biased too
         assert all(b.abs().sum() > 0 for b in result.reference.bias.values())
         assert len(result.reference.bias) == 4  # 2 main MoE layers + 2 MTP modules
+    if "qk-clip" in case:
+        assert any(step.max_attn_logit > QK_CLIP for step in out)
+        assert "mtp.0.block." in result.reference.head_max  # the MTP block's heads tracked too
     print(f"{case}: worst rel. error {result.worst:.2e}",
           {k: f"{v:.1e}" for k, v in sorted(result.errors.items())})
 
@@ -105,3 +126,13 @@ def test_a_resumed_trainer_equals_the_reference_that_never_stopped(tmp_path):
     result = run_lockstep(tmp_path / "run", overrides, resume_after=2)
     result.assert_equal()
     assert len(result.outputs) == 3 and result.records[-1]["step"] == 3
+
+
+def test_a_resumed_muon_trainer_equals_the_reference_that_never_stopped(tmp_path):
+    """Muon's momentum buffers (one per matrix and expert slice in the reference) and the
+    AdamW moments of the rest come back from the checkpoint; QK-clip keeps acting."""
+    overrides = ["optim=muon", f"optim.qk_clip_threshold={QK_CLIP}", *BIAS]
+    result = run_lockstep(tmp_path / "run", overrides, resume_after=2)
+    result.assert_equal()
+    assert len(result.outputs) == 3 and result.records[-1]["step"] == 3
+    assert "momentum_buffer" in result.errors
