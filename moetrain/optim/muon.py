@@ -29,7 +29,7 @@ the learning-rate schedule. docs/optimizers.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn

@@ -35,7 +35,6 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 try:  # FSDP2's placement for a dim sharded right-to-left (FSDP over a TP/EP-sharded dim)
