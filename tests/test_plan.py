@@ -392,7 +392,14 @@ def test_a_steps_collectives_by_hand():
         [("all_gather", moe_block, 8), ("reduce_scatter", moe_block, 1)] * 3 + \
         [("all_gather", root, 4), ("reduce_scatter", root, 1)]
     (sums,) = [c for c in calls if c.what == "step sums"]
-    assert sums.bytes == 8 * (3 + 2 + 3 * (7 + 2 * 8))  # loss, norm, stop, per rank, 3 stats rows
+    # loss sum and target count, norm, stop, peak memory per rank, 3 stats rows
+    assert sums.bytes == 8 * (4 + 2 + 3 * (7 + 2 * 8))
+    # MTP depth 2 (a sum and a count each, two more MoE stats rows: MoE MTP blocks) and QK-clip
+    # (each rank's [4 layers + 2 MTP blocks, 8 heads] table)
+    mtp = config("tiny", "model.mtp.depth=2", "model.mtp.block=moe", "optim=muon",
+                 "optim.qk_clip_threshold=100")
+    (sums,) = [c for c in step_collectives(mtp, ParallelDims(2), 0) if c.what == "step sums"]
+    assert sums.bytes == 8 * (4 + 2 * 2 + 2 + 5 * (7 + 2 * 8) + 2 * (4 + 2) * 8)
     # ep2: per MoE layer and micro-batch the counts and four row exchanges (tokens x k x d):
     # the dispatch moves the fp32 norm output, the combine the experts' bf16 output (device
     # auto plans a GPU run under bf16 autocast)
