@@ -31,9 +31,9 @@ import torch
 
 from bench_moe_layer import (
     TENSORS, build_moetrain, forward_backward, memory_of, moetrain_params, random_weights,
-    rel_error, run_layer,
+    rel_error, time_forward_backward,
 )
-from benchlib import DTYPES, device_name, median, moe_shapes, pick_device, time_iterations
+from benchlib import DTYPES, device_name, median, moe_shapes, pick_device
 from moetrain.config import ConfigError
 from moetrain.config.schema import TrainConfig
 from moetrain.fp8 import FP8Plan, resolve_fp8
@@ -88,21 +88,12 @@ def bench_shape(shape, device, dtype, seed, iters, warmup, variants) -> dict:
             layer = build(shape, weights, dtype, plan)
             params = moetrain_params(layer)
             x_leaf = x.detach().requires_grad_(True)
-
-            def step():
-                run_layer(layer, x_leaf).backward(grad)
-
-            def zero():
-                x_leaf.grad = None
-                for p in params:
-                    p.grad = None
-
-            times.setdefault(name, []).append(time_iterations(step, device, iters, warmup,
-                                                              before=zero))
+            times.setdefault(name, []).append(time_forward_backward(layer, params, x_leaf, grad,
+                                                                    device, iters, warmup))
             if name not in result:
                 act, peak = memory_of(layer, x_leaf, grad, device)
                 result[name] = {"act_bytes": act, "peak_bytes": peak}
-            del layer, params, x_leaf, step, zero
+            del layer, params, x_leaf
     for name, rounds in times.items():
         ms = median([t for r in rounds for t in r])
         result[name].update(ms=ms, spread=abs(median(rounds[0]) - median(rounds[1])) / ms,

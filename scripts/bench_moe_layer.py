@@ -168,6 +168,22 @@ def baseline_params(layer: BaselineMoE) -> list[torch.Tensor]:
     return [layer.router, layer.w1, layer.w3, layer.w2]
 
 
+def time_forward_backward(layer: nn.Module, params: list, x_leaf: torch.Tensor,
+                          grad: torch.Tensor, device: torch.device, iters: int,
+                          warmup: int) -> list[float]:
+    """`time_iterations` of one forward + backward of `layer` on `x_leaf` (ms per iteration),
+    the input's and `params`' gradients cleared before each."""
+    def step():
+        run_layer(layer, x_leaf).backward(grad)
+
+    def zero():
+        x_leaf.grad = None
+        for p in params:
+            p.grad = None
+
+    return time_iterations(step, device, iters, warmup, before=zero)
+
+
 def run_layer(layer: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, MoELayer):
         return layer(x_TD.unsqueeze(0)).squeeze(0)
@@ -299,19 +315,11 @@ def measure(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int, i
             layer = build()  # one implementation's weights on the device at a time
             params = get_params(layer)
             x_leaf = x.detach().requires_grad_(True)
-
-            def step():
-                run_layer(layer, x_leaf).backward(grad)
-
-            def zero():
-                x_leaf.grad = None
-                for p in params:
-                    p.grad = None
-
-            times[impl].append(time_iterations(step, device, iters, warmup, before=zero))
+            times[impl].append(time_forward_backward(layer, params, x_leaf, grad, device,
+                                                     iters, warmup))
             if impl not in memory:
                 memory[impl] = memory_of(layer, x_leaf, grad, device)
-            del layer, params, x_leaf, step, zero
+            del layer, params, x_leaf
     out = {}
     for impl, rounds in times.items():
         ms = median([t for r in rounds for t in r])
