@@ -82,6 +82,27 @@ class Meshes:
         return self.mesh(name).get_local_rank()
 
 
+def forget_rank_caches() -> None:
+    """Empty torch's DTensor caches (sharding propagation: the Python and the C++ fast path;
+    redistribution plans). They are keyed by `DeviceMesh` equality, which ignores the rank, and
+    hold the meshes they were filled with: a process that builds a second rank's model (the dry
+    run's roles) or is forked from one that built DTensors (the CPU test launcher) would otherwise
+    get the first rank's mesh, coordinates and group names back. Needs no process group."""
+    from torch.distributed.tensor import _redistribute, debug
+
+    # Private torch helpers (no public API empties these caches); each is looked up, as the set
+    # differs between torch releases (the GPU image's 2.11, CI's 2.13).
+    for module, name in ((debug, "_clear_python_sharding_prop_cache"),
+                         (debug, "_clear_fast_path_sharding_prop_cache"),
+                         (_redistribute, "clear_redistribute_planner_cache")):
+        clear = getattr(module, name, None)
+        if clear is not None:
+            clear()
+    transform_infos = getattr(_redistribute, "_gen_transform_infos", None)
+    if transform_infos is not None and hasattr(transform_infos, "cache_clear"):
+        transform_infos.cache_clear()
+
+
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     """Build the dense, MoE, dp_cp, cp_tp and dp_cp_tp meshes over the initialised default group.
 
@@ -95,6 +116,7 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
         raise ValueError(
             f"the layout is for world size {dims.world_size}, the process group has {world}"
         )
+    forget_rank_caches()  # what torch cached for meshes equal to these is another rank's
     root = init_device_mesh(device_type, (dims.world_size,), mesh_dim_names=("world",))
     dense = root._unflatten(0, dims.dense_shape, DENSE_DIMS)
     moe = root._unflatten(0, dims.moe_shape, MOE_DIMS)

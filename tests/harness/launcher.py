@@ -17,7 +17,8 @@ parent: a module first imported inside `fn` is imported again by every forked ra
 
 Contract:
 - every child calls `torch.set_num_threads(1)` before anything else (forked children hang in
-  the intra-op thread pool otherwise), then sets RANK / WORLD_SIZE / LOCAL_RANK /
+  the intra-op thread pool otherwise), empties torch's DTensor caches (`forget_rank_caches`:
+  filled in the parent, they would hand back its meshes), then sets RANK / WORLD_SIZE / LOCAL_RANK /
   MASTER_ADDR / MASTER_PORT and calls `init_process_group("gloo")` with a short `pg_timeout`;
 - `fn(rank, world_size, *args)` runs in each rank; `fn` and `args` are inherited through
   fork, so closures and unpicklable objects are fine; the return values come back as a list
@@ -50,6 +51,8 @@ import torch.distributed as dist
 # fn is imported again by every rank (torch.distributed.tensor: ~0.5 s per rank on 2 cores).
 import torch.distributed.device_mesh  # noqa: F401
 import torch.distributed.tensor  # noqa: F401
+
+from moetrain.parallel.mesh import forget_rank_caches
 
 # Seconds the parent keeps collecting reports after the first failure before killing the rest:
 # other ranks usually fail right after (peer closed), and their reports help diagnosis.
@@ -159,6 +162,7 @@ def _child(rank, world_size, port, backend, pg_timeout, env, reports, fn, args) 
         }
     )
     try:
+        forget_rank_caches()  # the parent's DTensor caches hold its meshes (rank 0's coordinates)
         dist.init_process_group(
             backend,
             rank=rank,

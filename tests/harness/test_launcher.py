@@ -86,3 +86,27 @@ def _exits_nonzero_after_reporting(rank, world_size):
 def test_nonzero_exit_after_reporting_fails():
     with pytest.raises(DistributedTestError, match="reported a result but then exited with code 1"):
         run_distributed(_exits_nonzero_after_reporting, 2, timeout=30)
+
+
+def _coordinate_after_a_cached_op(rank, world_size):
+    """`torch.empty_like` of a DTensor on a 1-D mesh made directly (not by build_meshes): its
+    mesh comes from torch's sharding-propagation cache."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
+    t = distribute_tensor(torch.zeros(8), mesh, [Shard(0)], src_data_rank=None)
+    return torch.empty_like(t).device_mesh.get_coordinate()
+
+
+def test_a_rank_does_not_inherit_the_parents_dtensor_caches():
+    """The parent fills torch's DTensor caches as rank 0 of a fake group; a forked rank 1 that
+    used them would get rank 0's mesh back (coordinate (0,)): the child empties them first."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        assert _coordinate_after_a_cached_op(0, 2) == (0,)
+    finally:
+        dist.destroy_process_group()
+    assert run_distributed(_coordinate_after_a_cached_op, 2, timeout=30) == [(0,), (1,)]

@@ -334,7 +334,8 @@ def check_transformer(rank, world, meshes, etp):
 
     def checkpointed(m):
         block = m.layers["2"]
-        block.forward = (lambda f: lambda h, pos: checkpoint(f, h, pos, use_reentrant=False))(
+        block.forward = (lambda f: lambda h, pos, doc_pos: checkpoint(f, h, pos, doc_pos,
+                                                                      use_reentrant=False))(
             block.forward)
         return m
 

@@ -425,3 +425,29 @@ def test_group_of_is_the_group_holding_the_rank(world_size):
             for group in dims.groups_of(kind):
                 for rank in group:
                     assert dims.group_of(kind, rank) == group
+
+
+# -- torch's DTensor caches and a second rank in one process ------------------------------------
+
+
+def mesh_coordinate_after_a_cached_op(rank: int, world_size: int) -> tuple[int, ...]:
+    """The dp_cp_tp coordinate that `torch.empty_like` of a DTensor on this rank's meshes reports,
+    built under a fake process group of `world_size` (no communication): torch takes the output's
+    mesh from its sharding-propagation cache, keyed by mesh equality, which ignores the rank."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        meshes = build_meshes(ParallelDims(world_size, tp=world_size), "cpu")
+        t = distribute_tensor(torch.zeros(8), meshes.dp_cp_tp, [Shard(0)], src_data_rank=None)
+        return torch.empty_like(t).device_mesh.get_coordinate()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_second_rank_built_in_one_process_gets_its_own_coordinates():
+    """The dry run builds its roles one after another in one process: rank 1's DTensors must not
+    carry rank 0's mesh (build_meshes empties the caches; without it rank 1 reads (0,))."""
+    assert mesh_coordinate_after_a_cached_op(0, 2) == (0,)
+    assert mesh_coordinate_after_a_cached_op(1, 2) == (1,)
