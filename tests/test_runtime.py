@@ -23,3 +23,16 @@ def test_a_failed_write_names_run_dir_and_the_file(tmp_path):
     assert not (tmp_path / ".config.yaml.tmp").exists()
     assert str(err.value) == (f"run.dir='{tmp_path}' is unusable: cannot write "
                               f"{tmp_path / 'config.yaml'}: Is a directory")
+
+
+@pytest.mark.parametrize("dtype, autocast", [("bf16", torch.bfloat16), ("fp32", None), ("auto", None)])
+def test_train_dtype_sets_the_autocast_precision(dtype, autocast, monkeypatch):
+    """train.dtype=bf16 computes under bf16 autocast, also on a CPU; auto is fp32 on a CPU."""
+    from moetrain.config import compose, to_object
+    from moetrain.runtime import init_runtime
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = to_object(compose(["+experiment=tiny", "train.device=cpu", f"train.dtype={dtype}"]))
+    with torch.random.fork_rng():  # init_runtime seeds the process
+        assert init_runtime(cfg).autocast_dtype == autocast

@@ -311,6 +311,9 @@ def test_tokenizer_and_vocabulary_checks(tiny_corpus, tmp_path, spm_model, hf_to
     with pytest.raises(DataError, match=r"model\.vocab_size=300 is smaller than the vocabulary of "
                                         r"data\.tokenizer\.path=.*tokenizer\.model.*384 tokens"):
         ensure_prepared(data_cfg(tiny_corpus, tmp_path / "p", tokenizer=spm_model), 300)
+    # at the boundary: 384 tokens (ids 0..383) need 384 embedding rows, not 383
+    with pytest.raises(DataError, match=r"model\.vocab_size=383 is smaller than the vocabulary"):
+        ensure_prepared(data_cfg(tiny_corpus, tmp_path / "p", tokenizer=spm_model), 383)
     with pytest.raises(DataError, match=r"data\.tokenizer\.vocab_size=512 is larger than model\.vocab_size=384"):
         cfg = data_cfg(tiny_corpus, tmp_path / "p")
         cfg.tokenizer.vocab_size = 512

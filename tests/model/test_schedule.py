@@ -6,7 +6,9 @@ import pytest
 
 from moetrain.config import ConfigError, MoEConfig, compose, to_object, validate
 from moetrain.config.schema import SparsitySchedule, ValueSchedule
+from moetrain.config.schema import MTPConfig
 from moetrain.model.moe.schedule import capacity_factor_at, round_top_k, schedule_value, top_k_at
+from moetrain.model.mtp import mtp_loss_scale_at
 
 
 def moe_with(k_sched=None, cf_sched=None, **static) -> MoEConfig:
@@ -27,6 +29,20 @@ def test_the_default_schedule_is_the_static_config():
 def test_constant_with_a_start_overrides_the_static_value():
     moe = moe_with(ValueSchedule(start=4), num_experts=8, top_k=2)
     assert [top_k_at(moe, s) for s in (0, 50)] == [4, 4]
+
+
+def test_mtp_loss_scale_schedule_table():
+    """DeepSeek-V3's MTP weight: lambda 0.3 -> 0.1 linearly over steps 10..30 (by hand:
+    0.3 - 0.2 (s - 10) / 20), the start value before the ramp, the end value after it; the
+    static loss_scale (1.0 here) only where start / end are unset."""
+    mtp = MTPConfig(depth=1, loss_scale=1.0, loss_scale_schedule=ValueSchedule(
+        "linear", start=0.3, end=0.1, start_step=10, end_step=30))
+    got = [mtp_loss_scale_at(mtp, s) for s in (0, 10, 15, 20, 29, 30, 100)]
+    assert got == pytest.approx([0.3, 0.3, 0.25, 0.2, 0.11, 0.1, 0.1], rel=1e-12)
+    # start / end unset: loss_scale at both ends (a constant)
+    flat = MTPConfig(depth=1, loss_scale=0.3, loss_scale_schedule=ValueSchedule(
+        "linear", start_step=0, end_step=10))
+    assert [mtp_loss_scale_at(flat, s) for s in (0, 5, 10)] == pytest.approx([0.3] * 3)
 
 
 def test_linear_top_k_table():
