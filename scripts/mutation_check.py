@@ -716,6 +716,21 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/data/test_dataset.py",),
              "samples start seq_len + 1 tokens apart: the token between two windows is never a "
              "target", keys=("data.seq_len",)),
+    Mutation("corpus-ignored", "moetrain/data/sources.py",
+             "path = str(corpus) if corpus else str(SHIPPED_CORPUS)", "path = str(SHIPPED_CORPUS)",
+             ("tests/data/test_sources.py",),
+             "data.corpus ignored: the shipped corpus trained on instead", keys=("data.corpus",)),
+    Mutation("fp8-backend-te-as-torchao", "moetrain/fp8/plan.py",
+             "return FP8Plan(recipe, backend, emulate=False, output_head=train.fp8_output_head)",
+             'return FP8Plan(recipe, "torchao", emulate=False, output_head=train.fp8_output_head)',
+             ("tests/fp8/test_config.py",),
+             "train.fp8_backend=te on a GPU silently runs torchao's float8 linears",
+             keys=("train.fp8_backend",)),
+    Mutation("planner-latent-kv-norm-dropped", "moetrain/planning.py",
+             "kv = (d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank\n",
+             "kv = (d * (m.kv_lora_rank + m.qk_rope_head_dim)\n", ("tests/test_plan.py",),
+             "the planner leaves out MLA's latent norm (kv_lora_rank gains per layer)",
+             keys=("model.mla.kv_lora_rank",)),
 )
 
 
