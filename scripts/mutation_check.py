@@ -731,6 +731,13 @@ MUTATIONS: tuple[Mutation, ...] = (
              "kv = (d * (m.kv_lora_rank + m.qk_rope_head_dim)\n", ("tests/test_plan.py",),
              "the planner leaves out MLA's latent norm (kv_lora_rank gains per layer)",
              keys=("model.mla.kv_lora_rank",)),
+    Mutation("cp-qk-clip-max-logits-across-documents", "moetrain/parallel/context_parallel.py",
+             "k_positions=key_positions,\n                                 doc_positions=doc_positions)",
+             "k_positions=key_positions,\n                                 doc_positions=None)",
+             ("tests/distributed/test_equivalence_mtp.py::"
+              "test_two_rank_layout_with_mtp_and_documents_equals_one_process",),
+             "under CP, QK-clip's largest logits taken over keys of other documents",
+             keys=("optim.qk_clip_threshold", "data.document_mask")),
 )
 
 

@@ -11,7 +11,8 @@ run's to rel. 1e-5 and every MoE layer's expert token counts exactly. What each 
 - tp2, tp2-dp2: the MTP modules' sequence-parallel norms and colwise projection, the shared
   vocab-parallel embedding and head, the masked targets under the vocab-parallel loss;
 - cp2 (all-gather), cp2-ring, tp2-cp2: documents crossing the zig-zag chunks; each chunk's
-  shifted MTP targets come from the whole sequence;
+  shifted MTP targets come from the whole sequence; cp2 with Muon and QK-clip: each head's
+  largest logit over its own document's keys, gathered from both CP ranks;
 - pp2 (1f1b), pp2 interleaved, pp4 gpipe, pp2-tp2: the MTP modules on the last stage, the
   embedding they share with the first stage (its gradient summed over the two), a tied output
   head through the pipeline;
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.equivalence import B4, EVAL, Layout, check_case, run_cases, run_layouts
+from tests.distributed.equivalence import (B4, EVAL, MUON, Layout, check_case, run_cases,
+                                           run_layouts)
 from tests.documents import documents_overrides
 
 MTP1 = ("model.mtp.depth=1",)
@@ -44,6 +46,8 @@ def _references() -> dict[str, list[str]]:
         "mtp1": [*B4, *docs, *MTP1, *VARIANT],
         "mtp1-mb1": [*B4, *docs, *MTP1, "train.micro_batch_size=1"],
         "mtp2-mb1": [*B4, *docs, *MTP2, "train.micro_batch_size=1", *VARIANT],
+        # Muon and QK-clip: each head's largest logit over its own document's keys only
+        "mtp1-muon": [*B4, *docs, *MTP1, *MUON],
     }
 
 
@@ -51,6 +55,8 @@ TWO_RANKS = {
     "tp2": Layout(("parallel.tp=2",), "mtp2"),
     "cp2": Layout(("parallel.cp=2",), "mtp2"),
     "cp2-ring": Layout(("parallel.cp=2", "parallel.cp_comm=ring"), "mtp1"),
+    # QK-clip's per-head maxima under the document mask, the keys split over the CP ranks
+    "cp2-muon-qk-clip": Layout(("parallel.cp=2",), "mtp1-muon"),
     "pp2-1f1b": Layout(("parallel.pp=2",), "mtp2"),
     "pp2-interleaved": Layout(("parallel.pp=2", "parallel.vpp=2",
                                "parallel.pp_schedule=interleaved"), "mtp1"),
@@ -109,6 +115,9 @@ def test_the_references_train_with_mtp_and_documents(mtp_references):
             # (3 steps of the tiny recipe's lr: a deep MTP loss may rise again at step 3)
             assert 8 < losses[0] < 10 and min(losses[1:]) < losses[0], (name, k, losses)
     assert {"val_loss", "val_mtp_loss/1", "val_mtp_loss/2"} <= set(mtp_references.records["mtp2"][-1])
+    # QK-clip acts in the Muon reference: the first step's largest logit is over the threshold
+    logits = [r["max_attn_logit"] for r in mtp_references.records["mtp1-muon"]]
+    assert logits[0] > 0.3 and max(logits[1:]) < logits[0], logits
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)
