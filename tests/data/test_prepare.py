@@ -294,6 +294,10 @@ def test_ensure_prepared_errors(tiny_corpus, tiny_prepared, tmp_path, hf_tokeniz
     assert not (tmp_path / "nothing").exists()
     with pytest.raises(DataError, match=r"a 384-piece BPE, but the config trains a 512-piece BPE"):
         ensure_prepared(data_cfg(tiny_corpus, tiny_prepared, val_fraction=0.1), 512)
+    sized = data_cfg(tiny_corpus, tiny_prepared, val_fraction=0.1)
+    sized.tokenizer.vocab_size = 320  # data.tokenizer.vocab_size itself, not model.vocab_size's
+    with pytest.raises(DataError, match=r"a 384-piece BPE, but the config trains a 320-piece BPE"):
+        ensure_prepared(sized, 4096)
     with pytest.raises(DataError, match=r"data\.val_fraction=0\.02"):
         ensure_prepared(data_cfg(tiny_corpus, tiny_prepared, val_fraction=0.02), TINY_VOCAB)
     with pytest.raises(DataError, match=r"another tokenizer .* than data\.tokenizer\.path"):

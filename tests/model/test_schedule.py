@@ -51,6 +51,10 @@ def test_linear_top_k_table():
                    num_experts=8, top_k=2)
     table = {0: 1, 10: 1, 14: 1, 15: 2, 24: 2, 25: 3, 34: 3, 35: 4, 40: 4, 1000: 4}
     assert {s: top_k_at(moe, s) for s in table} == table
+    # 8 -> 2 over 0..10: v = 8 - 0.6 s; the step before end_step is not the end yet (2.6 -> 3)
+    moe = moe_with(ValueSchedule("linear", start=8, end=2, start_step=0, end_step=10),
+                   num_experts=8, top_k=2)
+    assert [top_k_at(moe, s) for s in (8, 9, 10)] == [3, 3, 2]
 
 
 def test_cosine_top_k_table():
@@ -87,7 +91,13 @@ def test_round_top_k_rounds_half_up_and_clamps():
 
 def test_capacity_factor_schedules():
     moe = moe_with(cf_sched=ValueSchedule("linear", start=2.0, end=1.0, end_step=100))
-    assert [capacity_factor_at(moe, s) for s in (0, 25, 50, 100, 200)] == [2.0, 1.75, 1.5, 1.0, 1.0]
+    assert [capacity_factor_at(moe, s) for s in (0, 25, 50, 99, 100, 200)] == pytest.approx(
+        [2.0, 1.75, 1.5, 1.01, 1.0, 1.0])
+    # a ramp that starts late: 2.0 until step 20, then 2.0 - (s - 20) / 80
+    moe = moe_with(cf_sched=ValueSchedule("linear", start=2.0, end=1.0, start_step=20,
+                                          end_step=100))
+    assert [capacity_factor_at(moe, s) for s in (0, 20, 60, 100)] == pytest.approx(
+        [2.0, 2.0, 1.5, 1.0])
     moe = moe_with(cf_sched=ValueSchedule("step", milestones=[[10, 1.25]]))
     assert [capacity_factor_at(moe, s) for s in (0, 9, 10)] == [None, None, 1.25]  # dropless first
     moe = moe_with(cf_sched=ValueSchedule("cosine", end=1.0, end_step=10), capacity_factor=3.0)
