@@ -29,12 +29,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from moetrain.model.moe.stats import StatsColumns
 from moetrain.model.moe.losses import STEP, counts_unit
-from moetrain.model.mtp import num_moe_layers
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.checks import fsdp_reshards_after_forward
 from moetrain.plan_shards import Unit, rank_units, stage_modules
+from moetrain.step_fields import field_width, step_fields
 
 PARAM_BYTES = 4  # fp32 parameters and gradients
 
@@ -169,27 +168,9 @@ def step_collectives(cfg: Any, dims: ParallelDims, rank: int) -> list[Collective
         n_moe = sum(1 for _, layers, _, _ in stages for i in layers if i >= moe.first_dense_layers)
         add("all_reduce", kind, shape * 8, m * n_moe, "lbl counts")
     if dims.world_size > 1:
-        add("all_reduce", "world", step_sums_width(cfg, dims) * 8, 1, "step sums")
+        add("all_reduce", "world", field_width(step_fields(cfg, dims.world_size)) * 8, 1,
+            "step sums")
     return out
-
-
-def step_sums_width(cfg: Any, dims: ParallelDims) -> int:
-    """fp64 values of the step's one reduction (`StepRunner.reduce_step`): the LM loss sum and
-    target count, per MTP depth its sum and count, the squared grad norm, the stop flag, every
-    rank's peak memory, the MoE statistics rows; with `model.moe.ep_budget` the exchange's three
-    sums and every rank's largest need; with QK-clip every rank's [layers + MTP depth, heads]
-    table of largest logits."""
-    model, moe, world = cfg.model, cfg.model.moe, dims.world_size
-    mtp = getattr(getattr(model, "mtp", None), "depth", 0) or 0
-    width = 2 + 2 * mtp + 1 + 1 + world
-    n_moe = num_moe_layers(model)
-    if n_moe:
-        width += n_moe * StatsColumns.of(moe).width
-    if getattr(moe, "ep_budget", None) is not None:
-        width += 3 + world
-    if getattr(getattr(cfg, "optim", None), "qk_clip_threshold", None) is not None:
-        width += world * (model.n_layers + mtp) * model.n_heads
-    return width
 
 
 def _data_parallel(cfg, dims, units: list[Unit], m: int, add) -> None:

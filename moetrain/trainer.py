@@ -43,6 +43,7 @@ from moetrain.parallel.rank import RankLayout
 from moetrain.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from moetrain.recovery import TrainingError, count_bad_step, rollback
 from moetrain.runtime import Runtime
+from moetrain.step_fields import check_step_fields, step_fields
 from moetrain.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class Trainer:
         self.qk_clip = None if cfg.optim.qk_clip_threshold is None else QKClip(
             self.model, cfg.optim.qk_clip_threshold, cfg.model.n_layers, cfg.model.n_heads,
             cfg.model.mtp.depth)
+        # What the step's one reduction carries (the planner counts the same description).
+        self.step_fields = step_fields(cfg, dims.world_size)
 
         self.state = TrainState()
         self._resume()
@@ -392,6 +395,7 @@ class Trainer:
                                                                 runner.layout.dims.tp)
             summed = runner.reduce_step(model, token_sums=token_sums,
                                         sums={**sums, **exchange_sums}, per_rank=per_rank)
+            check_step_fields(summed.packed.shapes, self.step_fields)
             # The redo decision: an attempt whose sync-free expert exchange overflowed its budget
             # on any rank is not the dropless step; it runs again on the same batch, with a
             # budget grown to cover it (nothing of it was applied).
