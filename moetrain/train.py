@@ -57,6 +57,18 @@ def _start_log_file(run_dir: Path, rt: Runtime, buffer: logging.handlers.MemoryH
     root.handlers[root.handlers.index(buffer)] = file_handler
 
 
+def _log_crash_to_file() -> None:
+    """The exception being handled, with its traceback, into this rank's log file only (the
+    console gets Python's own traceback when it is re-raised: not twice). Nothing before the
+    run directory exists (the buffered records have no file yet)."""
+    root = logging.getLogger("moetrain")
+    record = root.makeRecord(root.name, logging.ERROR, __file__, 0,
+                             "stopped on an unexpected error:", (), sys.exc_info())
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _scheduler_note() -> str:
     """The SLURM job and how often it has been requeued, for the per-rank logs."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -120,6 +132,11 @@ def run(cfg: DictConfig) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         report_error("\nerror: interrupted (Ctrl-C); stopped without saving a checkpoint")
         return 130  # 128 + SIGINT, what a shell reports for a run killed by Ctrl-C
+    except Exception:
+        # The traceback goes to stderr (re-raised), which is lost with a dead launcher: the
+        # rank's own log keeps why it stopped.
+        _log_crash_to_file()
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -250,3 +250,23 @@ def test_async_checkpoints_resume_like_synchronous_ones(tmp_path):
     train(f"run.dir={background}", "train.max_steps=6", "checkpoint.resume=" + str(background / "checkpoints" / "step_2"))
     train(f"run.dir={sync}", "train.max_steps=6", "checkpoint.resume=" + str(sync / "checkpoints" / "step_2"))
     assert [r["loss"] for r in metrics(background)] == [r["loss"] for r in metrics(sync)]
+
+
+def test_an_unexpected_error_is_kept_in_the_ranks_log(tmp_path, monkeypatch, capsys):
+    # The entry point's run() in this process: a rank's stderr is lost with a dead launcher, so
+    # the traceback must also be in logs/rank0.log - once, not copied to the console twice.
+    from moetrain.config import compose
+    from moetrain.train import run
+    from moetrain.trainer import Trainer
+    from tests.harness import TINY
+
+    def fit(self):
+        raise RuntimeError("a collective failed at step 1")
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    with pytest.raises(RuntimeError, match="a collective failed"):
+        run(compose([*TINY, *CLI, f"run.dir={tmp_path / 'run'}"]))
+    text = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert "ERROR moetrain: stopped on an unexpected error:\nTraceback" in text
+    assert text.rstrip().endswith("RuntimeError: a collective failed at step 1")
+    assert "unexpected error" not in capsys.readouterr().err
