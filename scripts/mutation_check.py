@@ -5,7 +5,8 @@ one at a time, run the fast tests chosen for each, and report which bugs they mi
     python scripts/mutation_check.py                        # every mutation; table on stdout
     python scripts/mutation_check.py --only router-bias-in-combine-weights --only capacity-floor
     python scripts/mutation_check.py --tests tests/oracle   # the same tests for every mutation
-    python scripts/mutation_check.py --write docs/testing.md   # refresh the report in the docs
+    python scripts/mutation_check.py --write-run-table docs/testing.md   # run them all (~30 min),
+                                                           # their table into the docs
     python scripts/mutation_check.py --list
     python scripts/mutation_check.py --only NAME --record    # merge the outcomes into RESULTS
     python scripts/mutation_check.py --keys                  # key -> mutation -> catching test
@@ -1111,8 +1112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tests", nargs="+", metavar="PATH",
                     help="run these tests for every mutation instead of each one's own")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
-    ap.add_argument("--write", type=Path, metavar="DOC",
-                    help=f"replace the run's table between {BEGIN} and {END} in DOC")
+    ap.add_argument("--write-run-table", dest="write", type=Path, metavar="DOC",
+                    help=f"after running the chosen mutations (every one by default: about half "
+                         f"an hour), replace the run's table between {BEGIN} and {END} in DOC "
+                         f"(--report is the cheap refresh, from the record)")
     ap.add_argument("--record", action="store_true",
                     help=f"merge the outcomes into {RESULTS.relative_to(ROOT)}")
     ap.add_argument("--machine", default=f"{platform.node()}, {os.cpu_count()} CPUs",
