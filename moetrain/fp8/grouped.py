@@ -51,69 +51,6 @@ def _contiguous_grad(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class Float8RowwiseGemm:
-    """FP8 rowwise grouped GEMM (module docstring): torchao's kernel, or emulated."""
-
-    group_multiple = 16
-
-    def __init__(self, emulate: bool):
-        self.emulate = emulate
-
-    def __call__(self, x_NK: torch.Tensor, w_EKO: torch.Tensor,
-                 offsets_E: torch.Tensor) -> torch.Tensor:
-        if self.emulate:
-            return _contiguous_grad(_RowwiseEmulated.apply(x_NK, w_EKO, offsets_E))
-        from torchao.prototype.moe_training.fp8_grouped_mm import (
-            _to_fp8_rowwise_then_scaled_grouped_mm,
-        )
-
-        out = _to_fp8_rowwise_then_scaled_grouped_mm(
-            x_NK.contiguous(), _column_major(w_EKO), offsets_E, out_dtype=torch.bfloat16,
-            float8_dtype=E4M3, pad_token_groups_for_grouped_mm=False)
-        return _contiguous_grad(out.to(x_NK.dtype))
-
-    def __repr__(self) -> str:
-        return f"Float8RowwiseGemm(emulate={self.emulate})"
-
-
-class MXFP8Gemm:
-    """MXFP8 grouped GEMM (module docstring): torchao's with its Blackwell kernels, or
-    emulated."""
-
-    group_multiple = 32
-
-    def __init__(self, emulate: bool):
-        self.emulate = emulate
-
-    def __call__(self, x_NK: torch.Tensor, w_EKO: torch.Tensor,
-                 offsets_E: torch.Tensor) -> torch.Tensor:
-        if self.emulate:
-            return _contiguous_grad(_MXFP8Emulated.apply(x_NK, w_EKO, offsets_E))
-        from torchao.prototype.moe_training.mxfp8_grouped_mm import (
-            _to_mxfp8_then_scaled_grouped_mm,
-        )
-        from torchao.prototype.mx_formats.config import ScaleCalculationMode
-        from torchao.quantization.quantize_.common import KernelPreference
-
-        out = _to_mxfp8_then_scaled_grouped_mm(
-            x_NK.contiguous(), _column_major(w_EKO), offsets_E, out_dtype=torch.bfloat16,
-            kernel_preference=KernelPreference.AUTO,
-            scale_calculation_mode=ScaleCalculationMode.RCEIL,
-            pad_token_groups_for_grouped_mm=False)
-        return _contiguous_grad(out.to(x_NK.dtype))
-
-    def __repr__(self) -> str:
-        return f"MXFP8Gemm(emulate={self.emulate})"
-
-
-def grouped_gemm(plan: FP8Plan):
-    """The routed experts' GEMM of `plan`'s recipe (torchao's grouped GEMMs under either
-    backend: Transformer Engine's GroupedLinear needs the split sizes on the host)."""
-    if plan.recipe == "mxfp8":
-        return MXFP8Gemm(plan.emulate)
-    return Float8RowwiseGemm(plan.emulate)
-
-
 # -- the emulations ------------------------------------------------------------------------------
 
 
@@ -203,6 +140,79 @@ class _RowwiseEmulated(torch.autograd.Function):
         dyq_NO = fake_quantize_group_columns(dy_NO, offsets_E)
         dw_EKO = F.grouped_mm(xq_NK.t(), dyq_NO, offs=offsets_E)
         return dx_NK.to(x_NK.dtype), dw_EKO.to(w_EKO.dtype), None
+
+
+# -- the GEMMs ----------------------------------------------------------------------------------
+
+
+class _FP8GroupedGemm:
+    """A grouped GEMM y_NO = x_NK @ w_EKO per expert group (`offsets_E`): torchao's kernel
+    (`_kernel`, bf16 out, cast back to x's dtype), or its emulation (`_emulated`) on the CPU."""
+
+    group_multiple: int  # rows per group the kernel requires (GroupedExperts pads to it)
+    _emulated: type[torch.autograd.Function]
+
+    def __init__(self, emulate: bool):
+        self.emulate = emulate
+
+    def __call__(self, x_NK: torch.Tensor, w_EKO: torch.Tensor,
+                 offsets_E: torch.Tensor) -> torch.Tensor:
+        if self.emulate:
+            return _contiguous_grad(self._emulated.apply(x_NK, w_EKO, offsets_E))
+        out = self._kernel(x_NK.contiguous(), _column_major(w_EKO), offsets_E)
+        return _contiguous_grad(out.to(x_NK.dtype))
+
+    def _kernel(self, x_NK: torch.Tensor, w_EKO: torch.Tensor,
+                offsets_E: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(emulate={self.emulate})"
+
+
+class Float8RowwiseGemm(_FP8GroupedGemm):
+    """FP8 rowwise grouped GEMM (module docstring): torchao's kernel, or emulated."""
+
+    group_multiple = 16
+    _emulated = _RowwiseEmulated
+
+    def _kernel(self, x_NK, w_EKO, offsets_E):
+        from torchao.prototype.moe_training.fp8_grouped_mm import (
+            _to_fp8_rowwise_then_scaled_grouped_mm,
+        )
+
+        return _to_fp8_rowwise_then_scaled_grouped_mm(
+            x_NK, w_EKO, offsets_E, out_dtype=torch.bfloat16, float8_dtype=E4M3,
+            pad_token_groups_for_grouped_mm=False)
+
+
+class MXFP8Gemm(_FP8GroupedGemm):
+    """MXFP8 grouped GEMM (module docstring): torchao's with its Blackwell kernels, or
+    emulated."""
+
+    group_multiple = 32
+    _emulated = _MXFP8Emulated
+
+    def _kernel(self, x_NK, w_EKO, offsets_E):
+        from torchao.prototype.moe_training.mxfp8_grouped_mm import (
+            _to_mxfp8_then_scaled_grouped_mm,
+        )
+        from torchao.prototype.mx_formats.config import ScaleCalculationMode
+        from torchao.quantization.quantize_.common import KernelPreference
+
+        return _to_mxfp8_then_scaled_grouped_mm(
+            x_NK, w_EKO, offsets_E, out_dtype=torch.bfloat16,
+            kernel_preference=KernelPreference.AUTO,
+            scale_calculation_mode=ScaleCalculationMode.RCEIL,
+            pad_token_groups_for_grouped_mm=False)
+
+
+def grouped_gemm(plan: FP8Plan):
+    """The routed experts' GEMM of `plan`'s recipe (torchao's grouped GEMMs under either
+    backend: Transformer Engine's GroupedLinear needs the split sizes on the host)."""
+    if plan.recipe == "mxfp8":
+        return MXFP8Gemm(plan.emulate)
+    return Float8RowwiseGemm(plan.emulate)
 
 
 __all__ = ["Float8RowwiseGemm", "MXFP8Gemm", "fake_quantize", "fake_quantize_group_columns",
