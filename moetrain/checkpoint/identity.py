@@ -32,13 +32,16 @@ log = logging.getLogger(__name__)
 
 #: `model.*` keys (a key or a prefix ending in ".") that may differ on resume: where the first
 #: weights came from, sparsification (top-k, capacity, token rounding, threshold routing and their
-#: schedules), the routing losses and the bias update rate, and the kernels' implementation.
+#: schedules), the routing losses and the bias update rate, MTP's loss weight and its schedule
+#: (DeepSeek-V3 lowers it late in training), and how the experts' exchange and kernels run (the
+#: sync-free budget and the overlap give the same results).
 RESUMABLE_MODEL_KEYS = (
     "model.init.", "model.init_std", "model.max_position_embeddings", "model.moe.kernels",
     "model.moe.top_k", "model.moe.capacity_factor", "model.moe.pad_to_capacity",
     "model.moe.token_rounding", "model.moe.schedule.", "model.moe.routing.top_p",
     "model.moe.routing.min_k", "model.moe.routing.bias_rate", "model.moe.lbl.",
-    "model.moe.z_loss_coeff",
+    "model.moe.z_loss_coeff", "model.moe.ep_budget", "model.moe.ep_overlap",
+    "model.mtp.loss_scale", "model.mtp.loss_scale_schedule.",
 )
 #: Keys whose difference is expected on every resume and not worth a log line.
 _NOT_LOGGED = ("checkpoint.resume",)

@@ -35,11 +35,14 @@ def _checkpoint(tmp_path, overrides, prepared):
 def test_which_keys_are_the_architecture():
     for key in ("model.family", "model.qk_norm", "model.moe.norm_topk_prob", "model.d_model",
                 "model.moe.score_func", "model.moe.routing.group_mode", "model.rope_theta",
-                "model.mla.kv_lora_rank", "model.moe.routing.num_null_experts"):
+                "model.mla.kv_lora_rank", "model.moe.routing.num_null_experts",
+                "model.mtp.depth", "model.mtp.block"):
         assert is_architecture(key), key
     for key in ("model.moe.top_k", "model.moe.capacity_factor", "model.moe.schedule.top_k.kind",
                 "model.moe.lbl.coeff", "model.moe.routing.bias_rate", "model.init.from_hf",
-                "model.init_std", "model.moe.kernels", "optim.lr", "parallel.tp", "data.sources"):
+                "model.init_std", "model.moe.kernels", "optim.lr", "parallel.tp", "data.sources",
+                "model.mtp.loss_scale", "model.mtp.loss_scale_schedule.end",
+                "model.moe.ep_budget", "model.moe.ep_overlap"):
         assert not is_architecture(key), key
 
 
@@ -62,11 +65,15 @@ def test_what_may_change_is_returned_and_another_tokenizer_is_refused(tmp_path):
     ckpt = _checkpoint(tmp_path, [], prepared)
     resumed = to_object(compose(["+experiment=tiny", "optim.lr=0.001", "train.max_steps=100",
                                  "parallel.tp=2", "model.moe.top_k=1", "train.global_batch_size=32",
-                                 "checkpoint.resume=/elsewhere"]))
+                                 "checkpoint.resume=/elsewhere", "model.mtp.loss_scale=0.1",
+                                 "model.moe.ep_overlap=true"]))
     changes = check_resume(ckpt, resumed, prepared)
     trained_lr = to_object(compose(["+experiment=tiny"])).optim.lr
     assert f"optim.lr: {trained_lr} -> 0.001" in changes and "parallel.tp: 1 -> 2" in changes
     assert "model.moe.top_k: 2 -> 1" in changes and "train.global_batch_size: 16 -> 32" in changes
+    # DeepSeek-V3 lowers the MTP weight late in training; the overlapped exchange is the same math
+    assert "model.mtp.loss_scale: 0.3 -> 0.1" in changes
+    assert "model.moe.ep_overlap: false -> true" in changes
     assert not any(c.startswith("checkpoint.resume") for c in changes)
     assert check_resume(ckpt, to_object(compose(["+experiment=tiny"])), prepared) == []
     other = _prepared(tmp_path / "other", sha="b" * 64)
