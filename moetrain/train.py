@@ -42,7 +42,7 @@ def _setup_logging(is_main: bool) -> logging.handlers.MemoryHandler:
         handlers.append(console)
     root = logging.getLogger("moetrain")
     root.handlers[:] = handlers
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG)  # the console handler keeps INFO; the rank's file gets all
     root.propagate = False
     return buffer
 

@@ -51,6 +51,7 @@ def test_mixture_trains_resumes_bit_identically_and_logs_the_realised_mixture(mi
         assert f"tokenised {source}: " in (full / "logs" / "rank0.log").read_text()
     index = json.loads((d / "prepared" / "index.json").read_text())
     assert sorted(index["sources"]) == ["sonnets", "web"] and index["tokenizer"]["kind"] == "tokenizers"
+    _says_what_it_read(d, full, proc.stderr, index)
     assert 4 <= index["sources"]["sonnets"]["tokens"] // SEQ <= 6  # one epoch within the run
     # Stopped after its first step by the wall-clock budget, then resumed mid-epoch.
     train(*args, f"run.dir={split}", "train.max_steps=6", "train.max_time=0.001")
@@ -65,6 +66,34 @@ def test_mixture_trains_resumes_bit_identically_and_logs_the_realised_mixture(mi
     for r in a:
         assert r["source_tokens/web"] == 3 * SEQ * r["step"] and r["source_tokens/sonnets"] == SEQ * r["step"]
         assert r["source_tokens/web"] + r["source_tokens/sonnets"] == r["tokens"]
+
+
+def _says_what_it_read(d: Path, run: Path, console: str, index: dict) -> None:
+    """The console names the prepared directory and each source with its files and token
+    counts; config.yaml and the rank's log list every file read with its size (the sizes from
+    the file system here, the token counts from the prepared token files)."""
+    import re
+
+    import numpy as np
+
+    assert (f"data: {d / 'prepared'} (tokenizer tokenizer.json: a copy of {d / 'tokenizer.json'}; "
+            "vocabulary 300, EOS id 0)") in console
+    files = {"web": sorted((d / "web").glob("*.jsonl.gz")), "sonnets": [d / "sonnets.parquet"]}
+    config, log = (run / "config.yaml").read_text(), (run / "logs" / "rank0.log").read_text()
+    for name, weight, path in (("web", "0.75", f"{d / 'web'}/*.jsonl.gz"),
+                               ("sonnets", "0.25", str(d / "sonnets.parquet"))):
+        line = re.search(rf"source {name} \(weight {weight}\): {re.escape(path)}, text_field "
+                         rf"text, (\d+) files, [\d.]+ [KM]?B -> ([\d,]+) train \+ 0 validation "
+                         rf"tokens", console)
+        assert line, console
+        entry = index["sources"][name]
+        tokens = sum(f.stat().st_size for f in (d / "prepared" / entry["dir"]).glob("train_*.bin")
+                     ) // np.dtype(index["dtype"]).itemsize
+        assert int(line[1]) == len(files[name]) and int(line[2].replace(",", "")) == tokens > 0
+        for f in files[name]:
+            entry = f"{f.name}  {f.stat().st_size} bytes  modified "
+            assert f"#     {entry}" in config and f"source {name} file {entry}" in log
+    assert "# The data this run read" in config
 
 
 def test_a_source_running_out_under_stop_ends_the_run_with_a_checkpoint(mixture, tmp_path):
