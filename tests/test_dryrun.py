@@ -29,6 +29,9 @@ CASES = [
     ("qwen3_235b_a22b", 16, ["model.n_layers=8", "train.global_batch_size=64", "parallel.tp=2",
                              "parallel.pp=2", "parallel.vpp=2",
                              "parallel.pp_schedule=interleaved", "parallel.ep=4"]),
+    # a vocabulary TP cannot split evenly and FSDP over 3: each TP coordinate x first / last
+    # shard position holds its own shard sizes (roles 0, 1, 4, 5)
+    ("tiny", 6, ["model.vocab_size=8191", "parallel.tp=2", "train.global_batch_size=6"]),
     # uneven vocabulary shards (FSDP2 padding), ETP and CP, replicated data parallelism
     ("tiny", 8, ["model.vocab_size=8190", "parallel.tp=2", "parallel.etp=2", "parallel.cp=2"]),
     ("tiny", 8, ["parallel.fsdp.enabled=false", "parallel.ep=4", "model.moe.num_shared_experts=1"]),
@@ -46,7 +49,7 @@ def test_every_role_equals_the_planner(name, world, overrides):
     dims = check_layout(cfg, world)
     run = dry_run(cfg, dims)
     assert not dist.is_initialized()  # the fake group is gone
-    assert [r.rank for r in run.roles] == role_ranks(dims)
+    assert [r.rank for r in run.roles] == role_ranks(cfg, dims)
     assert run.ok, format_dry_run(run)
     for role in run.roles:
         assert role.built and set(role.built) == set(role.planned)
@@ -83,3 +86,21 @@ def test_a_wrong_planner_is_an_error(monkeypatch, capsys):
         assert "dry run: FAILED" in capsys.readouterr().out
     finally:
         plan_shards._block_template.cache_clear()
+
+
+def test_the_roles_are_every_distinct_holding_of_each_stage():
+    """tp2 x dp3 with 8,191 vocabulary rows: the TP halves are 4,096 and 4,095 rows, each split
+    over three FSDP ranks into 1,366 + 1,366 + 1,364 or 1,365 + 1,365 + 1,365 (padded to 1,365):
+    rank 4 (TP 0, last shard) differs from ranks 0 and 2, rank 5 (TP 1, last) only by
+    padding - counted here by hand, not with the planner's chunking."""
+    cfg = config("tiny", "model.vocab_size=8191", "parallel.tp=2", "train.global_batch_size=6")
+    dims = check_layout(cfg, 6)
+    assert role_ranks(cfg, dims) == [0, 1, 4, 5]
+    emb = {r.rank: r.built["tok_embeddings.weight"] for r in dry_run(cfg, dims).roles}
+    d = cfg.model.d_model
+    assert {r: (b.held, b.allocated) for r, b in emb.items()} == {
+        0: (1366 * d, 1366 * d), 1: (1365 * d, 1365 * d), 4: (1364 * d, 1366 * d),
+        5: (1365 * d, 1365 * d)}
+    # pipeline stages keep their own roles: the last rank of each stage at least
+    pp = config("tiny", "parallel.pp=2")
+    assert role_ranks(pp, check_layout(pp, 4)) == [0, 1, 2, 3]
