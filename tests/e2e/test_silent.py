@@ -16,38 +16,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from moetrain.config import compose, to_object, validate
-from moetrain.runtime import init_runtime
 from tests.data.conftest import SHIPPED, write_docs
+from tests.harness import TINY, run_train, start_train, tiny_config, torchrun, trainer_for
 
 pytestmark = pytest.mark.slow
 
-FAST = ["+experiment=tiny", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.eval_every=0", "logging.progress=false", "train.deterministic=true"]
+FAST = (*TINY, "train.global_batch_size=4")
+LAUNCHER = torchrun(2, relay=True)  # the README's multi-process launcher: moetrain.torchrun
 
 
-def env() -> dict[str, str]:
-    # at call time: the session's $MOETRAIN_CACHE is set after this module is imported
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-LAUNCHER = [sys.executable, "-m", "moetrain.torchrun", "--standalone", "--nproc_per_node", "2"]
-
-
-def command(*args: str, launcher: list[str] | None = None) -> list[str]:
-    return [*(launcher or [sys.executable]), "-m", "moetrain.train", *FAST, *args]
-
-
-def refused(cmd: list[str]) -> str:
+def refused(*overrides: str, launcher=()) -> str:
     """The one line a refused start prints (asserting exit 2 and nothing else on the console)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    proc = run_train(overrides, launcher=launcher, base=FAST, timeout=300)
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and not proc.stdout, proc.stderr
@@ -86,15 +72,15 @@ def test_a_typod_glob_never_trains_on_the_cached_source_of_that_name(tmp_path, b
     folder = tmp_path / name
     plays = (SHIPPED / "macbeth.txt").read_text().split("\n\n")
     write_docs(folder / "part-000.jsonl.zst", plays, "jsonl.zst")
-    cfg = to_object(compose([*FAST, f"data.sources=[{{path: '{folder}/*.jsonl.zst'}}]",
-                             f"data.tokenizer.path={bpe_json}", "model.vocab_size=512"]))
+    cfg = tiny_config([f"data.sources=[{{path: '{folder}/*.jsonl.zst'}}]",
+                       f"data.tokenizer.path={bpe_json}", "model.vocab_size=512"], base=FAST)
     cache = ensure_prepared(cfg.data, cfg.model.vocab_size)
     assert cache.parent == Path(os.environ["MOETRAIN_CACHE"]).absolute()
     before = tree(cache)
     run = tmp_path / "run"
     typo = f"{folder}/*.jsonl.zstd"  # the same source name; no file matches
-    line = refused(command(f"data.sources=[{{path: '{typo}'}}]", f"data.tokenizer.path={bpe_json}",
-                           "model.vocab_size=512", f"run.dir={run}"))
+    line = refused(f"data.sources=[{{path: '{typo}'}}]", f"data.tokenizer.path={bpe_json}",
+                   "model.vocab_size=512", f"run.dir={run}")
     assert line.startswith(f"error: data.sources[0].path='{typo}' (which matches no file), but the "
                            f"prepared directory {cache} holds the source named '{name}' made "
                            f"from '{folder}/*.jsonl.zst'"), line
@@ -102,19 +88,14 @@ def test_a_typod_glob_never_trains_on_the_cached_source_of_that_name(tmp_path, b
 
 
 def test_another_familys_checkpoint_with_equal_shapes_is_refused_under_the_launcher(tmp_path):
-    from moetrain.trainer import Trainer
-
     # An OLMoE-style run's checkpoint: q/k norms, top-k weights not renormalised; every tensor
     # of the plain tiny model (no dense first layer) is in it with the same shape.
-    olmoe = [*FAST, "model.family=olmoe", "model.qk_norm=full", "model.moe.norm_topk_prob=false",
+    olmoe = ["model.family=olmoe", "model.qk_norm=full", "model.moe.norm_topk_prob=false",
              "model.moe.first_dense_layers=0", f"run.dir={tmp_path / 'olmoe'}"]
-    cfg = to_object(compose(olmoe))
-    validate(cfg)
-    (tmp_path / "olmoe").mkdir()
-    checkpoint = Trainer(cfg, init_runtime(cfg), tmp_path / "olmoe").save_checkpoint()
+    checkpoint = trainer_for(tiny_config(olmoe, base=FAST), tmp_path / "olmoe").save_checkpoint()
     run = tmp_path / "run"
-    line = refused(command("model.moe.first_dense_layers=0", f"checkpoint.resume={checkpoint}",
-                           f"run.dir={run}", launcher=LAUNCHER))
+    line = refused("model.moe.first_dense_layers=0", f"checkpoint.resume={checkpoint}",
+                   f"run.dir={run}", launcher=LAUNCHER)
     assert line.startswith(f"error: checkpoint {checkpoint} was trained as another model than "
                            "this run's: model.family is 'olmoe' there, 'custom' here; "), line
     assert "model.qk_norm is 'full' there, 'none' here" in line
@@ -136,8 +117,8 @@ def test_a_hugging_face_model_with_another_tokenizer_is_refused(tmp_path, bpe_js
     overrides = format_overrides(hf_overrides(load_hf_config(hf))).splitlines()
     run = tmp_path / "run"
     # e.g. configs/data/mixture_example.yaml's tokenizer left in place
-    line = refused(command(*overrides, f"model.init.from_hf={hf}", f"data.tokenizer.path={bpe_json}",
-                           f"run.dir={run}"))
+    line = refused(*overrides, f"model.init.from_hf={hf}", f"data.tokenizer.path={bpe_json}",
+                   f"run.dir={run}")
     assert line.startswith(f"error: data.tokenizer.path='{bpe_json}' is not the tokenizer of "
                            f"model.init.from_hf='{hf}' ("), line
     assert "model.init.allow_other_tokenizer=true" in line and not run.exists()
@@ -145,9 +126,8 @@ def test_a_hugging_face_model_with_another_tokenizer_is_refused(tmp_path, bpe_js
 
 def test_a_second_launch_on_a_live_run_is_refused_and_ctrl_c_saves_and_exits_0(tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(command(f"run.dir={run}", "train.max_steps=1000", "checkpoint.every=0",
-                                     launcher=LAUNCHER),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    first = start_train([f"run.dir={run}", "train.max_steps=1000"], launcher=LAUNCHER, base=FAST,
+                        stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text()):
@@ -155,7 +135,7 @@ def test_a_second_launch_on_a_live_run_is_refused_and_ctrl_c_saves_and_exits_0(t
             time.sleep(0.1)
         holder = json.loads((run / "run.lock").read_text())
         config = (run / "config.yaml").read_text()
-        line = refused(command(f"run.dir={run}", "train.max_steps=3"))
+        line = refused(f"run.dir={run}", "train.max_steps=3")
         assert line.startswith(f"error: run.dir='{run}' is in use by another run (pid "
                                f"{holder['pid']} (launcher pid {first.pid}) on "), line
         assert (run / "config.yaml").read_text() == config
