@@ -24,7 +24,7 @@ Each layout kind runs at depth 1 and at depth 2 (tp, ep over DP / CP / TP, etp, 
 and ring, pp 1f1b / interleaved / gpipe, dp2 FSDP and replicated, 8 ranks). The `-unmasked`
 cases train on the same documents with `data.document_mask=false`, the shipped deepseek_v3 and
 kimi_k2 experiments' setting (attention and RoPE positions across the documents; the MTP targets
-whose chain crosses an EOS still masked): tp2, cp2, pp2, tp2-ep2 and the 8 ranks. The
+whose chain crosses an EOS still masked): tp2, cp2, pp2, ep2 (over FSDP) and the 8 ranks. The
 `-recompute-*` cases recompute (`train.recompute=full`: the whole block, its document positions
 included; `=moe`) against the reference that does not: cp2 ring and dp2 (full), pp2 interleaved
 and dp2 replicated (moe). tests/oracle/test_oracle.py checks the references' paths (unmasked,
@@ -93,6 +93,7 @@ TWO_RANKS = {
     "dp2-recompute-full": Layout(RECOMPUTE_FULL, "mtp2"),
     "dp2-replicated-recompute-moe": Layout(("parallel.fsdp.enabled=false", *RECOMPUTE_MOE),
                                            "mtp1"),
+    "ep2-unmasked": Layout(("parallel.ep=2",), "mtp1-unmasked"),
 }
 FOUR_RANKS = {
     "tp2-dp2": Layout(("parallel.tp=2",), "mtp1"),
@@ -104,11 +105,13 @@ FOUR_RANKS = {
     "ep2-etp2": Layout(("parallel.ep=2", "parallel.etp=2"), "mtp1-mb1"),
     "ep2-etp2-mtp2": Layout(("parallel.ep=2", "parallel.etp=2"), "mtp2-mb1"),
     "pp4-gpipe-mtp1": Layout(("parallel.pp=4", "parallel.pp_schedule=gpipe"), "mtp1-mb1"),
-    "tp2-ep2-unmasked": Layout(("parallel.tp=2", "parallel.ep=2"), "mtp1-unmasked"),
+    "tp2-ep2-mtp1": Layout(("parallel.tp=2", "parallel.ep=2"), "mtp1"),
 }
 EIGHT_RANKS = {
     "pp2-tp2-cp2-ep2": Layout(("parallel.pp=2", "parallel.tp=2", "parallel.cp=2",
                                "parallel.ep=2"), "mtp2"),
+    "pp2-tp2-cp2-ep2-mtp1": Layout(("parallel.pp=2", "parallel.tp=2", "parallel.cp=2",
+                                    "parallel.ep=2"), "mtp1"),
     "pp2-tp2-cp2-ep2-unmasked": Layout(("parallel.pp=2", "parallel.tp=2", "parallel.cp=2",
                                         "parallel.ep=2"), "mtp1-unmasked"),
 }
