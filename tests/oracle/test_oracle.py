@@ -57,7 +57,7 @@ CASES = {
 # document boundaries): two MoE modules (their experts biased and balanced like the main
 # model's) with document-masked attention and per-document RoPE positions; one dense module with
 # the EOS -> next-document target masked, lambda from a schedule (0.3, then 0.1 from step 2),
-# a tied head and recomputation.
+# a tied head and recomputation; recomputation under the mask; the documents unmasked.
 DOCUMENT_CASES = {
     "mtp2-moe-documents-bias": ("model.mtp.depth=2", "data.document_mask=true", *BIAS),
     "mtp1-dense-boundary-mask-schedule": (
@@ -69,6 +69,15 @@ DOCUMENT_CASES = {
     # document, the MTP block's heads clipped and its matrices Muon's like the layers'
     "mtp1-muon-qk-clip-documents": ("model.mtp.depth=1", "data.document_mask=true",
                                     "optim=muon", f"optim.qk_clip_threshold={QK_CLIP}"),
+    # Whole blocks recomputed in backward under the document mask: the checkpointed block gets
+    # the document positions (main blocks and the MTP modules' MoE blocks)
+    "mtp2-moe-documents-recompute-full": ("model.mtp.depth=2", "data.document_mask=true",
+                                          "train.recompute=full"),
+    # The shipped deepseek_v3 / kimi_k2 setting: documents not masked (attention and positions
+    # across them), the boundary loss kept, only the MTP targets whose chain crosses an EOS
+    # masked; the MoE layers recomputed
+    "mtp2-moe-unmasked-recompute-moe": ("model.mtp.depth=2", "data.document_mask=false",
+                                        "train.recompute=moe"),
 }
 
 
