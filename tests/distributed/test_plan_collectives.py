@@ -5,8 +5,8 @@ bytes, on every rank, for layouts covering FSDP (2-D with TP, over EP's edp, und
 GPipe / interleaved pipelines), replicated data parallelism, TP (GQA with q/k norms and MLA),
 CP (all-gather and ring), EP and ETP, every LBL scope, recomputation, and bf16 autocast; and
 multi-token prediction (`model.mtp`): an MoE MTP block under TP x EP, a dense one of depth 2
-under TP, under CP with packed documents masked, on the last stage of 1F1B, GPipe (pp4, with a
-tied head) and interleaved pipelines with the embedding shared between the first and the last
+under TP, under CP with packed documents masked, on the last stage of 1F1B (with TP), GPipe (pp4, with
+a tied head) and interleaved pipelines with the embedding shared between the first and the last
 stage, under FSDP and bf16 autocast.
 
 Expert-parallel all-to-alls carry the routing's rows: their calls are compared per rank and
@@ -34,7 +34,9 @@ from tests.documents import documents_overrides
 from tests.harness import run_distributed, trainer_for
 
 MLA = ["model.attention=mla", "model.mla.q_lora_rank=32", "model.n_kv_heads=8"]
-MTP1, MTP2 = "model.mtp.depth=1", "model.mtp.depth=2"
+# (over a global batch of 4: two micro-batches or more per rank, a shorter step)
+MTP1 = ("model.mtp.depth=1", "train.global_batch_size=4")
+MTP2 = ("model.mtp.depth=2", "train.global_batch_size=4")
 # Packed short documents, masked (tests/documents.py; expanded inside the fixture)
 DOCUMENTS = ["<documents>", "data.document_mask=true"]
 LAUNCHES = {
@@ -43,10 +45,9 @@ LAUNCHES = {
         "cp2-ring-etp2": ["parallel.cp=2", "parallel.cp_comm=ring", "parallel.etp=2"],
         "replicated-ep2": ["parallel.fsdp.enabled=false", "parallel.ep=2"],
         "pp2-1f1b": ["parallel.pp=2"],
-        "mtp2-dense-tp2-bf16": ["parallel.tp=2", MTP2, "model.mtp.block=dense",
+        "mtp2-dense-tp2-bf16": ["parallel.tp=2", *MTP2, "model.mtp.block=dense",
                                 "train.dtype=bf16"],
-        "mtp1-pp2": ["parallel.pp=2", MTP1],
-        "mtp1-cp2-documents": ["parallel.cp=2", MTP1, *DOCUMENTS],
+        "mtp1-cp2-documents": ["parallel.cp=2", *MTP1, *DOCUMENTS],
     },
     4: {
         "tp2-ep2-seq-bf16": ["parallel.tp=2", "parallel.ep=2", "model.qk_norm=head",
@@ -62,13 +63,14 @@ LAUNCHES = {
         "ep4-recompute-moe": ["parallel.ep=4", "train.recompute=moe", "train.micro_batch_size=1"],
         "zero_bubble-ep2": ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zero_bubble",
                             "parallel.ep=2", "train.micro_batch_size=1"],
-        "mtp1-tp2-ep2-bf16": ["parallel.tp=2", "parallel.ep=2", MTP1, "train.dtype=bf16"],
-        "mtp2-pp2-tp2-bf16": ["parallel.pp=2", "parallel.tp=2", MTP2, "train.micro_batch_size=1",
+        "mtp1-tp2-ep2-bf16": ["parallel.tp=2", "parallel.ep=2", "model.mtp.depth=1",
+                              "train.global_batch_size=8", "train.dtype=bf16"],
+        "mtp2-pp2-tp2-bf16": ["parallel.pp=2", "parallel.tp=2", *MTP2, "train.micro_batch_size=1",
                               "train.dtype=bf16"],
-        "mtp1-pp4-gpipe-tied": ["parallel.pp=4", "parallel.pp_schedule=gpipe", MTP1,
+        "mtp1-pp4-gpipe-tied": ["parallel.pp=4", "parallel.pp_schedule=gpipe", *MTP1,
                                 "model.tie_embeddings=true", "train.micro_batch_size=1"],
         "mtp1-interleaved-dp2": ["parallel.pp=2", "parallel.vpp=2",
-                                 "parallel.pp_schedule=interleaved", MTP1,
+                                 "parallel.pp_schedule=interleaved", *MTP1,
                                  "train.micro_batch_size=1"],
     },
 }
