@@ -56,8 +56,9 @@ LAUNCHES = {
         "mla-tp2-cp2-bf16": ["parallel.tp=2", "parallel.cp=2", *MLA, "train.dtype=bf16"],
         "cp2-tp2-ep4-global": ["parallel.cp=2", "parallel.tp=2", "parallel.ep=4",
                                "model.moe.lbl.scope=global"],
-        "gpipe-tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=gpipe",
-                      "train.micro_batch_size=1"],
+        # a tied head without MTP: the embedding shared between the stages all the same
+        "gpipe-tp2-tied": ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=gpipe",
+                           "model.tie_embeddings=true", "train.micro_batch_size=1"],
         "interleaved-ep2": ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved",
                             "parallel.ep=2", "train.micro_batch_size=1"],
         "ep4-recompute-moe": ["parallel.ep=4", "train.recompute=moe", "train.micro_batch_size=1"],
