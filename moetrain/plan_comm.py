@@ -20,6 +20,12 @@ Dtypes: parameters and their gradients are fp32 (moetrain keeps fp32 weights and
 autocast), so are the residual stream and the norm outputs (what the attention, the dense MLP,
 the MoE dispatch and the pipeline boundaries move); the outputs of matrix multiplies (the
 attention / MLP output projections, the experts, keys and values) are bf16 under bf16 autocast.
+A multi-token-prediction block's residual stream starts at eh_proj's output (a matmul's), so
+everything its attention, MLP and MoE layer move is in the matmul dtype.
+
+Where torch issues a different collective on GPUs than on CPU (DTensor's shard-to-shard
+redistribution: an all-to-all with NCCL, an all-gather and a chunk with gloo) the count follows
+`train.device`: cpu counts what gloo issues, cuda / auto what NCCL does.
 """
 
 from __future__ import annotations
