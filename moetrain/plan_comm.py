@@ -166,15 +166,10 @@ def step_collectives(cfg: Any, dims: ParallelDims, rank: int) -> list[Collective
         # PipelineStepRunner._sum_shared_grad: the embedding the first and the last stage both
         # hold (MTP, a tied head) has its gradient - this rank's local shard, after FSDP's
         # reduce-scatter - summed over the pair once per step
-        for u in units:
-            for name, p in zip(u.names(), u.params):
-                if name == "tok_embeddings.weight":
-                    add("all_reduce", "embedding", p.held * PARAM_BYTES, 1,
-                        "pp shared embedding grad")
-                    break
-            else:
-                continue
-            break
+        held = next((p.held for u in units for name, p in zip(u.names(), u.params)
+                     if name == "tok_embeddings.weight"), None)  # None: a middle stage
+        if held is not None:
+            add("all_reduce", "embedding", held * PARAM_BYTES, 1, "pp shared embedding grad")
     if dims.tp > 1:  # Replicate-over-TP weights: their partial gradients summed once per step
         for u in units:
             for p in u.params:
