@@ -411,6 +411,20 @@ def test_a_steps_collectives_by_hand():
                   ("ep dispatch grad", 4 * rows, 12)}
 
 
+def test_mtp_eh_proj_output_is_an_all_to_all_on_gpus_and_an_all_gather_on_cpu():
+    """Under TP each MTP module's projection output goes from feature shards to sequence shards
+    (and its gradient back): DTensor's one all-to-all of the rank's [B, S, d/tp] shard off CPU
+    (bf16 under the GPU's autocast), an all-gather of the whole [B, S, d] on gloo (fp32 here).
+    test_plan_collectives.py records the CPU form in real steps and the recorder's GPU form."""
+    seq = 2 * 128 * 128  # micro-batch tokens x d_model
+    for device, expected in (("auto", ("all_to_all", 2 * seq // 2)),
+                             ("cpu", ("all_gather", 4 * seq))):
+        cfg = config("tiny", "parallel.tp=2", "model.mtp.depth=1", f"train.device={device}")
+        calls = step_collectives(cfg, check_layout(cfg, 2), 0)
+        eh = [(c.op, c.bytes, c.count) for c in calls if c.what == "mtp tp eh_proj output"]
+        assert eh == [(*expected, 2 * 8)]  # forward and backward of 8 micro-batches
+
+
 def test_collective_seconds_by_hand():
     gpu = hardware("h100")  # NVLink 450 GB/s, network 50 GB/s, 8 per node
     nvlink, net = 450e9 * LINK_EFFICIENCY, 50e9 * LINK_EFFICIENCY

@@ -90,6 +90,9 @@ class CollectiveRecorder(TorchDispatchMode):
         if ns == "c10d" and name in _C10D:
             op, index = _C10D[name]
             self.calls.append(RecordedCall(op, _group_ranks(args), _nbytes(args[index])))
+        elif ns == "_dtensor" and name == "shard_dim_alltoall":  # (input, gather, shard, group)
+            # DTensor's shard-to-shard redistribution off CPU (on CPU: an all-gather and a chunk)
+            self.calls.append(RecordedCall("all_to_all", _group_ranks(args), _nbytes(args[0])))
         elif ns == "_c10d_functional" and name in _FUNCTIONAL:
             op = _FUNCTIONAL[name]
             nbytes = _nbytes(args[0]) * (int(args[1]) if op == "all_gather" else 1)
