@@ -1,6 +1,7 @@
-"""What train.sbatch starts on allocations the test cluster cannot offer (GPUs, several nodes):
-srun and scontrol are stand-ins that record their arguments. Everything SLURM really does
-(signals, requeues, two jobs on a node) is in test_slurm.py, on a real cluster."""
+"""What train.sbatch starts on allocations the test cluster cannot offer (GPUs, several nodes),
+and what it makes of a run's leftover files (a stale `preempted` marker): srun and scontrol are
+stand-ins that record their arguments. Everything SLURM really does (signals, requeues, two jobs
+on a node) is in test_slurm.py, on a real cluster."""
 
 import json
 import os
