@@ -1,17 +1,21 @@
-"""The watchdog's hang rule (moetrain/watchdog.py): a phase past 90% of its collective timeout
-is a hang only while this rank waits for another one; a slow phase that every rank is in, or a
-lone process, is left alone."""
+"""The watchdog (moetrain/watchdog.py): its hang rule - a phase past 90% of its collective
+timeout is a hang only while this rank waits for another one; a slow phase that every rank is in,
+or a lone process, is left alone - and the two phases of the collective timeout."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from datetime import timedelta
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from moetrain.config.schema import FaultConfig
 from moetrain.watchdog import Watchdog
+from tests.harness import SMALL, build_trainer
 
 
 @pytest.fixture
@@ -73,3 +77,34 @@ def test_a_long_phase_waiting_for_a_rank_behind_is_a_hang(tmp_path, hangs):
     assert event.wait(5), "no hang declared"
     dog.close()
     assert "step 2 has not finished" in seen[0] and "90% of its collective timeout" in seen[0]
+
+
+def test_the_collective_timeout_is_the_init_one_until_the_first_step_ends_then_the_step_one(
+        tmp_path):
+    """fault.init_timeout while starting and during the first step, fault.step_timeout from the
+    second step on, the generous one again around each checkpoint save (torchtitan's two
+    phases); read from the process group itself, a one-rank gloo group made with the init
+    timeout as moetrain.runtime makes it (a Trainer's steps on one process)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=600))
+    try:
+        gloo = dist.group.WORLD._get_backend(torch.device("cpu"))
+        trainer = build_trainer(tmp_path, [*SMALL, "train.max_steps=3", "checkpoint.every=2",
+                                           "fault.init_timeout=600", "fault.step_timeout=60"])
+        seen = [("built", 0, gloo.options._timeout.total_seconds())]
+        next_step, save = trainer.sampler.next_step, trainer.ckpt.save
+
+        def drawing():  # inside step N (1-based), before its forward
+            seen.append(("step", trainer.state.step + 1, gloo.options._timeout.total_seconds()))
+            return next_step()
+
+        def saving(*args, **kwargs):  # the save after step N
+            seen.append(("save", trainer.state.step, gloo.options._timeout.total_seconds()))
+            return save(*args, **kwargs)
+
+        trainer.sampler.next_step, trainer.ckpt.save = drawing, saving
+        trainer.fit()
+    finally:
+        dist.destroy_process_group()
+    assert seen == [("built", 0, 600), ("step", 1, 600), ("step", 2, 60), ("save", 2, 600),
+                    ("step", 3, 60), ("save", 3, 600)]

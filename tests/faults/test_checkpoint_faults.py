@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pickle
 import re
 import shutil
@@ -22,18 +21,15 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from moetrain.checkpoint import CheckpointError, CheckpointManager, TrainState
+from moetrain.checkpoint import CheckpointError, storage
 from moetrain.checkpoint.convert import inspect
 from moetrain.trainer import TrainingError
+from tests.harness import SMALL, run_train
 from tests.test_trainer import build, poison
 
 # optim.decay=constant: the learning rate does not depend on train.max_steps, so a run of 6
-# steps is the first 6 steps of a run of 8. SMALL: two layers (a dense one, then MoE: the
-# entries damaged below), 2 micro-batches of one 32-token sequence - ~3x cheaper per step than
-# the tiny model, and smaller checkpoints to write, hash and copy.
-SMALL = ("model.n_layers=2", "model.d_model=64", "model.ffn_hidden=128",
-         "model.moe.expert_hidden=64", "train.global_batch_size=2", "train.micro_batch_size=1",
-         "data.seq_len=32")
+# steps is the first 6 steps of a run of 8. SMALL (the harness's): two layers (a dense one, then
+# MoE: the entries damaged below), 2 micro-batches of one 32-token sequence.
 RUN = ("train.eval_every=0", "train.deterministic=true", "optim.decay=constant",
        "checkpoint.every=2", "checkpoint.resume=auto", *SMALL)
 
@@ -96,33 +92,33 @@ def damage(run: Path, how: str) -> None:
         shutil.rmtree(newest)
 
 
-@pytest.mark.parametrize("how", ["optimizer", "missing_file", "latest_dangling"])
-def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, reference, how):
+REJECTED = {"weights": r"\S+\.distcp does not match its checksum \(the file is corrupt\)",
+            "optimizer": r"\S+\.distcp does not match its checksum \(the file is corrupt\)",
+            "missing_file": r"\S+\.distcp is missing",
+            "latest_dangling": r"\S+checksums\.json is missing"}
+
+
+@pytest.mark.parametrize("how", list(REJECTED))
+def test_a_damaged_newest_checkpoint_is_passed_over_loudly_and_the_run_ends_exact(
+        tmp_path, reference, caplog, how):
+    """The newest checkpoint (step_8) damaged: `resume=auto` says so and takes step_6, and the
+    run trains steps 7 and 8 again to the uninterrupted run's losses, bit for bit."""
     run = copy_of(reference, tmp_path)
     damage(run, how)
+    caplog.set_level(logging.WARNING, logger="moetrain")
     resumed = build(run, "train.max_steps=8", *RUN)
     assert resumed.resumed_from == run / "checkpoints" / "step_6"
     (rejected,) = resumed.rejected
     assert rejected.path == run / "checkpoints" / "step_8"
-    assert {"optimizer": "does not match its checksum (the file is corrupt)",
-            "missing_file": ".distcp is missing",
-            "latest_dangling": "checksums.json is missing"}[how] in rejected.reason
-
-
-def test_flipped_weight_bytes_are_passed_over_loudly_and_the_run_ends_exact(
-        tmp_path, reference, caplog):
-    run = copy_of(reference, tmp_path)
-    damage(run, "weights")
-    caplog.set_level(logging.WARNING, logger="moetrain")
-    resumed = build(run, "train.max_steps=8", *RUN)
-    assert resumed.resumed_from == run / "checkpoints" / "step_6"
+    assert re.search(REJECTED[how], rejected.reason), rejected.reason
     resumed.fit()  # the resume drops the records of steps 7 and 8 and logs them again
     assert losses(run) == losses(reference)  # steps 7, 8 again from step 6: bit-identical
     (fallback,) = [e for e in events(run) if e["event"] == "resume_fallback"]
     assert fallback["step"] == 6 and fallback["resumed_from"].endswith("step_6")
     assert fallback["rejected"][0]["path"].endswith("step_8")
-    assert "does not match its checksum" in fallback["rejected"][0]["reason"]
-    assert re.search(r"passing over \S+step_8: \S+\.distcp does not match", caplog.text)
+    assert re.search(REJECTED[how], fallback["rejected"][0]["reason"])
+    assert re.search(rf"passing over \S+step_8: {REJECTED[how]}", caplog.text)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_8"  # written again
 
 
 def one_checkpoint(reference: Path, tmp_path: Path) -> Path:
@@ -251,35 +247,24 @@ def test_a_start_removes_partial_folders_left_by_crashes(tmp_path, reference, ca
 
 
 def test_the_last_step_at_max_time_leaves_no_preempted_marker(tmp_path):
+    """Nor does a stale one survive: a run stopped early wrote it, and the start-up of the next
+    run died before clearing it (launch/slurm/train.sbatch removes it too, before the ranks
+    start: tests/launch/test_sbatch_command.py). A marker after this finished run would have the
+    batch script requeue it."""
+    (tmp_path / "preempted").write_text("step 4: received SIGUSR1\n")
     trainer = build(tmp_path, "train.max_steps=1", *RUN, "train.max_time=0.001")
     trainer.fit()
     assert trainer.state.step == 1 and not (tmp_path / "preempted").exists()
 
 
 # --------------------------------------------------------------------------- a full disk
-def _tiny():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 64)).sum().backward()
-    opt.step()
-    return model, opt
-
-
-def _checkpoint_bytes(where: Path) -> int:
-    model, opt = _tiny()
-    path = CheckpointManager(where, keep_last=None).save(model, opt, TrainState(step=1), meta={})
-    return sum(f.stat().st_size for f in path.iterdir())
-
-
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A tmpfs of 1.6 checkpoints of `_tiny`: one fits, two do not. Needs root."""
-    size = _checkpoint_bytes(tmp_path / "probe")
+def tmpfs(tmp_path):
+    """A 32 MiB tmpfs of its own, for the run directory (a full disk must not fill the test's
+    temporary folder). Needs root."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    kib = int(1.6 * size) // 4096 * 4
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mount)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
@@ -287,23 +272,52 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_refuses_early_or_fails_cleanly_and_keeps_the_good_checkpoint(small_tmpfs):
-    model, opt = _tiny()
-    mgr = CheckpointManager(small_tmpfs, keep_last=1)
-    state = TrainState(step=1)
-    first = mgr.save(model, opt, state, meta={})
-    # a second one does not fit next to it: refused before a byte is written
-    with pytest.raises(CheckpointError, match=r"^not saving step_2: not enough free space for a "
-                       r"checkpoint in \S+: [\d.]+ MiB free, the last checkpoint \(step_1\) took"):
-        mgr.save(model, opt, TrainState(step=2), meta={})
-    assert sorted(p.name for p in mgr.root.iterdir()) == ["latest", "step_1"]
-    # the disk fills up during the write (the estimate said it fits): one line, no .partial
-    shutil.rmtree(first)  # no previous checkpoint to estimate from; latest now dangles
-    ballast = small_tmpfs / "ballast"
-    ballast.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 20_000))
-    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint \S+step_3\.partial: No "
-                       r"space left on device"):
-        mgr.save(model, opt, TrainState(step=3), meta={})
-    assert not (mgr.root / "step_3.partial").exists()
-    assert (mgr.root / "latest").read_text().strip() == "step_1"
-    os.unlink(ballast)
+def test_a_disk_that_fills_during_a_save_keeps_the_good_checkpoint_which_resumes_exact(
+        tmpfs, reference, monkeypatch):
+    """The run directory on a tmpfs; checkpoints at steps 2 and 4, keep_last=1.
+
+    1. Step 4's save passes the free-space check (step_2's size fits), then another writer
+       fills the disk to half a checkpoint: the write fails with one line naming the folder
+       and the cause, `.partial` removed, step_2 kept and `latest` on it.
+    2. The command line on that full disk resumes from step_2 (it verifies), trains steps 3 and
+       4 again to the uninterrupted run's losses, and refuses step 4's save before writing a
+       byte: one line naming the folder and the cause, exit 2, step_2 kept."""
+    run = tmpfs / "run"
+    ckpts = run / "checkpoints"
+    args = ("train.max_steps=4", *RUN, "checkpoint.keep_last=1")
+    ballast = tmpfs / "ballast"
+    check = storage.space_problem
+
+    def then_the_disk_fills(root, previous):
+        problem = check(root, previous)
+        if problem is None and previous and previous.is_dir() and not ballast.exists():
+            left = storage.directory_bytes(previous) // 2
+            ballast.write_bytes(bytes(shutil.disk_usage(tmpfs).free - left))
+        return problem
+
+    monkeypatch.setattr(storage, "space_problem", then_the_disk_fills)
+    with pytest.raises(CheckpointError) as failed:
+        build(run, *args).fit()
+    partial = re.escape(str(ckpts / "step_4.partial"))
+    assert re.fullmatch(rf"cannot write checkpoint {partial}: No space left on device[^\n]*; "
+                        r"latest still names step_2", str(failed.value)), failed.value
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_2"]
+    assert (ckpts / "latest").read_text() == "step_2\n"
+    monkeypatch.undo()
+
+    # as many intra-op threads as this process (the reference's): a CPU reduction's order, and
+    # so its last bits, depend on them
+    proc = run_train(["train.global_batch_size=4", f"run.dir={run}", *args],
+                     env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"resumed from {ckpts / 'step_2'} at step 2\n" in proc.stderr, proc.stderr
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+        proc.stderr.splitlines()[-1]], proc.stderr
+    assert re.fullmatch(rf"error: not saving step_4: not enough free space for a checkpoint in "
+                        rf"{re.escape(str(ckpts))}: [\d.]+ MiB free, the last checkpoint "
+                        r"\(step_2\) took [\d.]+ MiB; free space or lower checkpoint.keep_last",
+                        proc.stderr.splitlines()[-1]), proc.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_2"]
+    assert (ckpts / "latest").read_text() == "step_2\n"
+    assert losses(run) == {s: v for s, v in losses(reference).items() if s <= 4}

@@ -11,7 +11,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +18,17 @@ from typing import Callable
 
 import pytest
 
-from tests.launch.slurm_jobs import REPO, losses, rank_pids
+from tests.harness import SMALL, local_sh, start_train
+from tests.launch.slurm_jobs import losses, rank_pids
 
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 16
-# The tiny experiment at a smaller size (tests/faults/test_checkpoint_faults.py SMALL: two layers,
-# one 32-token sequence per rank and step): the faults do not depend on it, and 10 ranks of 5 jobs
-# share 2 cores, so cheaper steps leave the cores to the start-ups and the faults.
-ARGS = ["+experiment=tiny", "train.device=cpu", "train.deterministic=true",
-        "train.global_batch_size=2", "train.micro_batch_size=1", "train.eval_every=0",
-        "logging.progress=false", f"train.max_steps={MAX_STEPS}", "checkpoint.every=4",
-        "optim.decay=constant", "model.n_layers=2", "model.d_model=64", "model.ffn_hidden=128",
-        "model.moe.expert_hidden=64", "data.seq_len=32"]
+# Over the harness's tiny run, at its SMALL size (two layers, one 32-token sequence per rank and
+# step): the faults do not depend on it, and 10 ranks of 5 jobs share 2 cores, so cheaper steps
+# leave the cores to the start-ups and the faults. Resumed as a relaunched job resumes.
+OVERRIDES = [*SMALL, f"train.max_steps={MAX_STEPS}", "checkpoint.every=4",
+             "checkpoint.resume=auto", "optim.decay=constant"]
 
 
 def rank_of(pid: int) -> int | None:
@@ -67,13 +64,10 @@ class Job:
         return self.dir / "run"
 
     def start(self) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        out = (self.dir / f"launch{self.launches}.out").open("w")
-        self.proc = subprocess.Popen(
-            ["bash", str(REPO / "launch" / "local.sh"), "2", *ARGS, *self.extra,
-             f"run.dir={self.run_dir}"], stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
+        with (self.dir / f"launch{self.launches}.out").open("w") as out:
+            self.proc = start_train([*OVERRIDES, *self.extra, f"run.dir={self.run_dir}"],
+                                    launcher=local_sh(2), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.launches += 1
         self.notes[f"launch{self.launches}_at"] = time.monotonic()
 

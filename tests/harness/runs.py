@@ -33,6 +33,14 @@ TINY = (
     "logging.progress=false",
 )
 
+#: Overrides after TINY: the tiny experiment at a smaller size, for tests whose subject does not
+#: depend on the model (checkpoint and process faults, the watchdog): two layers (a dense one,
+#: then MoE), 2 micro-batches of one 32-token sequence per step - ~3x cheaper per step than
+#: TINY, and smaller checkpoints to write, hash and copy.
+SMALL = ("model.n_layers=2", "model.d_model=64", "model.ffn_hidden=128",
+         "model.moe.expert_hidden=64", "train.global_batch_size=2", "train.micro_batch_size=1",
+         "data.seq_len=32")
+
 #: The environment every child process gets on top of this one's: one intra-op thread (what
 #: torchrun gives each rank; the CI machine has 2 cores) and unbuffered output, so a test that
 #: reads a child's output while it runs sees each line when it is written.
@@ -78,20 +86,36 @@ def torchrun(nproc: int, relay: bool = False) -> tuple[str, ...]:
     return ("-m", module, "--standalone", "--nproc_per_node", str(nproc))
 
 
+def local_sh(nproc: int) -> tuple[str, ...]:
+    """The `launcher` of `nproc` ranks through the project's launch/local.sh, as a user starts
+    them (the script runs `python -m moetrain.torchrun ... -m moetrain.train`; `child_env` puts
+    this interpreter's directory first on PATH, so that `python` is this one)."""
+    return ("bash", str(ROOT / "launch" / "local.sh"), str(nproc))
+
+
 def train_command(overrides: Sequence[str], launcher: Sequence[str] = (),
                   base: Sequence[str] = TINY) -> list[str]:
-    """`python [launcher] -m moetrain.train base overrides` as an argv."""
+    """`python [launcher] -m moetrain.train base overrides` as an argv; with a launch script
+    (`local_sh`), `bash SCRIPT N base overrides`."""
+    if launcher[:1] == ("bash",):  # the script names the interpreter and the module itself
+        return [*launcher, *base, *overrides]
     return [sys.executable, *launcher, "-m", "moetrain.train", *base, *overrides]
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A child's environment: this one, then CHILD_ENV, this interpreter's directory first on
+    PATH (the `python` a launch script runs), then `env`."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **CHILD_ENV, "PATH": path, **(env or {})}
 
 
 def run_python(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None,
                cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess:
-    """`python args...` in a child process (CHILD_ENV, then `env`, over this environment), its
+    """`python args...` in a child process (`child_env(env)`), its
     output captured as text. `check`: a non-zero exit fails the test with the exit code, stdout
     and the end of stderr."""
-    env = {**os.environ, **CHILD_ENV, **(env or {})}
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=child_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(map(str, args))}\nstdout:\n"
                              f"{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
@@ -102,6 +126,8 @@ def run_train(overrides: Sequence[str], *, launcher: Sequence[str] = (),
               base: Sequence[str] = TINY, timeout: float = 600, env: dict[str, str] | None = None,
               cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess:
     """`python [launcher] -m moetrain.train base overrides` run to its end (`run_python`)."""
+    if launcher[:1] == ("bash",):
+        raise ValueError("run_train runs python; start a launch script with start_train")
     return run_python(*train_command(overrides, launcher, base)[1:], timeout=timeout, env=env,
                       cwd=cwd, check=check)
 
@@ -113,4 +139,4 @@ def start_train(overrides: Sequence[str], *, launcher: Sequence[str] = (),
     stdout and stderr piped as text unless `popen` says otherwise (e.g. stderr=STDOUT)."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
     return subprocess.Popen(train_command(overrides, launcher, base), cwd=cwd,
-                            env={**os.environ, **CHILD_ENV, **(env or {})}, **popen)
+                            env=child_env(env), **popen)

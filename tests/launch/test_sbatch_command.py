@@ -1,6 +1,7 @@
-"""What train.sbatch starts on allocations the test cluster cannot offer (GPUs, several nodes):
-srun and scontrol are stand-ins that record their arguments. Everything SLURM really does
-(signals, requeues, two jobs on a node) is in test_slurm.py, on a real cluster."""
+"""What train.sbatch starts on allocations the test cluster cannot offer (GPUs, several nodes),
+and what it makes of a run's leftover files (a stale `preempted` marker): srun and scontrol are
+stand-ins that record their arguments. Everything SLURM really does (signals, requeues, two jobs
+on a node) is in test_slurm.py, on a real cluster."""
 
 import json
 import os
@@ -9,10 +10,14 @@ from pathlib import Path
 
 from tests.launch.slurm_jobs import SBATCH
 
+# Records its arguments and whether $FAKE_MARKER (a run's `preempted` marker) exists as the ranks
+# would start; exits 0, as ranks that finished the run do.
 FAKE_SRUN = """#!/usr/bin/env python3
 import json, os, sys
+marker = os.environ.get("FAKE_MARKER")
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps({"args": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+    f.write(json.dumps({"args": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS"),
+                        "marker": bool(marker) and os.path.exists(marker)}) + "\\n")
 """
 
 FAKE_SCONTROL = """#!/usr/bin/env python3
@@ -75,6 +80,21 @@ def test_a_given_run_dir_address_port_ranks_and_threads_are_kept(tmp_path):
     assert "--rdzv_endpoint=head.example:6000" in args and "--nproc_per_node=8" in args
     assert [a for a in args if a.startswith("run.dir=")] == ["run.dir=/shared/run"]
     assert call["omp"] == "3"
+
+
+def test_a_stale_preempted_marker_is_removed_before_the_ranks_start_and_requeues_nothing(tmp_path):
+    """A run stopped early writes `preempted` and is requeued; when the next start-up dies before
+    its rank 0 clears the marker, the marker stays. The run after that finishes (srun exits 0):
+    the script must not take the old marker for this run's stop and requeue a finished job."""
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = run / "preempted"
+    marker.write_text("step 4: received SIGUSR1\n")  # what moetrain.preemption writes
+    proc, call = sbatch(tmp_path, "+experiment=tiny", f"run.dir={run}", FAKE_MARKER=str(marker))
+    assert proc.returncode == 0, proc.stderr
+    assert call["marker"] is False  # gone before the ranks start
+    assert proc.stdout.splitlines()[-1] == "moetrain[job 4242]: finished", proc.stdout
+    assert "requeued" not in proc.stdout and not (run / "requeues").exists(), proc.stdout
 
 
 def test_outside_slurm_the_script_refuses_to_run(tmp_path):
