@@ -316,7 +316,7 @@ def format_dry_run(run: DryRun) -> str:
         lines.append(f"  rank {r.rank} (stage {r.stage}): {sum(n for n, _ in per_what.values())} "
                      f"calls, {total / gib:.2f} GiB")
         for (what, op, size), (n, b) in sorted(per_what.items(), key=lambda kv: -kv[1][1]):
-            lines.append(f"      {what:<22}{op:<15} over {size:>5} ranks {n:>7} x  "
+            lines.append(f"      {what:<26} {op:<15} over {size:>5} ranks {n:>7} x  "
                          f"{b / max(n, 1) / 2**20:>10.2f} MiB = {b / gib:>8.2f} GiB")
         errors = r.comm_errors
         if errors and run.exact_schedule:

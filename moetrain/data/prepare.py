@@ -186,7 +186,8 @@ def _check_same_source(source: Source, entry: dict, raw: _Raw | None, target: Pa
         return
     held = f"{entry['path']!r}" + (f" (text_field {entry['text_field']!r})"
                                    if entry.get("text_field") else "")
-    held += f", {len(entry.get('files', []))} files, {entry.get('tokens', 0):,} tokens"
+    n_files = len(entry.get("files", []))
+    held += f", {n_files} file{'' if n_files == 1 else 's'}, {entry.get('tokens', 0):,} tokens"
     if same_path:
         key, says = f"{source.key}.text_field", f"{field!r}"
     else:

@@ -46,10 +46,11 @@ def summary(prepared_dir: str | os.PathLike, data_cfg: Any) -> list[str]:
         e = index["sources"][s.name]
         field = f", text_field {e['text_field']}" if e.get("text_field") else ""
         size = sum(f[1] for f in e.get("files", []))
+        n_files = len(e.get("files", []))
         splits = e.get("splits", {})
         lines.append(
             f"  source {s.name} (weight {s.weight / total:.3g}): {e['path']}{field}, "
-            f"{len(e.get('files', []))} files, {_size(size)} -> "
+            f"{n_files} file{'' if n_files == 1 else 's'}, {_size(size)} -> "
             f"{splits.get('train', {}).get('tokens', 0):,} train + "
             f"{splits.get('val', {}).get('tokens', 0):,} validation tokens")
     return lines

@@ -185,7 +185,7 @@ def test_a_source_is_reused_only_for_the_path_and_field_it_was_prepared_from(
     glob = f"{web.parent}/*.jsonl"
     d = ensure_prepared(data_cfg(sources=[(glob, 1.0)], tokenizer=spm_model), TINY_VOCAB)
     before = _files(d)
-    held = f"made from {glob!r} (text_field 'text'), 1 files, "
+    held = f"made from {glob!r} (text_field 'text'), 1 file, "
     cases = {  # config -> (the key named, what the config says)
         f"{glob}.zstd": ("data.sources[0].path", f"{glob + '.zstd'!r} (which matches no file)"),
         str(tmp_path / "nowhere" / "web"): ("data.sources[0].path", "(which matches no file)"),

@@ -1,11 +1,12 @@
 """Each real family's experiment (`+experiment=NAME`) on the meta-device path: two CPU ranks with
 expert parallelism and FSDP train three steps and equal one process.
 
-OLMoE-1B-7B at full width (0.4 B parameters in its MoE layer: the real shapes through the
-meta-device path, EP and FSDP); the others' widths (d_model and the MLP / expert widths) are
-quartered to keep the suite's time - at full width Qwen3-30B-A3B and DeepSeek-V2-Lite took
-~150 s each on the CI machine and one layer of Mixtral-8x7B is 1.4 B expert parameters. Their
-expert counts, heads, attention kinds and routing stay the experiment's.
+Widths (d_model and the MLP / expert widths) are narrowed to keep the suite's time: OLMoE-1B-7B
+halved (its 0.4 B-parameter MoE layer at full width took ~70 s on the CI machine; the full
+shapes go through the meta-device path in tests/distributed/test_initialisation.py and
+scripts/bench_init.py), the others quartered (at full width Qwen3-30B-A3B and DeepSeek-V2-Lite
+took ~150 s each and one layer of Mixtral-8x7B is 1.4 B expert parameters). Their expert
+counts, heads, attention kinds and routing stay the experiment's.
 Depth: the experiment's dense first layers plus one MoE layer; a small vocabulary (the tiny
 corpus's tokenizer) and 32-token sequences. Whatever the experiment's model config holds (its
 attention, norms, routing) is what runs: only those keys are overridden.
@@ -20,7 +21,8 @@ from tests.harness import tiny_model_config
 
 SMALL = ["model.vocab_size=8192", "data.seq_len=32", "train.global_batch_size=2",
          "train.micro_batch_size=1", "train.log_every=1", "optim.warmup_steps=0"]
-NARROW = {"mixtral_8x7b": ["model.d_model=1024", "model.ffn_hidden=3584",
+NARROW = {"olmoe_1b_7b": ["model.d_model=1024", "model.head_dim=null", "model.moe.expert_hidden=512"],
+          "mixtral_8x7b": ["model.d_model=1024", "model.ffn_hidden=3584",
                            "model.moe.expert_hidden=3584"],
           "qwen3_30b_a3b": ["model.d_model=512", "model.ffn_hidden=1536",
                             "model.moe.expert_hidden=192"],

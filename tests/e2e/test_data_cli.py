@@ -83,7 +83,7 @@ def _says_what_it_read(d: Path, run: Path, console: str, index: dict) -> None:
     for name, weight, path in (("web", "0.75", f"{d / 'web'}/*.jsonl.gz"),
                                ("sonnets", "0.25", str(d / "sonnets.parquet"))):
         line = re.search(rf"source {name} \(weight {weight}\): {re.escape(path)}, text_field "
-                         rf"text, (\d+) files, [\d.]+ [KM]?B -> ([\d,]+) train \+ 0 validation "
+                         rf"text, (\d+) files?, [\d.]+ [KM]?B -> ([\d,]+) train \+ 0 validation "
                          rf"tokens", console)
         assert line, console
         entry = index["sources"][name]
